@@ -133,6 +133,12 @@ class EvalConfig(_Strict):
     sample_size: int | None = Field(None, ge=1, description="Prompts per benchmark (seeded "
                                     "sample); None: all.")
     sample_seed: int = Field(0, description="Seed of the benchmark sample.")
+    shots: dict[str, int] = Field(default_factory=dict, description="Few-shot examples per "
+                                  "general benchmark, e.g. {mmlu: 5, gsm8k: 4}; unset: the "
+                                  "benchmark's documented default (tbr_ray.benchmarks).")
+    benchmark_files: dict[str, str] = Field(default_factory=dict, description="User-supplied "
+                                            "files for benchmarks that cannot be shipped, e.g. "
+                                            "{orbench_hard: /data/or-bench-hard-1k.csv}.")
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per generation.")
     judges: tuple[str, ...] = Field(("paper-keywords",), description="Judges that label each "
                                     "generation (see tbr_ray.judges).")
