@@ -61,13 +61,21 @@ class DataConfig(_Strict):
     n_general: int = Field(1800, ge=1, description="General (Alpaca) rows in the mix; paper: 1800.")
     n_safety: int = Field(200, ge=1, description="Safety rows in the mix; paper: 200.")
     sample_seed: int = Field(
-        0, description="Seed for which source rows are drawn; shared by every cell so mixes "
-        "differ only in their reflections."
+        0,
+        description="Seed for which source rows are drawn; shared by every cell so mixes "
+        "differ only in their reflections.",
     )
-    max_seq_len: int = Field(512, ge=16, description="Tokens per example after templating; "
-                             "longer rows are truncated (counted in the data report).")
-    refusal: str = Field(PAPER_REFUSAL, min_length=1,
-                         description="The standardised refusal placed after any reflection.")
+    max_seq_len: int = Field(
+        512,
+        ge=16,
+        description="Tokens per example after templating; "
+        "longer rows are truncated (counted in the data report).",
+    )
+    refusal: str = Field(
+        PAPER_REFUSAL,
+        min_length=1,
+        description="The standardised refusal placed after any reflection.",
+    )
 
     def resolved_root(self) -> Path:
         """The data root as an absolute path (setting, then $TBR_DATA_ROOT, then ../shared/data)."""
@@ -83,17 +91,20 @@ class ReflectionConfig(_Strict):
 
     max_new_tokens: int = Field(48, ge=1, description="Tokens per generated reflection.")
     reflector: str | None = Field(
-        None, description="External condition: a registry model name or a local HF model path "
-        "whose vLLM engine writes the reflections (the paper used GPT-4)."
+        None,
+        description="External condition: a registry model name or a local HF model path "
+        "whose vLLM engine writes the reflections (the paper used GPT-4).",
     )
     endpoint: str | None = Field(
-        None, description="External condition: base URL of an OpenAI-compatible server "
-        "(e.g. `vllm serve`, http://127.0.0.1:8000/v1); used instead of `reflector`."
+        None,
+        description="External condition: base URL of an OpenAI-compatible server "
+        "(e.g. `vllm serve`, http://127.0.0.1:8000/v1); used instead of `reflector`.",
     )
     endpoint_model: str | None = Field(None, description="Model name to send to `endpoint`.")
     api_key_env: str = Field(
-        "TBR_REFLECTOR_API_KEY", description="Environment variable holding the endpoint's API "
-        "key; the key itself is never written to config, results or logs."
+        "TBR_REFLECTOR_API_KEY",
+        description="Environment variable holding the endpoint's API "
+        "key; the key itself is never written to config, results or logs.",
     )
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
 
@@ -101,13 +112,26 @@ class ReflectionConfig(_Strict):
 class TrainConfig(_Strict):
     """LoRA fine-tuning on Ray Train + DeepSpeed. Values are our choices: the paper gives none."""
 
-    num_workers: int | None = Field(None, ge=1, description="Ray Train workers; None: the "
-                                    "model registry's suggestion (tiny: 2, paper: its GPUs).")
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per worker; 0.5 lets 2 workers "
-                                   "share a 2-core box with the Tune driver.")
+    num_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Ray Train workers; None: the "
+        "model registry's suggestion (tiny: 2, paper: its GPUs).",
+    )
+    cpus_per_worker: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs per worker; 0.5 lets 2 workers share a 2-core box with the Tune driver.",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Where a cell's workers go: PACK keeps them on few nodes (fast "
+        "collectives); SPREAD puts them on different nodes.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL, bf16. False: gloo, fp32.")
     zero_stage: Literal[0, 1, 2, 3] | None = Field(
-        None, description="DeepSpeed ZeRO stage; None: the registry's suggestion (2 for tiny).")
+        None, description="DeepSpeed ZeRO stage; None: the registry's suggestion (2 for tiny)."
+    )
     lora_rank: int = Field(8, ge=1, description="Higher: more capacity, more memory.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scale numerator (scale = alpha/rank).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -117,56 +141,95 @@ class TrainConfig(_Strict):
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
     grad_accum_steps: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer "
-                                  "steps (None: run all epochs).")
-    checkpoint_every_steps: int = Field(0, ge=0, description="Also checkpoint every N steps; "
-                                        "0: at the end of each epoch only.")
-    max_failures: int = Field(1, ge=0, description="Ray Train FailureConfig: worker-group "
-                              "restarts before the cell fails.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (None: run all epochs)."
+    )
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="Also checkpoint every N steps; 0: at the end of each epoch only."
+    )
+    max_failures: int = Field(
+        1, ge=0, description="Ray Train FailureConfig: worker-group restarts before the cell fails."
+    )
 
 
 class EvalConfig(_Strict):
     """Batched vLLM evaluation of base model and adapters."""
 
-    benchmarks: tuple[str, ...] = Field(("xstest_safe", "xstest_unsafe"),
-                                        description="Benchmark names (see tbr_ray.benchmarks).")
-    sample_size: int | None = Field(None, ge=1, description="Prompts per benchmark (seeded "
-                                    "sample); None: all.")
+    benchmarks: tuple[str, ...] = Field(
+        ("xstest_safe", "xstest_unsafe"), description="Benchmark names (see tbr_ray.benchmarks)."
+    )
+    sample_size: int | None = Field(
+        None, ge=1, description="Prompts per benchmark (seeded sample); None: all."
+    )
     sample_seed: int = Field(0, description="Seed of the benchmark sample.")
-    shots: dict[str, int] = Field(default_factory=dict, description="Few-shot examples per "
-                                  "general benchmark, e.g. {mmlu: 5, gsm8k: 4}; unset: the "
-                                  "benchmark's documented default (tbr_ray.benchmarks).")
-    benchmark_files: dict[str, str] = Field(default_factory=dict, description="User-supplied "
-                                            "files for benchmarks that cannot be shipped, e.g. "
-                                            "{orbench_hard: /data/or-bench-hard-1k.csv}.")
+    shots: dict[str, int] = Field(
+        default_factory=dict,
+        description="Few-shot examples per "
+        "general benchmark, e.g. {mmlu: 5, gsm8k: 4}; unset: the "
+        "benchmark's documented default (tbr_ray.benchmarks).",
+    )
+    benchmark_files: dict[str, str] = Field(
+        default_factory=dict,
+        description="User-supplied "
+        "files for benchmarks that cannot be shipped, e.g. "
+        "{orbench_hard: /data/or-bench-hard-1k.csv}.",
+    )
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per generation.")
-    judges: tuple[str, ...] = Field(("paper-keywords",), description="Judges that label each "
-                                    "generation (see tbr_ray.judges).")
-    evaluate_base: bool = Field(True, description="Also evaluate each base model without an "
-                                "adapter, in its own pass (never batched with adapters).")
-    engine_check_prompts: int = Field(4, ge=1, description="Prompts whose vLLM greedy tokens "
-                                      "are compared with transformers' before results count.")
-    engine_check_min_match: float = Field(1.0, ge=0, le=1, description="Share of check prompts "
-                                          "that must match exactly (lower it for bf16 GPUs).")
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM memory share; on "
-                                          "CPU a share of RAM.")
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: vLLM KV cache size (GiB).")
+    judges: tuple[str, ...] = Field(
+        ("paper-keywords",), description="Judges that label each generation (see tbr_ray.judges)."
+    )
+    judge_model: str | None = Field(
+        None,
+        description="Model for the `model` judge (registry "
+        "name or local path; WildGuard or Llama Guard 3-8B on a GPU "
+        "cluster, a tiny preset on CPU).",
+    )
+    judge_max_new_tokens: int = Field(8, ge=1, description="Tokens the model judge may write.")
+    evaluate_base: bool = Field(
+        True,
+        description="Also evaluate each base model without an "
+        "adapter, in its own pass (never batched with adapters).",
+    )
+    engine_check_prompts: int = Field(
+        4,
+        ge=1,
+        description="Prompts whose vLLM greedy tokens "
+        "are compared with transformers' before results count.",
+    )
+    engine_check_min_match: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of check prompts that must match exactly (lower it for bf16 GPUs).",
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM memory share; on CPU a share of RAM."
+    )
+    kv_cache_gib: int = Field(1, ge=1, description="CPU only: vLLM KV cache size (GiB, whole).")
     max_model_len: int = Field(1024, ge=64, description="Engine context length.")
-    enforce_eager: bool = Field(True, description="Skip graph capture/compilation: faster "
-                                "engine start, slower decode; keep True for tiny models.")
+    enforce_eager: bool = Field(
+        True,
+        description="Skip graph capture/compilation: faster "
+        "engine start, slower decode; keep True for tiny models.",
+    )
 
 
 class GridConfig(_Strict):
     """The ablation: models x conditions x gammas x seeds (PAPER.md sections 2, 3, 8)."""
 
-    models: tuple[str, ...] = Field(..., min_length=1, description="Registry names or local "
-                                    "HF model paths.")
+    models: tuple[str, ...] = Field(
+        ..., min_length=1, description="Registry names or local HF model paths."
+    )
     conditions: tuple[Condition, ...] = Field(CONDITIONS, min_length=1)
-    gammas: tuple[float, ...] = Field((1.0,), min_length=1, description="Share of safety rows "
-                                      "that carry a reflection; `none` cells ignore it.")
+    gammas: tuple[float, ...] = Field(
+        (1.0,),
+        min_length=1,
+        description="Share of safety rows that carry a reflection; `none` cells ignore it.",
+    )
     seeds: tuple[int, ...] = Field((0,), min_length=1, description="Training seeds.")
-    max_retries: int = Field(1, ge=0, description="Retries of a failed cell before it is "
-                             "reported failed.")
+    max_retries: int = Field(
+        1, ge=0, description="Retries of a failed cell before it is reported failed."
+    )
 
     @field_validator("gammas")
     @classmethod
@@ -178,8 +241,11 @@ class GridConfig(_Strict):
 
 
 class PathsConfig(_Strict):
-    cache_dir: str | None = Field(None, description="Where models, data mixes and engines' "
-                                  "artefacts are cached; None: $TBR_CACHE_DIR or <repo>/.cache.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where models, data mixes and engines' "
+        "artefacts are cached; None: $TBR_CACHE_DIR or <repo>/.cache.",
+    )
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:
@@ -216,7 +282,12 @@ class RunConfig(_Strict):
     paths: PathsConfig = PathsConfig()
 
     @model_validator(mode="after")
-    def _external_needs_a_reflector(self) -> RunConfig:
+    def _cross_field_checks(self) -> RunConfig:
+        if "model" in self.eval.judges and self.eval.judge_model is None:
+            raise ValueError(
+                "eval.judges has 'model' but eval.judge_model is not set. Fix: set "
+                "eval.judge_model to a model name/path, or drop 'model'."
+            )
         if "external" in self.grid.conditions:
             r = self.reflection
             if r.reflector is None and r.endpoint is None:
@@ -226,8 +297,10 @@ class RunConfig(_Strict):
                     "name/path, or reflection.endpoint (+ endpoint_model) to a server URL."
                 )
             if r.endpoint is not None and r.endpoint_model is None:
-                raise ValueError("reflection.endpoint is set but reflection.endpoint_model is "
-                                 "not. Fix: name the model the server serves.")
+                raise ValueError(
+                    "reflection.endpoint is set but reflection.endpoint_model is "
+                    "not. Fix: name the model the server serves."
+                )
         return self
 
     def cells(self) -> list[Cell]:
@@ -240,8 +313,15 @@ class RunConfig(_Strict):
                 for gamma in gammas:
                     for seed in self.grid.seeds:
                         out.add(Cell(model, condition, float(gamma), int(seed)))
-        return sorted(out, key=lambda c: (self.grid.models.index(c.model),
-                                          CONDITIONS.index(c.condition), c.gamma, c.seed))
+        return sorted(
+            out,
+            key=lambda c: (
+                self.grid.models.index(c.model),
+                CONDITIONS.index(c.condition),
+                c.gamma,
+                c.seed,
+            ),
+        )
 
     def hashable_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")
@@ -281,8 +361,11 @@ def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
         return f"{loc}: unknown key. Fix: {fix}."
     if kind == "missing":
         return f"{loc}: required field is missing. Fix: add `{loc}` to the YAML or pass --set."
-    value = err.get("input")
-    return f"{loc} = {value!r}: {err['msg']}. Fix: give a value that satisfies this."
+    if not err["loc"]:  # a cross-field check: its message already names fields and the fix
+        return err["msg"].removeprefix("Value error, ")
+    value, msg = err.get("input"), err["msg"].removeprefix("Value error, ")
+    fix = "" if "Fix:" in msg else " Fix: give a value that satisfies this."
+    return f"{loc} = {value!r}: {msg}.{fix}"
 
 
 def _section_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
@@ -299,29 +382,34 @@ def _section_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
 def validate_config(raw: Any, source: str = "<config>") -> RunConfig:
     """Validate a raw dict into a RunConfig, or raise ConfigError naming every problem."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections, "
-                          f"got {type(raw).__name__}. Fix: see jobs/tiny.yaml.")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections, "
+            f"got {type(raw).__name__}. Fix: see jobs/tiny.yaml."
+        )
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         lines = [_describe(e, RunConfig) for e in exc.errors()]
-        raise ConfigError(f"{source}: {len(lines)} problem(s)\n  - " + "\n  - ".join(lines)) \
-            from None
+        raise ConfigError(
+            f"{source}: {len(lines)} problem(s)\n  - " + "\n  - ".join(lines)
+        ) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a job YAML. Raises ConfigError with a readable message."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file. Fix: pass a file under jobs/, "
-                          f"e.g. jobs/tiny.yaml.")
+        raise ConfigError(
+            f"{path}: no such config file. Fix: pass a file under jobs/, e.g. jobs/tiny.yaml."
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: "
-                          f"{getattr(exc, 'problem', exc)}. Fix: correct the syntax there.") \
-            from None
+        raise ConfigError(
+            f"{path}: not valid YAML{where}: "
+            f"{getattr(exc, 'problem', exc)}. Fix: correct the syntax there."
+        ) from None
     raw = apply_overrides(raw or {}, overrides or [])
     return validate_config(raw, source=str(path))

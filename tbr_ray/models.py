@@ -28,13 +28,13 @@ class ModelSpec:
     """One registry entry. `gpus`/`zero_stage` are suggestions for the paper grid (bf16 LoRA)."""
 
     name: str
-    hf_id: str | None          # None for tiny presets (built locally)
-    family: str                # llama | gemma | gemma2 | falcon
-    params_b: float            # parameters, billions
+    hf_id: str | None  # None for tiny presets (built locally)
+    family: str  # llama | gemma | gemma2 | falcon
+    params_b: float  # parameters, billions
     lora_targets: tuple[str, ...]
-    gpus: int                  # GPUs per cell (= Ray Train workers on a GPU cluster)
-    zero_stage: int            # DeepSpeed ZeRO stage suggested at that size
-    vllm_lora: bool = True     # False: vLLM cannot serve LoRA for this arch -> merge adapter
+    gpus: int  # GPUs per cell (= Ray Train workers on a GPU cluster)
+    zero_stage: int  # DeepSpeed ZeRO stage suggested at that size
+    vllm_lora: bool = True  # False: vLLM cannot serve LoRA for this arch -> merge adapter
     arch: dict[str, Any] = field(default_factory=dict)  # tiny presets: HF config kwargs
 
     @property
@@ -47,41 +47,109 @@ def _paper(name, hf_id, family, params_b, gpus, zero, targets=LLAMA_TARGETS, vll
 
 
 # The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GB cards, bf16, LoRA.
-PAPER_MODELS: dict[str, ModelSpec] = {m.name: m for m in [
-    _paper("gemma-2b", "google/gemma-2b", "gemma", 2.5, 1, 2),
-    _paper("gemma-2-2b", "google/gemma-2-2b", "gemma2", 2.6, 1, 2),
-    _paper("gemma-7b", "google/gemma-7b", "gemma", 8.5, 1, 2),
-    _paper("llama-7b", "huggyllama/llama-7b", "llama", 6.7, 1, 2),
-    _paper("llama-2-7b", "meta-llama/Llama-2-7b-hf", "llama", 6.7, 1, 2),
-    _paper("falcon-7b", "tiiuae/falcon-7b", "falcon", 7.2, 1, 2, FALCON_TARGETS, False),
-    _paper("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "llama", 8.0, 1, 2),
-    _paper("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "llama", 8.0, 1, 2),
-    _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 2, 2),
-    _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 2, 2),
-    _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 2, 2),
-    _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3, FALCON_TARGETS, False),
-    _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
-    _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),
-    _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 8, 3),
-]}
+PAPER_MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        _paper("gemma-2b", "google/gemma-2b", "gemma", 2.5, 1, 2),
+        _paper("gemma-2-2b", "google/gemma-2-2b", "gemma2", 2.6, 1, 2),
+        _paper("gemma-7b", "google/gemma-7b", "gemma", 8.5, 1, 2),
+        _paper("llama-7b", "huggyllama/llama-7b", "llama", 6.7, 1, 2),
+        _paper("llama-2-7b", "meta-llama/Llama-2-7b-hf", "llama", 6.7, 1, 2),
+        _paper("falcon-7b", "tiiuae/falcon-7b", "falcon", 7.2, 1, 2, FALCON_TARGETS, False),
+        _paper("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "llama", 8.0, 1, 2),
+        _paper("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "llama", 8.0, 1, 2),
+        _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 2, 2),
+        _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 2, 2),
+        _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 2, 2),
+        _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3, FALCON_TARGETS, False),
+        _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
+        _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),
+        _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 8, 3),
+    ]
+}
 
 # head_dim 64 everywhere: vLLM's CPU attention rejects smaller heads (STACK.md).
-_TINY_COMMON = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                    max_position_embeddings=1024)
-TINY_MODELS: dict[str, ModelSpec] = {m.name: m for m in [
-    ModelSpec("tiny-llama", None, "llama", 0.0004, LLAMA_TARGETS, 0, 2, True,
-              dict(_TINY_COMMON, model_type="llama", intermediate_size=384, head_dim=64,
-                   num_key_value_heads=2, tie_word_embeddings=True)),
-    ModelSpec("tiny-gemma", None, "gemma", 0.0004, LLAMA_TARGETS, 0, 2, True,
-              dict(_TINY_COMMON, model_type="gemma", intermediate_size=384, head_dim=64,
-                   num_key_value_heads=1)),
-    ModelSpec("tiny-gemma2", None, "gemma2", 0.0004, LLAMA_TARGETS, 0, 2, True,
-              dict(_TINY_COMMON, model_type="gemma2", intermediate_size=384, head_dim=64,
-                   num_key_value_heads=1, sliding_window=256, query_pre_attn_scalar=64)),
-    ModelSpec("tiny-falcon", None, "falcon", 0.0004, FALCON_TARGETS, 0, 2, False,
-              dict(_TINY_COMMON, model_type="falcon", multi_query=True, parallel_attn=True,
-                   new_decoder_architecture=False, alibi=False, bias=False)),
-]}
+_TINY_COMMON = dict(
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=1024
+)
+TINY_MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec(
+            "tiny-llama",
+            None,
+            "llama",
+            0.0004,
+            LLAMA_TARGETS,
+            0,
+            2,
+            True,
+            dict(
+                _TINY_COMMON,
+                model_type="llama",
+                intermediate_size=384,
+                head_dim=64,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+            ),
+        ),
+        ModelSpec(
+            "tiny-gemma",
+            None,
+            "gemma",
+            0.0004,
+            LLAMA_TARGETS,
+            0,
+            2,
+            True,
+            dict(
+                _TINY_COMMON,
+                model_type="gemma",
+                intermediate_size=384,
+                head_dim=64,
+                num_key_value_heads=1,
+            ),
+        ),
+        ModelSpec(
+            "tiny-gemma2",
+            None,
+            "gemma2",
+            0.0004,
+            LLAMA_TARGETS,
+            0,
+            2,
+            True,
+            dict(
+                _TINY_COMMON,
+                model_type="gemma2",
+                intermediate_size=384,
+                head_dim=64,
+                num_key_value_heads=1,
+                sliding_window=256,
+                query_pre_attn_scalar=64,
+            ),
+        ),
+        ModelSpec(
+            "tiny-falcon",
+            None,
+            "falcon",
+            0.0004,
+            FALCON_TARGETS,
+            0,
+            2,
+            False,
+            dict(
+                _TINY_COMMON,
+                model_type="falcon",
+                multi_query=True,
+                parallel_attn=True,
+                new_decoder_architecture=False,
+                alibi=False,
+                bias=False,
+            ),
+        ),
+    ]
+}
 
 REGISTRY: dict[str, ModelSpec] = {**TINY_MODELS, **PAPER_MODELS}
 
@@ -116,20 +184,25 @@ def get_spec(name: str) -> ModelSpec:
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-        family = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2",
-                  "falcon": "falcon"}.get(model_type)
+        family = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2", "falcon": "falcon"}.get(
+            model_type
+        )
         if family is None:
             raise UnknownModelError(
                 f"{name}: model_type {model_type!r} has no LoRA target list here. Fix: use a "
-                f"llama, gemma, gemma2 or falcon model, or add its family to tbr_ray.models.")
+                f"llama, gemma, gemma2 or falcon model, or add its family to tbr_ray.models."
+            )
         targets = FALCON_TARGETS if family == "falcon" else LLAMA_TARGETS
-        return ModelSpec(str(path.resolve()), str(path.resolve()), family, 0.0, targets, 1, 2,
-                         family != "falcon")
+        return ModelSpec(
+            str(path.resolve()), str(path.resolve()), family, 0.0, targets, 1, 2, family != "falcon"
+        )
     close = [n for n in REGISTRY if n.split("-")[0] in name.lower()][:5]
     raise UnknownModelError(
         f"unknown model {name!r}: not in the registry and not a folder with config.json. "
-        f"Fix: run `tbr-ray models` to list names" + (f" (close: {', '.join(close)})" if close
-                                                      else "") + ", or pass a local model path.")
+        f"Fix: run `tbr-ray models` to list names"
+        + (f" (close: {', '.join(close)})" if close else "")
+        + ", or pass a local model path."
+    )
 
 
 def model_label(name: str) -> str:
@@ -140,10 +213,17 @@ def model_label(name: str) -> str:
 def resolve_model(name: str, cache_dir: Path, seed: int = 0) -> str:
     """A loadable model location: tiny presets are built (or found cached) under cache_dir;
     paper models resolve to their HF id (the cluster's HF cache or hub); paths stay paths."""
+    if name not in REGISTRY and not Path(name).expanduser().exists() and _is_hub_id(name):
+        return name  # a hub id (judge or reflector on a cluster with an HF cache)
     spec = get_spec(name)
     if spec.tiny:
         return str(build_tiny_model(spec, cache_dir, seed=seed))
     return spec.hf_id or name
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
 # ---------------------------------------------------------------- tiny preset builder
@@ -152,25 +232,39 @@ PRETRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, vocab_size=2048)
 
 
 def _pretrain_corpus(data_root: Path) -> list[str]:
-    """General text the tiny presets are pre-trained on: Alpaca instructions and outputs."""
+    """General text the tiny presets are pre-trained on: the shipped Alpaca rows in the Alpaca
+    template, so a tiny "base model" has seen the prompt format and answers in English-like
+    text (a real base model has seen far more). It never sees a refusal."""
     texts = []
-    for rel in ("alpaca-subsets/gumbelsoft/alpaca_data.json",
-                "alpaca-subsets/bloom-lora/alpaca_data_1k.json"):
+    for rel in (
+        "alpaca-subsets/gumbelsoft/alpaca_data.json",
+        "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
+    ):
         for row in json.loads((data_root / rel).read_text()):
-            texts.append(" ".join(x for x in (row.get("instruction"), row.get("input"),
-                                              row.get("output")) if x))
+            if row.get("instruction") and row.get("output"):
+                texts.append(
+                    format_prompt(row["instruction"], row.get("input") or "") + row["output"]
+                )
     return texts
 
 
 def tiny_build_key(spec: ModelSpec, seed: int, corpus: list[str]) -> str:
-    blob = json.dumps({"arch": spec.arch, "pretrain": PRETRAIN, "seed": seed,
-                       "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
-                       "version": 1}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "arch": spec.arch,
+            "pretrain": PRETRAIN,
+            "seed": seed,
+            "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
+            "version": 2,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def build_tiny_model(spec: ModelSpec, cache_dir: Path, seed: int = 0,
-                     data_root: Path | None = None) -> Path:
+def build_tiny_model(
+    spec: ModelSpec, cache_dir: Path, seed: int = 0, data_root: Path | None = None
+) -> Path:
     """Build a tiny preset: train a byte-level BPE tokenizer and pre-train all parameters
     briefly on the shipped general text. Deterministic for a seed; cached by content key."""
     from tbr_ray.config import DataConfig
@@ -186,10 +280,12 @@ def build_tiny_model(spec: ModelSpec, cache_dir: Path, seed: int = 0,
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "build_info.json").write_text(json.dumps(
-        {"spec": asdict(spec), "seed": seed, "pretrain": PRETRAIN, **info}, indent=2))
+    (tmp / "build_info.json").write_text(
+        json.dumps({"spec": asdict(spec), "seed": seed, "pretrain": PRETRAIN, **info}, indent=2)
+    )
     if out.exists():  # a concurrent builder finished first; keep its result
         import shutil
+
         shutil.rmtree(tmp)
         return out
     tmp.rename(out)
@@ -203,12 +299,20 @@ def _train_tokenizer(corpus: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_max_length=1024)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=1_000_000,
+    )
 
 
 def _make_config(spec: ModelSpec, tokenizer):
@@ -216,10 +320,14 @@ def _make_config(spec: ModelSpec, tokenizer):
 
     kwargs = dict(spec.arch)
     model_type = kwargs.pop("model_type")
-    return AutoConfig.for_model(model_type, vocab_size=len(tokenizer),
-                                bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
 
 
 def _pretrain(spec: ModelSpec, tokenizer, corpus: list[str], seed: int):
@@ -251,8 +359,11 @@ def _pretrain(spec: ModelSpec, tokenizer, corpus: list[str], seed: int):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     model.eval()
-    info = {"pretrain_loss_first": losses[0], "pretrain_loss_last": sum(losses[-20:]) / 20,
-            "pretrain_seconds": round(time.time() - t0, 1),
-            "n_params": sum(p.numel() for p in model.parameters()),
-            "corpus_tokens": len(ids)}
+    info = {
+        "pretrain_loss_first": losses[0],
+        "pretrain_loss_last": sum(losses[-20:]) / 20,
+        "pretrain_seconds": round(time.time() - t0, 1),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "corpus_tokens": len(ids),
+    }
     return model, info

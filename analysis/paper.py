@@ -1,0 +1,84 @@
+"""The paper's published numbers and a side-by-side comparison with reproduced ones.
+
+    published = paper_table3()                 # long: model, benchmark, condition, value
+    side_by_side(reproduced, published)        # reproduced with CI next to published
+
+`paper_table3.csv` transcribes PAPER.md section 6 (Table 3; 15 base models x 7 benchmarks x
+none/internal/external, our registry names). `paper_table1.csv` transcribes section 7
+(Table 1; chat models, prompt-direct vs prompt-cot). The chat models are not in our registry:
+their names here are the paper's with "-chat", so pass `model_aliases` when a run names them
+otherwise. Published values are rounded to two decimals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DATA_DIR = Path(__file__).resolve().parent
+TABLE3_CSV = DATA_DIR / "paper_table3.csv"
+TABLE1_CSV = DATA_DIR / "paper_table1.csv"
+# The paper prints two decimals: a published value within half a unit of the CI still agrees.
+ROUNDING_TOLERANCE = 0.005
+SIDE_BY_SIDE_COLUMNS = [
+    "model",
+    "benchmark",
+    "condition",
+    "reproduced",
+    "ci_low",
+    "ci_high",
+    "published",
+    "difference",
+    "outside_ci",
+]
+
+
+def paper_table3() -> pd.DataFrame:
+    """Table 3: model, paper_model, benchmark, condition (none/internal/external), value."""
+    return pd.read_csv(TABLE3_CSV)
+
+
+def paper_table1() -> pd.DataFrame:
+    """Table 1: model, paper_model, benchmark (xstest_safe/xstest_unsafe), condition
+    (prompt-direct/prompt-cot), value."""
+    return pd.read_csv(TABLE1_CSV)
+
+
+def published_results() -> pd.DataFrame:
+    """Tables 3 and 1 together, keyed by model, benchmark, condition."""
+    return pd.concat([paper_table3(), paper_table1()], ignore_index=True)
+
+
+def side_by_side(
+    reproduced: pd.DataFrame,
+    published: pd.DataFrame | None = None,
+    model_aliases: dict[str, str] | None = None,
+    tolerance: float = ROUNDING_TOLERANCE,
+) -> pd.DataFrame:
+    """Reproduced values (model, benchmark, condition, value, ci_low, ci_high) next to the
+    published ones, for the keys both have.
+
+    `outside_ci` is True when the published value lies outside [ci_low - tolerance,
+    ci_high + tolerance] (tolerance: the paper's rounding). `model_aliases` maps a run's model
+    names to the names in the published tables (e.g. a chat model's local folder name).
+    """
+    published = published_results() if published is None else published
+    ours = reproduced.assign(model=reproduced["model"].replace(model_aliases or {}))
+    ours = ours.rename(columns={"value": "reproduced"})
+    theirs = published[["model", "benchmark", "condition", "value"]].rename(
+        columns={"value": "published"}
+    )
+    merged = ours.merge(theirs, on=["model", "benchmark", "condition"], how="inner")
+    merged["difference"] = merged["reproduced"] - merged["published"]
+    below = merged["published"] < merged["ci_low"] - tolerance
+    above = merged["published"] > merged["ci_high"] + tolerance
+    merged["outside_ci"] = np.where(merged["ci_low"].isna(), False, below | above)
+    return merged[SIDE_BY_SIDE_COLUMNS].reset_index(drop=True)
+
+
+def paper_means(published: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Mean published value per benchmark x condition (PAPER.md states these for Table 3)."""
+    table = paper_table3() if published is None else published
+    return table.pivot_table(index="benchmark", columns="condition", values="value", aggfunc="mean")

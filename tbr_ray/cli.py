@@ -1,0 +1,354 @@
+"""`tbr-ray`: the command line.
+
+    tbr-ray ablate --config jobs/tiny.yaml --output runs/tiny      # the whole grid (resumable)
+    tbr-ray ablate --config jobs/paper.yaml --dry-run               # cells, resources, GPU-hours
+    tbr-ray cell   --config jobs/tiny.yaml --output runs/one        # one cell end to end
+    tbr-ray data|train|eval --config ... --output ...               # one stage of one cell
+    tbr-ray report runs/tiny --output runs/tiny/report              # tables, stats, plots
+    tbr-ray judge-score --judge xstest-prefix --labels labels.csv
+    tbr-ray models | build-models | validate CONFIG | data-check | fetch-data
+
+Every command takes `--set a.b=c` overrides where it reads a config. Errors in the config or
+inputs are printed as one readable message (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from tbr_ray.config import Cell, ConfigError, RunConfig, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Think Before Refusal ablations on Ray: data, LoRA, vLLM eval, analysis.",
+)
+
+ConfigOpt = typer.Option(..., "--config", "-c", help="Job YAML, e.g. jobs/tiny.yaml.")
+SetOpt = typer.Option([], "--set", help="Override a config value: a.b=c (repeatable).")
+OutputOpt = typer.Option(Path("runs/default"), "--output", "-o", help="Results directory.")
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _config(path: Path, sets: list[str]) -> RunConfig:
+    try:
+        return load_config(path, sets)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _pick_cell(cfg: RunConfig, model: str | None, reflection: str | None, seed: int | None) -> Cell:
+    cells = [
+        c
+        for c in cfg.cells()
+        if (model is None or c.model == model)
+        and (reflection is None or c.condition == reflection)
+        and (seed is None or c.seed == seed)
+    ]
+    if not cells:
+        _fail(
+            f"no cell matches model={model} reflection={reflection} seed={seed}; the config's "
+            f"cells: {', '.join(c.cell_id for c in cfg.cells())}"
+        )
+    return cells[0]
+
+
+@app.command()
+def models() -> None:
+    """List the model registry: the paper's 15 base models and the tiny presets."""
+    from tbr_ray.models import REGISTRY
+
+    typer.echo(
+        f"{'name':16} {'family':7} {'params':>8} {'GPUs':>4} {'ZeRO':>4} {'vLLM LoRA':9} source"
+    )
+    for m in REGISTRY.values():
+        size = f"{m.params_b:.1f}B" if m.params_b >= 0.1 else "tiny"
+        typer.echo(
+            f"{m.name:16} {m.family:7} {size:>8} {m.gpus:4d} {m.zero_stage:4d} "
+            f"{'yes' if m.vllm_lora else 'merge':9} {m.hf_id or 'built locally'}"
+        )
+
+
+@app.command("build-models")
+def build_models(
+    seed: int = typer.Option(0, help="Build seed."),
+    cache_dir: Path | None = typer.Option(None, help="Cache folder."),
+) -> None:
+    """Build (or find cached) every tiny preset: tokenizer + brief pre-training."""
+    from tbr_ray.config import PathsConfig
+    from tbr_ray.models import TINY_MODELS, build_tiny_model
+
+    cache = Path(cache_dir) if cache_dir else PathsConfig().resolved_cache_dir()
+    for spec in TINY_MODELS.values():
+        t0 = time.time()
+        path = build_tiny_model(spec, cache, seed=seed)
+        typer.echo(f"{spec.name}: {path} ({time.time() - t0:.0f}s)")
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="Job YAML."), sets: list[str] = SetOpt):
+    """Validate a job file and print its hash and cell count."""
+    cfg = _config(config, sets)
+    typer.echo(f"{config}: ok, config hash {cfg.config_hash()}, {len(cfg.cells())} cells")
+
+
+@app.command()
+def ablate(
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    output: Path = OutputOpt,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the cell table and a GPU-hour estimate; train nothing."
+    ),
+) -> None:
+    """Run (or resume) the grid: models x conditions x gammas x seeds."""
+    from tbr_ray.grid import format_cell_table, run_grid, summarize, wall_clock
+
+    cfg = _config(config, sets)
+    if dry_run:
+        typer.echo(format_cell_table(cfg))
+        return
+    _check_data(cfg)
+    t0 = time.time()
+    try:
+        outcome = run_grid(cfg, output)
+    except ConfigError as exc:
+        _fail(str(exc))
+    failed = {k: v for k, v in outcome.items() if v != "done"}
+    typer.echo(summarize(output))
+    typer.echo(
+        f"{len(outcome) - len(failed)}/{len(outcome)} cells done in "
+        f"{wall_clock(time.time() - t0)}; results in {output}"
+    )
+    for cell_id, state in failed.items():
+        typer.secho(
+            f"  {cell_id}: {state} (see {output}/cells/{cell_id}/status.json)", fg=typer.colors.RED
+        )
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def cell(
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    output: Path = OutputOpt,
+    model: str | None = typer.Option(None, help="Model of the cell (default: first)."),
+    reflection: str | None = typer.Option(None, help="none | internal | external."),
+    seed: int | None = typer.Option(None, help="Training seed."),
+) -> None:
+    """Run one cell end to end: data -> train -> eval -> Parquet."""
+    from tbr_ray.grid import run_grid, summarize
+
+    cfg = _config(config, sets)
+    chosen = _pick_cell(cfg, model, reflection, seed)
+    _check_data(cfg)
+    outcome = run_grid(cfg, output, cells=[chosen])
+    typer.echo(summarize(output))
+    if outcome[chosen.cell_id] != "done":
+        _fail(f"{chosen.cell_id}: {outcome[chosen.cell_id]}")
+
+
+@app.command()
+def data(
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    model: str | None = None,
+    reflection: str | None = None,
+) -> None:
+    """Build one cell's training mix (cached) and print its report."""
+    import ray
+
+    from tbr_ray.data import build_mix
+    from tbr_ray.grid import model_paths
+
+    cfg = _config(config, sets)
+    chosen = _pick_cell(cfg, model, reflection, None)
+    _check_data(cfg)
+    ray.init(logging_level="WARNING")
+    paths = model_paths(cfg)
+    mix = build_mix(
+        cfg, chosen, paths[chosen.model], reflector_path=paths.get(cfg.reflection.reflector or "")
+    )
+    typer.echo(f"{mix}\n{(mix / 'report.json').read_text()}")
+
+
+@app.command()
+def train(
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    output: Path = OutputOpt,
+    model: str | None = None,
+    reflection: str | None = None,
+    seed: int | None = None,
+) -> None:
+    """Fine-tune one cell (building its mix if needed); prints the adapter folder."""
+    import ray
+
+    from tbr_ray.data import build_mix
+    from tbr_ray.grid import model_paths
+    from tbr_ray.train import run_training
+
+    cfg = _config(config, sets)
+    chosen = _pick_cell(cfg, model, reflection, seed)
+    _check_data(cfg)
+    ray.init(logging_level="WARNING")
+    paths = model_paths(cfg)
+    mix = build_mix(
+        cfg, chosen, paths[chosen.model], reflector_path=paths.get(cfg.reflection.reflector or "")
+    )
+    adapter = run_training(cfg, chosen, paths[chosen.model], mix, output.resolve())
+    typer.echo(f"{adapter}\n{(adapter / 'train_result.json').read_text()}")
+
+
+@app.command("eval")
+def eval_(
+    config: Path = ConfigOpt,
+    sets: list[str] = SetOpt,
+    output: Path = OutputOpt,
+    model: str | None = None,
+) -> None:
+    """Evaluate a base model and its trained adapters found under OUTPUT."""
+    import ray
+
+    from tbr_ray.grid import GridMetrics, eval_phase, model_paths, run_id, summarize
+
+    cfg = _config(config, sets)
+    _check_data(cfg)
+    ray.init(logging_level="WARNING")
+    cells = [c for c in cfg.cells() if model is None or c.model == model]
+    eval_phase(cfg, cells, model_paths(cfg), output.resolve(), GridMetrics(run_id(cfg)))
+    typer.echo(summarize(output))
+
+
+@app.command()
+def report(
+    results_dir: Path = typer.Argument(..., help="A results directory (--output of ablate)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Report folder (default RESULTS/report)."
+    ),
+    judge: str = typer.Option("paper-keywords", help="Judge for compliance rates."),
+    gamma: float | None = typer.Option(
+        None, help="Gamma for the tables (default: largest per cell)."
+    ),
+) -> None:
+    """Write report.md, report.html, PNG plots and summary.csv from a results directory."""
+    from analysis.report import write_report
+
+    if not results_dir.is_dir():
+        _fail(
+            f"{results_dir}: no such results directory. Fix: pass the --output of `tbr-ray ablate`."
+        )
+    paths = write_report(results_dir, output or results_dir / "report", judge=judge, gamma=gamma)
+    for key, path in paths.items():
+        typer.echo(f"{key}: {path}")
+
+
+@app.command("judge-score")
+def judge_score(
+    judge: str = typer.Option(..., help="paper-keywords | xstest-prefix | model"),
+    labels: Path = typer.Option(..., help="CSV: prompt, completion, label[, group]"),
+    config: Path | None = typer.Option(
+        None, help="Job YAML naming eval.judge_model (model judge only)."
+    ),
+    sets: list[str] = SetOpt,
+) -> None:
+    """Score a judge against human labels: agreement, confusion matrix, per-group figures."""
+    from tbr_ray.judges import JUDGES, format_judge_score, score_judge
+
+    if judge not in JUDGES:
+        _fail(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
+    if not labels.is_file():
+        _fail(f"{labels}: no such file. Fix: a CSV with columns prompt, completion, label.")
+    labeler = None
+    if judge == "model":
+        if config is None:
+            _fail("the model judge needs --config with eval.judge_model set")
+        labeler = _model_labeler(_config(config, sets))
+    try:
+        typer.echo(format_judge_score(score_judge(judge, labels, model_labeler=labeler)))
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _model_labeler(cfg: RunConfig):
+    """A labeler that runs the configured judge model on vLLM (Ray Data + EngineStage)."""
+    import ray
+
+    from tbr_ray.evaluate import _run_engine
+    from tbr_ray.judges import model_judge_prompt
+    from tbr_ray.models import resolve_model
+
+    def label(pairs):
+        ray.init(logging_level="WARNING", ignore_reinit_error=True)
+        path = resolve_model(cfg.eval.judge_model, cfg.paths.resolved_cache_dir())
+        rows = [
+            {
+                "row": i,
+                "prompt": model_judge_prompt(p, c),
+                "adapter": "",
+                "mode": "generate",
+                "choices": "[]",
+            }
+            for i, (p, c) in enumerate(pairs)
+        ]
+        out = _run_engine(path, [], rows, cfg, cfg.eval.judge_max_new_tokens)
+        return list(out.sort_values("row")["completion"])
+
+    return label
+
+
+@app.command("data-check")
+def data_check(root: Path | None = typer.Option(None, help="Data root (default: setting).")):
+    """Verify the data root against the shipped manifest (sha256 of every file)."""
+    from tbr_ray.config import DataConfig
+    from tbr_ray.fetch import verify_data_root
+
+    root = root or DataConfig().resolved_root()
+    rows = verify_data_root(root)
+    bad = [(p, s) for p, s in rows if s != "ok"]
+    typer.echo(f"{root}: {len(rows) - len(bad)}/{len(rows)} files ok")
+    for p, s in bad:
+        typer.echo(f"  {p}: {s}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command("fetch-data")
+def fetch_data_cmd(
+    root: Path = typer.Option(..., help="Folder to fill."),
+    only: list[str] = typer.Option([], help="Data set or file to fetch."),
+):
+    """Download missing data files from their upstream sources, checking sha256."""
+    from tbr_ray.fetch import DataFetchError, fetch_data
+
+    try:
+        for path, state in fetch_data(root, only=only or None):
+            typer.echo(f"{state:8} {path}")
+    except DataFetchError as exc:
+        _fail(str(exc))
+
+
+def _check_data(cfg: RunConfig) -> None:
+    root = cfg.data.resolved_root()
+    if not root.is_dir():
+        _fail(
+            f"data root {root} does not exist. Fix: set data.root or $TBR_DATA_ROOT, or run "
+            f"`tbr-ray fetch-data --root {root}`."
+        )
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m tbr_ray.cli
+    main()

@@ -1,0 +1,309 @@
+"""The data stage on Ray Data: sources -> TBR mix -> Alpaca template -> tokens -> Parquet.
+
+    mix_dir = build_mix(cfg, cell, model_path)      # cached by content key
+    tbr-ray data --config jobs/tiny.yaml            # the same, from the shell
+
+General rows come from the Alpaca subsets, safety rows from red-team-derived instructions with
+the standardised refusal. For `internal`/`external`, a seeded share `gamma` of the safety rows
+carry a reflection before the refusal (tbr_ray.reflect). Labels are -100 on prompt tokens, so
+the loss covers the response only. A malformed source row is set aside with its reason and
+counted in the mix's report.json, never a crash.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tbr_ray.config import Cell, RunConfig
+from tbr_ray.models import format_prompt
+
+GENERAL_FILES = {
+    "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
+    "alpaca-gumbelsoft": "alpaca-subsets/gumbelsoft/alpaca_data.json",
+}
+SAFETY_FILES = {
+    "safety-tuned-llamas": "safety-tuned-llamas/data/training/safety_only_data_Instructions.json",
+    "hh-rlhf-harmless": "hh-rlhf/harmless-base/test.jsonl.gz",
+}
+MIX_VERSION = "1"
+IGNORE_INDEX = -100
+# Logical CPUs per Ray Data task/actor of this stage. Small on purpose: the stage runs inside
+# Tune trials next to Ray Train workers, and whole-CPU tasks starve each other on a small
+# cluster (seen here: a 2-CPU box deadlocked with two trials each waiting for a write task).
+DATA_TASK_CPUS = 0.25
+
+
+class DataSourceError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class SourceRows:
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {source, source_id, reason}
+
+
+def _source_path(root: Path, rel: str) -> Path:
+    path = root / rel
+    if not path.is_file():
+        raise DataSourceError(
+            f"data file {path} is missing. Fix: point data.root (or $TBR_DATA_ROOT) at a "
+            f"folder holding the shared data sets; `tbr-ray data-check` lists what is missing."
+        )
+    return path
+
+
+def read_general(root: Path, sources: tuple[str, ...]) -> SourceRows:
+    """Alpaca rows {source, source_id, instruction, input, output}, de-duplicated by text."""
+    out, seen = SourceRows(), set()
+    for source in sources:
+        for i, row in enumerate(json.loads(_source_path(root, GENERAL_FILES[source]).read_text())):
+            sid = f"{source}:{i}"
+            reason = _general_problem(row)
+            if reason:
+                out.skipped.append({"source": source, "source_id": sid, "reason": reason})
+                continue
+            key = (row["instruction"].strip(), (row.get("input") or "").strip())
+            if key in seen:
+                continue
+            seen.add(key)
+            out.rows.append(
+                {
+                    "source": source,
+                    "source_id": sid,
+                    "instruction": row["instruction"].strip(),
+                    "input": (row.get("input") or "").strip(),
+                    "output": row["output"].strip(),
+                }
+            )
+    return out
+
+
+def _general_problem(row) -> str | None:
+    if not isinstance(row, dict):
+        return f"row is {type(row).__name__}, not an object"
+    for key in ("instruction", "output"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            return f"missing or empty '{key}'"
+    if row.get("input") is not None and not isinstance(row["input"], str):
+        return "'input' is not a string"
+    return None
+
+
+def read_safety(root: Path, source: str) -> SourceRows:
+    """Harmful instructions {source, source_id, instruction}, de-duplicated."""
+    path = _source_path(root, SAFETY_FILES[source])
+    if source == "safety-tuned-llamas":
+        items = [
+            (i, r.get("instruction") if isinstance(r, dict) else None)
+            for i, r in enumerate(json.loads(path.read_text()))
+        ]
+    else:
+        with gzip.open(path, "rt") as fh:
+            items = [(i, _first_human_turn(line)) for i, line in enumerate(fh)]
+    out, seen = SourceRows(), set()
+    for i, text in items:
+        sid = f"{source}:{i}"
+        if not isinstance(text, str) or not text.strip():
+            out.skipped.append(
+                {"source": source, "source_id": sid, "reason": "missing or empty instruction"}
+            )
+        elif text.strip() not in seen:
+            seen.add(text.strip())
+            out.rows.append({"source": source, "source_id": sid, "instruction": text.strip()})
+    return out
+
+
+def _first_human_turn(line: str) -> str | None:
+    try:
+        chosen = json.loads(line)["chosen"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    if "Human:" not in chosen:
+        return None
+    return chosen.split("Human:", 1)[1].split("Assistant:", 1)[0].strip()
+
+
+def sample_rows(rows: list[dict], n: int, seed: int, what: str) -> list[dict]:
+    if n > len(rows):
+        raise ValueError(
+            f"asked for {n} {what} rows but the sources hold {len(rows)} usable "
+            f"ones. Fix: lower data.n_{what} or add sources."
+        )
+    return random.Random(seed).sample(rows, n)
+
+
+def reflected_indices(n_safety: int, gamma: float, seed: int) -> set[int]:
+    """Which safety rows carry a reflection: a seeded share gamma (rounded)."""
+    k = round(gamma * n_safety)
+    return set(random.Random(seed + 1).sample(range(n_safety), k))
+
+
+def assemble_mix(
+    general: list[dict],
+    safety: list[dict],
+    reflections: list[str] | None,
+    gamma: float,
+    refusal: str,
+    seed: int,
+) -> list[dict]:
+    """The TBR training rows (pure): general rows as they are; safety rows answered with the
+    refusal, preceded by a reflection for the chosen share gamma."""
+    from tbr_ray.reflect import training_output
+
+    chosen = reflected_indices(len(safety), gamma, seed) if reflections else set()
+    rows = [{**g, "kind": "general", "reflection": ""} for g in general]
+    for i, s in enumerate(safety):
+        refl = reflections[i] if i in chosen else ""
+        rows.append(
+            {
+                **s,
+                "kind": "safety",
+                "input": "",
+                "reflection": refl,
+                "output": training_output(refl, refusal),
+            }
+        )
+    order = random.Random(seed + 2).sample(range(len(rows)), len(rows))
+    return [{**rows[j], "example_id": n} for n, j in enumerate(order)]
+
+
+def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
+    """input_ids/labels for one row; labels mask the prompt with -100."""
+    prompt_ids = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
+    resp_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    resp_ids = resp_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + resp_ids)[:max_seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + resp_ids)[:max_seq_len]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "truncated": len(prompt_ids) + len(resp_ids) > max_seq_len,
+    }
+
+
+class Tokenize:
+    """Ray Data callable class: loads the tokenizer once per actor."""
+
+    def __init__(self, model_path: str, max_seq_len: int):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.max_seq_len = max_seq_len
+
+    def __call__(self, batch: dict) -> dict:
+        keys = list(batch)
+        rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+        toks = [tokenize_row(r, self.tok, self.max_seq_len) for r in rows]
+        return {**batch, **{k: [t[k] for t in toks] for k in ("input_ids", "labels", "truncated")}}
+
+
+def tokenizer_fingerprint(model_path: str) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:12]
+
+
+def mix_key(
+    cfg: RunConfig,
+    cell: Cell,
+    tokenizer_fp: str,
+    reflections: list[str] | None,
+    source_hashes: dict[str, str],
+) -> str:
+    blob = json.dumps(
+        {
+            "data": cfg.data.model_dump(exclude={"root"}),
+            "condition": cell.condition,
+            "gamma": cell.gamma,
+            "tokenizer": tokenizer_fp,
+            "sources": source_hashes,
+            "reflections": reflections,
+            "version": MIX_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def source_rows(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
+    """The sampled general and safety rows (shared by every cell) and a source report."""
+    root = cfg.data.resolved_root()
+    gen = read_general(root, cfg.data.general_sources)
+    saf = read_safety(root, cfg.data.safety_source)
+    general = sample_rows(gen.rows, cfg.data.n_general, cfg.data.sample_seed, "general")
+    safety = sample_rows(saf.rows, cfg.data.n_safety, cfg.data.sample_seed, "safety")
+    files = [GENERAL_FILES[s] for s in cfg.data.general_sources]
+    files.append(SAFETY_FILES[cfg.data.safety_source])
+    report = {
+        "skipped": gen.skipped + saf.skipped,
+        "n_skipped": len(gen.skipped) + len(saf.skipped),
+        "source_hashes": {f: _file_hash(root / f) for f in files},
+    }
+    return general, safety, report
+
+
+def build_mix(
+    cfg: RunConfig,
+    cell: Cell,
+    model_path: str,
+    reflector_path: str | None = None,
+    reflector_id: str | None = None,
+) -> Path:
+    """Build (or find cached) the cell's tokenized mix as Parquet; returns its folder."""
+    import ray
+
+    from tbr_ray.reflect import generate_reflections, writer_identity
+
+    general, safety, report = source_rows(cfg)
+    reflections = None
+    if cell.condition in ("internal", "external") and cell.gamma > 0:
+        writer_path = model_path if cell.condition == "internal" else (reflector_path or "")
+        writer = reflector_id or writer_identity(writer_path)
+        reflections = generate_reflections(
+            [s["instruction"] for s in safety], cfg, cell.condition, writer_path, writer
+        )
+    key = mix_key(
+        cfg, cell, tokenizer_fingerprint(model_path), reflections, report["source_hashes"]
+    )
+    out = cfg.paths.resolved_cache_dir() / "mixes" / key
+    if (out / "report.json").is_file():
+        return out
+    rows = assemble_mix(
+        general, safety, reflections, cell.gamma, cfg.data.refusal, cfg.data.sample_seed
+    )
+    ds = ray.data.from_items(rows).map_batches(
+        Tokenize,
+        fn_constructor_kwargs=dict(model_path=model_path, max_seq_len=cfg.data.max_seq_len),
+        batch_size=256,
+        concurrency=1,
+        num_cpus=DATA_TASK_CPUS,
+    )
+    ds.write_parquet(
+        str(out / "shards"), mode="overwrite", ray_remote_args={"num_cpus": DATA_TASK_CPUS}
+    )
+    table = pq.read_table(out / "shards", columns=["kind", "reflection", "truncated"]).to_pandas()
+    report.update(
+        condition=cell.condition,
+        gamma=cell.gamma,
+        n_rows=len(table),
+        n_general=int((table.kind == "general").sum()),
+        n_safety=int((table.kind == "safety").sum()),
+        n_reflected=int(((table.kind == "safety") & (table.reflection != "")).sum()),
+        n_truncated=int(table.truncated.sum()),
+        key=key,
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return out

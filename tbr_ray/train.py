@@ -1,0 +1,315 @@
+"""The train stage on Ray Train: N workers, each DeepSpeed (ZeRO from config) on a PEFT LoRA model.
+
+    adapter_dir = run_training(cfg, cell, model_path, mix_dir, output_dir)
+    tbr-ray train --config jobs/tiny.yaml --output runs/x     # one cell, from the shell
+
+gloo + fp32 on CPU, NCCL + bf16 on GPU. Workers read the tokenized mix from Parquet shards
+(Ray Data), report loss and tokens/s, and checkpoint the LoRA adapter (safetensors) plus the
+resolved config and step counter. Rerunning with the same output resumes from the latest
+checkpoint (Ray Train restores a run by name + storage path); `FailureConfig` restarts a dead
+worker group. The finished adapter is copied to <output>/adapters/<cell_id>/ with
+train_result.json written last, which is what marks the stage done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from tbr_ray.config import Cell, RunConfig
+from tbr_ray.models import get_spec
+
+STATE_FILE = "train_state.json"
+
+
+def deepspeed_config(cfg: RunConfig, zero_stage: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for a run (pure). The optimizer is a torch AdamW passed to
+    deepspeed.initialize, so no DeepSpeed optimizer op has to be compiled on CPU."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.use_gpu},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def resolved_train_settings(cfg: RunConfig, model: str) -> tuple[int, int]:
+    """(num_workers, zero_stage): config values, else the model registry's suggestion
+    (tiny presets: 2 CPU workers; paper models: one worker per suggested GPU)."""
+    spec = get_spec(model)
+    workers = cfg.train.num_workers or (spec.gpus if cfg.train.use_gpu and spec.gpus else 2)
+    zero = cfg.train.zero_stage if cfg.train.zero_stage is not None else spec.zero_stage
+    return workers, zero
+
+
+def pad_collate(batch: dict, pad_id: int):
+    """Pad a batch of variable-length rows (numpy object arrays) into torch tensors."""
+    import torch
+
+    ids, labels = list(batch["input_ids"]), list(batch["labels"])
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    label_t = torch.full((len(ids), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
+        input_ids[i, : len(x)] = torch.as_tensor(x)
+        label_t[i, : len(y)] = torch.as_tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+def _frozen_checksum(model) -> float:
+    """Sum of |w| over frozen (base) parameters: equal before/after iff base is untouched
+    (to float64 rounding, exact here since nothing writes them)."""
+    import torch
+
+    with torch.no_grad():
+        return float(
+            sum(p.detach().double().abs().sum() for p in model.parameters() if not p.requires_grad)
+        )
+
+
+def _build_model(config: dict):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = RunConfig.model_validate(config["run"])
+    spec = get_spec(config["model"])
+    dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+    lora = LoraConfig(
+        r=cfg.train.lora_rank,
+        lora_alpha=cfg.train.lora_alpha,
+        lora_dropout=cfg.train.lora_dropout,
+        target_modules=list(spec.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora)
+
+
+def _save_adapter(engine, model, cfg_dict: dict, state: dict, out_dir: str) -> None:
+    import deepspeed
+
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
+        if engine.global_rank == 0:
+            model.save_pretrained(out_dir, safe_serialization=True)
+            Path(out_dir, "run_config.json").write_text(json.dumps(cfg_dict, indent=1))
+            Path(out_dir, STATE_FILE).write_text(json.dumps(state))
+
+
+def _load_adapter(model, ckpt_dir: str) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(ckpt_dir) / "adapter_model.safetensors")))
+    return json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: everything it needs comes in `config` (re-validated here)."""
+    import deepspeed
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
+
+    cfg = RunConfig.model_validate(config["run"])
+    torch.manual_seed(config["seed"])
+    model = _build_model(config)
+    state = {"step": 0, "epoch": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = _load_adapter(model, d)
+    frozen_before = _frozen_checksum(model)
+    world = ray.train.get_context().get_world_size()
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.train.learning_rate,
+        weight_decay=cfg.train.weight_decay,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=deepspeed_config(cfg, config["zero_stage"], world)
+    )
+    pad_id = AutoTokenizer.from_pretrained(config["model_path"]).pad_token_id or 0
+    config = {**config, "worker_nodes": _worker_nodes(world)}
+    shard = ray.train.get_dataset_shard("train")
+    total = config["total_steps"]
+    step, t0, tokens = state["step"], time.time(), 0
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        seen = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.train.micro_batch_size,
+            collate_fn=lambda b: pad_collate(b, pad_id),
+            drop_last=True,
+        ):
+            seen += 1
+            if epoch == state["epoch"] and seen <= state.get("micro_in_epoch", 0):
+                continue  # resumed: skip micro-batches this epoch already trained on
+            _lr_schedule(opt, cfg, step)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            tokens += int(batch["attention_mask"].sum())
+            if engine.is_gradient_accumulation_boundary():
+                step += 1
+            done = step >= total
+            every = cfg.train.checkpoint_every_steps
+            if done or (every and step % every == 0 and engine.is_gradient_accumulation_boundary()):
+                _report(
+                    engine,
+                    model,
+                    config,
+                    loss,
+                    step,
+                    epoch,
+                    seen,
+                    tokens * world,
+                    t0,
+                    frozen_before,
+                )
+            if done:
+                return
+        _report(engine, model, config, loss, step, epoch + 1, 0, tokens * world, t0, frozen_before)
+
+
+def _worker_nodes(world: int) -> str:
+    """Comma-separated Ray node ids of all workers (evidence of where a cell trained)."""
+    import ray
+    import torch.distributed as dist
+
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return ",".join(sorted(set(nodes)))
+
+
+def _lr_schedule(opt, cfg: RunConfig, step: int) -> None:
+    warm = cfg.train.warmup_steps
+    lr = cfg.train.learning_rate * (min(1.0, (step + 1) / warm) if warm else 1.0)
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _report(
+    engine, model, config, loss, step, epoch, micro_in_epoch, tokens, t0, frozen_before
+) -> None:
+    import ray.train
+
+    metrics = {
+        "loss": float(loss.detach()),
+        "step": step,
+        "epoch": epoch,
+        "train_tokens_per_s": tokens / max(time.time() - t0, 1e-9),
+        "base_checksum_before": frozen_before,
+        "base_checksum_after": _frozen_checksum(model),
+        "worker_nodes": config["worker_nodes"],
+    }
+    state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_adapter(engine, model, config["run"], state, tmp)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if engine.global_rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def total_steps(cfg: RunConfig, n_rows: int, world: int) -> int:
+    per_epoch = (n_rows // world // cfg.train.micro_batch_size) // cfg.train.grad_accum_steps
+    steps = max(1, per_epoch) * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def adapter_dir(output: Path, cell: Cell) -> Path:
+    return Path(output) / "adapters" / cell.cell_id
+
+
+def run_training(
+    cfg: RunConfig,
+    cell: Cell,
+    model_path: str,
+    mix_dir: Path,
+    output: Path,
+    callbacks: list | None = None,
+) -> Path:
+    """Fine-tune one cell; returns the adapter folder. Finished cells return at once."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    done = adapter_dir(output, cell)
+    if (done / "train_result.json").is_file():
+        return done
+    workers, zero = resolved_train_settings(cfg, cell.model)
+    # The mix is small (thousands of rows): read it here and hand Ray Data an in-memory table.
+    # read_parquet's ListFiles task asks for a whole CPU, which never frees up next to the
+    # workers and the Tune trial on a 2-CPU box (seen here: a silent hang).
+    ds = ray.data.from_arrow(
+        pq.read_table(Path(mix_dir) / "shards", columns=["input_ids", "labels"])
+    )
+    n_rows = json.loads((Path(mix_dir) / "report.json").read_text())["n_rows"]
+    loop_config = {
+        "run": cfg.model_dump(mode="json"),
+        "model": cell.model,
+        "model_path": model_path,
+        "seed": cell.seed,
+        "zero_stage": zero,
+        "total_steps": total_steps(cfg, n_rows, workers),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        datasets={"train": ds},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=None if cfg.train.use_gpu else {"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement_strategy,
+        ),
+        run_config=RayRunConfig(
+            name=f"train-{cell.cell_id}",
+            storage_path=str(Path(output).resolve() / "ray_train"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    return _publish_adapter(result, done, workers, zero, time.time() - t0)
+
+
+def _publish_adapter(result, done: Path, workers: int, zero: int, seconds: float) -> Path:
+    tmp = done.with_name(done.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, tmp)
+    metrics = dict(result.metrics or {})
+    metrics.update(
+        workers=workers,
+        zero_stage=zero,
+        train_seconds=round(seconds, 1),
+        base_unchanged=math.isclose(
+            metrics.get("base_checksum_before", 0.0),
+            metrics.get("base_checksum_after", 1.0),
+            rel_tol=0,
+            abs_tol=0,
+        ),
+    )
+    (tmp / "train_result.json").write_text(json.dumps(metrics, indent=1, default=str))
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+    return done

