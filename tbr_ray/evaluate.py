@@ -266,7 +266,8 @@ def evaluate_base_model(
             model,
         )
         results.write_cell_tables(output, cid, tables)
-        n_tokens = int(gens.loc[gens["pass_"] == k, "n_new_tokens"].sum())
+        mine = gens[gens["pass_"] == k]
+        n_tokens = int(mine["n_new_tokens"].sum())
         train = _train_info(p.adapter)
         results.write_status(
             output,
@@ -276,8 +277,8 @@ def evaluate_base_model(
             eval_new_tokens=n_tokens,
             eval_seconds_model=round(eval_seconds, 1),
             eval_tokens_per_s=round(gens["n_new_tokens"].sum() / eval_seconds, 1),
-            engine_start_seconds=float(gens["engine_start_seconds"].iloc[0]),
-            engine_check=json.loads(gens["engine_check"].iloc[0]),
+            engine_start_seconds=float(mine["engine_start_seconds"].iloc[0]),
+            engine_check=json.loads(mine["engine_check"].iloc[0]),
             train=train,
         )
         outcome[cid] = "done"

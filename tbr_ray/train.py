@@ -150,12 +150,11 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     total = config["total_steps"]
     step, t0, tokens = state["step"], time.time(), 0
+    rows = _shard_rows(shard)
     for epoch in range(state["epoch"], cfg.train.epochs):
         seen = 0
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.train.micro_batch_size,
-            collate_fn=lambda b: pad_collate(b, pad_id),
-            drop_last=True,
+        for batch in _epoch_batches(
+            rows, cfg.train.micro_batch_size, pad_id, seed=config["seed"] * 1000 + epoch
         ):
             seen += 1
             if epoch == state["epoch"] and seen <= state.get("micro_in_epoch", 0):
@@ -185,6 +184,29 @@ def train_loop_per_worker(config: dict) -> None:
             if done:
                 return
         _report(engine, model, config, loss, step, epoch + 1, 0, tokens * world, t0, frozen_before)
+
+
+def _shard_rows(shard) -> list[dict]:
+    """This worker's rows, read once. A LoRA mix is small (thousands of rows), and re-running
+    the Ray Data split every epoch cost ~10 s an epoch on CPU, more than the training."""
+    return [
+        {"input_ids": list(b["input_ids"][i]), "labels": list(b["labels"][i])}
+        for b in shard.iter_batches(batch_size=256, batch_format="numpy")
+        for i in range(len(b["input_ids"]))
+    ]
+
+
+def _epoch_batches(rows: list[dict], micro: int, pad_id: int, seed: int):
+    """Seeded shuffle per epoch, padded micro-batches, last partial batch dropped."""
+    import random
+
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    for i in range(0, len(order) - micro + 1, micro):
+        chunk = [rows[j] for j in order[i : i + micro]]
+        yield pad_collate(
+            {"input_ids": [r["input_ids"] for r in chunk], "labels": [r["labels"] for r in chunk]},
+            pad_id,
+        )
 
 
 def _worker_nodes(world: int) -> str:

@@ -1,0 +1,101 @@
+"""Evaluation: every shipped benchmark with every judge on a tiny cell, the Falcon merge path,
+and the probe that fails a cell whose adapter changed nothing."""
+
+import pandas as pd
+import pytest
+import torch
+
+from tbr_ray import results
+from tbr_ray.benchmarks import BENCHMARKS, USER_FILES
+from tbr_ray.config import Cell
+from tbr_ray.evaluate import EvalPass, check_adapters_applied, evaluate_base_model
+
+from .conftest import small_config
+
+SHIPPED = sorted(b for b in BENCHMARKS if b not in USER_FILES)
+
+
+def _random_adapter(base: str, family_targets, path) -> str:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(
+            r=8, lora_alpha=32, init_lora_weights=False, target_modules=list(family_targets)
+        ),
+    )
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_probe_flags_adapter_equal_to_base():
+    cell = Cell("m", "none", 0.0, 0)
+    passes = [
+        EvalPass(Cell("m", "base", 0.0, 0), None),
+        EvalPass(cell, "/a"),
+        EvalPass(Cell("m", "internal", 1.0, 0), "/b"),
+    ]
+    gens = pd.DataFrame(
+        {
+            "pass_": [0, 0, 1, 1, 2, 2],
+            "item": [0, 1] * 3,
+            "mode": ["generate"] * 6,
+            "completion": ["x", "y", "x", "y", "x", "z"],
+        }
+    )
+    bad = check_adapters_applied(gens, passes)
+    assert list(bad) == [1] and "not applied" in bad[1]
+
+
+@pytest.mark.slow
+def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
+    from tbr_ray.models import TINY_MODELS
+
+    cfg = small_config(
+        f"eval.benchmarks={SHIPPED}",
+        "eval.sample_size=2",
+        "eval.judges=[paper-keywords, xstest-prefix, model]",
+        "eval.judge_model=tiny-falcon",
+        "eval.shots={arc_easy: 1, arc_challenge: 1, gsm8k: 1}",
+    )
+    cell = Cell("tiny-llama", "none", 0.0, 0)
+    adapter = _random_adapter(
+        tiny_llama, TINY_MODELS["tiny-llama"].lora_targets, tmp_path / "adapter"
+    )
+    out = evaluate_base_model(cfg, "tiny-llama", tiny_llama, [(cell, adapter)], tmp_path, "t")
+    assert out == {"tiny-llama__base__g0.00__s0": "done", cell.cell_id: "done"}
+    res = results.read_results(tmp_path)
+    gens = res.generations[res.generations["cell_id"] == cell.cell_id]
+    assert sorted(gens["benchmark"].unique()) == SHIPPED
+    general = gens[gens["benchmark_kind"] == "general"]
+    assert general["correct"].notna().all() and gens["git_sha"].notna().all()
+    judged = res.judgements[res.judgements["cell_id"] == cell.cell_id]
+    non_general = sorted(b for b in SHIPPED if BENCHMARKS[b].kind != "general")
+    for judge in ("paper-keywords", "xstest-prefix", "model"):
+        assert sorted(judged.loc[judged["judge"] == judge, "benchmark"].unique()) == non_general
+    harm = judged[(judged["judge"] == "model")]
+    assert harm.loc[harm["benchmark"] == "xstest_safe", "harmful"].isna().all()
+    metrics = res.metrics[res.metrics["cell_id"] == cell.cell_id]
+    assert set(metrics["metric"]) >= {"compliance_rate", "accuracy"}
+    status = res.status.set_index("cell_id").loc[cell.cell_id]
+    assert status["engine_check"] == {"base": 1.0, adapter: 1.0}
+    assert status["eval_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_falcon_adapters_are_merged_and_checked(ray_local, tiny_falcon, tmp_path):
+    from tbr_ray.models import TINY_MODELS
+
+    cfg = small_config("grid.models=[tiny-falcon]", "eval.sample_size=2")
+    cell = Cell("tiny-falcon", "none", 0.0, 0)
+    adapter = _random_adapter(
+        tiny_falcon, TINY_MODELS["tiny-falcon"].lora_targets, tmp_path / "adapter"
+    )
+    out = evaluate_base_model(cfg, "tiny-falcon", tiny_falcon, [(cell, adapter)], tmp_path, "t")
+    assert out[cell.cell_id] == "done"
+    status = results.read_status(tmp_path).set_index("cell_id")
+    # the merged engine was compared against transformers + PEFT on the unmerged pair
+    assert status.loc[cell.cell_id, "engine_check"] == {"base": 1.0}
+    assert not (tmp_path / "scratch" / f"merged-{cell.cell_id}").exists()
