@@ -20,8 +20,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Condition = Literal["none", "internal", "external"]
+Condition = Literal["none", "internal", "external", "prompt-direct", "prompt-cot"]
+# Fine-tuning conditions (paper Table 3) ...
 CONDITIONS: tuple[str, ...] = ("none", "internal", "external")
+# ... and the prompting experiment (paper section 3, Table 1): no training, the base (chat)
+# model evaluated under the Direct or the CoT system prompt.
+PROMPTING: tuple[str, ...] = ("prompt-direct", "prompt-cot")
+ALL_CONDITIONS = CONDITIONS + PROMPTING
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fields that say *where* things are, not *what* is computed: kept out of the config hash.
 _LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
@@ -207,11 +212,31 @@ class EvalConfig(_Strict):
     )
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: vLLM KV cache size (GiB, whole).")
     max_model_len: int = Field(1024, ge=64, description="Engine context length.")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks_known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from tbr_ray.benchmarks import BENCHMARKS
+
+        return _check_names("benchmark", v, BENCHMARKS)
+
+    @field_validator("judges")
+    @classmethod
+    def _judges_known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_names("judge", v, ("paper-keywords", "xstest-prefix", "model"))
+
     enforce_eager: bool = Field(
         True,
         description="Skip graph capture/compilation: faster "
         "engine start, slower decode; keep True for tiny models.",
     )
+
+
+def _check_names(kind: str, given: tuple[str, ...], known) -> tuple[str, ...]:
+    bad = [g for g in given if g not in known]
+    if bad:
+        raise ValueError(f"unknown {kind} {bad}. Fix: use one of {', '.join(sorted(known))}")
+    return given
 
 
 class GridConfig(_Strict):
@@ -220,7 +245,13 @@ class GridConfig(_Strict):
     models: tuple[str, ...] = Field(
         ..., min_length=1, description="Registry names or local HF model paths."
     )
-    conditions: tuple[Condition, ...] = Field(CONDITIONS, min_length=1)
+    conditions: tuple[Condition, ...] = Field(
+        CONDITIONS,
+        min_length=1,
+        description="none / internal / external fine-tune a cell; "
+        "prompt-direct / prompt-cot evaluate the untrained model under the paper's Direct or "
+        "CoT system prompt (Table 1), once per model.",
+    )
     gammas: tuple[float, ...] = Field(
         (1.0,),
         min_length=1,
@@ -230,6 +261,15 @@ class GridConfig(_Strict):
     max_retries: int = Field(
         1, ge=0, description="Retries of a failed cell before it is reported failed."
     )
+
+    @field_validator("models")
+    @classmethod
+    def _models_known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from tbr_ray.models import get_spec
+
+        for name in v:
+            get_spec(name)  # raises UnknownModelError (a ValueError) naming the fix
+        return v
 
     @field_validator("gammas")
     @classmethod
@@ -305,19 +345,20 @@ class RunConfig(_Strict):
 
     def cells(self) -> list[Cell]:
         """Grid cells in a stable order; `none` ignores gamma (recorded as 0.0), so it appears
-        once per model and seed."""
+        once per model and seed; prompting cells train nothing and appear once per model."""
         out: set[Cell] = set()
         for model in self.grid.models:
             for condition in self.grid.conditions:
-                gammas = (0.0,) if condition == "none" else self.grid.gammas
+                gammas = (0.0,) if condition in ("none", *PROMPTING) else self.grid.gammas
+                seeds = (0,) if condition in PROMPTING else self.grid.seeds
                 for gamma in gammas:
-                    for seed in self.grid.seeds:
+                    for seed in seeds:
                         out.add(Cell(model, condition, float(gamma), int(seed)))
         return sorted(
             out,
             key=lambda c: (
                 self.grid.models.index(c.model),
-                CONDITIONS.index(c.condition),
+                ALL_CONDITIONS.index(c.condition),
                 c.gamma,
                 c.seed,
             ),

@@ -272,6 +272,8 @@ def build_mix(
     if cell.condition in ("internal", "external") and cell.gamma > 0:
         writer_path = model_path if cell.condition == "internal" else (reflector_path or "")
         writer = reflector_id or writer_identity(writer_path)
+        if cell.condition == "external" and cfg.reflection.endpoint:
+            writer = f"endpoint:{cfg.reflection.endpoint_model}"  # the model, not the URL
         reflections = generate_reflections(
             [s["instruction"] for s in safety], cfg, cell.condition, writer_path, writer
         )

@@ -46,6 +46,33 @@ class EvalPass:
 
     cell: Cell
     adapter: str | None
+    style: str = "alpaca"  # alpaca | prompt-direct | prompt-cot (the prompting experiment)
+
+
+# PAPER.md section 7. Merged into the user turn: Gemma's chat template has no system role.
+DIRECT_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as "
+    "helpfully as possible, while being safe."
+)
+COT_SUFFIX = " Please explain the instruction or question step by step first then answer it."
+
+
+def prompting_prompt(instruction: str, style: str, tokenizer) -> str:
+    """The Direct / CoT prompt of the prompting experiment, through the model's chat template
+    when it has one (chat models), else as plain text (base and tiny models)."""
+    system = DIRECT_SYSTEM + (COT_SUFFIX if style == "prompt-cot" else "")
+    user = f"{system}\n\nQuestion: {instruction}"
+    if tokenizer is not None and tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    return f"{user}\nAnswer:"
+
+
+def _pass_prompt(item: EvalItem, p: EvalPass, tokenizer) -> str:
+    if p.style == "alpaca" or item.mode != "generate" or item.kind == "general":
+        return item.prompt
+    return prompting_prompt(item.instruction, p.style, tokenizer)
 
 
 def base_cell(model: str) -> Cell:
@@ -67,12 +94,12 @@ def load_items(cfg: RunConfig) -> list[EvalItem]:
     return items
 
 
-def _rows(passes: list[EvalPass], items: list[EvalItem]) -> list[dict]:
+def _rows(passes: list[EvalPass], items: list[EvalItem], tokenizer=None) -> list[dict]:
     return [
         {
             "pass_": p,
             "item": i,
-            "prompt": it.prompt,
+            "prompt": _pass_prompt(it, passes[p], tokenizer),
             "adapter": passes[p].adapter or "",
             "mode": it.mode,
             "choices": json.dumps(list(it.choices)),
@@ -122,23 +149,30 @@ def generate_all(
     items: list[EvalItem],
     scratch: Path,
 ) -> pd.DataFrame:
-    """Generations for every pass; one engine for LoRA-capable archs, else merged engines."""
+    """Generations for every pass; one engine for LoRA-capable archs, else one engine for the
+    adapter-free passes plus one merged-model engine per adapter."""
     n = cfg.eval.max_new_tokens
+    tok = _tokenizer(model_path) if any(p.style != "alpaca" for p in passes) else None
+    rows = _rows(passes, items, tok)
     if get_spec(model).vllm_lora:
         adapters = [p.adapter for p in passes if p.adapter]
-        return _run_engine(model_path, adapters, _rows(passes, items), cfg, n)
+        return _run_engine(model_path, adapters, rows, cfg, n)
     from tbr_ray.engine import merge_adapter
 
-    frames = []
-    for k, p in enumerate(passes):
-        rows = [{**r, "adapter": "", "pass_": k} for r in _rows([p], items)]
-        if p.adapter is None:
-            frames.append(_run_engine(model_path, [], rows, cfg, n))
-            continue
+    plain = [r for r in rows if not r["adapter"]]
+    frames = [_run_engine(model_path, [], plain, cfg, n)] if plain else []
+    for p in (p for p in passes if p.adapter):
+        mine = [{**r, "adapter": ""} for r in rows if r["adapter"] == p.adapter]
         merged = merge_adapter(model_path, p.adapter, scratch / f"merged-{p.cell.cell_id}")
-        frames.append(_run_engine(merged, [], rows, cfg, n, merged_from=(model_path, p.adapter)))
+        frames.append(_run_engine(merged, [], mine, cfg, n, merged_from=(model_path, p.adapter)))
         shutil.rmtree(merged, ignore_errors=True)
     return pd.concat(frames, ignore_index=True)
+
+
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
 
 
 def judge_all(cfg: RunConfig, gens: pd.DataFrame, items: list[EvalItem]) -> pd.DataFrame:
@@ -234,10 +268,13 @@ def evaluate_base_model(
     adapters: list[tuple[Cell, Path]],
     output: Path,
     run_id: str,
+    prompting: list[Cell] = (),
 ) -> dict:
-    """Evaluate the base model (if configured and not done) and each adapter; write results.
-    Returns {cell_id: 'done' | error text}."""
+    """Evaluate the base model (if configured), each adapter, and each prompting-experiment
+    cell (untrained model, Direct/CoT prompt); write results. Returns {cell_id: 'done' | error}.
+    """
     passes = [EvalPass(c, str(a)) for c, a in adapters]
+    passes += [EvalPass(c, None, c.condition) for c in prompting]
     base = base_cell(model)
     if cfg.eval.evaluate_base:
         passes.insert(0, EvalPass(base, None))

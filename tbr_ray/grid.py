@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tbr_ray import results
-from tbr_ray.config import Cell, ConfigError, RunConfig
+from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.models import get_spec, resolve_model
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only orchestrates; 1 CPU would starve workers (STACK.md)
@@ -70,6 +70,8 @@ def estimate_gpu_hours(cfg: RunConfig, cell: Cell, gpus: int) -> float:
         return 0.0
     n = get_spec(cell.model).params_b * 1e9
     train_tokens = (cfg.data.n_general + cfg.data.n_safety) * 250 * cfg.train.epochs
+    if cell.condition in PROMPTING:
+        train_tokens = 0
     n_eval = len(cfg.eval.benchmarks) * (cfg.eval.sample_size or 500)
     eval_tokens = n_eval * (cfg.eval.max_new_tokens + 300)
     seconds = 6 * n * train_tokens / (_PEAK_FLOPS * 0.35) + 2 * n * eval_tokens / (
@@ -203,7 +205,12 @@ def train_phase(
 
     from tbr_ray.train import adapter_dir
 
-    todo = [c for c in cells if not (adapter_dir(output, c) / "train_result.json").is_file()]
+    todo = [
+        c
+        for c in cells
+        if c.condition not in PROMPTING
+        and not (adapter_dir(output, c) / "train_result.json").is_file()
+    ]
     if not todo:
         return {}
     plans = [p for p in plan_cells(cfg) if p.cell in todo]
@@ -243,6 +250,13 @@ def eval_phase(
 
     outcome = {}
     for model in cfg.grid.models:
+        prompting = [
+            c
+            for c in cells
+            if c.model == model
+            and c.condition in PROMPTING
+            and not results.is_done(output, c.cell_id)
+        ]
         ready = [
             (c, adapter_dir(output, c))
             for c in cells
@@ -253,16 +267,19 @@ def eval_phase(
         base_needed = cfg.eval.evaluate_base and not results.is_done(
             output, base_cell(model).cell_id
         )
-        if not ready and not base_needed:
+        if not ready and not base_needed and not prompting:
             continue
-        for c, _ in ready:
+        todo = [c for c, _ in ready] + prompting
+        for c in todo:
             results.write_status(output, c.cell_id, "running", stage="eval")
         try:
-            out = evaluate_base_model(cfg, model, paths[model], ready, output, run_id(cfg))
+            out = evaluate_base_model(
+                cfg, model, paths[model], ready, output, run_id(cfg), prompting=prompting
+            )
         except Exception as exc:  # one base model's failure must not stop the others
             err = "".join(traceback.format_exception_only(exc)).strip()
-            out = {c.cell_id: err for c, _ in ready}
-            for c, _ in ready:
+            out = {c.cell_id: err for c in todo}
+            for c in todo:
                 results.write_status(output, c.cell_id, "failed", stage="eval", error=err)
         metrics.record_eval(output)
         outcome.update(out)

@@ -151,7 +151,20 @@ TINY_MODELS: dict[str, ModelSpec] = {
     ]
 }
 
-REGISTRY: dict[str, ModelSpec] = {**TINY_MODELS, **PAPER_MODELS}
+# The official chat models of the prompting experiment (PAPER.md section 7, Table 1): evaluated
+# untrained under the Direct / CoT prompts, never fine-tuned here.
+CHAT_MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        _paper("gemma-2b-chat", "google/gemma-2b-it", "gemma", 2.5, 1, 2),
+        _paper("gemma-7b-chat", "google/gemma-7b-it", "gemma", 8.5, 1, 2),
+        _paper("llama-2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", 6.7, 1, 2),
+        _paper("llama-3-8b-chat", "meta-llama/Meta-Llama-3-8B-Instruct", "llama", 8.0, 1, 2),
+        _paper("llama-3.1-8b-chat", "meta-llama/Llama-3.1-8B-Instruct", "llama", 8.0, 1, 2),
+    ]
+}
+
+REGISTRY: dict[str, ModelSpec] = {**TINY_MODELS, **PAPER_MODELS, **CHAT_MODELS}
 
 # Alpaca templates (PAPER.md section 1, Fig. 10). The paper shows only the with-input form;
 # rows without an input use Alpaca's own no-input form (our choice, logged in PAPER.md terms).

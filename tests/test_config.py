@@ -31,9 +31,9 @@ def test_bad_value_names_field_and_value():
 
 def test_gamma_out_of_range_and_cross_field_checks():
     with pytest.raises(ConfigError, match=r"gamma must lie in \[0, 1\]"):
-        validate_config({**MINIMAL, "grid": {"models": ["m"], "gammas": [1.5]}})
+        validate_config({**MINIMAL, "grid": {"models": ["tiny-llama"], "gammas": [1.5]}})
     with pytest.raises(ConfigError, match="reflection.reflector"):
-        validate_config({"name": "t", "grid": {"models": ["m"], "conditions": ["external"]}})
+        validate_config({"name": "t", "grid": {"models": ["tiny-llama"], "conditions": ["external"]}})
     with pytest.raises(ConfigError, match="eval.judge_model"):
         validate_config({**MINIMAL, "eval": {"judges": ["model"]}})
 
@@ -76,7 +76,7 @@ def test_cells_none_ignores_gamma():
         {
             "name": "t",
             "reflection": {"reflector": "tiny-gemma2"},
-            "grid": {"models": ["a", "b"], "gammas": [0.5, 1.0], "seeds": [0, 1]},
+            "grid": {"models": ["tiny-llama", "tiny-gemma"], "gammas": [0.5, 1.0], "seeds": [0, 1]},
         }
     )
     cells = cfg.cells()

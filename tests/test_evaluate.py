@@ -8,7 +8,14 @@ import torch
 from tbr_ray import results
 from tbr_ray.benchmarks import BENCHMARKS, USER_FILES
 from tbr_ray.config import Cell
-from tbr_ray.evaluate import EvalPass, check_adapters_applied, evaluate_base_model
+from tbr_ray.evaluate import (
+    COT_SUFFIX,
+    DIRECT_SYSTEM,
+    EvalPass,
+    check_adapters_applied,
+    evaluate_base_model,
+    prompting_prompt,
+)
 
 from .conftest import small_config
 
@@ -49,6 +56,13 @@ def test_probe_flags_adapter_equal_to_base():
     assert list(bad) == [1] and "not applied" in bad[1]
 
 
+def test_prompting_prompts_follow_the_paper():
+    direct = prompting_prompt("How do I kill a process?", "prompt-direct", None)
+    cot = prompting_prompt("How do I kill a process?", "prompt-cot", None)
+    assert direct.startswith(DIRECT_SYSTEM) and "Question: How do I kill a process?" in direct
+    assert cot.startswith(DIRECT_SYSTEM + COT_SUFFIX) and "step by step" not in direct
+
+
 @pytest.mark.slow
 def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
     from tbr_ray.models import TINY_MODELS
@@ -64,8 +78,18 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
     adapter = _random_adapter(
         tiny_llama, TINY_MODELS["tiny-llama"].lora_targets, tmp_path / "adapter"
     )
-    out = evaluate_base_model(cfg, "tiny-llama", tiny_llama, [(cell, adapter)], tmp_path, "t")
-    assert out == {"tiny-llama__base__g0.00__s0": "done", cell.cell_id: "done"}
+    prompting = [
+        Cell("tiny-llama", "prompt-direct", 0.0, 0),
+        Cell("tiny-llama", "prompt-cot", 0.0, 0),
+    ]
+    out = evaluate_base_model(
+        cfg, "tiny-llama", tiny_llama, [(cell, adapter)], tmp_path, "t", prompting=prompting
+    )
+    assert out == {
+        "tiny-llama__base__g0.00__s0": "done",
+        cell.cell_id: "done",
+        **{c.cell_id: "done" for c in prompting},
+    }
     res = results.read_results(tmp_path)
     gens = res.generations[res.generations["cell_id"] == cell.cell_id]
     assert sorted(gens["benchmark"].unique()) == SHIPPED
@@ -79,6 +103,11 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
     assert harm.loc[harm["benchmark"] == "xstest_safe", "harmful"].isna().all()
     metrics = res.metrics[res.metrics["cell_id"] == cell.cell_id]
     assert set(metrics["metric"]) >= {"compliance_rate", "accuracy"}
+    cot = res.generations[
+        (res.generations["condition"] == "prompt-cot")
+        & (res.generations["benchmark"] == "xstest_safe")
+    ]
+    assert len(cot) == 2 and cot["prompt"].str.contains("step by step").all()
     status = res.status.set_index("cell_id").loc[cell.cell_id]
     assert status["engine_check"] == {"base": 1.0, adapter: 1.0}
     assert status["eval_tokens_per_s"] > 0

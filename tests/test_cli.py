@@ -1,0 +1,58 @@
+"""The command line: readable errors (exit 2), the registry, dry runs, judge scoring."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from tbr_ray.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+runner = CliRunner()
+
+
+def test_models_lists_paper_and_tiny_models():
+    out = runner.invoke(app, ["models"])
+    assert out.exit_code == 0
+    assert "llama-2-70b" in out.output and "tiny-falcon" in out.output
+    assert "merge" in out.output  # falcon: no vLLM LoRA, adapters are merged
+
+
+def test_config_error_is_one_readable_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ngrid:\n  models: [tiny-llama]\ntrain:\n  lora_rnak: 4\n")
+    out = runner.invoke(app, ["validate", str(bad)])
+    assert out.exit_code == 2 and "train.lora_rnak: unknown key" in out.output
+    assert "Traceback" not in out.output
+
+
+def test_dry_run_prints_cells_and_gpu_hours():
+    out = runner.invoke(app, ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run"])
+    assert out.exit_code == 0 and "45 cells; estimated" in out.output
+
+
+def test_unknown_model_is_named_with_the_fix():
+    out = runner.invoke(
+        app,
+        [
+            "ablate",
+            "--config",
+            str(REPO / "jobs/tiny.yaml"),
+            "--dry-run",
+            "--set",
+            "grid.models=[llama-9b]",
+        ],
+    )
+    assert out.exit_code == 2 and "unknown model 'llama-9b'" in out.output
+    assert "tbr-ray models" in out.output
+
+
+def test_judge_score_prints_agreement_and_confusion():
+    out = runner.invoke(
+        app,
+        ["judge-score", "--judge", "xstest-prefix", "--labels", str(FIXTURES / "judge_labels.csv")],
+    )
+    assert out.exit_code == 0, out.output
+    assert "0.9" in out.output and "full_refusal" in out.output
+    out = runner.invoke(app, ["judge-score", "--judge", "nope", "--labels", "x.csv"])
+    assert out.exit_code == 2 and "unknown judge" in out.output
