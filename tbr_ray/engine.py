@@ -138,7 +138,6 @@ class Engine:
             SamplingParams(
                 temperature=0.0,
                 max_tokens=1,
-                logprobs=0,
                 logprob_token_ids=self.choice_token_ids(opts),
             )
             for opts in choices
