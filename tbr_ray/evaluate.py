@@ -355,7 +355,7 @@ def cell_tables(
             {
                 **common,
                 **_item_cols(it),
-                "prompt": it.prompt,
+                "prompt": r.prompt,  # as fed to the engine (prompting styles differ)
                 "completion": completion,
                 "n_new_tokens": int(r.n_new_tokens),
                 "reference": it.reference,

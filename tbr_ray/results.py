@@ -20,6 +20,7 @@ without an adapter are stored as cells with condition "base" (cell id `<model>__
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -175,7 +176,16 @@ def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     missing = {f.name for f in schema} - set(rows[0]) if rows else set()
     if missing:
         raise ValueError(f"rows lack columns {sorted(missing)} required by the results schema")
-    return pa.Table.from_pylist([{f.name: r[f.name] for f in schema} for r in rows], schema=schema)
+    return pa.Table.from_pylist(
+        [{f.name: _null_nan(r[f.name], f.type) for f in schema} for r in rows], schema=schema
+    )
+
+
+def _null_nan(value: Any, kind: pa.DataType) -> Any:
+    """pandas turns a missing label/flag into NaN; in a non-float column that is a null."""
+    if isinstance(value, float) and math.isnan(value) and not pa.types.is_floating(kind):
+        return None
+    return value
 
 
 def _atomic_write_bytes(path: Path, write) -> None:

@@ -33,7 +33,9 @@ def test_gamma_out_of_range_and_cross_field_checks():
     with pytest.raises(ConfigError, match=r"gamma must lie in \[0, 1\]"):
         validate_config({**MINIMAL, "grid": {"models": ["tiny-llama"], "gammas": [1.5]}})
     with pytest.raises(ConfigError, match="reflection.reflector"):
-        validate_config({"name": "t", "grid": {"models": ["tiny-llama"], "conditions": ["external"]}})
+        validate_config(
+            {"name": "t", "grid": {"models": ["tiny-llama"], "conditions": ["external"]}}
+        )
     with pytest.raises(ConfigError, match="eval.judge_model"):
         validate_config({**MINIMAL, "eval": {"judges": ["model"]}})
 
