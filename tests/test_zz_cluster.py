@@ -1,19 +1,26 @@
-"""A real local Ray cluster of two nodes (two `ray start` processes, token auth on, as Ray
-2.60 sets it by default), a tiny grid submitted with `ray job submit --working-dir .`, and
-evidence that cells ran on both nodes and that results landed on the shared storage path.
+"""Clusters beyond the session's local instance (named to run last: `ray stop` at teardown
+ends every Ray process on the machine).
 
-Named to run last: `ray stop` at teardown ends every Ray process on the machine."""
+1. `ray start --head` (token auth on, Ray 2.60's default) and a tiny grid submitted with
+   `ray job submit --working-dir .`; a client without the token is refused.
+2. A two-node cluster (`ray.cluster_utils.Cluster`): a grid whose cells train on both nodes,
+   results on the shared output path.
+"""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tbr_ray import results
 from tbr_ray.config import DataConfig, PathsConfig
+
+from .conftest import small_config
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -33,7 +40,7 @@ def _ray(*args, env, check=True, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def head(tmp_path_factory):
     import ray
 
     ray.shutdown()  # this process's own local instance, if a fixture started one
@@ -49,14 +56,12 @@ def cluster(tmp_path_factory):
         "--include-dashboard=true",
         env=env,
     )
-    _ray("start", "--address=127.0.0.1:6399", "--num-cpus=2", env=env)
     yield env
     _ray("stop", "--force", env=env, check=False)
 
 
-@pytest.fixture(scope="module")
-def submitted(cluster, tmp_path_factory):
-    shared = tmp_path_factory.mktemp("shared") / "tbr-results"
+def test_job_submit_with_token_auth_succeeds(head):
+    shared = Path(tempfile.mkdtemp(prefix="tbr-job-")) / "results"
     runtime_env = {
         "env_vars": {
             "TBR_CACHE_DIR": str(PathsConfig().resolved_cache_dir()),
@@ -71,10 +76,8 @@ def submitted(cluster, tmp_path_factory):
         "train.micro_batch_size=4",
         "eval.sample_size=2",
         "eval.max_new_tokens=8",
-        "eval.evaluate_base=false",
-        "grid.models=[tiny-llama, tiny-gemma]",
+        "grid.models=[tiny-llama]",
         "grid.conditions=[none]",
-        "train.placement_strategy=SPREAD",
     ]
     cmd = [
         "job",
@@ -95,30 +98,55 @@ def submitted(cluster, tmp_path_factory):
     ]
     for s in sets:
         cmd += ["--set", s]
-    proc = _ray(*cmd, env=cluster, check=False, timeout=1200)
-    return proc, shared
+    proc = _ray(*cmd, env=head, check=False, timeout=1200)
+    log = proc.stdout + proc.stderr
+    try:
+        assert proc.returncode == 0, log[-5000:]
+        assert "succeeded" in log.lower()
+        status = results.read_status(shared).set_index("cell_id")["status"].to_dict()
+        assert status == {
+            "tiny-llama__base__g0.00__s0": "done",
+            "tiny-llama__none__g0.00__s0": "done",
+        }
+    finally:
+        shutil.rmtree(shared.parent, ignore_errors=True)
 
 
-def test_job_submit_with_token_auth_succeeds(submitted):
-    proc, shared = submitted
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    assert "succeeded" in (proc.stdout + proc.stderr).lower()
-    res = results.read_results(shared)
-    assert set(res.metrics["model"]) == {"tiny-llama", "tiny-gemma"}
-
-
-def test_submit_without_token_is_refused(cluster):
-    env = {k: v for k, v in cluster.items() if k != "RAY_AUTH_MODE"}
+def test_client_without_token_is_refused(head):
+    env = {k: v for k, v in head.items() if k != "RAY_AUTH_MODE"}
     proc = _ray("job", "list", "--address", "http://127.0.0.1:8299", env=env, check=False)
     assert proc.returncode != 0
     assert "token" in (proc.stdout + proc.stderr).lower()
 
 
-def test_cells_ran_on_more_than_one_node(submitted):
-    _, shared = submitted
-    status = results.read_status(shared)
-    nodes = set()
-    for train in status["train"].dropna():
-        nodes.update(train["worker_nodes"].split(","))
-    assert len(nodes) >= 2, f"all cells trained on {nodes}"
-    assert (shared / "run.json").is_file() and (shared / "adapters").is_dir()
+def test_cells_train_on_more_than_one_node(tmp_path):
+    """Two nodes of 2 CPUs; SPREAD puts a cell's two workers on different nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tbr_ray.grid import run_grid
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = small_config(
+            "train.max_steps=2",
+            "eval.sample_size=2",
+            "eval.evaluate_base=false",
+            "grid.conditions=[none]",
+            "train.placement_strategy=SPREAD",
+        )
+        shared = tmp_path / "shared-storage"
+        outcome = run_grid(cfg, shared)
+        assert outcome == {"tiny-llama__none__g0.00__s0": "done"}
+        status = results.read_status(shared).set_index("cell_id")
+        nodes = status.loc["tiny-llama__none__g0.00__s0", "train"]["worker_nodes"].split(",")
+        assert len(set(nodes)) == 2, f"workers ran on {nodes}"
+        assert (shared / "cells" / "tiny-llama__none__g0.00__s0" / "metrics.parquet").is_file()
+        assert (shared / "adapters" / "tiny-llama__none__g0.00__s0").is_dir()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
