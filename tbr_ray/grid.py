@@ -249,7 +249,7 @@ def eval_phase(
     from tbr_ray.train import adapter_dir
 
     outcome = {}
-    for model in cfg.grid.models:
+    for model in dict.fromkeys(c.model for c in cells):  # only models of the asked cells
         prompting = [
             c
             for c in cells

@@ -74,6 +74,13 @@ def test_dry_run_prints_the_paper_grid():
 
 @pytest.mark.slow
 def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path):
+    import ray
+
+    # This process's own Ray instance (if a fixture started one) must go first: the
+    # `ray stop` below ends every Ray process on the machine, and a Ray driver whose raylet
+    # dies exits at once (seen here: it took the whole pytest session down). Later tests
+    # that need Ray start it again on first use.
+    ray.shutdown()
     out = tmp_path / "run"
     first = out / "adapters" / "tiny-llama__none__g0.00__s0" / "train_result.json"
     proc = _ablate(out)
