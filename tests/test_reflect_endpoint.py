@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -30,9 +29,13 @@ def server(tiny_falcon, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "vllm.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # The OpenAI server module is what `vllm serve` runs; the `vllm` CLI itself looks up the
+    # "vllm" distribution's version and fails under vllm-cpu (its distribution is "vllm-cpu").
     cmd = [
-        str(Path(sys.executable).parent / "vllm"),
-        "serve",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         tiny_falcon,
         "--host",
         "127.0.0.1",
