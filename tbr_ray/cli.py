@@ -165,20 +165,24 @@ def data(
     reflection: str | None = None,
 ) -> None:
     """Build one cell's training mix (cached) and print its report."""
+    cfg = _config(config, sets)
+    chosen = _pick_cell(cfg, model, reflection, None)
+    mix, _ = _mix_for(cfg, chosen)
+    typer.echo(f"{mix}\n{(mix / 'report.json').read_text()}")
+
+
+def _mix_for(cfg: RunConfig, cell: Cell) -> tuple[Path, str]:
+    """Start Ray, resolve the models and build (or find) the cell's mix: (mix, model path)."""
     import ray
 
     from tbr_ray.data import build_mix
     from tbr_ray.grid import model_paths
 
-    cfg = _config(config, sets)
-    chosen = _pick_cell(cfg, model, reflection, None)
     _check_data(cfg)
     ray.init(logging_level="WARNING")
     paths = model_paths(cfg)
-    mix = build_mix(
-        cfg, chosen, paths[chosen.model], reflector_path=paths.get(cfg.reflection.reflector or "")
-    )
-    typer.echo(f"{mix}\n{(mix / 'report.json').read_text()}")
+    reflector = paths.get(cfg.reflection.reflector or "")
+    return build_mix(cfg, cell, paths[cell.model], reflector_path=reflector), paths[cell.model]
 
 
 @app.command()
@@ -191,21 +195,12 @@ def train(
     seed: int | None = None,
 ) -> None:
     """Fine-tune one cell (building its mix if needed); prints the adapter folder."""
-    import ray
-
-    from tbr_ray.data import build_mix
-    from tbr_ray.grid import model_paths
     from tbr_ray.train import run_training
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
-    _check_data(cfg)
-    ray.init(logging_level="WARNING")
-    paths = model_paths(cfg)
-    mix = build_mix(
-        cfg, chosen, paths[chosen.model], reflector_path=paths.get(cfg.reflection.reflector or "")
-    )
-    adapter = run_training(cfg, chosen, paths[chosen.model], mix, output.resolve())
+    mix, model_path = _mix_for(cfg, chosen)
+    adapter = run_training(cfg, chosen, model_path, mix, output.resolve())
     typer.echo(f"{adapter}\n{(adapter / 'train_result.json').read_text()}")
 
 
