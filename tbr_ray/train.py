@@ -151,6 +151,12 @@ def train_loop_per_worker(config: dict) -> None:
     total = config["total_steps"]
     step, t0, tokens = state["step"], time.time(), 0
     rows = _shard_rows(shard)
+    if len(rows) < cfg.train.micro_batch_size:
+        raise ValueError(
+            f"this worker holds {len(rows)} rows, fewer than train.micro_batch_size="
+            f"{cfg.train.micro_batch_size}, so it would train on nothing. Fix: lower "
+            f"train.micro_batch_size or train.num_workers, or raise data.n_general/n_safety."
+        )
     for epoch in range(state["epoch"], cfg.train.epochs):
         seen = 0
         for batch in _epoch_batches(
