@@ -223,7 +223,9 @@ class EvalConfig(_Strict):
     @field_validator("judges")
     @classmethod
     def _judges_known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        return _check_names("judge", v, ("paper-keywords", "xstest-prefix", "model"))
+        from tbr_ray.judges import JUDGES
+
+        return _check_names("judge", v, JUDGES)
 
     enforce_eager: bool = Field(
         True,
