@@ -5,13 +5,15 @@
 Builds tiny-llama, makes N random LoRA adapters, then measures side by side in one run:
   shared   one engine with all N adapters, one pass per adapter (what tbr-ray does)
   per-cell N engines, one adapter each (what one engine per Tune trial would cost)
-and, on the same prompts, transformers' batched greedy generate for scale. Prints seconds,
-new tokens/s and the ratio. Results are recorded in docs/BENCHMARKS.md with machine and date.
+then vLLM's default multi-process CPU engine against the in-process one tbr-ray uses (start
+and tokens), and, on the same prompts, transformers' batched greedy generate for scale.
+Prints seconds, new tokens/s and the ratios; recorded in docs/BENCHMARKS.md (machine, date).
 """
 
 import argparse
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
@@ -96,6 +98,18 @@ def main() -> None:
             g, n = timed_passes(eng, prompts, [adapter], a.new_tokens)
             per_cell_gen, tok_cell = per_cell_gen + g, tok_cell + n
             del eng
+        # vLLM's default on CPU (engine core and worker in two spawned processes) against the
+        # in-process engine tbr-ray uses: start-up and tokens, same adapter, same prompts.
+        t0 = time.time()
+        eng = Engine(base, replace(settings, in_process=False), adapters[:1])
+        mp_start = time.time() - t0
+        mp_tokens = [g.token_ids for g in eng.generate(prompts, a.new_tokens, adapters[0])]
+        del eng
+        t0 = time.time()
+        eng = Engine(base, settings, adapters[:1])
+        in_start = time.time() - t0
+        same = mp_tokens == [g.token_ids for g in eng.generate(prompts, a.new_tokens, adapters[0])]
+        del eng
     hf_s, hf_tok = transformers_generate(base, prompts, a.new_tokens)
     total_shared, total_cell = start_shared + gen_shared, per_cell_start + per_cell_gen
     print(
@@ -112,6 +126,10 @@ def main() -> None:
         f"total {total_cell:6.1f}s  {tok_cell / per_cell_gen:7.0f} new tok/s"
     )
     print(f"per-cell / shared wall time: {total_cell / total_shared:.2f}x")
+    print(
+        f"engine start, vLLM default (2 spawned processes): {mp_start:.1f}s; in-process: "
+        f"{in_start:.1f}s ({mp_start / in_start:.1f}x); same greedy tokens: {same}"
+    )
     print(
         f"transformers batched generate (base, 1 pass): {hf_s:.1f}s, {hf_tok / hf_s:.0f} new tok/s"
     )

@@ -263,6 +263,12 @@ class GridConfig(_Strict):
     max_retries: int = Field(
         1, ge=0, description="Retries of a failed cell before it is reported failed."
     )
+    max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        description="Cells trained at once. Default: from the cluster's resources "
+        "(tbr_ray.grid.max_concurrent_cells).",
+    )
 
     @field_validator("models")
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class EngineSettings:
     enforce_eager: bool = True
     max_lora_rank: int = 8
     seed: int = 0
+    in_process: bool = True  # CPU only: engine core + worker in this process (see Engine)
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,33 @@ def _dtype() -> str:
     return "bfloat16" if on_gpu() else "float32"
 
 
+@contextmanager
+def _in_process_engine(enabled: bool):
+    """On CPU, run vLLM's engine core and worker in this process while the engine is built.
+    The default spawns two processes that import vLLM again: engine start 23 s against 3 s
+    for a tiny model here, same greedy tokens (docs/BENCHMARKS.md); our engines already live
+    in their own Ray actor. vLLM reads the variable only at construction; it is restored so a
+    server started later from this process (tests) gets vLLM's default."""
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    old = os.environ.get(key)
+    if enabled:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if enabled:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 class Engine:
     """A vLLM engine for one base model, optionally serving LoRA adapters."""
 
     def __init__(self, model_path: str, settings: EngineSettings, adapters: list[str] = ()):
-        if not on_gpu():
+        cpu = not on_gpu()
+        if cpu:
             # Read by vLLM's CPU backend when the engine starts; process-local.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
         from vllm import LLM
@@ -76,13 +100,17 @@ class Engine:
             max_model_len=settings.max_model_len,
             enforce_eager=settings.enforce_eager,
         )
+        in_process = cpu and settings.in_process
+        if in_process:
+            kwargs["distributed_executor_backend"] = "uni"
         if self.adapters:
             kwargs.update(
                 enable_lora=True,
                 max_lora_rank=settings.max_lora_rank,
                 max_loras=min(4, len(self.adapters)),
             )
-        self.llm = LLM(**kwargs)
+        with _in_process_engine(in_process):
+            self.llm = LLM(**kwargs)
         self.start_seconds = time.time() - t0
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -185,16 +185,21 @@ def cell_trainable(config: dict) -> None:
 
 
 def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
+    """Cells Tune trains at once: `grid.max_concurrent` if set, else as many as the cluster's
+    GPUs (GPU runs) or CPUs (CPU runs) hold side by side. No extra trial "preparing ahead" on
+    CPU: on the 2-core box 2 trials at once took 794 s against 803 s for 1 (docs/BENCHMARKS.md),
+    and the waiting trial's Ray Train worker group hit its 60 s start timeout and retried."""
     import ray
 
+    if cfg.grid.max_concurrent:
+        return cfg.grid.max_concurrent
     res = ray.cluster_resources()
     if cfg.train.use_gpu:
         need = max(p.gpus for p in plans)
         return max(1, int(res.get("GPU", 0) // max(need, 1)))
-    # + 1 CPU of headroom per cell for its data/reflection stage: without it two trials on a
-    # 2-CPU box starved each other's Ray Data tasks and deadlocked.
-    need = max(p.workers for p in plans) * cfg.train.cpus_per_worker + 1
-    return max(1, int(res.get("CPU", 1) // need))
+    need = max(p.workers for p in plans) * cfg.train.cpus_per_worker
+    # Tune drivers (TRIAL_DRIVER_CPU each) and Ray Data tasks take a sliver of the CPUs.
+    return max(1, int((res.get("CPU", 1) - 0.1) // need))
 
 
 def train_phase(
@@ -223,7 +228,12 @@ def train_phase(
     tuner = tune.Tuner(
         tune.with_resources(cell_trainable, {"CPU": TRIAL_DRIVER_CPU}),
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_cells(cfg, plans)),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent_cells(cfg, plans),
+            # A finished trial's driver process takes the next cell: no new actor, no
+            # re-import of Ray Data / tbr_ray per cell (every trial asks the same resources).
+            reuse_actors=True,
+        ),
         run_config=tune.RunConfig(
             name=f"grid-{int(time.time())}",
             storage_path=str(output / "ray_tune"),

@@ -72,6 +72,21 @@ def test_dry_run_prints_the_paper_grid():
     assert table.count("llama-2-70b__") == 3
 
 
+def test_concurrency_comes_from_the_cluster_or_the_config(ray_local):
+    """2 CPUs, cells of 2 workers x 0.5 CPU: one at a time; 0.25 CPU workers: three side by
+    side; on GPUs with none here: one; grid.max_concurrent overrides all of it."""
+    from tbr_ray.grid import max_concurrent_cells, plan_cells
+
+    def cells_at_once(path, *sets):
+        cfg = load_config(REPO / "jobs" / path, list(sets))
+        return max_concurrent_cells(cfg, plan_cells(cfg))
+
+    assert cells_at_once("tiny.yaml") == 1
+    assert cells_at_once("tiny.yaml", "train.cpus_per_worker=0.25") == 3
+    assert cells_at_once("paper.yaml") == 1
+    assert cells_at_once("tiny.yaml", "grid.max_concurrent=4") == 4
+
+
 @pytest.mark.slow
 def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path):
     import ray
