@@ -2,23 +2,27 @@
 
     .venv/bin/python bench/eval_engine.py [--adapters 3] [--prompts 100] [--new-tokens 48]
 
-Builds tiny-llama, makes N random LoRA adapters, then measures side by side in one run:
-  shared   one engine with all N adapters, one pass per adapter (what tbr-ray does)
-  per-cell N engines, one adapter each (what one engine per Tune trial would cost)
-then vLLM's default multi-process CPU engine against the in-process one tbr-ray uses (start
-and tokens), and, on the same prompts, transformers' batched greedy generate for scale.
+Builds tiny-llama, makes N random LoRA adapters, then measures side by side in one run, every
+engine cold in a fresh Python process (as each Tune trial or eval actor would start it):
+  shared    one process, one engine with all N adapters, one pass per adapter (what tbr-ray does)
+  per-cell  N processes, one engine and one adapter each (one engine per Tune trial)
+  default   vLLM's default multi-process CPU engine (engine core + worker spawned) against the
+            in-process one tbr-ray uses: start-up and greedy tokens on the same adapter
+and, on the same prompts, transformers' batched greedy generate for scale.
 Prints seconds, new tokens/s and the ratios; recorded in docs/BENCHMARKS.md (machine, date).
 """
 
 import argparse
+import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import replace
-
-import torch
 
 
 def make_adapters(base: str, n: int, out_dir: str) -> list[str]:
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -42,14 +46,48 @@ def make_adapters(base: str, n: int, out_dir: str) -> list[str]:
     return paths
 
 
-def timed_passes(engine, prompts, adapters, new_tokens):
-    t0, tokens = time.time(), 0
-    for adapter in adapters:
-        tokens += sum(len(g.token_ids) for g in engine.generate(prompts, new_tokens, adapter))
-    return time.time() - t0, tokens
+def worker(spec: dict) -> dict:
+    """One cold engine in this process: import, start, one greedy pass per adapter."""
+    t0 = time.time()
+    from tbr_ray.engine import Engine, EngineSettings
+
+    imported = time.time()
+    settings = EngineSettings(max_lora_rank=16, in_process=spec["in_process"])
+    engine = Engine(spec["base"], settings, spec["adapters"])
+    started = time.time()
+    tokens = [
+        [list(g.token_ids) for g in engine.generate(spec["prompts"], spec["new_tokens"], a)]
+        for a in spec["adapters"]
+    ]
+    done = time.time()
+    return {
+        "import_s": imported - t0,
+        "start_s": started - imported,
+        "generate_s": done - started,
+        "new_tokens": sum(len(t) for per in tokens for t in per),
+        "tokens": tokens,
+    }
+
+
+def run_worker(spec: dict, tmp: str) -> dict:
+    """Runs `worker` in a fresh interpreter; adds the process's whole wall time."""
+    path = f"{tmp}/spec.json"
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", path], capture_output=True, text=True
+    )
+    wall = time.time() - t0
+    if out.returncode != 0:
+        sys.exit(f"bench worker failed:\n{out.stderr[-3000:]}")
+    with open(path + ".out") as f:
+        result = json.load(f)
+    return {**result, "wall_s": wall}
 
 
 def transformers_generate(base, prompts, new_tokens, batch=64):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base, padding_side="left")
@@ -66,69 +104,59 @@ def transformers_generate(base, prompts, new_tokens, batch=64):
     return time.time() - t0, tokens
 
 
-def main() -> None:
-    import tempfile
+def line(name: str, r: dict) -> str:
+    return (
+        f"{name:<16} process {r['wall_s']:6.1f}s  (imports {r['import_s']:5.1f}s, "
+        f"engine start {r['start_s']:5.1f}s, generate {r['generate_s']:5.1f}s, "
+        f"{r['new_tokens'] / r['generate_s']:5.0f} new tok/s)"
+    )
 
+
+def main() -> None:
     from tbr_ray.benchmarks import load_benchmark
     from tbr_ray.config import DataConfig, PathsConfig
-    from tbr_ray.engine import Engine, EngineSettings
     from tbr_ray.models import TINY_MODELS, build_tiny_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker:
+        with open(a.worker) as f:
+            result = worker(json.load(f))
+        with open(a.worker + ".out", "w") as f:
+            json.dump(result, f)
+        return
     base = str(build_tiny_model(TINY_MODELS["tiny-llama"], PathsConfig().resolved_cache_dir()))
     items = load_benchmark("xstest_safe", DataConfig().resolved_root(), sample_size=a.prompts)
     prompts = [it.prompt for it in items]
-    settings = EngineSettings(max_lora_rank=16)
+    spec = {"base": base, "prompts": prompts, "new_tokens": a.new_tokens, "in_process": True}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(base, a.adapters, tmp)
-        t0 = time.time()
-        shared = Engine(base, settings, adapters)
-        start_shared = time.time() - t0
-        gen_shared, tok_shared = timed_passes(shared, prompts, adapters, a.new_tokens)
-        del shared
-        per_cell_start, per_cell_gen, tok_cell = 0.0, 0.0, 0
-        for adapter in adapters:
-            t0 = time.time()
-            eng = Engine(base, settings, [adapter])
-            per_cell_start += time.time() - t0
-            g, n = timed_passes(eng, prompts, [adapter], a.new_tokens)
-            per_cell_gen, tok_cell = per_cell_gen + g, tok_cell + n
-            del eng
-        # vLLM's default on CPU (engine core and worker in two spawned processes) against the
-        # in-process engine tbr-ray uses: start-up and tokens, same adapter, same prompts.
-        t0 = time.time()
-        eng = Engine(base, replace(settings, in_process=False), adapters[:1])
-        mp_start = time.time() - t0
-        mp_tokens = [g.token_ids for g in eng.generate(prompts, a.new_tokens, adapters[0])]
-        del eng
-        t0 = time.time()
-        eng = Engine(base, settings, adapters[:1])
-        in_start = time.time() - t0
-        same = mp_tokens == [g.token_ids for g in eng.generate(prompts, a.new_tokens, adapters[0])]
-        del eng
+        shared = run_worker({**spec, "adapters": adapters}, tmp)
+        per_cell = [run_worker({**spec, "adapters": [ad]}, tmp) for ad in adapters]
+        default = run_worker({**spec, "adapters": adapters[:1], "in_process": False}, tmp)
     hf_s, hf_tok = transformers_generate(base, prompts, a.new_tokens)
-    total_shared, total_cell = start_shared + gen_shared, per_cell_start + per_cell_gen
+
+    cell_wall = sum(r["wall_s"] for r in per_cell)
+    same_tokens = [r["tokens"][0] for r in per_cell] == shared["tokens"]
+    print(f"machine: {platform.machine()}; {time.strftime('%Y-%m-%d')}")
+    print(f"{a.adapters} adapters x {len(prompts)} prompts x {a.new_tokens} new tokens, each cold")
+    print(line("shared engine", shared))
+    for i, r in enumerate(per_cell):
+        print(line(f"per-cell {i}", r))
     print(
-        f"machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads; {time.strftime('%Y-%m-%d')}"
+        f"per-cell / shared wall time: {cell_wall:.1f}s / {shared['wall_s']:.1f}s = "
+        f"{cell_wall / shared['wall_s']:.2f}x; same greedy tokens per adapter: {same_tokens}"
     )
-    print(f"{a.adapters} adapters x {len(prompts)} prompts x {a.new_tokens} new tokens")
+    print(line("vLLM default mp", default))
     print(
-        f"shared engine : start {start_shared:6.1f}s  generate {gen_shared:6.1f}s  "
-        f"total {total_shared:6.1f}s  {tok_shared / gen_shared:7.0f} new tok/s"
-    )
-    print(
-        f"engine per cell: start {per_cell_start:6.1f}s  generate {per_cell_gen:6.1f}s  "
-        f"total {total_cell:6.1f}s  {tok_cell / per_cell_gen:7.0f} new tok/s"
-    )
-    print(f"per-cell / shared wall time: {total_cell / total_shared:.2f}x")
-    print(
-        f"engine start, vLLM default (2 spawned processes): {mp_start:.1f}s; in-process: "
-        f"{in_start:.1f}s ({mp_start / in_start:.1f}x); same greedy tokens: {same}"
+        f"engine start, vLLM default (2 spawned processes) / in-process: "
+        f"{default['start_s']:.1f}s / {per_cell[0]['start_s']:.1f}s = "
+        f"{default['start_s'] / per_cell[0]['start_s']:.1f}x; same greedy tokens: "
+        f"{default['tokens'][0] == per_cell[0]['tokens'][0]}"
     )
     print(
         f"transformers batched generate (base, 1 pass): {hf_s:.1f}s, {hf_tok / hf_s:.0f} new tok/s"
