@@ -268,6 +268,30 @@ def source_rows(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
     return general, safety, report
 
 
+def reflection_request(
+    cfg: RunConfig,
+    cell: Cell,
+    model_path: str,
+    reflector_path: str | None = None,
+    reflector_id: str | None = None,
+    safety: list[dict] | None = None,
+):
+    """The reflections `cell`'s mix needs (a tbr_ray.reflect.ReflectionRequest), or None."""
+    from tbr_ray.reflect import ReflectionRequest, writer_identity
+
+    if cell.condition not in ("internal", "external") or cell.gamma <= 0:
+        return None
+    if safety is None:
+        safety = source_rows(cfg)[1]
+    writer_path = model_path if cell.condition == "internal" else (reflector_path or "")
+    writer = reflector_id or writer_identity(writer_path)
+    if cell.condition == "external" and cfg.reflection.endpoint:
+        writer = f"endpoint:{cfg.reflection.endpoint_model}"  # the model, not the URL
+    return ReflectionRequest(
+        cell.condition, writer_path, writer, tuple(s["instruction"] for s in safety)
+    )
+
+
 def build_mix(
     cfg: RunConfig,
     cell: Cell,
@@ -278,17 +302,14 @@ def build_mix(
     """Build (or find cached) the cell's tokenized mix as Parquet; returns its folder."""
     import ray
 
-    from tbr_ray.reflect import generate_reflections, writer_identity
+    from tbr_ray.reflect import generate_reflections
 
     general, safety, report = source_rows(cfg)
     reflections = None
-    if cell.condition in ("internal", "external") and cell.gamma > 0:
-        writer_path = model_path if cell.condition == "internal" else (reflector_path or "")
-        writer = reflector_id or writer_identity(writer_path)
-        if cell.condition == "external" and cfg.reflection.endpoint:
-            writer = f"endpoint:{cfg.reflection.endpoint_model}"  # the model, not the URL
+    req = reflection_request(cfg, cell, model_path, reflector_path, reflector_id, safety)
+    if req is not None:
         reflections = generate_reflections(
-            [s["instruction"] for s in safety], cfg, cell.condition, writer_path, writer
+            list(req.instructions), cfg, req.condition, req.writer_path, req.writer_id
         )
     key = mix_key(
         cfg, cell, tokenizer_fingerprint(model_path), reflections, report["source_hashes"]

@@ -333,6 +333,51 @@ class EngineStage:
         return batch.drop(columns=["_mode"])
 
 
+class ModelsStage:
+    """Ray Data callable class: generations from several models in one actor, one checked
+    engine at a time (EngineStage), rebuilt when a batch names another model.
+
+    Row columns: `model` (model folder) plus EngineStage's. Pays one process start and one
+    `import vllm` for all models: on the 2-core box the tiny grid's four reflection writers
+    took ~50 s each in their own actors. On GPUs give each model its own actor instead
+    (tbr_ray.reflect.prepare_reflections does): vLLM does not promise to hand device memory
+    back to a process that built an engine.
+    """
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        check_prompts: dict[str, list[str]],
+        max_new_tokens: int,
+        check_min_match: float,
+    ):
+        self.settings, self.check_prompts = settings, check_prompts
+        self.max_new_tokens, self.check_min_match = max_new_tokens, check_min_match
+        self.model, self.stage = None, None
+
+    def __call__(self, batch):
+        import gc
+
+        import pandas as pd
+
+        parts = []
+        for model, group in batch.groupby("model", sort=False):
+            if model != self.model:
+                self.model, self.stage = None, None
+                gc.collect()
+                self.stage = EngineStage(
+                    model,
+                    self.settings,
+                    [],
+                    self.check_prompts[model],
+                    self.max_new_tokens,
+                    self.check_min_match,
+                )
+                self.model = model
+            parts.append(self.stage(group))
+        return pd.concat(parts)
+
+
 def engine_resources(cfg) -> dict:
     """Ray resources of one EngineStage actor: a GPU on GPU clusters; half a logical CPU on
     CPU boxes (the engine's own threads do the work; a whole CPU starved Tune trials here)."""

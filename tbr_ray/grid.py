@@ -3,10 +3,13 @@
     report = run_grid(cfg, Path("runs/tiny"))       # what `tbr-ray ablate` runs
     print(format_cell_table(cfg))                   # what `tbr-ray ablate --dry-run` prints
 
-Phase 1 (Ray Tune): one trial per cell that still needs an adapter; its driver builds the
-cell's data mix (Ray Data, cached and shared between cells with the same mix) and fine-tunes
-(Ray Train + DeepSpeed). Failed trials are retried `grid.max_retries` times, then reported
-failed while the other cells go on. Phase 2 (evaluation): per base model, one vLLM engine
+Phase 0 (reflections): every reflection set the untrained cells need, written before any
+training in one Ray Data job (tbr_ray.reflect.prepare_reflections; on CPU one engine actor
+for all writers), so no trial holds training resources while a writer runs. Phase 1 (Ray
+Tune): one trial per cell that still needs an adapter; its driver builds the cell's data mix
+(Ray Data, cached and shared between cells with the same mix) and fine-tunes (Ray Train +
+DeepSpeed). Failed trials are retried `grid.max_retries` times, then reported failed while
+the other cells go on. Phase 2 (evaluation): per base model, one vLLM engine
 evaluates the base model and every new adapter of that model (tbr_ray.evaluate), so engine
 start-up is paid once per base model instead of once per cell.
 
@@ -202,20 +205,44 @@ def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
     return max(1, int((res.get("CPU", 1) - 0.1) // need))
 
 
+def untrained(cells: list[Cell], output: Path) -> list[Cell]:
+    """The cells that train (not prompting-only) and have no finished adapter yet."""
+    from tbr_ray.train import adapter_dir
+
+    return [
+        c
+        for c in cells
+        if c.condition not in PROMPTING
+        and not (adapter_dir(output, c) / "train_result.json").is_file()
+    ]
+
+
+def reflect_phase(cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path) -> None:
+    """Every reflection set the untrained cells need, generated before training in one Ray Data
+    job (on CPU one engine actor for all writers), so Tune trials find them cached. A failure
+    here is not fatal: the cells that need the set retry it in their trial and fail alone."""
+    from tbr_ray.data import reflection_request, source_rows
+    from tbr_ray.reflect import prepare_reflections
+
+    todo = untrained(cells, output)
+    if not todo:
+        return
+    reflector = paths.get(cfg.reflection.reflector) if cfg.reflection.reflector else None
+    safety = source_rows(cfg)[1]
+    requests = [reflection_request(cfg, c, paths[c.model], reflector, None, safety) for c in todo]
+    try:
+        prepare_reflections([r for r in requests if r is not None], cfg)
+    except Exception as exc:  # noqa: BLE001 - reported, then each cell retries on its own
+        print(f"reflections before training failed ({exc}); cells will retry them one by one")
+
+
 def train_phase(
     cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path, metrics: GridMetrics
 ) -> dict[str, str]:
     """Tune over cells lacking an adapter. Returns {cell_id: error} for cells that failed."""
     from ray import tune
 
-    from tbr_ray.train import adapter_dir
-
-    todo = [
-        c
-        for c in cells
-        if c.condition not in PROMPTING
-        and not (adapter_dir(output, c) / "train_result.json").is_file()
-    ]
+    todo = untrained(cells, output)
     if not todo:
         return {}
     plans = [p for p in plan_cells(cfg) if p.cell in todo]
@@ -350,6 +377,7 @@ def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> d
     metrics = GridMetrics(run_id(cfg))
     pending = [c for c in cells if not results.is_done(output, c.cell_id)]
     paths = model_paths(cfg)
+    reflect_phase(cfg, pending, paths, output)
     train_errors = train_phase(cfg, pending, paths, output, metrics)
     for cell_id, err in train_errors.items():
         results.write_status(output, cell_id, "failed", stage="train", error=err)

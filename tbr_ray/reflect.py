@@ -4,7 +4,8 @@ internal: the base model itself, 5-shot "Explain:" prompt (paper Fig. 8), in bat
 external: a stronger reflector, one-shot "revise" prompt (paper Fig. 9), either a vLLM engine
           (registry name or local path) or any OpenAI-compatible server (e.g. `vllm serve`).
 
-    reflections = generate_reflections(instructions, refusal, cfg, condition, base_model_path)
+    reflections = generate_reflections(instructions, cfg, condition, writer_path, writer_id)
+    prepare_reflections(requests, cfg)   # many sets at once, one engine actor on CPU
 
 Results are cached under <cache>/reflections/<key>.json by a content key of the prompts, the
 writer and the generation settings, so a rerun (or another cell needing the same reflections)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from tbr_ray.config import RunConfig
@@ -104,35 +106,83 @@ def reflection_cache_key(writer: str, prompts: list[str], max_new_tokens: int) -
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class ReflectionRequest:
+    """One set of reflections a cell needs: who writes them, for which instructions."""
+
+    condition: str  # "internal" | "external"
+    writer_path: str  # model folder for an engine writer; "" for an endpoint
+    writer_id: str  # stable writer name for the cache key
+    instructions: tuple[str, ...]
+
+
+def _prompts(req: ReflectionRequest, cfg: RunConfig) -> list[str]:
+    if req.condition == "internal":
+        return [internal_prompt(q) for q in req.instructions]
+    if req.condition == "external":
+        return [external_prompt(q, cfg.data.refusal) for q in req.instructions]
+    raise ValueError(f"no reflections for condition {req.condition!r}")
+
+
+def _cache_path(req: ReflectionRequest, cfg: RunConfig) -> Path:
+    key = reflection_cache_key(req.writer_id, _prompts(req, cfg), cfg.reflection.max_new_tokens)
+    return cfg.paths.resolved_cache_dir() / "reflections" / f"{key}.json"
+
+
+def _uses_endpoint(req: ReflectionRequest, cfg: RunConfig) -> bool:
+    return req.condition == "external" and bool(cfg.reflection.endpoint)
+
+
+def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> int:
+    """Generate every missing reflection set of `requests` and cache it; returns how many sets
+    were generated. Engine writers on CPU share one Ray Data actor (one process start and one
+    `import vllm` for all of them, engines built one after another); on GPUs each writer gets
+    its own actor, so every engine starts on freshly released devices."""
+    todo = {}
+    for req in requests:
+        path = _cache_path(req, cfg)
+        if not path.is_file():
+            todo.setdefault(path, req)
+    engine_jobs = {}
+    for path, req in todo.items():
+        if _uses_endpoint(req, cfg):
+            _store(path, req, _endpoint_generate(_prompts(req, cfg), cfg), cfg)
+        else:
+            engine_jobs[path] = req
+    groups = [engine_jobs] if not cfg.train.use_gpu else [{p: r} for p, r in engine_jobs.items()]
+    for group in groups:
+        if not group:
+            continue
+        raw = _engine_generate(
+            {p: (r.writer_path, _prompts(r, cfg)) for p, r in group.items()}, cfg
+        )
+        for path, req in group.items():
+            _store(path, req, raw[path], cfg)
+    return len(todo)
+
+
 def generate_reflections(
     instructions: list[str], cfg: RunConfig, condition: str, base_model_path: str, writer_id: str
 ) -> list[str]:
     """Reflections for each instruction, cached. `writer_id` names the writer stably (model
     name + build key, or endpoint model) for the cache key."""
-    refusal = cfg.data.refusal
-    if condition == "internal":
-        prompts = [internal_prompt(q) for q in instructions]
-    elif condition == "external":
-        prompts = [external_prompt(q, refusal) for q in instructions]
-    else:
-        raise ValueError(f"no reflections for condition {condition!r}")
-    key = reflection_cache_key(writer_id, prompts, cfg.reflection.max_new_tokens)
-    path = cfg.paths.resolved_cache_dir() / "reflections" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["reflections"]
-    if condition == "external" and cfg.reflection.endpoint:
-        raw = _endpoint_generate(prompts, cfg)
-    else:
-        raw = _engine_generate(prompts, cfg, base_model_path)
-    out = [clean_reflection(t, refusal) for t in raw]
+    req = ReflectionRequest(condition, base_model_path, writer_id, tuple(instructions))
+    path = _cache_path(req, cfg)
+    if not path.is_file():
+        prepare_reflections([req], cfg)
+    return json.loads(path.read_text())["reflections"]
+
+
+def _store(path: Path, req: ReflectionRequest, raw: list[str], cfg: RunConfig) -> None:
+    out = [clean_reflection(t, cfg.data.refusal) for t in raw]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(
         json.dumps(
             {
-                "writer": writer_id,
-                "condition": condition,
-                "prompts": prompts,
+                "writer": req.writer_id,
+                "condition": req.condition,
+                "prompts": _prompts(req, cfg),
                 "raw": raw,
                 "reflections": out,
             },
@@ -140,34 +190,49 @@ def generate_reflections(
         )
     )
     tmp.replace(path)
-    return out
 
 
-def _engine_generate(prompts: list[str], cfg: RunConfig, model_path: str) -> list[str]:
-    """Batch generation on Ray Data with a vLLM engine actor (checked against transformers)."""
+def _engine_generate(
+    jobs: dict[Path, tuple[str, list[str]]], cfg: RunConfig
+) -> dict[Path, list[str]]:
+    """Batch generation on Ray Data: {job: (model folder, prompts)} -> {job: completions}.
+    One actor runs every job, one checked vLLM engine per model (tbr_ray.engine.ModelsStage),
+    one Ray Data block per job so no batch mixes models."""
+    import pandas as pd
     import ray
 
-    from tbr_ray.engine import EngineStage, engine_resources, engine_settings
+    from tbr_ray.engine import ModelsStage, engine_resources, engine_settings
 
-    ds = ray.data.from_items(
-        [{"row": i, "prompt": p, "adapter": ""} for i, p in enumerate(prompts)]
+    names = {job: str(i) for i, job in enumerate(jobs)}
+    frames = [
+        pd.DataFrame(
+            {"job": names[job], "model": path, "row": range(len(prompts)), "prompt": prompts}
+        ).assign(adapter="")
+        for job, (path, prompts) in jobs.items()
+    ]
+    check = {}
+    for path, prompts in jobs.values():
+        check.setdefault(path, prompts[: cfg.eval.engine_check_prompts])
+    out = (
+        ray.data.from_pandas(frames)
+        .map_batches(
+            ModelsStage,
+            batch_size=None,  # a whole block (one job) per call
+            batch_format="pandas",
+            concurrency=1,
+            **engine_resources(cfg),
+            fn_constructor_kwargs=dict(
+                settings=engine_settings(cfg.eval, cfg.train.lora_rank),
+                check_prompts=check,
+                max_new_tokens=cfg.reflection.max_new_tokens,
+                check_min_match=cfg.eval.engine_check_min_match,
+            ),
+        )
+        .to_pandas()
     )
-    out = ds.map_batches(
-        EngineStage,
-        batch_size=cfg.reflection.batch_size,
-        batch_format="pandas",
-        concurrency=1,
-        **engine_resources(cfg),
-        fn_constructor_kwargs=dict(
-            model_path=model_path,
-            settings=engine_settings(cfg.eval, cfg.train.lora_rank),
-            adapters=[],
-            check_prompts=prompts[: cfg.eval.engine_check_prompts],
-            max_new_tokens=cfg.reflection.max_new_tokens,
-            check_min_match=cfg.eval.engine_check_min_match,
-        ),
-    ).to_pandas()
-    return list(out.sort_values("row")["completion"])
+    return {
+        job: list(out[out["job"] == names[job]].sort_values("row")["completion"]) for job in jobs
+    }
 
 
 def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:

@@ -120,3 +120,36 @@ def test_build_mix_writes_parquet_with_asked_sizes(ray_local, tiny_llama):
     assert build_mix(cfg, cell, tiny_llama) == mix  # cached: same key, nothing rebuilt
     general, safety, rep = source_rows(cfg)
     assert len(general) == 24 and len(safety) == 8 and rep["n_skipped"] == 0
+
+
+def test_reflections_of_two_writers_come_from_one_engine_actor(
+    ray_local, tiny_llama, tiny_falcon, tmp_path
+):
+    """The grid's pre-training pass: internal (tiny-llama) and external (tiny-falcon) sets in
+    one Ray Data job; each set is its writer's own greedy text (transformers agrees on the
+    first prompt), cached, and found by the per-cell path without generating again."""
+    from transformers import AutoTokenizer
+
+    from tbr_ray.engine import reference_greedy
+    from tbr_ray.reflect import ReflectionRequest, generate_reflections, prepare_reflections
+
+    cfg = small_config(f"paths.cache_dir={tmp_path}", "data.n_safety=3")
+    asks = ("How do I pick a lock?", "How can I hurt someone?", "How do I make a bomb?")
+    internal = ReflectionRequest("internal", tiny_llama, "llama", asks)
+    external = ReflectionRequest("external", tiny_falcon, "falcon", asks)
+    assert prepare_reflections([internal, external, internal], cfg) == 2
+    assert prepare_reflections([internal, external], cfg) == 0  # all cached
+    files = sorted((tmp_path / "reflections").glob("*.json"))
+    assert len(files) == 2
+    sets = {json.loads(f.read_text())["writer"]: json.loads(f.read_text()) for f in files}
+    n = cfg.reflection.max_new_tokens
+    for req in (internal, external):
+        got = sets[req.writer_id]
+        assert len(got["raw"]) == 3 and got["condition"] == req.condition
+        ref = reference_greedy(req.writer_path, got["prompts"][:1], n, [None])[None][0]
+        want = AutoTokenizer.from_pretrained(req.writer_path).decode(ref, skip_special_tokens=True)
+        assert got["raw"][0].strip() == want.strip()
+        assert (
+            generate_reflections(list(asks), cfg, req.condition, req.writer_path, req.writer_id)
+            == got["reflections"]
+        )
