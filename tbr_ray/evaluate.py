@@ -135,7 +135,6 @@ def _run_engine(
             adapters=adapters,
             check_prompts=check or [rows[0]["prompt"]],
             max_new_tokens=max_new_tokens,
-            check_min_match=cfg.eval.engine_check_min_match,
             merged_from=merged_from,
         ),
     ).to_pandas()

@@ -225,7 +225,6 @@ def _engine_generate(
                 settings=engine_settings(cfg.eval, cfg.train.lora_rank),
                 check_prompts=check,
                 max_new_tokens=cfg.reflection.max_new_tokens,
-                check_min_match=cfg.eval.engine_check_min_match,
             ),
         )
         .to_pandas()

@@ -3,8 +3,9 @@
     adapter_dir = run_training(cfg, cell, model_path, mix_dir, output_dir)
     tbr-ray train --config jobs/tiny.yaml --output runs/x     # one cell, from the shell
 
-gloo + fp32 on CPU, NCCL + bf16 on GPU. Workers read the tokenized mix from Parquet shards
-(Ray Data), report loss and tokens/s, and checkpoint the LoRA adapter (safetensors) plus the
+gloo + fp32 on CPU, NCCL + bf16 on GPU. The tokenized mix (Parquet shards written by Ray Data)
+reaches the workers as one Arrow table in the object store; each takes every world-th row.
+Workers report loss and tokens/s, and checkpoint the LoRA adapter (safetensors) plus the
 resolved config and step counter. Rerunning with the same output resumes from the latest
 checkpoint (Ray Train restores a run by name + storage path); `FailureConfig` restarts a dead
 worker group. The finished adapter is copied to <output>/adapters/<cell_id>/ with
@@ -153,11 +154,10 @@ def train_loop_per_worker(config: dict) -> None:
     clock["deepspeed_init_s"] = time.time() - t
     pad_id = AutoTokenizer.from_pretrained(config["model_path"]).pad_token_id or 0
     config = {**config, "worker_nodes": _worker_nodes(world)}
-    shard = ray.train.get_dataset_shard("train")
     total = config["total_steps"]
     step, t0, tokens = state["step"], time.time(), 0
     t = time.time()
-    rows = _shard_rows(shard)
+    rows = _worker_rows(ray.get(config["mix"]), ray.train.get_context().get_world_rank(), world)
     clock["data_s"] = time.time() - t
     clock["checkpoint_s"] = 0.0
     config["clock"] = clock
@@ -202,14 +202,11 @@ def train_loop_per_worker(config: dict) -> None:
         _report(engine, model, config, loss, step, epoch + 1, 0, tokens * world, t0, frozen_before)
 
 
-def _shard_rows(shard) -> list[dict]:
-    """This worker's rows, read once. A LoRA mix is small (thousands of rows), and re-running
-    the Ray Data split every epoch cost ~10 s an epoch on CPU, more than the training."""
-    return [
-        {"input_ids": list(b["input_ids"][i]), "labels": list(b["labels"][i])}
-        for b in shard.iter_batches(batch_size=256, batch_format="numpy")
-        for i in range(len(b["input_ids"]))
-    ]
+def _worker_rows(table, rank: int, world: int) -> list[dict]:
+    """This worker's rows of the mix: every world-th row from `rank`, so the workers split it
+    evenly and the same way on a rerun (a resumed epoch skips the same micro-batches)."""
+    ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(rank, table.num_rows, world)]
 
 
 def _epoch_batches(rows: list[dict], micro: int, pad_id: int, seed: int):
@@ -297,12 +294,11 @@ def run_training(
     if (done / "train_result.json").is_file():
         return done
     workers, zero = resolved_train_settings(cfg, cell.model)
-    # The mix is small (thousands of rows): read it here and hand Ray Data an in-memory table.
-    # read_parquet's ListFiles task asks for a whole CPU, which never frees up next to the
-    # workers and the Tune trial on a 2-CPU box (seen here: a silent hang).
-    ds = ray.data.from_arrow(
-        pq.read_table(Path(mix_dir) / "shards", columns=["input_ids", "labels"])
-    )
+    # The mix Ray Data wrote is small (2,000 rows at the paper's scale): it travels to the
+    # workers as one Arrow table in the object store (any node), each worker taking its rows.
+    # Feeding it through Ray Train's dataset ingest instead started a split-coordinator actor
+    # and a streaming executor per cell: 6-9 s a cell on the 2-core box (docs/BENCHMARKS.md).
+    mix = ray.put(pq.read_table(Path(mix_dir) / "shards", columns=["input_ids", "labels"]))
     n_rows = json.loads((Path(mix_dir) / "report.json").read_text())["n_rows"]
     loop_config = {
         "run": cfg.model_dump(mode="json"),
@@ -311,11 +307,11 @@ def run_training(
         "seed": cell.seed,
         "zero_stage": zero,
         "total_steps": total_steps(cfg, n_rows, workers),
+        "mix": mix,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        datasets={"train": ds},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=workers,

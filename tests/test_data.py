@@ -146,7 +146,7 @@ def test_reflections_of_two_writers_come_from_one_engine_actor(
     for req in (internal, external):
         got = sets[req.writer_id]
         assert len(got["raw"]) == 3 and got["condition"] == req.condition
-        ref = reference_greedy(req.writer_path, got["prompts"][:1], n, [None])[None][0]
+        ref = reference_greedy(req.writer_path, got["prompts"][:1], n, [None])[None][0].tokens
         want = AutoTokenizer.from_pretrained(req.writer_path).decode(ref, skip_special_tokens=True)
         assert got["raw"][0].strip() == want.strip()
         assert (

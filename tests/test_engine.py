@@ -10,6 +10,8 @@ from tbr_ray.engine import (
     Engine,
     EngineMismatchError,
     EngineSettings,
+    Reference,
+    agreement,
     check_engine,
     reference_greedy,
 )
@@ -66,6 +68,31 @@ def test_a_wrong_reference_is_caught(engine, tiny_llama, adapter):
     # Pretend the base-model reference belongs to the adapter: a mis-applied adapter.
     with pytest.raises(EngineMismatchError, match="match transformers on 0/2"):
         check_engine(engine, PROMPTS[:2], {adapter: ref[None]}, 16, min_match=1.0)
+
+
+def test_a_near_tie_is_told_from_a_mismatch():
+    """The first differing token decides: within tie_tol nats of transformers' own pick it is
+    a rounding tie; further off, or not among transformers' top alternatives, a mismatch."""
+    top = ((5, -0.70), (9, -0.704), (3, -2.5))
+    ref = Reference(tokens=(1, 5, 6), top=(((1, -0.1),), top, ((6, -0.2),)))
+    eos = 2
+    assert agreement((1, 5, 6), ref, eos, tie_tol=0.01) == ("same", 0.0)
+    assert agreement((1, 5, 6, 2), ref, eos, tie_tol=0.0)[0] == "same"  # a trailing EOS only
+    verdict, gap = agreement((1, 9, 4, 4), ref, eos, tie_tol=0.01)
+    assert verdict == "tie" and math.isclose(gap, 0.004)
+    assert agreement((1, 9, 4, 4), ref, eos, tie_tol=0.001)[0] == "differ"
+    assert agreement((1, 3, 6), ref, eos, tie_tol=0.01)[0] == "differ"  # 1.8 nats apart
+    assert agreement((1, 7, 6), ref, eos, tie_tol=10.0) == ("differ", math.inf)  # not in top 3
+    assert agreement((1,), ref, eos, tie_tol=10.0) == ("differ", math.inf)  # stopped, no EOS
+
+
+def test_reference_steps_rank_the_greedy_token_first(tiny_llama):
+    (ref,) = reference_greedy(tiny_llama, PROMPTS[:1], 8, [None])[None]
+    assert len(ref.top) == len(ref.tokens) == 8
+    for token, alternatives in zip(ref.tokens, ref.top, strict=True):
+        assert alternatives[0][0] == token
+        logps = [lp for _, lp in alternatives]
+        assert logps == sorted(logps, reverse=True)
 
 
 def test_choice_logprobs_agree_with_transformers(engine, tiny_llama, adapter):

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from tbr_ray.config import Cell
 from tbr_ray.data import build_mix
-from tbr_ray.train import deepspeed_config, pad_collate, run_training, total_steps
+from tbr_ray.train import _worker_rows, deepspeed_config, pad_collate, run_training, total_steps
 
 from .conftest import small_config
 
@@ -25,6 +25,16 @@ def test_pad_collate_masks_padding():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_workers_split_the_mix_evenly_and_the_same_way_every_time():
+    import pyarrow as pa
+
+    table = pa.table({"input_ids": [[i, i] for i in range(7)], "labels": [[i] for i in range(7)]})
+    parts = [_worker_rows(table, rank, 2) for rank in range(2)]
+    assert [len(p) for p in parts] == [4, 3]
+    assert sorted(r["labels"][0] for p in parts for r in p) == list(range(7))  # each row once
+    assert parts[1] == _worker_rows(table, 1, 2)
 
 
 def test_two_worker_zero2_lora_run(ray_local, tiny_llama, tmp_path):
