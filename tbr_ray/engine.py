@@ -9,7 +9,9 @@
 
 Two rules guard against silent wrong results (STACK.md): every `generate` call carries one
 adapter or none, never a mix (vLLM returned wrong base tokens in mixed batches), and every
-engine is compared, token for token, with transformers' greedy decoding before it is trusted.
+engine is compared, token for token, with transformers' greedy decoding before it is trusted
+(`agreement`: a prompt may part from transformers only at a near-tie, where transformers ranks
+vLLM's token within `check_tie_tol` nats of its own pick; fp32 kernels round ~1e-3 apart).
 The transformers reference is computed *before* the engine starts, so both never hold memory
 at once. Architectures vLLM cannot serve LoRA for (Falcon) get the adapter merged into a copy
 of the base model and an engine without LoRA (`merge_adapter`).
