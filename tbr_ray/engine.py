@@ -5,7 +5,7 @@
     engine.generate(prompts, max_new_tokens, adapter=None)                  # base-only pass
     engine.generate(prompts, max_new_tokens, adapter="/path/adapter")      # one adapter per pass
     engine.choice_logprobs(prompt, [" A", " B"], adapter)                 # log-likelihood scoring
-    check_engine(engine, ref)  # raises EngineMismatchError below the configured match share
+    check_engine(engine, prompts, ref, 16, min_match=1.0, tie_tol=0.01)  # or EngineMismatchError
 
 Two rules guard against silent wrong results (STACK.md): every `generate` call carries one
 adapter or none, never a mix (vLLM returned wrong base tokens in mixed batches), and every
