@@ -277,9 +277,8 @@ def check_engine(
     for adapter, ref in reference.items():
         got = engine.generate(prompts, max_new_tokens, adapter=adapter)
         found = [agreement(g.token_ids, r, eos, tie_tol) for g, r in zip(got, ref, strict=True)]
-        verdicts = [v for v, _ in found]
-        ok = sum(v != "differ" for v in verdicts)
-        shares[adapter or "base"] = ok / len(verdicts)
+        ok = sum(v != "differ" for v, _ in found)
+        share = shares[adapter or "base"] = ok / len(found)
         ties = [gap for v, gap in found if v == "tie"]
         if ties:
             print(
@@ -287,9 +286,9 @@ def check_engine(
                 f"{adapter or 'the base model'} of {engine.model_path} part from transformers "
                 f"at a near-tie ({max(ties):.2g} nats <= {tie_tol}); counted as agreeing"
             )
-        if ok / len(verdicts) < min_match:
+        if share < min_match:
             raise EngineMismatchError(
-                f"vLLM greedy tokens match transformers on {ok}/{len(verdicts)} check prompts "
+                f"vLLM greedy tokens match transformers on {ok}/{len(found)} check prompts "
                 f"for {adapter or 'the base model'} of {engine.model_path} (need "
                 f"{min_match:.0%}; a first differing token within {tie_tol} nats of "
                 f"transformers' pick counts as a tie). Results from this engine would be wrong; "
