@@ -30,6 +30,9 @@ ALL_CONDITIONS = CONDITIONS + PROMPTING
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fields that say *where* things are, not *what* is computed: kept out of the config hash.
 _LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
+# Sections that say *on what* a run executes, not *what* it computes: kept out of the hash, so
+# the same grid resumes on a cluster of another shape.
+_PLACEMENT_SECTIONS = {"cluster"}
 
 PAPER_REFUSAL = (
     "I'm sorry, but I cannot fulfill that request. As an AI language model, it is not in my "
@@ -311,6 +314,28 @@ class PathsConfig(_Strict):
         return REPO_ROOT / ".cache"
 
 
+class ClusterConfig(_Strict):
+    """The GPU cluster a run is planned for and placed on (tbr_ray.plan). Not hashed: the same
+    grid may run, or resume, on a cluster of another shape."""
+
+    gpus: int | None = Field(
+        None,
+        ge=1,
+        description="GPUs to plan for (`--gpus`); None: the running Ray cluster's GPUs.",
+    )
+    gpu_memory_gib: float = Field(
+        80.0, gt=0, description="Memory of one GPU (GiB; `--gpu-memory`): 80 for A100/H100-80GB."
+    )
+    gpus_per_node: int = Field(
+        8, ge=1, description="GPUs per node: no engine or training cell may span more."
+    )
+    engine_gpus: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per model (registry name or path): GPUs (tensor parallel size) of its "
+        "vLLM engines, overriding the planner's choice from weights and KV cache.",
+    )
+
+
 @dataclass(frozen=True, order=True)
 class Cell:
     """One ablation cell: one base model, one reflection condition, one gamma, one seed."""
@@ -336,6 +361,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     grid: GridConfig
     paths: PathsConfig = PathsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:
@@ -384,6 +410,8 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for section, key in _LOCATION_FIELDS:
             d[section].pop(key, None)
+        for section in _PLACEMENT_SECTIONS:
+            d.pop(section, None)
         return d
 
     def config_hash(self) -> str:
