@@ -1,7 +1,7 @@
 """`tbr-ray`: the command line.
 
     tbr-ray ablate --config jobs/tiny.yaml --output runs/tiny      # the whole grid (resumable)
-    tbr-ray ablate --config jobs/paper.yaml --dry-run               # cells, resources, GPU-hours
+    tbr-ray ablate --config jobs/paper.yaml --dry-run --gpus 8      # the plan: fit, makespan
     tbr-ray cell   --config jobs/tiny.yaml --output runs/one        # one cell end to end
     tbr-ray data|train|eval --config ... --output ...               # one stage of one cell
     tbr-ray report runs/tiny --output runs/tiny/report              # tables, stats, plots
@@ -106,15 +106,26 @@ def ablate(
     sets: list[str] = SetOpt,
     output: Path = OutputOpt,
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the cell table and a GPU-hour estimate; train nothing."
+        False,
+        "--dry-run",
+        help="Plan, train nothing: per cell GPUs, ZeRO, memory fit, steps; per base model "
+        "engine GPUs; GPU-hours and makespan (tbr_ray.plan). Exit 2 if it cannot fit.",
+    ),
+    gpus: int | None = typer.Option(
+        None, "--gpus", min=1, help="GPUs of the cluster (cluster.gpus); default: Ray's."
+    ),
+    gpu_memory: float | None = typer.Option(
+        None, "--gpu-memory", min=1, help="GiB of one GPU (cluster.gpu_memory_gib)."
     ),
 ) -> None:
     """Run (or resume) the grid: models x conditions x gammas x seeds."""
-    from tbr_ray.grid import format_cell_table, run_grid, summarize, wall_clock
+    from tbr_ray.grid import run_grid, summarize, wall_clock
 
+    sets = list(sets) + [f"cluster.gpus={gpus}"] * bool(gpus)
+    sets += [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
     cfg = _config(config, sets)
     if dry_run:
-        typer.echo(format_cell_table(cfg))
+        _dry_run(cfg, gpus)
         return
     _check_data(cfg)
     t0 = time.time()
@@ -134,6 +145,33 @@ def ablate(
         )
     if failed:
         raise typer.Exit(1)
+
+
+def _dry_run(cfg: RunConfig, gpus: int | None) -> None:
+    from tbr_ray.plan import PlanError, format_plan, plan_grid
+
+    try:
+        plan = plan_grid(cfg, gpus or _cluster_devices(cfg))
+    except PlanError as exc:
+        _fail(str(exc))
+    typer.echo(format_plan(plan))
+    if plan.problems:
+        raise typer.Exit(2)
+
+
+def _cluster_devices(cfg: RunConfig) -> int | None:
+    """Devices to plan for without --gpus: the Ray cluster's (only when RAY_ADDRESS names one,
+    as `ray job submit` does: never a stray local instance), else cluster.gpus; CPU runs: the
+    cluster's CPUs, else this machine's cores."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+        res = ray.cluster_resources()
+        return int(res.get("GPU" if cfg.train.use_gpu else "CPU", 0)) or None
+    return cfg.cluster.gpus if cfg.train.use_gpu else os.cpu_count()
 
 
 @app.command()

@@ -27,8 +27,23 @@ def test_config_error_is_one_readable_message(tmp_path):
 
 
 def test_dry_run_prints_cells_and_gpu_hours():
-    out = runner.invoke(app, ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run"])
-    assert out.exit_code == 0 and "45 cells; estimated" in out.output
+    """Without a cluster size the plan still sizes every cell and engine (the before-stop hook
+    runs this); with --gpus it adds GPU-hours and the makespan."""
+    paper = ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run"]
+    out = runner.invoke(app, paper)
+    assert out.exit_code == 0 and "45 cells" in out.output and "Fix: pass --gpus" in out.output
+    out = runner.invoke(app, [*paper, "--gpus", "8", "--gpu-memory", "80"])
+    assert out.exit_code == 0 and "REFUSED" not in out.output
+    assert "GPU-hours; makespan" in out.output and "on 8 GPUs" in out.output
+
+
+def test_dry_run_on_one_gpu_refuses_the_large_models_by_name():
+    out = runner.invoke(
+        app, ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run", "--gpus", "1"]
+    )
+    assert out.exit_code == 2 and "REFUSED" in out.output
+    named = "falcon-40b, llama-2-70b, llama-3-70b, llama-3.1-70b"
+    assert f"models that cannot run here: {named}\n" in out.output
 
 
 def test_unknown_model_is_named_with_the_fix():
