@@ -617,9 +617,14 @@ def format_plan(plan: GridPlan) -> str:
         return "\n".join(lines)
     busy = plan.device_hours / (plan.capacity * plan.makespan_s / 3600)
     unit = "GPU" if plan.device == "GPU" else "core"
+    hours = {
+        k: sum(s.job.devices * s.job.seconds for s in plan.slots if s.job.kind == k)
+        for k in PRIORITY
+    }
+    split = ", ".join(f"{kind} {h / 3600:.1f}" for kind, h in hours.items())
     lines.append(
-        f"estimated {plan.device_hours:.1f} {unit}-hours; makespan {_hms(plan.makespan_s)} on "
-        f"{plan.capacity} {plan.device}s ({busy:.0%} busy; cost model tbr_ray.plan."
-        f"{'GPU' if plan.device == 'GPU' else 'CPU'}_COST)"
+        f"estimated {plan.device_hours:.1f} {unit}-hours ({split}); makespan "
+        f"{_hms(plan.makespan_s)} on {plan.capacity} {plan.device}s ({busy:.0%} busy; cost "
+        f"model tbr_ray.plan.{'GPU' if plan.device == 'GPU' else 'CPU'}_COST)"
     )
     return "\n".join(lines)
