@@ -34,7 +34,9 @@ def test_dry_run_prints_cells_and_gpu_hours():
     assert out.exit_code == 0 and "45 cells" in out.output and "Fix: pass --gpus" in out.output
     out = runner.invoke(app, [*paper, "--gpus", "8", "--gpu-memory", "80"])
     assert out.exit_code == 0 and "REFUSED" not in out.output
-    assert "GPU-hours; makespan" in out.output and "on 8 GPUs" in out.output
+    assert (
+        "GPU-hours (write" in out.output and "makespan" in out.output and "on 8 GPUs" in out.output
+    )
 
 
 def test_dry_run_on_one_gpu_refuses_the_large_models_by_name():
