@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tbr_ray.config import RunConfig
 from tbr_ray.models import model_shape
-from tbr_ray.plan.sizing import BF16, lora_params, model_params
+from tbr_ray.plan.sizing import BF16, known_shape, lora_params, model_params
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,27 @@ def train_flops_per_token(model: str, rank: int, seq: int) -> float:
     return 4 * model_params(model) + 6 * lora_params(model, rank) + 12 * s.layers * s.hidden * seq
 
 
+# A model the registry has no shape for (a hub-id judge or reflector): WildGuard and Llama
+# Guard 3 are 7-8B, so 7.5B parameters, attention left out.
+UNKNOWN_PARAMS = 7.5e9
+
+
+def _params(model: str) -> float:
+    return model_params(model) if known_shape(model) else UNKNOWN_PARAMS
+
+
 def _infer_flops(model: str, context: int) -> float:
     """FLOPs per token through the engine: 2N plus attention over `context` tokens."""
-    s = model_shape(model)
-    return 2 * model_params(model) + 4 * s.layers * s.hidden * context
+    s = known_shape(model)
+    return 2 * _params(model) + (4 * s.layers * s.hidden * context if s else 0)
 
 
 def load_s(cost: CostModel, model: str) -> float:
-    return model_params(model) * BF16 / cost.load_bytes_per_s
+    return _params(model) * BF16 / cost.load_bytes_per_s
 
 
 def _bench_sizes(cfg: RunConfig) -> list[tuple[str, int, int]]:
-    """(mode, prompts, prompt tokens) per benchmark of one evaluation pass."""
+    """(kind, mode, prompts, prompt tokens) per benchmark of one evaluation pass."""
     from tbr_ray.benchmarks import BENCHMARKS
 
     out = []
@@ -100,7 +109,7 @@ def _bench_sizes(cfg: RunConfig) -> list[tuple[str, int, int]]:
         n = min(size, cfg.eval.sample_size or size)
         shots = cfg.eval.shots.get(name, spec.default_shots)
         ptok = (PROMPT_TOKENS if spec.mode == "generate" else SHOT_TOKENS) + shots * SHOT_TOKENS
-        out.append((spec.mode, n, ptok))
+        out.append((spec.kind, spec.mode, n, ptok))
     return out
 
 
@@ -110,7 +119,7 @@ def engine_pass_s(cfg: RunConfig, cost: CostModel, model: str, devices: int) -> 
     bound: answers that stop early take less), choice benchmarks scored by prefill alone."""
     peak, new = devices * cost.peak_flops, cfg.eval.max_new_tokens
     seconds = 0.0
-    for mode, n, ptok in _bench_sizes(cfg):
+    for _, mode, n, ptok in _bench_sizes(cfg):
         seconds += n * ptok * _infer_flops(model, ptok) / (peak * cost.prefill_mfu)
         if mode == "generate":
             seconds += n * new * _infer_flops(model, ptok + new // 2) / (peak * cost.decode_mfu)
@@ -118,20 +127,19 @@ def engine_pass_s(cfg: RunConfig, cost: CostModel, model: str, devices: int) -> 
 
 
 def judge_s(cfg: RunConfig, cost: CostModel, devices: int, passes: int) -> float:
-    """The model judge reads every refusal/safety generation once (a 7-8B judge assumed:
-    WildGuard, Llama Guard 3-8B), with its own engine start."""
-    if "model" not in cfg.eval.judges:
+    """The model judge reads every refusal/safety generation once (prompt, answer and its
+    instructions, prefill), with its own engine start."""
+    if "model" not in cfg.eval.judges or not cfg.eval.judge_model:
         return 0.0
-    n = sum(n for mode, n, _ in _bench_sizes(cfg) if mode == "generate") * passes
-    tokens = n * (PROMPT_TOKENS * 2 + cfg.eval.max_new_tokens)
+    judge = cfg.eval.judge_model
+    n = sum(n for kind, _, n, _ in _bench_sizes(cfg) if kind != "general") * passes
+    context = PROMPT_TOKENS * 2 + cfg.eval.max_new_tokens
+    work = n * context * _infer_flops(judge, context)
     return (
         cost.engine_start_s
-        + 16e9 / cost.load_bytes_per_s
-        + tokens * 2 * JUDGE_PARAMS / (devices * cost.peak_flops * cost.prefill_mfu)
+        + load_s(cost, judge)
+        + work / (devices * cost.peak_flops * cost.prefill_mfu)
     )
-
-
-JUDGE_PARAMS = 7.5e9
 
 
 def writer_s(cfg: RunConfig, cost: CostModel, writer: str, devices: int) -> float:

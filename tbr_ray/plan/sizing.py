@@ -61,7 +61,7 @@ def model_params(model: str) -> float:
     return float(shape_params(shape)) if shape else 0.0
 
 
-def _known_shape(model: str):
+def known_shape(model: str):
     try:
         return model_shape(model)
     except UnknownModelError:  # a hub id (judge, reflector) the registry does not describe
@@ -97,7 +97,7 @@ def engine_layout(cfg: RunConfig, model: str) -> EngineLayout:
     c = cfg.cluster
     budget = cfg.eval.gpu_memory_utilization * c.gpu_memory_gib
     override = c.engine_gpus.get(model)
-    if _known_shape(model) is None:  # no shape to size by: one GPU unless the config says
+    if known_shape(model) is None:  # no shape to size by: one GPU unless the config says
         return EngineLayout(model, override or 1, float("nan"), budget)
     if override is not None:
         need = engine_gib_per_gpu(cfg, model, override)
