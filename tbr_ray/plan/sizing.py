@@ -13,10 +13,10 @@ GIB = 2**30
 SIZES = (1, 2, 4, 8)  # GPU counts tried, smallest first (tensor parallel needs a power of two)
 BF16 = 2  # bytes per weight, activation and KV entry on GPUs
 # vLLM beyond weights and KV cache, per GPU: activation peak of its profiling run, CUDA graphs,
-# LoRA slots (measured by vLLM's own start-up log at 2-4 GiB on 7-70B models; upper end taken).
+# LoRA slots. Assumed, not measured here (no GPU): a generous figure for 7-70B models.
 ENGINE_OVERHEAD_GIB = 4.0
 # Training beyond weights, LoRA state and activations, per GPU: CUDA context, NCCL buffers,
-# allocator fragmentation.
+# allocator fragmentation. Assumed; bench/gpu_lora_mfu.py prints the peak to check it against.
 TRAIN_OVERHEAD_GIB = 3.0
 # Bytes per trainable (LoRA) parameter: bf16 weight and gradient, fp32 master copy, Adam m and v.
 LORA_STATE_BYTES = 16
