@@ -73,3 +73,11 @@ def test_judge_score_prints_agreement_and_confusion():
     assert "0.9" in out.output and "full_refusal" in out.output
     out = runner.invoke(app, ["judge-score", "--judge", "nope", "--labels", "x.csv"])
     assert out.exit_code == 2 and "unknown judge" in out.output
+
+
+def test_dry_run_of_a_cpu_grid_plans_on_this_machines_cores():
+    import os
+
+    out = runner.invoke(app, ["ablate", "--config", str(REPO / "jobs/tiny.yaml"), "--dry-run"])
+    assert out.exit_code == 0 and "9 cells; 9 trained" in out.output
+    assert "makespan" in out.output and f"on {os.cpu_count()} CPU cores" in out.output
