@@ -10,7 +10,9 @@ LoRA model (tbr_ray.train._build_model), AdamW and gradient clipping 1.0, on 2 t
 Ray Train runs 1 worker holding both CPUs; the bare loop calls torch.set_num_threads(2).
 tokens/s on both sides is tbr_ray.train's figure: real (unpadded) tokens over the wall time from
 the first step to the last, start-up (process/worker start, imports, model build, DeepSpeed or
-optimizer init) counted apart. Target: Ray Train + DeepSpeed >= 0.9x the bare loop.
+optimizer init) counted apart. Target: Ray Train + DeepSpeed >= 0.9x the bare loop. A third
+run, the bare loop with tbr_ray.train's DeepSpeed engine (world size 1, no Ray), splits a gap
+between DeepSpeed and Ray Train.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def ray_side(cfg, model_path: str, mix: Path, out: Path) -> dict:
     return info
 
 
-def bare_side(cfg, model_path: str, mix: Path, steps: int) -> dict:
-    """The same steps in this process: no Ray, no DeepSpeed."""
+def bare_side(cfg, model_path: str, mix: Path, steps: int, deepspeed: bool = False) -> dict:
+    """The same steps in this process: no Ray; no DeepSpeed either unless `deepspeed` (then
+    tbr_ray.train's DeepSpeed config at world size 1, to tell its cost from Ray Train's)."""
     t0 = time.time()
     import pyarrow.parquet as pq
     import torch
@@ -68,6 +71,9 @@ def bare_side(cfg, model_path: str, mix: Path, steps: int) -> dict:
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate)
+    step_fn = _plain_step(model, opt, trainable)
+    if deepspeed:
+        step_fn = _deepspeed_step(cfg, model, opt)
     pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
     table = pq.read_table(mix / "shards", columns=["input_ids", "labels"])
     rows = _worker_rows(table, 0, 1)
@@ -76,11 +82,7 @@ def bare_side(cfg, model_path: str, mix: Path, steps: int) -> dict:
     for epoch in range(cfg.train.epochs):
         seed = cell.seed * 1000 + epoch
         for batch in _epoch_batches(rows, cfg.train.micro_batch_size, pad_id, seed=seed):
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = step_fn(batch)
             tokens += int(batch["attention_mask"].sum())
             step += 1
             if step >= steps:
@@ -94,6 +96,43 @@ def bare_side(cfg, model_path: str, mix: Path, steps: int) -> dict:
                     "loop_s": round(elapsed, 2),
                 }
     raise SystemExit("the mix ran out before --steps: raise train.epochs in config()")
+
+
+def _plain_step(model, opt, trainable):
+    import torch
+
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _deepspeed_step(cfg, model, opt):
+    import deepspeed
+
+    from tbr_ray.train import deepspeed_config, resolved_train_settings
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29547").items():  # fmt: skip
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="gloo")
+    zero = resolved_train_settings(cfg, cfg.cells()[0].model)[1]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=deepspeed_config(cfg, zero, 1)
+    )
+
+    def step(batch):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    return step
 
 
 def main() -> None:
@@ -117,14 +156,23 @@ def main() -> None:
     ray_info = ray_side(cfg, model_path, mix, args.output)
     ray.shutdown()
     bare = bare_side(cfg, model_path, mix, args.steps)
+    ds = bare_side(cfg, model_path, mix, args.steps, deepspeed=True)
     ratio = ray_info["train_tokens_per_s"] / bare["train_tokens_per_s"]
     print(f"{'':28} {'tokens/s':>9} {'start-up s':>10}  (steps {args.steps}, {args.model})")
     ray_start = sum(ray_info[k] for k in ("startup_s", "import_s", "model_s", "deepspeed_init_s"))
     print(f"{'Ray Train + DeepSpeed':28} {ray_info['train_tokens_per_s']:9.0f} {ray_start:10.1f}")
     print(f"{'bare PEFT loop':28} {bare['train_tokens_per_s']:9.0f} {bare['startup_s']:10.1f}")
-    print(f"ratio {ratio:.2f}x (target >= 0.9x)")
+    print(
+        f"{'same + DeepSpeed, no Ray':28} {ds['train_tokens_per_s']:9.0f} {ds['startup_s']:10.1f}"
+    )
+    print(
+        f"ratio {ratio:.2f}x (target >= 0.9x); DeepSpeed alone "
+        f"{ds['train_tokens_per_s'] / bare['train_tokens_per_s']:.2f}x, Ray Train over it "
+        f"{ray_info['train_tokens_per_s'] / ds['train_tokens_per_s']:.2f}x"
+    )
     keys = ("startup_s", "import_s", "model_s", "deepspeed_init_s", "data_s", "train_seconds")
-    print(json.dumps({"ray": {k: ray_info.get(k) for k in keys}, "bare": bare, "ratio": ratio}))
+    ray_part = {k: ray_info.get(k) for k in keys}
+    print(json.dumps({"ray": ray_part, "bare": bare, "deepspeed": ds, "ratio": ratio}))
     sys.stdout.flush()
     os._exit(0)  # Ray's atexit hooks can hang a finished benchmark on a busy box
 
