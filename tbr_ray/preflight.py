@@ -53,7 +53,9 @@ def _attempt(field: str, check: Callable[[], object]) -> list[str]:
     """Run a real loader; its error (which names the file and the fix) becomes one line."""
     try:
         check()
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSON errors are ValueErrors
+    except UnicodeDecodeError as exc:
+        return [f"{field}: {exc}. Fix: save the file as UTF-8."]
+    except (OSError, ValueError) as exc:  # JSON errors are ValueErrors too
         return [f"{field}: {exc}".replace("\n", " ")]
     return []
 
