@@ -49,7 +49,7 @@ def read_holder(output: Path) -> dict | None:
     path = Path(output) / LOCK_NAME
     if not path.is_file():
         return None
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDONLY)  # flock needs no write access: status works read-only
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

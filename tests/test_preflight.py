@@ -328,3 +328,18 @@ def test_data_copy_helper_really_drops_the_file(tmp_path):
     root = Path(_data_copy(tmp_path, "xstest"))
     assert not (root / "xstest").exists() and (root / "advbench").exists()
     shutil.rmtree(root)
+
+
+def test_unset_endpoint_key_is_an_error_not_an_empty_key(monkeypatch):
+    from tbr_ray.config import ConfigError
+    from tbr_ray.reflect import endpoint_key
+
+    endpoint = ["reflection.endpoint=http://127.0.0.1:9/v1", "reflection.endpoint_model=m"]
+    monkeypatch.delenv("TBR_REFLECTOR_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="TBR_REFLECTOR_API_KEY.*not set"):
+        endpoint_key(small_config(*endpoint))
+    assert endpoint_key(small_config(*endpoint, "reflection.endpoint_keyless=true")) == "EMPTY"
+    monkeypatch.setenv("TBR_REFLECTOR_API_KEY", "k")
+    assert endpoint_key(small_config(*endpoint)) == "k"
+    keyless = small_config(*endpoint, "reflection.endpoint_keyless=true")
+    assert keyless.config_hash() == small_config(*endpoint).config_hash()  # access, not results
