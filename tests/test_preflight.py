@@ -343,3 +343,16 @@ def test_unset_endpoint_key_is_an_error_not_an_empty_key(monkeypatch):
     assert endpoint_key(small_config(*endpoint)) == "k"
     keyless = small_config(*endpoint, "reflection.endpoint_keyless=true")
     assert keyless.config_hash() == small_config(*endpoint).config_hash()  # access, not results
+
+
+def test_ray_job_detection_uses_the_variable_rays_job_supervisor_sets(monkeypatch):
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY
+
+    from tbr_ray.preflight import RAY_JOB_ENV, ray_job_id
+
+    assert RAY_JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR and JOB_ID_METADATA_KEY == "job_submission_id"
+    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
+    assert ray_job_id() is None
+    _in_ray_job(monkeypatch)
+    assert ray_job_id() == "raysubmit_T"
