@@ -58,7 +58,8 @@ def test_readme_job_submit_commands_work_as_pasted():
             timeout=1200,
         )
         log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-5000:]
+        errors = "".join(p.read_text()[-3000:] for p in output.glob("cells/*/error.txt"))
+        assert proc.returncode == 0, log[-5000:] + errors
         assert "succeeded" in log.lower()
         status = results.read_status(output).set_index("cell_id")["status"].to_dict()
         assert status == {
