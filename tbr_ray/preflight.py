@@ -56,7 +56,8 @@ def _attempt(field: str, check: Callable[[], object]) -> list[str]:
     except UnicodeDecodeError as exc:
         return [f"{field}: {exc}. Fix: save the file as UTF-8."]
     except (OSError, ValueError) as exc:  # JSON errors are ValueErrors too
-        return [f"{field}: {exc}".replace("\n", " ")]
+        text = str(exc).removeprefix(f"{field.split()[-1]}: ")  # the field already names it
+        return [f"{field}: {text}".replace("\n", " ")]
     return []
 
 
