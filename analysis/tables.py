@@ -200,19 +200,8 @@ def table3_long(
     """Table 3 in long form: model, column, benchmark, metric, condition, gamma, value (mean over
     seeds of the per-cell rate), n_seeds. Compliance columns use `judge`; accuracy ignores it;
     harmful_rate (if chosen) uses the "model" judge."""
-    rates = select_gamma(rates[rates["condition"].isin(list(conditions))], gamma)
-    parts = []
-    for label, bench, metric in table3_columns(
-        rates["benchmark"].unique(), safety_benchmark, safety_metric
-    ):
-        wanted_judge = {"accuracy": "", "harmful_rate": "model"}.get(metric, judge)
-        sel = rates[
-            (rates["benchmark"] == bench)
-            & (rates["metric"] == metric)
-            & (rates["judge"] == wanted_judge)
-        ]
-        parts.append(sel.assign(column=label))
-    if not parts:
+    selected = table3_select(rates, judge, gamma, safety_benchmark, safety_metric, conditions)
+    if selected.empty:
         return pd.DataFrame(
             columns=[
                 "model",
@@ -225,10 +214,35 @@ def table3_long(
                 "n_seeds",
             ]
         )
-    grouped = pd.concat(parts).groupby(
+    grouped = selected.groupby(
         ["model", "column", "benchmark", "metric", "condition", "gamma"], sort=False
     )
     return grouped["value"].agg(value="mean", n_seeds="size").reset_index()
+
+
+def table3_select(
+    rates: pd.DataFrame,
+    judge: str = DEFAULT_JUDGE,
+    gamma: float | None = None,
+    safety_benchmark: str | None = None,
+    safety_metric: str = "compliance_rate",
+    conditions: Sequence[str] = FINETUNE_CONDITIONS,
+) -> pd.DataFrame:
+    """The rows of `rates` (or of summary rows with CIs) that make Table 3, each with its
+    `column` label; judge choice as in `table3_long`. Empty frame when none match."""
+    rates = select_gamma(rates[rates["condition"].isin(list(conditions))], gamma)
+    parts = []
+    for label, bench, metric in table3_columns(
+        rates["benchmark"].unique(), safety_benchmark, safety_metric
+    ):
+        wanted_judge = {"accuracy": "", "harmful_rate": "model"}.get(metric, judge)
+        sel = rates[
+            (rates["benchmark"] == bench)
+            & (rates["metric"] == metric)
+            & (rates["judge"] == wanted_judge)
+        ]
+        parts.append(sel.assign(column=label))
+    return pd.concat(parts, ignore_index=True) if parts else rates.iloc[:0].assign(column="")
 
 
 def table3(
@@ -294,6 +308,19 @@ def category_table(
         aggfunc="mean",
     )
     return wide[order_conditions(wide.columns)]
+
+
+def category_matrix(
+    outcomes: pd.DataFrame, judge: str = DEFAULT_JUDGE, gamma: float | None = None
+) -> pd.DataFrame:
+    """Compliance per benchmark x condition x category, pooled over models and seeds (the
+    heat map's cells): benchmark, condition, category, value, n. Benchmarks without categories
+    are left out (one cell says nothing a Table 3 number does not)."""
+    sel = outcomes[(outcomes["metric"] == "compliance_rate") & (outcomes["judge"] == judge)]
+    sel = select_gamma(sel, gamma)
+    sel = sel[sel["category"].fillna("") != ""]
+    grouped = sel.groupby(["benchmark", "condition", "category"], sort=True)["outcome"]
+    return grouped.agg(value="mean", n="size").reset_index()
 
 
 _SIZE_SUFFIX = re.compile(r"^(?P<series>.+)-\d+(\.\d+)?b$")
