@@ -431,11 +431,7 @@ def test_report_table3_has_intervals_and_links(results_dir, tmp_path):
         "and judge == 'paper-keywords' and seed != seed"  # the over-seeds row
     ).iloc[0]
     interval = f"0.575 [{row.ci_low:.3f}, {row.ci_high:.3f}]"
-    assert (
-        f"| llama-2-7b | {interval} |"
-        in paths["report_md"].read_text().replace(" | 0.", " | 0.", 1)
-        or interval in paths["report_md"].read_text()
-    )
+    assert interval in paths["report_md"].read_text()
     page = paths["report_html"].read_text()
     anchor = "gen-llama-2-7b-xstest-s-none-g0.00"
     assert f'<a href="#{anchor}">0.575</a><br><span class="ci">[{row.ci_low:.3f}' in page
