@@ -179,8 +179,9 @@ def frontier_labels(points: pd.DataFrame) -> list[tuple[float, float, str]]:
     return labels
 
 
-# Candidate label offsets in points: 8 directions at growing distance from the marker.
-_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+# Candidate label offsets in points: 8 directions (right of the marker first, where a label
+# reads as its own) at growing distance.
+_DIRECTIONS = ((1, 0), (1, 1), (1, -1), (-1, 0), (-1, 1), (-1, -1), (0, 1), (0, -1))
 _RADII = (5, 14, 26, 40, 58)
 
 

@@ -78,7 +78,7 @@ def write_report(
     numbers = table3_numbers(summary, options)
     sections = [header_section(results_dir, results, options)]
     sections += table_sections(results, outcomes, rates, summary, options)
-    sections += review_sections(results, rates)
+    sections += review_sections(results, numbers)
     sections += figure_sections(pngs, figure_notes)
     sections += [generations_section(results, numbers, options)]
     sections += [excluded_section(results.status), methods_section(options)]
@@ -165,12 +165,22 @@ def table_sections(
 
 
 def table3_numbers(summary: pd.DataFrame, options: ReportOptions) -> pd.DataFrame:
-    """One row per Table 3 number: model, column, benchmark, metric, judge, condition, gamma,
-    value, ci_low, ci_high, n, and `anchor` (the id of its generations in report.html)."""
-    rows = tables.table3_select(
-        stats.headline_rows(summary), options.judge, options.gamma, options.safety_benchmark
-    )
-    return rows.assign(anchor=[anchor_id(r) for r in rows.itertuples()])
+    """One row per Table 3 number: model, column, benchmark, metric, condition, gamma, value,
+    ci_low, ci_high, n, and `anchor` (the id of its generations in report.html)."""
+    head = stats.headline_rows(summary)
+    keys = ["model", "column", "benchmark", "metric", "condition", "gamma"]
+    numbers = None
+    # table3_long picks each column's rows (and the judge per metric); a headline row is alone
+    # in its group, so passing a statistic as `value` returns that statistic unchanged.
+    for stat in ("value", "ci_low", "ci_high", "n"):
+        long = tables.table3_long(
+            head.assign(value=head[stat].astype(float)),
+            judge=options.judge,
+            gamma=options.gamma,
+            safety_benchmark=options.safety_benchmark,
+        )[keys + ["value"]].rename(columns={"value": stat})
+        numbers = long if numbers is None else numbers.merge(long, on=keys)
+    return numbers.assign(anchor=[anchor_id(r) for r in numbers.itertuples()])
 
 
 def anchor_id(row) -> str:
@@ -224,7 +234,7 @@ def _linked_cell(row) -> str:
 # ------------------------------------------------------------------ human review
 
 
-def review_sections(results: Results, rates: pd.DataFrame) -> list[Section]:
+def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
     """How many answers people reviewed per column, each automatic judge against their labels
     (the judge-score figures for this run), and the reviewers against each other."""
     if results.reviews.empty:
@@ -242,7 +252,7 @@ def review_sections(results: Results, rates: pd.DataFrame) -> list[Section]:
             "Per Table 3 column: generations judged, those with a settled human label "
             "(`reviewed`), and those where reviewers disagree (`unsettled`; the `human` judge "
             "leaves them unlabelled and `paper-reviewed` keeps the keyword label).",
-            reviewed_counts(results, rates),
+            reviewed_counts(results, numbers),
         ),
         Section(
             "Judges against the human labels",
@@ -258,21 +268,22 @@ def review_sections(results: Results, rates: pd.DataFrame) -> list[Section]:
     ]
 
 
-def reviewed_counts(results: Results, rates: pd.DataFrame) -> pd.DataFrame:
-    """column, benchmark, judged, reviewed, unsettled, reviewers, per Table 3 column."""
+def reviewed_counts(results: Results, numbers: pd.DataFrame) -> pd.DataFrame:
+    """column, benchmark, judged, reviewed, unsettled, reviewers, per judged Table 3 column."""
     keys = ["cell_id", "benchmark", "prompt_id"]
     auto = results.judgements[results.judgements["judge"].isin(judges.JUDGES)]
     consensus = judges.human_consensus(results.reviews)
     rows = []
-    for label, bench, _ in tables.table3_columns(rates["benchmark"].unique()):
+    judged_numbers = tables.sort_rows(numbers[numbers["metric"] != "accuracy"])
+    columns = judged_numbers[["column", "benchmark"]]
+    for label, bench in columns.drop_duplicates().itertuples(index=False):
         judged = auto.loc[auto["benchmark"] == bench, keys].drop_duplicates()
         mine = consensus.merge(judged, on=keys)
         people = results.reviews.merge(judged, on=keys)["reviewer"].nunique()
-        if len(judged):
-            settled = int(mine["refused"].notna().sum())
-            rows.append((label, bench, len(judged), settled, len(mine) - settled, people))
-    columns = ["column", "benchmark", "judged", "reviewed", "unsettled", "reviewers"]
-    return pd.DataFrame(rows, columns=columns)
+        settled = int(mine["refused"].notna().sum())
+        rows.append((label, bench, len(judged), settled, len(mine) - settled, people))
+    names = ["column", "benchmark", "judged", "reviewed", "unsettled", "reviewers"]
+    return pd.DataFrame(rows, columns=names)
 
 
 # ------------------------------------------------------------------ generations
@@ -290,7 +301,7 @@ def generations_section(results: Results, numbers: pd.DataFrame, options: Report
         return Section("Generations behind the numbers", text, html="<p>No data.</p>")
     labelled = generation_labels(results)
     parts = [_GENERATIONS_TOOLS]
-    for row in numbers.itertuples():
+    for row in tables.sort_rows(numbers).itertuples():  # Table 3 order: model, column, condition
         sel = labelled[
             (labelled["model"] == row.model)
             & (labelled["condition"] == row.condition)
@@ -302,17 +313,14 @@ def generations_section(results: Results, numbers: pd.DataFrame, options: Report
 
 
 def generation_labels(results: Results) -> pd.DataFrame:
-    """Generations with a column `judge:<name>` per judge (its label, or refusal/compliance when it gives
-    only a flag) and `disagree` (the automatic judges differ on refusal)."""
+    """Generations with a column `judge:<name>` per judge (judges.label_table) and
+    `disagree` (the automatic judges differ on refusal)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
     j = results.judgements
-    flag = j["refused"].map({True: "refusal", False: "compliance"})
-    shown = j["label"].where(j["label"].notna(), flag)
-    wide = j.assign(shown=shown).pivot(index=keys, columns="judge", values="shown")
-    wide.columns = [f"judge:{c}" for c in wide.columns]  # a judge is called "model"
+    wide = judges.label_table(j, _JUDGE_ORDER)
     auto = j[j["judge"].isin(judges.JUDGES)]
     differ = judges.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
-    out = results.generations.merge(wide.reset_index(), on=keys, how="left")
+    out = results.generations.merge(wide, on=keys, how="left")
     out = out.merge(differ, on=keys, how="left")
     out["disagree"] = out["disagree"].eq(True)
     return out.sort_values(["disagree", "seed", "prompt_id"], ascending=[False, True, True])

@@ -200,36 +200,6 @@ def table3_long(
     """Table 3 in long form: model, column, benchmark, metric, condition, gamma, value (mean over
     seeds of the per-cell rate), n_seeds. Compliance columns use `judge`; accuracy ignores it;
     harmful_rate (if chosen) uses the "model" judge."""
-    selected = table3_select(rates, judge, gamma, safety_benchmark, safety_metric, conditions)
-    if selected.empty:
-        return pd.DataFrame(
-            columns=[
-                "model",
-                "column",
-                "benchmark",
-                "metric",
-                "condition",
-                "gamma",
-                "value",
-                "n_seeds",
-            ]
-        )
-    grouped = selected.groupby(
-        ["model", "column", "benchmark", "metric", "condition", "gamma"], sort=False
-    )
-    return grouped["value"].agg(value="mean", n_seeds="size").reset_index()
-
-
-def table3_select(
-    rates: pd.DataFrame,
-    judge: str = DEFAULT_JUDGE,
-    gamma: float | None = None,
-    safety_benchmark: str | None = None,
-    safety_metric: str = "compliance_rate",
-    conditions: Sequence[str] = FINETUNE_CONDITIONS,
-) -> pd.DataFrame:
-    """The rows of `rates` (or of summary rows with CIs) that make Table 3, each with its
-    `column` label; judge choice as in `table3_long`. Empty frame when none match."""
     rates = select_gamma(rates[rates["condition"].isin(list(conditions))], gamma)
     parts = []
     for label, bench, metric in table3_columns(
@@ -242,7 +212,23 @@ def table3_select(
             & (rates["judge"] == wanted_judge)
         ]
         parts.append(sel.assign(column=label))
-    return pd.concat(parts, ignore_index=True) if parts else rates.iloc[:0].assign(column="")
+    if not parts:
+        return pd.DataFrame(
+            columns=[
+                "model",
+                "column",
+                "benchmark",
+                "metric",
+                "condition",
+                "gamma",
+                "value",
+                "n_seeds",
+            ]
+        )
+    grouped = pd.concat(parts).groupby(
+        ["model", "column", "benchmark", "metric", "condition", "gamma"], sort=False
+    )
+    return grouped["value"].agg(value="mean", n_seeds="size").reset_index()
 
 
 def table3(

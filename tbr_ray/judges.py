@@ -389,6 +389,20 @@ def human_judgements(judgements: pd.DataFrame, reviews: pd.DataFrame) -> pd.Data
     return pd.concat(parts, ignore_index=True)
 
 
+def label_table(judgements: pd.DataFrame, names: tuple[str, ...] = JUDGES) -> pd.DataFrame:
+    """One row per judged generation: cell_id, benchmark, prompt_id and a column
+    `judge:<name>` per judge in `names` that has rows (its label, or "refusal"/"compliance"
+    when it gives only a flag). Prefixed because one judge is called "model"."""
+    rows = judgements[judgements["judge"].isin(names)]
+    flag = rows["refused"].map({True: "refusal", False: "compliance"})
+    shown = rows["label"].where(rows["label"].notna(), flag)
+    wide = rows.assign(shown=shown).pivot(index=_ITEM, columns="judge", values="shown")
+    present = [j for j in names if j in wide.columns]
+    wide = wide.reindex(columns=present)
+    wide.columns = [f"judge:{j}" for j in present]
+    return wide.reset_index()
+
+
 def judge_agreement(judgements: pd.DataFrame) -> pd.DataFrame:
     """Each automatic judge against the `human` judge of the same run, per benchmark (the
     judge-score figures): judge, benchmark, n, binary_agreement (refusal vs not),

@@ -32,7 +32,14 @@ from urllib.parse import parse_qs, urlparse
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from tbr_ray.judges import JUDGES, _read_labels, disagreements, is_refusal, normalise_human_label
+from tbr_ray.judges import (
+    JUDGES,
+    _read_labels,
+    disagreements,
+    is_refusal,
+    label_table,
+    normalise_human_label,
+)
 from tbr_ray.results import (
     REVIEW_KEYS,
     SCHEMA_VERSION,
@@ -74,18 +81,6 @@ class ReviewConfig(BaseModel):
 # ------------------------------------------------------------------ the queue (pure)
 
 
-def judge_labels(results: Results) -> pd.DataFrame:
-    """Automatic judges' labels, one row per generation: REVIEW_KEYS + a column `judge:<name>`
-    per judge (its label, or "refusal"/"compliance" when the judge gives only a flag)."""
-    auto = results.judgements[results.judgements["judge"].isin(JUDGES)]
-    shown = auto["label"].where(
-        auto["label"].notna(), auto["refused"].map({True: "refusal", False: "compliance"})
-    )
-    wide = auto.assign(shown=shown).pivot(index=REVIEW_KEYS, columns="judge", values="shown")
-    wide.columns = [f"judge:{j}" for j in wide.columns]
-    return wide.reset_index()
-
-
 def build_queue(results: Results, cfg: ReviewConfig) -> pd.DataFrame:
     """Generations to review: QUEUE_COLUMNS + a `judge:<name>` column per judge. Disagreements
     first, then `sample_per_cell` others per benchmark x cell; each part sorted by benchmark,
@@ -94,7 +89,7 @@ def build_queue(results: Results, cfg: ReviewConfig) -> pd.DataFrame:
     gens = gens[gens["benchmark_kind"] != "general"]
     auto = results.judgements[results.judgements["judge"].isin(JUDGES)]
     differ = disagreements(auto[[*REVIEW_KEYS, "judge", "refused"]])[REVIEW_KEYS]
-    judged = gens.merge(judge_labels(results), on=REVIEW_KEYS, how="inner")
+    judged = gens.merge(label_table(results.judgements), on=REVIEW_KEYS, how="inner")
     flagged = judged.merge(differ.assign(reason="disagreement"), on=REVIEW_KEYS, how="left")
     first = flagged[flagged["reason"].notna()]
     rest = flagged[flagged["reason"].isna()].assign(reason="sample")
@@ -182,7 +177,7 @@ def import_csv(results: Results, store: ReviewStore, path: Path) -> int:
     validated as by `judge-score`; each row must name a judged generation of this run with the
     same prompt and completion. Returns the labels stored."""
     sheet = _read_labels(path, key_columns=tuple(REVIEW_KEYS), allow_blank=True)
-    known = results.generations.merge(judge_labels(results)[REVIEW_KEYS], on=REVIEW_KEYS)
+    known = results.generations.merge(label_table(results.judgements)[REVIEW_KEYS], on=REVIEW_KEYS)
     known = known.set_index(REVIEW_KEYS)
     items = {}
     for row_number, row in sheet.iterrows():

@@ -275,3 +275,41 @@ def test_cli_review_export_and_import(run_dir, tmp_path):
     assert out.exit_code == 2 and "data row 1" in out.output
     out = runner.invoke(app, ["review", str(tmp_path / "nowhere"), "--reviewer", "ada"])
     assert out.exit_code == 2 and "Fix" in out.output
+
+
+# ------------------------------------------------------------------ the report
+
+
+def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path):
+    from analysis.report import write_report
+
+    ada, bob = ReviewStore(run_dir, "ada", "r"), ReviewStore(run_dir, "bob", "r")
+    for prompt_id, value in [("s-1", "full_compliance"), ("s-3", "full_compliance")]:
+        label(ada, NONE, "xstest_safe", prompt_id, value)
+    label(ada, NONE, "xstest_safe", "s-4", "partial_refusal")
+    label(bob, NONE, "xstest_safe", "s-1", "full_refusal")  # unsettles s-1
+    text = write_report(run_dir, tmp_path / "a", n_boot=50)["report_md"].read_text()
+    assert "| XSTest-S | xstest_safe | 12 | 2 | 1 | 2 |" in text  # judged, reviewed, unsettled
+    assert "| XSTest-H | xstest_unsafe | 8 | 0 | 0 | 0 |" in text
+    # settled: s-3 (prefix wrong) and s-4 (all right in binary; only the model says partial)
+    assert "| paper-keywords | xstest_safe | 2 | 1.000 | 0.500 |" in text
+    assert "| xstest-prefix | xstest_safe | 2 | 0.500 | 0.000 |" in text
+    assert "| model | xstest_safe | 2 | 1.000 | 1.000 |" in text
+    assert "| ada | bob | 1 | 0.000 | 0.000 |" in text
+    # paper-reviewed: none cell XSTest-S keywords refuse s-1 and s-4 -> 4/6; the human labels
+    # settle s-4 as a refusal and leave s-1 (unsettled) to the keywords: still 4/6. Relabel
+    # s-1 by bob as compliance and it becomes 5/6.
+    label(bob, NONE, "xstest_safe", "s-1", "full_compliance")
+    paths = write_report(run_dir, tmp_path / "b", judge="paper-reviewed", n_boot=50)
+    page = paths["report_html"].read_text()
+    assert '<a href="#gen-tiny-llama-xstest-s-none-g0.00">0.833</a>' in page
+    block = page[page.index('<details id="gen-tiny-llama-xstest-s-none-g0.00"') :]
+    assert "<th>human</th>" in block[: block.index("</details>")]
+
+
+def test_report_without_reviews_says_how_to_add_them(template_run, tmp_path):
+    from analysis.report import write_report
+
+    text = write_report(template_run, tmp_path / "r", n_boot=50)["report_md"].read_text()
+    assert "No generation of this run has a human label yet" in text
+    assert "tbr-ray review RESULTS_DIR" in text
