@@ -329,6 +329,12 @@ class ClusterConfig(_Strict):
     gpus_per_node: int = Field(
         8, ge=1, description="GPUs per node: no engine or training cell may span more."
     )
+    engine_min_sequences: int = Field(
+        16,
+        ge=1,
+        description="Sequences of eval.max_model_len tokens whose KV cache an engine must hold "
+        "at once (its smallest useful batch); more: bigger engines, faster decoding.",
+    )
     engine_gpus: dict[str, int] = Field(
         default_factory=dict,
         description="Per model (registry name or path): GPUs (tensor parallel size) of its "

@@ -24,6 +24,22 @@ FALCON_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 @dataclass(frozen=True)
+class Shape:
+    """The architecture numbers the planner sizes memory with (tbr_ray.plan), copied from each
+    model's published HF config.json (num_hidden_layers, hidden_size, num_attention_heads,
+    num_key_value_heads, head_dim, intermediate_size, vocab_size)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int  # < heads: grouped-query / multi-query attention (smaller KV cache)
+    head_dim: int
+    ffn: int  # MLP inner width (SwiGLU's intermediate_size; Falcon: 4 x hidden)
+    vocab: int
+    mlp_mats: int = 3  # weight matrices of the MLP: 3 gated (SwiGLU / GeGLU), 2 Falcon (GELU)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One registry entry. `gpus`/`zero_stage` are suggestions for the paper grid (bf16 LoRA)."""
 
@@ -36,6 +52,7 @@ class ModelSpec:
     zero_stage: int  # DeepSpeed ZeRO stage suggested at that size
     vllm_lora: bool = True  # False: vLLM cannot serve LoRA for this arch -> merge adapter
     arch: dict[str, Any] = field(default_factory=dict)  # tiny presets: HF config kwargs
+    shape: Shape | None = None  # paper models: published architecture numbers
 
     @property
     def tiny(self) -> bool:
@@ -43,7 +60,33 @@ class ModelSpec:
 
 
 def _paper(name, hf_id, family, params_b, gpus, zero, targets=LLAMA_TARGETS, vllm_lora=True):
-    return ModelSpec(name, hf_id, family, params_b, targets, gpus, zero, vllm_lora)
+    shape = SHAPES[name.removesuffix("-chat")]
+    return ModelSpec(name, hf_id, family, params_b, targets, gpus, zero, vllm_lora, {}, shape)
+
+
+# Published configs (layers, hidden, heads, KV heads, head dim, MLP width, vocab). Llama-1 and
+# Llama-2 7B/13B share shapes; Llama-3 and 3.1 share shapes; chat models share their base's.
+_LLAMA_7B = Shape(32, 4096, 32, 32, 128, 11008, 32000)
+_LLAMA_13B = Shape(40, 5120, 40, 40, 128, 13824, 32000)
+_LLAMA3_8B = Shape(32, 4096, 32, 8, 128, 14336, 128256)
+_LLAMA3_70B = Shape(80, 8192, 64, 8, 128, 28672, 128256)
+SHAPES: dict[str, Shape] = {
+    "gemma-2b": Shape(18, 2048, 8, 1, 256, 16384, 256000),
+    "gemma-2-2b": Shape(26, 2304, 8, 4, 256, 9216, 256000),
+    "gemma-7b": Shape(28, 3072, 16, 16, 256, 24576, 256000),
+    "llama-7b": _LLAMA_7B,
+    "llama-2-7b": _LLAMA_7B,
+    "falcon-7b": Shape(32, 4544, 71, 1, 64, 4 * 4544, 65024, 2),  # 71 heads: no tensor parallel
+    "llama-3-8b": _LLAMA3_8B,
+    "llama-3.1-8b": _LLAMA3_8B,
+    "gemma-2-9b": Shape(42, 3584, 16, 8, 256, 14336, 256000),
+    "llama-13b": _LLAMA_13B,
+    "llama-2-13b": _LLAMA_13B,
+    "falcon-40b": Shape(60, 8192, 128, 8, 64, 4 * 8192, 65024, 2),
+    "llama-2-70b": Shape(80, 8192, 64, 8, 128, 28672, 32000),
+    "llama-3-70b": _LLAMA3_70B,
+    "llama-3.1-70b": _LLAMA3_70B,
+}
 
 
 # The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GB cards, bf16, LoRA.
@@ -216,6 +259,43 @@ def get_spec(name: str) -> ModelSpec:
         + (f" (close: {', '.join(close)})" if close else "")
         + ", or pass a local model path."
     )
+
+
+def model_shape(name: str) -> Shape | None:
+    """Architecture numbers of a model: the registry's published shape, a tiny preset's build
+    config, or a local folder's config.json (None if its keys are not the usual ones)."""
+    spec = get_spec(name)
+    if spec.shape is not None:
+        return spec.shape
+    if spec.tiny:
+        return shape_from_hf_config({**spec.arch, "vocab_size": PRETRAIN["vocab_size"]})
+    return shape_from_hf_config(json.loads((Path(spec.hf_id) / "config.json").read_text()))
+
+
+def shape_from_hf_config(c: dict[str, Any]) -> Shape | None:
+    """A Shape from HF config keys (Llama / Gemma / Gemma-2, and Falcon's own names)."""
+    hidden = c.get("hidden_size")
+    heads = c.get("num_attention_heads", c.get("n_head"))
+    layers = c.get("num_hidden_layers", c.get("n_layer"))
+    if not (hidden and heads and layers and c.get("vocab_size")):
+        return None
+    if c.get("model_type") == "falcon":
+        new = c.get("new_decoder_architecture")
+        kv = c.get("num_kv_heads", heads) if new else (1 if c.get("multi_query", True) else heads)
+        ffn, mats = c.get("ffn_hidden_size") or 4 * hidden, 2
+    else:
+        kv, ffn, mats = c.get("num_key_value_heads", heads), c["intermediate_size"], 3
+    head_dim = c.get("head_dim") or hidden // heads
+    return Shape(layers, hidden, heads, kv, head_dim, ffn, c["vocab_size"], mats)
+
+
+def shape_params(shape: Shape) -> int:
+    """Weights counted from a shape: attention (q, o of heads x head_dim; k, v of kv_heads x
+    head_dim), the MLP (mlp_mats x hidden x ffn), one embedding; norms and biases left out."""
+    attn = 2 * shape.hidden * shape.heads * shape.head_dim
+    attn += 2 * shape.hidden * shape.kv_heads * shape.head_dim
+    mlp = shape.mlp_mats * shape.hidden * shape.ffn
+    return shape.layers * (attn + mlp) + shape.vocab * shape.hidden
 
 
 def model_label(name: str) -> str:
