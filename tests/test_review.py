@@ -313,3 +313,12 @@ def test_report_without_reviews_says_how_to_add_them(template_run, tmp_path):
     text = write_report(template_run, tmp_path / "r", n_boot=50)["report_md"].read_text()
     assert "No generation of this run has a human label yet" in text
     assert "tbr-ray review RESULTS_DIR" in text
+
+
+def test_results_doc_names_every_review_column():
+    from tbr_ray.results import REVIEWS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "RESULTS.md").read_text()
+    assert "reviews/<reviewer>.parquet" in text and "`paper-reviewed`" in text
+    for field in REVIEWS:
+        assert f"`{field.name}`" in text, field.name
