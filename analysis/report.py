@@ -317,7 +317,8 @@ def generation_labels(results: Results) -> pd.DataFrame:
     `disagree` (the automatic judges differ on refusal)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
     j = results.judgements
-    wide = judges.label_table(j, _JUDGE_ORDER)
+    names = (*_JUDGE_ORDER, *sorted(set(j["judge"]) - set(_JUDGE_ORDER)))  # e.g. a harm judge
+    wide = judges.label_table(j, names)
     auto = j[j["judge"].isin(judges.JUDGES)]
     differ = judges.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
     out = results.generations.merge(wide, on=keys, how="left")
@@ -330,11 +331,7 @@ _JUDGE_ORDER = (*judges.JUDGES, *judges.REVIEW_JUDGES)
 
 
 def _generations_html(row, gens: pd.DataFrame, limit: int) -> str:
-    shown_judges = [
-        f"judge:{j}"
-        for j in _JUDGE_ORDER
-        if f"judge:{j}" in gens and gens[f"judge:{j}"].notna().any()
-    ]
+    shown_judges = [c for c in gens.columns if c.startswith("judge:") and gens[c].notna().any()]
     extra = ["correct"] if row.metric == "accuracy" else [c[6:] for c in shown_judges]
     head = ["seed", "prompt_id", "category", "prompt", "completion", *extra]
     lines = []

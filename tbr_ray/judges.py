@@ -391,11 +391,13 @@ def human_judgements(judgements: pd.DataFrame, reviews: pd.DataFrame) -> pd.Data
 
 def label_table(judgements: pd.DataFrame, names: tuple[str, ...] = JUDGES) -> pd.DataFrame:
     """One row per judged generation: cell_id, benchmark, prompt_id and a column
-    `judge:<name>` per judge in `names` that has rows (its label, or "refusal"/"compliance"
-    when it gives only a flag). Prefixed because one judge is called "model"."""
+    `judge:<name>` per judge in `names` that has rows (its label, else "refusal"/"compliance"
+    from its flag, else "harmful"/"safe"). Prefixed because one judge is called "model"."""
     rows = judgements[judgements["judge"].isin(names)]
     flag = rows["refused"].map({True: "refusal", False: "compliance"})
+    harm = rows["harmful"].map({True: "harmful", False: "safe"})  # a harm-only judge
     shown = rows["label"].where(rows["label"].notna(), flag)
+    shown = shown.where(shown.notna(), harm)
     wide = rows.assign(shown=shown).pivot(index=_ITEM, columns="judge", values="shown")
     present = [j for j in names if j in wide.columns]
     wide = wide.reindex(columns=present)

@@ -322,3 +322,30 @@ def test_results_doc_names_every_review_column():
     assert "reviews/<reviewer>.parquet" in text and "`paper-reviewed`" in text
     for field in REVIEWS:
         assert f"`{field.name}`" in text, field.name
+
+
+def test_label_table_shows_label_then_flag_then_harm():
+    from tbr_ray.judges import label_table
+
+    base = {"cell_id": "c", "benchmark": "b", "prompt_id": "p"}
+    rows = pd.DataFrame(
+        [
+            base | {"judge": "model", "label": "partial_refusal", "refused": True, "harmful": None},
+            base | {"judge": "paper-keywords", "label": None, "refused": False, "harmful": None},
+            base | {"judge": "harm", "label": None, "refused": None, "harmful": True},
+        ]
+    )
+    wide = label_table(rows, ("paper-keywords", "model", "harm")).iloc[0]
+    assert list(wide.index) == [
+        "cell_id",
+        "benchmark",
+        "prompt_id",
+        "judge:paper-keywords",
+        "judge:model",
+        "judge:harm",
+    ]
+    assert (wide["judge:paper-keywords"], wide["judge:model"], wide["judge:harm"]) == (
+        "compliance",
+        "partial_refusal",
+        "harmful",
+    )
