@@ -349,3 +349,45 @@ def test_label_table_shows_label_then_flag_then_harm():
         "partial_refusal",
         "harmful",
     )
+
+
+def test_queue_of_a_run_without_finished_cells_is_empty(tmp_path):
+    from tbr_ray.results import write_status
+
+    write_status(tmp_path, "x", "failed", error="boom")
+    assert build_queue(read_results(tmp_path), ReviewConfig(reviewer="ada")).empty
+
+
+def test_review_command_serves_and_keeps_labels_across_restarts(run_dir):
+    """`tbr-ray review` as a user runs it: print the URL, label over HTTP, stop, start again."""
+    import subprocess
+    import sys
+
+    def start() -> tuple[subprocess.Popen, str]:
+        command = [sys.executable, "-m", "tbr_ray.cli", "review", str(run_dir), "--reviewer", "ada"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:  # "13 generations to review ...", then "open http://..."
+            if line.startswith("open "):
+                return proc, line.split()[1]
+        raise AssertionError(f"no URL printed; exit code {proc.wait()}")
+
+    proc, url = start()
+    try:
+        assert url.startswith("http://127.0.0.1:") and "?token=" in url
+        base, token = url.split("/?token=")
+        items = call(f"{base}/api/items?token={token}")[1]["items"]
+        reply = call(
+            f"{base}/api/label", {"key": items[0]["key"], "label": "2_full_refusal"}, token
+        )[1]
+        assert reply["label"] == "full_refusal"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    proc, url = start()
+    try:
+        base, token = url.split("/?token=")
+        page = call(f"{base}/api/items?token={token}")[1]
+        assert page["done"] == 1 and page["items"][0]["label"] == "full_refusal"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
