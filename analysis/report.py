@@ -77,7 +77,7 @@ def write_report(
     pngs = plots.save_figures(figures, output_dir)
     numbers = table3_numbers(summary, options)
     sections = [header_section(results_dir, results, options)]
-    sections += table_sections(results, outcomes, rates, summary, options)
+    sections += table_sections(results, outcomes, rates, summary, numbers, options)
     sections += review_sections(results, numbers)
     sections += figure_sections(pngs, figure_notes)
     sections += [generations_section(results, numbers, options)]
@@ -118,6 +118,7 @@ def table_sections(
     outcomes: pd.DataFrame,
     rates: pd.DataFrame,
     summary: pd.DataFrame,
+    numbers: pd.DataFrame,  # table3_numbers: Table 3's values with intervals and anchors
     options: ReportOptions,
 ) -> list[Section]:
     judge, gamma = options.judge, options.gamma
@@ -131,7 +132,6 @@ def table_sections(
         stats.paired_tests(at_gamma, judge, "prompt-direct", ["prompt-cot"]),
     ]
     tests = pd.concat([t for t in tests if len(t)] or tests[:1], ignore_index=True)
-    numbers = table3_numbers(summary, options)
     return [
         Section(
             "Table 3 layout",
