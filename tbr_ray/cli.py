@@ -231,7 +231,11 @@ def report(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Report folder (default RESULTS/report)."
     ),
-    judge: str = typer.Option("paper-keywords", help="Judge for compliance rates."),
+    judge: str = typer.Option(
+        "paper-keywords",
+        help="Judge for compliance rates: paper-keywords | xstest-prefix | model | "
+        "paper-reviewed (keywords, human labels overriding) | human.",
+    ),
     gamma: float | None = typer.Option(
         None, help="Gamma for the tables (default: largest per cell)."
     ),

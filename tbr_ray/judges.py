@@ -431,8 +431,16 @@ def judge_agreement(judgements: pd.DataFrame) -> pd.DataFrame:
 
 def reviewer_agreement(reviews: pd.DataFrame) -> pd.DataFrame:
     """Each pair of reviewers on the generations both labelled: reviewer_a, reviewer_b, n,
-    binary_agreement, three_class_agreement."""
-    columns = ["reviewer_a", "reviewer_b", "n", "binary_agreement", "three_class_agreement"]
+    binary_agreement, binary_kappa (Cohen's kappa on refusal vs not; NaN when chance agreement
+    is total, e.g. both always said refusal), three_class_agreement."""
+    columns = [
+        "reviewer_a",
+        "reviewer_b",
+        "n",
+        "binary_agreement",
+        "binary_kappa",
+        "three_class_agreement",
+    ]
     names = sorted(reviews["reviewer"].unique()) if len(reviews) else []
     rows = []
     for i, a in enumerate(names):
@@ -441,7 +449,10 @@ def reviewer_agreement(reviews: pd.DataFrame) -> pd.DataFrame:
                 reviews[reviews["reviewer"] == b], on=_ITEM, suffixes=("_a", "_b")
             )
             if len(pair):
-                binary = (pair["refused_a"] == pair["refused_b"]).mean()
-                three = (pair["label_a"] == pair["label_b"]).mean()
-                rows.append((a, b, len(pair), float(binary), float(three)))
+                ra, rb = pair["refused_a"].astype(bool), pair["refused_b"].astype(bool)
+                observed = float((ra == rb).mean())
+                chance = ra.mean() * rb.mean() + (1 - ra.mean()) * (1 - rb.mean())
+                kappa = (observed - chance) / (1 - chance) if chance < 1 else float("nan")
+                three = float((pair["label_a"] == pair["label_b"]).mean())
+                rows.append((a, b, len(pair), observed, float(kappa), three))
     return pd.DataFrame(rows, columns=columns)

@@ -119,6 +119,8 @@ def test_two_reviewers_are_stored_apart_and_compared(run_dir):
     assert (agreement.reviewer_a, agreement.reviewer_b, agreement.n) == ("ada", "bob", 3)
     assert agreement.binary_agreement == pytest.approx(2 / 3)
     assert agreement.three_class_agreement == pytest.approx(1 / 3)
+    # refusals: ada 1 of 3, bob 2 of 3 -> chance 1/3 * 2/3 + 2/3 * 1/3 = 4/9
+    assert agreement.binary_kappa == pytest.approx((2 / 3 - 4 / 9) / (1 - 4 / 9))
     human = results.judgements.query("judge == 'human'").set_index("prompt_id")
     # s-1 is unsettled, so no human label; s-4 keeps the agreed refusal without a class
     assert sorted(human.index) == ["s-0", "s-4"]
@@ -295,7 +297,7 @@ def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path)
     assert "| paper-keywords | xstest_safe | 2 | 1.000 | 0.500 |" in text
     assert "| xstest-prefix | xstest_safe | 2 | 0.500 | 0.000 |" in text
     assert "| model | xstest_safe | 2 | 1.000 | 1.000 |" in text
-    assert "| ada | bob | 1 | 0.000 | 0.000 |" in text
+    assert "| ada | bob | 1 | 0.000 | 0.000 | 0.000 |" in text
     # paper-reviewed: none cell XSTest-S keywords refuse s-1 and s-4 -> 4/6; the human labels
     # settle s-4 as a refusal and leave s-1 (unsettled) to the keywords: still 4/6. Relabel
     # s-1 by bob as compliance and it becomes 5/6.
