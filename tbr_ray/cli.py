@@ -7,6 +7,7 @@
     tbr-ray report runs/tiny --output runs/tiny/report              # tables, stats, plots
     tbr-ray status runs/tiny                                        # cells' states, errors
     tbr-ray judge-score --judge xstest-prefix --labels labels.csv
+    tbr-ray review runs/tiny --reviewer ada [--export q.csv | --import q.csv]   # human labels
     tbr-ray models | build-models | validate CONFIG | data-check | fetch-data
 
 Every command takes `--set a.b=c` overrides where it reads a config. Errors in the config or
@@ -287,7 +288,11 @@ def report(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Report folder (default RESULTS/report)."
     ),
-    judge: str = typer.Option("paper-keywords", help="Judge for compliance rates."),
+    judge: str = typer.Option(
+        "paper-keywords",
+        help="Judge for compliance rates: paper-keywords | xstest-prefix | model | "
+        "paper-reviewed (keywords, human labels overriding) | human.",
+    ),
     gamma: float | None = typer.Option(
         None, help="Gamma for the tables (default: largest per cell)."
     ),
@@ -302,6 +307,65 @@ def report(
     paths = write_report(results_dir, output or results_dir / "report", judge=judge, gamma=gamma)
     for key, path in paths.items():
         typer.echo(f"{key}: {path}")
+
+
+@app.command()
+def review(
+    results_dir: Path = typer.Argument(..., help="A results directory (--output of ablate)."),
+    reviewer: str | None = typer.Option(
+        None, help="Your name, stored with each label (default: the login name)."
+    ),
+    sample: int = typer.Option(5, help="Agreed-on generations sampled per benchmark x cell."),
+    seed: int = typer.Option(0, help="Seed of that sample."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind the page to."),
+    port: int = typer.Option(0, help="Port (0: a free one)."),
+    export: Path | None = typer.Option(None, "--export", help="Write the queue as CSV; exit."),
+    import_: Path | None = typer.Option(None, "--import", help="Store labels from a CSV; exit."),
+) -> None:
+    """Label generations by hand: a local page (judge disagreements first), or a CSV round trip.
+    Labels land in RESULTS/reviews/<reviewer>.parquet as the judge `human`."""
+    import getpass
+
+    from pydantic import ValidationError
+
+    from tbr_ray.results import read_results
+    from tbr_ray.review import (
+        ReviewConfig,
+        ReviewStore,
+        export_csv,
+        import_csv,
+        make_server,
+        run_id_of,
+    )
+
+    try:
+        cfg = ReviewConfig(
+            reviewer=reviewer or getpass.getuser(),
+            sample_per_cell=sample,
+            seed=seed,
+            host=host,
+            port=port,
+        )
+        if export or import_:
+            results = read_results(results_dir)
+            store = ReviewStore(results_dir, cfg.reviewer, run_id_of(results))
+            if export:
+                n = export_csv(results, cfg, store, export)
+                typer.echo(f"{export}: {n} generations to review (fill the label column)")
+            if import_:
+                n = import_csv(results, store, import_)
+                typer.echo(f"{import_}: {n} labels stored for {cfg.reviewer}")
+            return
+        server = make_server(results_dir, cfg)
+    except (ValueError, ValidationError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    done = server.progress()
+    typer.echo(f"{done['total']} generations to review, {done['done']} labelled by {cfg.reviewer}")
+    typer.echo(f"open {server.url}  (Ctrl-C to stop; every label is saved as it is given)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
 
 
 @app.command("judge-score")
