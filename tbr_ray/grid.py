@@ -30,6 +30,7 @@ from pathlib import Path
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.models import resolve_model
+from tbr_ray.rundir import run_lock
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only orchestrates; 1 CPU would starve workers (STACK.md)
 
@@ -65,11 +66,30 @@ def plan_cells(cfg: RunConfig) -> list[CellPlan]:
 
 def _init_ray() -> None:
     """Join the cluster this process runs in (ray job submit / RAY_ADDRESS), else start a
-    local instance."""
+    local instance; either way leave Ray's token file readable by its owner only."""
     import ray
 
     if not ray.is_initialized():
+        secure_token_file(RAY_TOKEN_FILE)  # before: an existing token is not exposed meanwhile
         ray.init(log_to_driver=True, logging_level="WARNING")
+        secure_token_file(RAY_TOKEN_FILE)  # after: a new local cluster writes it 0644
+
+
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def secure_token_file(path: Path) -> None:
+    """Make Ray's auth token file owner-only (Ray 2.60 writes it 0644: any local user could
+    read it and submit jobs), or raise ConfigError with the fix when that is not allowed."""
+    if not path.is_file() or path.stat().st_mode & 0o077 == 0:
+        return
+    try:
+        path.chmod(0o600)
+    except PermissionError:
+        raise ConfigError(
+            f"{path} (Ray's auth token) is readable by other users and this user cannot "
+            f"change that. Fix: its owner runs `chmod 600 {path}`."
+        ) from None
 
 
 def check_run_dir(cfg: RunConfig, output: Path) -> None:
@@ -105,13 +125,13 @@ def _write_manifest(cfg: RunConfig, output: Path) -> None:
 
 def model_paths(cfg: RunConfig) -> dict[str, str]:
     """Every model the run needs, resolved (tiny presets built on the driver, once)."""
-    cache = cfg.paths.resolved_cache_dir()
+    cache, root = cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
     names = list(cfg.grid.models)
     if cfg.reflection.reflector:
         names.append(cfg.reflection.reflector)
     if cfg.eval.judge_model:
         names.append(cfg.eval.judge_model)
-    return {n: resolve_model(n, cache) for n in dict.fromkeys(names)}
+    return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
 
 
 def cell_trainable(config: dict) -> None:
@@ -194,7 +214,8 @@ def reflect_phase(cfg: RunConfig, cells: list[Cell], paths: dict[str, str], outp
 def train_phase(
     cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path, metrics: GridMetrics
 ) -> dict[str, str]:
-    """Tune over cells lacking an adapter. Returns {cell_id: error} for cells that failed."""
+    """Tune over cells lacking an adapter. Returns {cell_id: (error, traceback)} for cells
+    that failed."""
     from ray import tune
 
     todo = untrained(cells, output)
@@ -229,7 +250,10 @@ def train_phase(
     for res in grid:
         cell = Cell(**res.config["cell"])
         if res.error is not None:
-            errors[cell.cell_id] = "".join(traceback.format_exception_only(res.error)).strip()
+            errors[cell.cell_id] = (
+                "".join(traceback.format_exception_only(res.error)).strip(),
+                "".join(traceback.format_exception(res.error)),
+            )
     return errors
 
 
@@ -270,9 +294,12 @@ def eval_phase(
             )
         except Exception as exc:  # one base model's failure must not stop the others
             err = "".join(traceback.format_exception_only(exc)).strip()
+            full = traceback.format_exc()
             out = {c.cell_id: err for c in todo}
             for c in todo:
-                results.write_status(output, c.cell_id, "failed", stage="eval", error=err)
+                results.write_status(
+                    output, c.cell_id, "failed", stage="eval", error=err, traceback=full
+                )
         metrics.record_eval(output)
         outcome.update(out)
     return outcome
@@ -324,9 +351,12 @@ class GridMetrics:
 def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> dict[str, str]:
     """Run (or resume) the grid; returns {cell_id: 'done' | error} for every cell."""
     output = Path(output).resolve()
-    check_run_dir(cfg, output)
-    output.mkdir(parents=True, exist_ok=True)
-    cells = cells if cells is not None else cfg.cells()
+    with run_lock(output, "ablate" if cells is None else "cell"):
+        check_run_dir(cfg, output)
+        return _run_grid_locked(cfg, output, cells if cells is not None else cfg.cells())
+
+
+def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell]) -> dict[str, str]:
     _init_ray()
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
@@ -334,8 +364,8 @@ def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> d
     paths = model_paths(cfg)
     reflect_phase(cfg, pending, paths, output)
     train_errors = train_phase(cfg, pending, paths, output, metrics)
-    for cell_id, err in train_errors.items():
-        results.write_status(output, cell_id, "failed", stage="train", error=err)
+    for cell_id, (err, full) in train_errors.items():
+        results.write_status(output, cell_id, "failed", stage="train", error=err, traceback=full)
     eval_phase(cfg, [c for c in pending if c.cell_id not in train_errors], paths, output, metrics)
     metrics.record_status(output)
     status = results.read_status(output)

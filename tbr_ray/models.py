@@ -3,7 +3,7 @@ the builder that makes tiny presets locally (tokenizer + brief pre-training), no
 
     tbr-ray models                       # list the registry
     tbr-ray build-models                 # build (or find cached) every tiny preset
-    path = resolve_model("tiny-llama", cache_dir)   # local HF folder, built if needed
+    path = resolve_model("tiny-llama", cache_dir, data_root)  # local HF folder, built if needed
 
 A model name is a registry name or a local folder holding an HF-format causal LM.
 """
@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -305,18 +307,19 @@ def model_label(name: str) -> str:
     return name if name in REGISTRY else Path(name).name
 
 
-def resolve_model(name: str, cache_dir: Path, seed: int = 0) -> str:
-    """A loadable model location: tiny presets are built (or found cached) under cache_dir;
-    paper models resolve to their HF id (the cluster's HF cache or hub); paths stay paths."""
-    if name not in REGISTRY and not Path(name).expanduser().exists() and _is_hub_id(name):
+def resolve_model(name: str, cache_dir: Path, data_root: Path, seed: int = 0) -> str:
+    """A loadable model location: tiny presets are built (or found cached) under cache_dir,
+    pre-trained on text under data_root (the run's `data.root`); paper models resolve to their
+    HF id (the cluster's HF cache or hub); paths stay paths."""
+    if name not in REGISTRY and not Path(name).expanduser().exists() and is_hub_id(name):
         return name  # a hub id (judge or reflector on a cluster with an HF cache)
     spec = get_spec(name)
     if spec.tiny:
-        return str(build_tiny_model(spec, cache_dir, seed=seed))
+        return str(build_tiny_model(spec, cache_dir, data_root, seed=seed))
     return spec.hf_id or name
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
@@ -357,19 +360,15 @@ def tiny_build_key(spec: ModelSpec, seed: int, corpus: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def build_tiny_model(
-    spec: ModelSpec, cache_dir: Path, seed: int = 0, data_root: Path | None = None
-) -> Path:
+def build_tiny_model(spec: ModelSpec, cache_dir: Path, data_root: Path, seed: int = 0) -> Path:
     """Build a tiny preset: train a byte-level BPE tokenizer and pre-train all parameters
-    briefly on the shipped general text. Deterministic for a seed; cached by content key."""
-    from tbr_ray.config import DataConfig
-
-    data_root = data_root or DataConfig().resolved_root()
+    briefly on the shipped general text under data_root. Deterministic for a seed; cached by
+    content key."""
     corpus = _pretrain_corpus(data_root)
     out = Path(cache_dir) / "models" / f"{spec.name}-{tiny_build_key(spec, seed, corpus)}"
     if (out / "build_info.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # concurrent builders: own temp
     tokenizer = _train_tokenizer(corpus, PRETRAIN["vocab_size"])
     model, info = _pretrain(spec, tokenizer, corpus, seed)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -378,12 +377,10 @@ def build_tiny_model(
     (tmp / "build_info.json").write_text(
         json.dumps({"spec": asdict(spec), "seed": seed, "pretrain": PRETRAIN, **info}, indent=2)
     )
-    if out.exists():  # a concurrent builder finished first; keep its result
-        import shutil
-
+    try:
+        tmp.rename(out)
+    except OSError:  # a concurrent builder finished first; keep its result
         shutil.rmtree(tmp)
-        return out
-    tmp.rename(out)
     return out
 
 

@@ -28,8 +28,9 @@ def test_config_error_is_one_readable_message(tmp_path):
 
 def test_dry_run_prints_cells_and_gpu_hours():
     """Without a cluster size the plan still sizes every cell and engine (the before-stop hook
-    runs this); with --gpus it adds GPU-hours and the makespan."""
-    paper = ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run"]
+    runs this); with --gpus it adds GPU-hours and the makespan. --config-only skips this
+    machine's files and secrets (the paper's user benchmark files and key are the cluster's)."""
+    paper = ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run", "--config-only"]
     out = runner.invoke(app, paper)
     assert out.exit_code == 0 and "45 cells" in out.output and "Fix: pass --gpus" in out.output
     out = runner.invoke(app, [*paper, "--gpus", "8", "--gpu-memory", "80"])
@@ -41,7 +42,9 @@ def test_dry_run_prints_cells_and_gpu_hours():
 
 def test_dry_run_on_one_gpu_refuses_the_large_models_by_name():
     out = runner.invoke(
-        app, ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run", "--gpus", "1"]
+        app,
+        ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run", "--config-only"]
+        + ["--gpus", "1"],
     )
     assert out.exit_code == 2 and "REFUSED" in out.output
     named = "falcon-40b, llama-2-70b, llama-3-70b, llama-3.1-70b"
@@ -78,6 +81,7 @@ def test_judge_score_prints_agreement_and_confusion():
 def test_dry_run_of_a_cpu_grid_plans_on_this_machines_cores():
     import os
 
-    out = runner.invoke(app, ["ablate", "--config", str(REPO / "jobs/tiny.yaml"), "--dry-run"])
+    tiny = ["ablate", "--config", str(REPO / "jobs/tiny.yaml"), "--dry-run", "--config-only"]
+    out = runner.invoke(app, tiny)
     assert out.exit_code == 0 and "9 cells; 9 trained" in out.output
     assert "makespan" in out.output and f"on {os.cpu_count()} CPU cores" in out.output
