@@ -1,7 +1,7 @@
 """`tbr-ray`: the command line.
 
     tbr-ray ablate --config jobs/tiny.yaml --output runs/tiny      # the whole grid (resumable)
-    tbr-ray ablate --config jobs/paper.yaml --dry-run               # cells, resources, GPU-hours
+    tbr-ray ablate --config jobs/paper.yaml --dry-run --gpus 8 --config-only  # the plan
     tbr-ray cell   --config jobs/tiny.yaml --output runs/one        # one cell end to end
     tbr-ray data|train|eval --config ... --output ...               # one stage of one cell
     tbr-ray report runs/tiny --output runs/tiny/report              # tables, stats, plots
@@ -144,20 +144,29 @@ def ablate(
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
-        help="Print the cell table and a GPU-hour estimate, then the preflight; train nothing.",
+        help="Plan, train nothing: per cell GPUs, ZeRO, memory fit, steps; per base model "
+        "engine GPUs; GPU-hours and makespan (tbr_ray.plan), then the preflight. Exit 2 if "
+        "it cannot fit.",
+    ),
+    gpus: int | None = typer.Option(
+        None, "--gpus", min=1, help="GPUs of the cluster (cluster.gpus); default: Ray's."
+    ),
+    gpu_memory: float | None = typer.Option(
+        None, "--gpu-memory", min=1, help="GiB of one GPU (cluster.gpu_memory_gib)."
     ),
     config_only: bool = ConfigOnlyOpt,
 ) -> None:
     """Run (or resume) the grid: models x conditions x gammas x seeds."""
-    from tbr_ray.grid import format_cell_table, run_grid, summarize, wall_clock
+    from tbr_ray.grid import run_grid, summarize, wall_clock
 
+    sets = list(sets) + [f"cluster.gpus={gpus}"] * bool(gpus)
+    sets += [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
     cfg = _config(config, sets)
     if dry_run:
-        typer.echo(format_cell_table(cfg))
+        _dry_run(cfg, gpus, None if config_only else output)
+        return
     if not config_only:
         _ready(cfg, output)
-    if dry_run:
-        return
     t0 = time.time()
     try:
         outcome = run_grid(cfg, output)
@@ -175,6 +184,37 @@ def ablate(
         )
     if failed:
         raise typer.Exit(1)
+
+
+def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
+    """The plan (tbr_ray.plan), then the preflight of this machine unless `output` is None
+    (--config-only); exit 2 if either finds a problem."""
+    from tbr_ray.plan import PlanError, format_plan, plan_grid
+
+    try:
+        plan = plan_grid(cfg, gpus or _cluster_devices(cfg))
+    except PlanError as exc:
+        _fail(str(exc))
+    typer.echo(format_plan(plan))
+    if output is not None:
+        _ready(cfg, output)
+    if plan.problems:
+        raise typer.Exit(2)
+
+
+def _cluster_devices(cfg: RunConfig) -> int | None:
+    """Devices to plan for without --gpus: the Ray cluster's (only when RAY_ADDRESS names one,
+    as `ray job submit` does: never a stray local instance), else cluster.gpus; CPU runs: the
+    cluster's CPUs, else this machine's cores."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+        res = ray.cluster_resources()
+        return int(res.get("GPU" if cfg.train.use_gpu else "CPU", 0)) or None
+    return cfg.cluster.gpus if cfg.train.use_gpu else os.cpu_count()
 
 
 @app.command()
