@@ -207,13 +207,8 @@ def judge_all(cfg: RunConfig, gens: pd.DataFrame, items: list[EvalItem]) -> pd.D
 def model_judges(cfg: RunConfig) -> list[tuple[str, str, ModelJudgeConfig]]:
     """(results name, task, settings) of each configured model judge: the refusal judge
     ("model") on refusal and safety sets, the harm judge ("harm") on safety sets."""
-    e = cfg.eval
-    out = []
-    if e.refusal_judge is not None and REFUSAL_MODEL_JUDGE in e.judges:
-        out.append((REFUSAL_MODEL_JUDGE, "refusal", e.refusal_judge))
-    if e.harm_judge is not None:
-        out.append((HARM_JUDGE, "harm", e.harm_judge))
-    return out
+    names = {"refusal_judge": (REFUSAL_MODEL_JUDGE, "refusal"), "harm_judge": (HARM_JUDGE, "harm")}
+    return [(*names[field], judge) for field, judge in cfg.eval.model_judges()]
 
 
 def _model_judge(
@@ -228,7 +223,7 @@ def _model_judge(
     its own tokenizer (tbr_ray.judges.judge_prompt); parse each answer (None: unparsable)."""
     from tbr_ray.models import resolve_model
 
-    path = resolve_model(judge.model, cfg.paths.resolved_cache_dir())
+    path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
     tokenizer = _tokenizer(path)
     cut = 1200  # characters of prompt / completion shown to the judge: bounded context
     rows = [

@@ -218,10 +218,10 @@ def test_metric_rows_give_harmful_rate_and_unparsable_share_per_judge():
 @pytest.mark.parametrize(
     ("section", "match"),
     [
-        ({"harm_judge": {"model": "m", "format": "gpt-4"}}, "unknown judge format.*llama-guard-3"),
-        ({"harm_judge": {"model": "m", "format": "three-class"}}, "cannot judge harm"),
+        ({"harm_judge": {"model": "o/j", "format": "gpt-4"}}, "unknown judge format.*llama-guard-3"),
+        ({"harm_judge": {"model": "o/j", "format": "three-class"}}, "cannot judge harm"),
         (
-            {"judges": ["model"], "refusal_judge": {"model": "m", "format": "llama-guard-3"}},
+            {"judges": ["model"], "refusal_judge": {"model": "o/j", "format": "llama-guard-3"}},
             "eval.refusal_judge.format = 'llama-guard-3' cannot judge refusal",
         ),
         ({"harm_judge": {**GUARD, "format": "wildguard"}}, "answers in the llama-guard-3 format"),
@@ -231,7 +231,7 @@ def test_metric_rows_give_harmful_rate_and_unparsable_share_per_judge():
         ),
         ({"harm_judge": {"model": "tiny-falcon", "format": "llama-guard-3"}}, "tiny preset"),
         ({"judges": ["model"]}, "eval.refusal_judge is not set"),
-        ({"refusal_judge": {"model": "m", "format": "three-class"}}, "would never run"),
+        ({"refusal_judge": {"model": "o/j", "format": "three-class"}}, "would never run"),
         ({"judge_model": "allenai/wildguard"}, "eval.judge_model was replaced"),
         ({"harm_judge": {**GUARD, "max_new_tokens": 0}}, "max_new_tokens"),
     ],
