@@ -3,7 +3,7 @@ the builder that makes tiny presets locally (tokenizer + brief pre-training), no
 
     tbr-ray models                       # list the registry
     tbr-ray build-models                 # build (or find cached) every tiny preset
-    path = resolve_model("tiny-llama", cache_dir)   # local HF folder, built if needed
+    path = resolve_model("tiny-llama", cache_dir, data_root)  # local HF folder, built if needed
 
 A model name is a registry name or a local folder holding an HF-format causal LM.
 """
@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +43,9 @@ class Shape:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registry entry. `gpus`/`zero_stage` are suggestions for the paper grid (bf16 LoRA)."""
+    """One registry entry. `gpus`/`zero_stage`: what tbr_ray.plan.train_layout chooses for the
+    paper grid on 80 GiB cards (bf16 LoRA; tests/test_plan.py holds them equal), listed by
+    `tbr-ray models`; a run takes the planner's choice for its cluster."""
 
     name: str
     hf_id: str | None  # None for tiny presets (built locally)
@@ -89,7 +93,7 @@ SHAPES: dict[str, Shape] = {
 }
 
 
-# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GB cards, bf16, LoRA.
+# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GiB cards, bf16, LoRA.
 PAPER_MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in [
@@ -101,9 +105,9 @@ PAPER_MODELS: dict[str, ModelSpec] = {
         _paper("falcon-7b", "tiiuae/falcon-7b", "falcon", 7.2, 1, 2, FALCON_TARGETS, False),
         _paper("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "llama", 8.0, 1, 2),
         _paper("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "llama", 8.0, 1, 2),
-        _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 2, 2),
-        _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 2, 2),
-        _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 2, 2),
+        _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 1, 2),
+        _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 1, 2),
+        _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 1, 2),
         _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3, FALCON_TARGETS, False),
         _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
         _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),
@@ -303,18 +307,19 @@ def model_label(name: str) -> str:
     return name if name in REGISTRY else Path(name).name
 
 
-def resolve_model(name: str, cache_dir: Path, seed: int = 0) -> str:
-    """A loadable model location: tiny presets are built (or found cached) under cache_dir;
-    paper models resolve to their HF id (the cluster's HF cache or hub); paths stay paths."""
-    if name not in REGISTRY and not Path(name).expanduser().exists() and _is_hub_id(name):
+def resolve_model(name: str, cache_dir: Path, data_root: Path, seed: int = 0) -> str:
+    """A loadable model location: tiny presets are built (or found cached) under cache_dir,
+    pre-trained on text under data_root (the run's `data.root`); paper models resolve to their
+    HF id (the cluster's HF cache or hub); paths stay paths."""
+    if name not in REGISTRY and not Path(name).expanduser().exists() and is_hub_id(name):
         return name  # a hub id (judge or reflector on a cluster with an HF cache)
     spec = get_spec(name)
     if spec.tiny:
-        return str(build_tiny_model(spec, cache_dir, seed=seed))
+        return str(build_tiny_model(spec, cache_dir, data_root, seed=seed))
     return spec.hf_id or name
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
@@ -355,19 +360,15 @@ def tiny_build_key(spec: ModelSpec, seed: int, corpus: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def build_tiny_model(
-    spec: ModelSpec, cache_dir: Path, seed: int = 0, data_root: Path | None = None
-) -> Path:
+def build_tiny_model(spec: ModelSpec, cache_dir: Path, data_root: Path, seed: int = 0) -> Path:
     """Build a tiny preset: train a byte-level BPE tokenizer and pre-train all parameters
-    briefly on the shipped general text. Deterministic for a seed; cached by content key."""
-    from tbr_ray.config import DataConfig
-
-    data_root = data_root or DataConfig().resolved_root()
+    briefly on the shipped general text under data_root. Deterministic for a seed; cached by
+    content key."""
     corpus = _pretrain_corpus(data_root)
     out = Path(cache_dir) / "models" / f"{spec.name}-{tiny_build_key(spec, seed, corpus)}"
     if (out / "build_info.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # concurrent builders: own temp
     tokenizer = _train_tokenizer(corpus, PRETRAIN["vocab_size"])
     model, info = _pretrain(spec, tokenizer, corpus, seed)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -376,12 +377,10 @@ def build_tiny_model(
     (tmp / "build_info.json").write_text(
         json.dumps({"spec": asdict(spec), "seed": seed, "pretrain": PRETRAIN, **info}, indent=2)
     )
-    if out.exists():  # a concurrent builder finished first; keep its result
-        import shutil
-
+    try:
+        tmp.rename(out)
+    except OSError:  # a concurrent builder finished first; keep its result
         shutil.rmtree(tmp)
-        return out
-    tmp.rename(out)
     return out
 
 

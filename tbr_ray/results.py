@@ -240,16 +240,28 @@ def write_cell_tables(
         )
 
 
-def write_status(results_dir: str | Path, cell_id: str, status: str, **info: Any) -> None:
-    """Record a cell's state: running | done | failed (with `error`)."""
+def write_status(
+    results_dir: str | Path, cell_id: str, status: str, traceback: str | None = None, **info: Any
+) -> None:
+    """Record a cell's state: running | done | failed (with `error`). `started` is kept from
+    the attempt's first `running` record; a failure's full `traceback` goes to error.txt
+    beside status.json (its path in `error_file`), the status keeping the one-line `error`."""
     if status not in ("running", "done", "failed"):
         raise ValueError(f"unknown cell status {status!r}")
+    now, path = time.time(), cell_dir(results_dir, cell_id) / "status.json"
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    same_attempt = before.get("status") == "running"
+    started = before.get("started", now) if same_attempt else now
+    if traceback is not None:
+        error_file = cell_dir(results_dir, cell_id) / "error.txt"
+        _atomic_write_bytes(error_file, lambda p: Path(p).write_text(traceback))
+        info["error_file"] = str(error_file)
     payload = json.dumps(
-        {"cell_id": cell_id, "status": status, "time": time.time(), **info}, indent=2, default=str
+        {"cell_id": cell_id, "status": status, "time": now, "started": started, **info},
+        indent=2,
+        default=str,
     )
-    _atomic_write_bytes(
-        cell_dir(results_dir, cell_id) / "status.json", lambda p: Path(p).write_text(payload)
-    )
+    _atomic_write_bytes(path, lambda p: Path(p).write_text(payload))
 
 
 def read_status(results_dir: str | Path) -> pd.DataFrame:
