@@ -270,12 +270,13 @@ def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
 
 
 def reviewed_counts(results: Results, numbers: pd.DataFrame) -> pd.DataFrame:
-    """column, benchmark, judged, reviewed, unsettled, reviewers, per judged Table 3 column."""
+    """column, benchmark, judged, reviewed, unsettled, reviewers, per Table 3 compliance column
+    (human labels are refusal labels: harm and accuracy columns are not reviewed)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
     auto = results.judgements[results.judgements["judge"].isin(judges.JUDGES)]
     consensus = judges.human_consensus(results.reviews)
     rows = []
-    judged_numbers = tables.sort_rows(numbers[numbers["metric"] != "accuracy"])
+    judged_numbers = tables.sort_rows(numbers[numbers["metric"] == "compliance_rate"])
     columns = judged_numbers[["column", "benchmark"]]
     for label, bench in columns.drop_duplicates().itertuples(index=False):
         judged = auto.loc[auto["benchmark"] == bench, keys].drop_duplicates()
