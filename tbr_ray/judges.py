@@ -246,14 +246,16 @@ def one_bos(tokenizer, text: str) -> str:
 
     Chat templates write the BOS themselves (Llama 3's `<|begin_of_text|>`, Gemma's `<bos>`);
     a tokenizer that adds one too would double it, so the template's is cut. A tokenizer that
-    adds none (the Llama 3 tokenizer in ../shared/tokenizers) gets the BOS written in front."""
+    adds none but whose template writes one (the Llama 3 tokenizer in ../shared/tokenizers)
+    gets the BOS written in front of plain text; one that adds none and has no template (the
+    tiny presets, pre-trained without a BOS) gets none."""
     bos = tokenizer.bos_token
     if not bos:
         return text
     adds = _adds_bos(tokenizer)
     if adds and text.startswith(bos):
         return text[len(bos) :]
-    if not adds and not text.startswith(bos):
+    if not adds and not text.startswith(bos) and _template_writes_bos(tokenizer):
         return bos + text
     return text
 
@@ -261,6 +263,15 @@ def one_bos(tokenizer, text: str) -> str:
 def _adds_bos(tokenizer) -> bool:
     ids = tokenizer("x", add_special_tokens=True)["input_ids"]
     return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _template_writes_bos(tokenizer) -> bool:
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
+    return text.startswith(tokenizer.bos_token)
 
 
 _CLASS_NAME = re.compile(r"full_compliance|full_refusal|partial_refusal")

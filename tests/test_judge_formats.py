@@ -115,6 +115,17 @@ def test_llama_guard_format_needs_llama_guards_template(name, match):
         judge_prompt("llama-guard-3", _tokenizer(name), *PAIR, model="some/model")
 
 
+def test_templateless_tiny_judge_gets_no_bos_it_never_saw(tiny_llama):
+    """Tiny presets declare <s> but never add it and were pre-trained without it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert tokenizer.bos_token and not tokenizer.chat_template
+    for fmt in ("three-class", "wildguard"):
+        ids = tokenizer(judge_prompt(fmt, tokenizer, *PAIR))["input_ids"]
+        assert tokenizer.bos_token_id not in ids
+
+
 def test_wildguard_prompt_is_its_documented_plain_text():
     class NoBos:  # a tokenizer without a BOS token and without a chat template
         bos_token = None
