@@ -94,7 +94,7 @@ def models() -> None:
     for m in REGISTRY.values():
         size = f"{m.params_b:.1f}B" if m.params_b >= 0.1 else "tiny"
         typer.echo(
-            f"{m.name:16} {m.family:7} {size:>8} {m.gpus:4d} {m.zero_stage:4d} "
+            f"{m.name:16} {m.family.name:7} {size:>8} {m.gpus:4d} {m.zero_stage:4d} "
             f"{'yes' if m.vllm_lora else 'merge':9} {m.hf_id or 'built locally'}"
         )
 
@@ -111,7 +111,8 @@ def build_models(
 ) -> None:
     """Build (or find cached) every tiny preset: tokenizer + brief pre-training."""
     from tbr_ray.config import DataConfig, PathsConfig
-    from tbr_ray.models import TINY_MODELS, build_tiny_model
+    from tbr_ray.models import TINY_MODELS
+    from tbr_ray.tiny import build_tiny_model
 
     cache = Path(cache_dir) if cache_dir else PathsConfig().resolved_cache_dir()
     root = DataConfig(root=str(data_root) if data_root else None).resolved_root()
@@ -448,7 +449,7 @@ def _model_labeler(cfg: RunConfig):
 
     from tbr_ray.evaluate import _run_engine, _tokenizer
     from tbr_ray.judges import judge_prompt
-    from tbr_ray.models import resolve_model
+    from tbr_ray.tiny import resolve_model
 
     judge = cfg.eval.refusal_judge
 
