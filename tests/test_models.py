@@ -99,3 +99,22 @@ def test_unlisted_family_trains_all_linear_and_evaluates_merged(ray_local, tiny_
     # the merged engine's greedy tokens matched transformers + PEFT on the unmerged pair
     assert status["engine_check"] == {"base": 1.0}
     assert not (tmp_path / "scratch" / f"merged-{cell.cell_id}").exists()
+
+
+def test_readme_extending_examples_match_the_code():
+    """The README's "Extending" snippets run against the modules they name and agree with them."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tbr_ray import benchmarks, judges, models
+
+    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    blocks = text.split("## Extending", 1)[1].split("```python\n")[1:]
+    family, bench, rules = (b.split("```", 1)[0] for b in blocks)
+    qwen = eval(family.strip().rstrip(","), vars(models))
+    assert qwen.vllm_lora is vllm_serves_lora(qwen.architecture)
+    advbench = eval(bench.strip().rstrip(","), vars(benchmarks))
+    assert replace(advbench, loader=None) == replace(benchmarks.BENCHMARKS["advbench"], loader=None)
+    namespace = dict(vars(judges))
+    exec(rules, namespace)
+    assert namespace["RULE_JUDGES"] == judges.RULE_JUDGES
