@@ -85,8 +85,9 @@ def _pick_cell(cfg: RunConfig, model: str | None, reflection: str | None, seed: 
 
 @app.command()
 def models() -> None:
-    """List the model registry: the paper's 15 base models and the tiny presets."""
-    from tbr_ray.models import REGISTRY
+    """List the model registry (the paper's 15 base models, the chat models, the tiny presets),
+    then its families: LoRA targets, how vLLM serves adapters, chat template notes."""
+    from tbr_ray.models import FAMILIES, REGISTRY
 
     typer.echo(
         f"{'name':16} {'family':7} {'params':>8} {'GPUs':>4} {'ZeRO':>4} {'vLLM LoRA':9} source"
@@ -97,6 +98,12 @@ def models() -> None:
             f"{m.name:16} {m.family.name:7} {size:>8} {m.gpus:4d} {m.zero_stage:4d} "
             f"{'yes' if m.vllm_lora else 'merge':9} {m.hf_id or 'built locally'}"
         )
+    typer.echo("\nfamilies (a local model of another family: all-linear LoRA, vLLM decides)")
+    for f in FAMILIES.values():
+        targets = f.lora_targets if isinstance(f.lora_targets, str) else ",".join(f.lora_targets)
+        serving = "yes" if f.vllm_lora else "merge"
+        typer.echo(f"{f.name:7} {f.architecture:18} {serving:5} {targets}")
+        typer.echo(f"{'':8}{f.chat_template}")
 
 
 @app.command("build-models")
