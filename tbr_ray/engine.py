@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tbr_ray.models import ModelSpec
+
 
 class EngineMismatchError(RuntimeError):
     """vLLM's greedy tokens disagree with transformers' on the check prompts."""
@@ -315,7 +317,7 @@ def vllm_serves_lora(architecture: str) -> bool:
     return supports_lora(model_cls)
 
 
-def serves_lora(spec) -> bool:
+def serves_lora(spec: ModelSpec) -> bool:
     """The registry's answer for a listed family (models.FAMILIES), vLLM's for an unlisted one:
     True: one engine serves every adapter; False: merge each adapter (merge_adapter)."""
     if spec.vllm_lora is not None:
