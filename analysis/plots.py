@@ -20,16 +20,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from analysis.tables import (
-    DEFAULT_JUDGE,
-    GAMMA_CONDITIONS,
-    order_conditions,
-    order_models,
-    select_gamma,
-)
+from analysis.tables import DEFAULT_JUDGE, order_conditions, order_models, select_gamma
+from tbr_ray.vocab import BASE, GAMMA_CONDITIONS
 
 CONDITION_COLOURS = {
-    "base": "tab:gray",
+    BASE: "tab:gray",
     "none": "tab:blue",
     "internal": "tab:orange",
     "external": "tab:green",

@@ -21,19 +21,19 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from tbr_ray.judges import HARM_JUDGE
 from tbr_ray.models import REGISTRY, UnknownModelError, get_spec
 from tbr_ray.results import Results
+from tbr_ray.vocab import BASE, CONDITIONS, GAMMA_CONDITIONS, HARM_JUDGE, PROMPTING
 
 DEFAULT_JUDGE = "paper-keywords"
 CELL_KEYS = ["model", "condition", "gamma", "seed"]
 RATE_KEYS = CELL_KEYS + ["benchmark", "benchmark_kind", "judge", "metric"]
 # Display order; conditions a run lacks are simply absent.
-CONDITION_ORDER = ("base", "none", "internal", "external", "prompt-direct", "prompt-cot")
-FINETUNE_CONDITIONS = ("base", "none", "internal", "external")
-PROMPT_CONDITIONS = ("prompt-direct", "prompt-cot")
-# Conditions that use gamma; the others record 0.0 (none) or carry no adapter at all.
-GAMMA_CONDITIONS = ("internal", "external")
+FINETUNE_CONDITIONS = (BASE, *CONDITIONS)
+PROMPT_CONDITIONS = PROMPTING
+CONDITION_ORDER = FINETUNE_CONDITIONS + PROMPT_CONDITIONS
+# GAMMA_CONDITIONS (from the vocabulary) use gamma; the others record 0.0 (none) or carry no
+# adapter at all.
 # (column label, benchmark, metric) in the paper's order. The paper's XSTest-H and Malicious
 # columns are Llama Guard's harmful rate: here the harm judge's (eval.harm_judge), with the
 # refusal judge's compliance on the same prompts beside them. No column stands in for another:
@@ -270,7 +270,7 @@ def table3_deltas(wide: pd.DataFrame, baseline: str = "none") -> pd.DataFrame:
         return pd.DataFrame()
     deltas = {}
     for label, condition in wide.columns:
-        if condition not in (baseline, "base") and (label, baseline) in wide.columns:
+        if condition not in (baseline, BASE) and (label, baseline) in wide.columns:
             deltas[(label, f"{condition}-{baseline}")] = (
                 wide[(label, condition)] - wide[(label, baseline)]
             )

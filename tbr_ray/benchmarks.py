@@ -34,11 +34,11 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from tbr_ray.models import format_prompt
+from tbr_ray.vocab import GSM8K_SHOT_POOL, SHOT_POOLS
 
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGH"
-GSM8K_SHOT_POOL = 8  # first rows of gsm8k/test.jsonl: exemplars, never evaluated (no train split)
 
 
 @dataclass(frozen=True)
@@ -436,6 +436,8 @@ def _load_gsm8k(spec: BenchmarkSpec, path: Path, shots: int):
 
 
 # ---------------------------------------------------------------- the benchmarks
+# Keys, kinds, shot pools and user-file entries are the vocabulary's (tbr_ray/vocab.py), which
+# config validates against; tests/test_layers.py holds this table equal to it.
 
 _STL = "safety-tuned-llamas/data/evaluation/"
 # fmt: off
@@ -474,17 +476,18 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
     # prompt: MMLU 0-shot 1,078 (p95 604; 1-shot p95 1,193), ARC-C 3-shot 877, GSM8K 2-shot
     # 677 (+ generated tokens). Paper-scale runs set eval.shots (e.g. mmlu: 5, gsm8k: 8).
     BenchmarkSpec("mmlu", "general", _load_mmlu, "mmlu/test", "MMLU test split, 57 subjects; "
-                  "shots: the subject's dev rows in order", 14042, mode="choice", max_shots=5),
+                  "shots: the subject's dev rows in order", 14042, mode="choice",
+                  max_shots=SHOT_POOLS["mmlu"]),
     BenchmarkSpec("arc_easy", "general", _load_arc, "arc/ARC-Easy-test.jsonl",
                   "ARC-Easy test split; shots: first train rows", 2376, mode="choice",
-                  default_shots=3, max_shots=25),
+                  default_shots=3, max_shots=SHOT_POOLS["arc_easy"]),
     BenchmarkSpec("arc_challenge", "general", _load_arc, "arc/ARC-Challenge-test.jsonl",
                   "ARC-Challenge test split; shots: first train rows", 1172, mode="choice",
-                  default_shots=3, max_shots=25),
+                  default_shots=3, max_shots=SHOT_POOLS["arc_challenge"]),
     BenchmarkSpec("gsm8k", "general", _load_gsm8k, "gsm8k/test.jsonl",
                   f"GSM8K test; its first {GSM8K_SHOT_POOL} rows are the shot pool and are "
                   "never evaluated", 1319 - GSM8K_SHOT_POOL, default_shots=2,
-                  max_shots=GSM8K_SHOT_POOL),
+                  max_shots=SHOT_POOLS["gsm8k"]),
 ]}
 # fmt: on
 # Benchmarks whose file the user brings (eval.benchmark_files): name -> default place.

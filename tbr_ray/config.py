@@ -22,13 +22,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# Names are validated against the vocabulary, never the stage registries (README "Layers").
+from tbr_ray import vocab
+from tbr_ray.keys import content_key
+from tbr_ray.vocab import ALL_CONDITIONS, CONDITIONS, PROMPTING  # noqa: F401 (re-exported)
+
 Condition = Literal["none", "internal", "external", "prompt-direct", "prompt-cot"]
-# Fine-tuning conditions (paper Table 3) ...
-CONDITIONS: tuple[str, ...] = ("none", "internal", "external")
-# ... and the prompting experiment (paper section 3, Table 1): no training, the base (chat)
-# model evaluated under the Direct or the CoT system prompt.
-PROMPTING: tuple[str, ...] = ("prompt-direct", "prompt-cot")
-ALL_CONDITIONS = CONDITIONS + PROMPTING
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fields that say *where* things are, not *what* is computed: kept out of the config hash.
 _LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
@@ -214,7 +213,7 @@ class TrainConfig(_Strict):
 
 class ModelJudgeConfig(_Strict):
     """One model judge: which model, the prompt/answer format it was trained on, its budget.
-    Formats and what each can judge: tbr_ray.judges.FORMATS."""
+    Formats and what each can judge: tbr_ray.vocab.FORMATS."""
 
     model: str = Field(
         ...,
@@ -239,24 +238,21 @@ class ModelJudgeConfig(_Strict):
     @field_validator("format")
     @classmethod
     def _format_known(cls, v: str) -> str:
-        from tbr_ray.judges import FORMATS
-
-        if v not in FORMATS:
-            raise ValueError(f"unknown judge format. Fix: use one of {', '.join(FORMATS)}")
+        if v not in vocab.FORMATS:
+            raise ValueError(f"unknown judge format. Fix: use one of {', '.join(vocab.FORMATS)}")
         return v
 
     @model_validator(mode="after")
     def _model_fits_format(self) -> ModelJudgeConfig:
-        from tbr_ray.judges import FORMATS, expected_format
         from tbr_ray.models import TINY_MODELS
 
-        known = expected_format(self.model)
+        known = vocab.expected_format(self.model)
         if known is not None and known != self.format:
             raise ValueError(
                 f"judge model {self.model!r} answers in the {known} format, not {self.format!r}. "
                 f"Fix: set format: {known}"
             )
-        if self.model in TINY_MODELS and FORMATS[self.format].chat_template == "required":
+        if self.model in TINY_MODELS and vocab.FORMATS[self.format].chat_template == "required":
             raise ValueError(
                 f"judge model {self.model!r} is a tiny preset without a chat template; format "
                 f"{self.format!r} renders through the judge's own template. Fix: use format "
@@ -266,9 +262,7 @@ class ModelJudgeConfig(_Strict):
 
     def budget(self) -> int:
         """Tokens the judge may write: the setting, else the format's default."""
-        from tbr_ray.judges import FORMATS
-
-        return self.max_new_tokens or FORMATS[self.format].max_new_tokens
+        return self.max_new_tokens or vocab.FORMATS[self.format].max_new_tokens
 
 
 class EvalConfig(_Strict):
@@ -350,16 +344,12 @@ class EvalConfig(_Strict):
     @field_validator("benchmarks")
     @classmethod
     def _benchmarks_known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from tbr_ray.benchmarks import BENCHMARKS
-
-        return _check_names("benchmark", v, BENCHMARKS)
+        return _check_names("benchmark", v, vocab.BENCHMARK_KINDS)
 
     @field_validator("judges")
     @classmethod
     def _judges_known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from tbr_ray.judges import JUDGES
-
-        return _check_names("judge", v, JUDGES)
+        return _check_names("judge", v, vocab.JUDGES)
 
     def model_judges(self) -> list[tuple[str, ModelJudgeConfig]]:
         """(field, settings) of each model judge that runs: `refusal_judge` (the `model` entry of
@@ -370,15 +360,13 @@ class EvalConfig(_Strict):
     @field_validator("shots")
     @classmethod
     def _shots_in_range(cls, v: dict[str, int]) -> dict[str, int]:
-        from tbr_ray.benchmarks import BENCHMARKS
-
-        general = {n: s for n, s in BENCHMARKS.items() if s.kind == "general"}
+        pools = vocab.SHOT_POOLS
         problems = []
         for name, n in v.items():
-            if name not in general:
-                problems.append(f"{name!r} takes no shots (use one of {', '.join(general)})")
-            elif not 0 <= n <= general[name].max_shots:
-                problems.append(f"{name}: {n} is outside 0..{general[name].max_shots}")
+            if name not in pools:
+                problems.append(f"{name!r} takes no shots (use one of {', '.join(pools)})")
+            elif not 0 <= n <= pools[name]:
+                problems.append(f"{name}: {n} is outside 0..{pools[name]}")
         if problems:
             raise ValueError("; ".join(problems) + ". Fix: correct or remove those keys")
         return v
@@ -386,12 +374,11 @@ class EvalConfig(_Strict):
     @field_validator("benchmark_files")
     @classmethod
     def _files_for_user_benchmarks(cls, v: dict[str, str]) -> dict[str, str]:
-        from tbr_ray.benchmarks import USER_FILES
-
-        unknown = sorted(set(v) - set(USER_FILES))
+        unknown = sorted(set(v) - set(vocab.USER_FILE_BENCHMARKS))
         if unknown:
             raise ValueError(
-                f"keys {unknown} take no user file. Fix: use only {', '.join(USER_FILES)}"
+                f"keys {unknown} take no user file. Fix: use only "
+                f"{', '.join(vocab.USER_FILE_BENCHMARKS)}"
             )
         return v
 
@@ -429,12 +416,10 @@ def _check_names(kind: str, given: tuple[str, ...], known) -> tuple[str, ...]:
 def check_judges(e: EvalConfig) -> None:
     """Each model judge's format can do its task, and the `model` judge is configured iff it
     is listed (a judge that never runs would be a silent no-op)."""
-    from tbr_ray.judges import FORMATS
-
     for field, task in (("refusal_judge", "refusal"), ("harm_judge", "harm")):
         judge = getattr(e, field)
-        if judge is not None and task not in FORMATS[judge.format].tasks:
-            able = [f for f, spec in FORMATS.items() if task in spec.tasks]
+        if judge is not None and task not in vocab.FORMATS[judge.format].tasks:
+            able = [f for f, spec in vocab.FORMATS.items() if task in spec.tasks]
             raise ValueError(
                 f"eval.{field}.format = {judge.format!r} cannot judge {task}. Fix: use "
                 f"one of {', '.join(able)} for eval.{field}"
@@ -660,8 +645,7 @@ class RunConfig(_Strict):
 
     def config_hash(self) -> str:
         """Stable 12-hex hash of everything that changes results (not where files live)."""
-        blob = json.dumps(self.hashable_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return content_key(self.hashable_dict(), 12, compact=True)
 
 
 class _Loader(yaml.SafeLoader):

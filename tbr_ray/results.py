@@ -20,7 +20,7 @@ without an adapter are stored as cells with condition "base" (cell id `<model>__
 
 Human labels are stored apart from the cells (a run is reviewed after it finished, by one or
 more people); `read_results` folds them into `judgements` as the judges `human` and
-`paper-reviewed` (see `tbr_ray.judges.human_judgements`).
+`paper-reviewed` (see `human_judgements`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tbr_ray.vocab import HUMAN, PAPER_REVIEWED, REVIEW_JUDGES
 
 SCHEMA_VERSION = "1"
 TRACKED_PACKAGES = (
@@ -296,8 +298,6 @@ def read_results(results_dir: str | Path) -> Results:
     """Read the finished cells of a results directory; unfinished cells are left out of the
     tables (see `status` for them), so partial runs never mix into analyses. Human labels
     (`reviews/`) of finished cells come back in `reviews` and as judges in `judgements`."""
-    from tbr_ray.judges import human_judgements  # judges is pure; imported here, not at load
-
     status = read_status(results_dir)
     done = set(status.loc[status["status"] == "done", "cell_id"]) if len(status) else set()
     frames: dict[str, pd.DataFrame] = {}
@@ -349,3 +349,49 @@ def write_run_manifest(results_dir: str | Path, manifest: dict[str, Any]) -> Non
 
 def read_run_manifest(results_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(results_dir) / "run.json").read_text())
+
+
+# ---------------------------------------------------------------- human review as judges
+
+ITEM_KEYS = ["cell_id", "benchmark", "prompt_id"]  # one judged generation
+
+
+def human_consensus(reviews: pd.DataFrame) -> pd.DataFrame:
+    """One row per reviewed generation: cell_id, benchmark, prompt_id, label, refused,
+    n_reviewers. Reviewers who disagree leave `label` null; `refused` stays set when they
+    still agree on refusal vs compliance (e.g. full vs partial refusal), else it is null too."""
+    columns = [*ITEM_KEYS, "label", "refused", "n_reviewers"]
+    if reviews.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = reviews.groupby(ITEM_KEYS, sort=True)
+    out = grouped.agg(
+        labels=("label", "nunique"),
+        label=("label", "first"),
+        votes=("refused", "nunique"),
+        refused=("refused", "first"),
+        n_reviewers=("reviewer", "nunique"),
+    ).reset_index()
+    out["label"] = out["label"].where(out["labels"] == 1, None)
+    out["refused"] = out["refused"].astype(object).where(out["votes"] == 1, None)
+    return out[columns]
+
+
+def human_judgements(judgements: pd.DataFrame, reviews: pd.DataFrame) -> pd.DataFrame:
+    """Judgement rows (same columns as `judgements`) for the judges `human` (one per reviewed
+    generation, see human_consensus) and `paper-reviewed` (one per paper-keywords row: the
+    human label where the reviewers settled one, else the keyword label)."""
+    stored = judgements[~judgements["judge"].isin(REVIEW_JUDGES)]
+    consensus = human_consensus(reviews)
+    consensus = consensus[consensus["refused"].notna()]
+    items = stored.drop_duplicates(ITEM_KEYS).drop(columns=["judge", "label", "refused", "harmful"])
+    human = items.merge(consensus, on=ITEM_KEYS, how="inner").assign(judge=HUMAN, harmful=None)
+    keywords = stored[stored["judge"] == "paper-keywords"]
+    merged = keywords.merge(consensus, on=ITEM_KEYS, how="left", suffixes=("", "_human"))
+    reviewed = merged["refused_human"].notna()
+    combined = merged.assign(
+        judge=PAPER_REVIEWED,
+        label=merged["label_human"].where(reviewed, merged["label"]),
+        refused=merged["refused_human"].where(reviewed, merged["refused"]),
+    )
+    parts = [human[judgements.columns], combined[judgements.columns]]
+    return pd.concat(parts, ignore_index=True)
