@@ -5,9 +5,9 @@
 
 `paper_table3.csv` transcribes PAPER.md section 6 (Table 3; 15 base models x 7 benchmarks x
 none/internal/external, our registry names). `paper_table1.csv` transcribes section 7
-(Table 1; chat models, prompt-direct vs prompt-cot). The chat models are not in our registry:
-their names here are the paper's with "-chat", so pass `model_aliases` when a run names them
-otherwise. Published values are rounded to two decimals.
+(Table 1; chat models, prompt-direct vs prompt-cot) under the registry's chat-model names
+(tbr_ray.models.CHAT_MODELS, e.g. llama-2-7b-chat); pass `model_aliases` when a run names
+them otherwise (e.g. by a local path). Published values are rounded to two decimals.
 """
 
 from __future__ import annotations

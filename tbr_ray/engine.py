@@ -74,10 +74,11 @@ def _dtype() -> str:
 @contextmanager
 def _in_process_engine(enabled: bool):
     """On CPU, run vLLM's engine core and worker in this process while the engine is built.
-    The default spawns two processes that import vLLM again: engine start 23 s against 3 s
-    for a tiny model here, same greedy tokens (docs/BENCHMARKS.md); our engines already live
-    in their own Ray actor. vLLM reads the variable only at construction; it is restored so a
-    server started later from this process (tests) gets vLLM's default."""
+    The default spawns two processes that import vLLM again, which makes a tiny model's engine
+    start several times slower for the same greedy tokens (docs/BENCHMARKS.md "Tiny ablation:
+    where the 15 minutes go"); our engines already live in their own Ray actor. vLLM reads
+    the variable only at construction; it is restored so a server started later from this
+    process (tests) gets vLLM's default."""
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     old = os.environ.get(key)
     if enabled:
@@ -492,8 +493,9 @@ class ModelsStage:
     engine at a time (EngineStage), rebuilt when a batch names another model.
 
     Row columns: `model` (model folder) plus EngineStage's. Pays one process start and one
-    `import vllm` for all models: on the 2-core box the tiny grid's four reflection writers
-    took ~50 s each in their own actors. On GPUs give each model its own actor instead
+    `import vllm` for all models, which dominated the tiny grid's reflection writers when each
+    had its own actor (docs/BENCHMARKS.md "the same box, about 1.5x slower all day"). On
+    GPUs give each model its own actor instead
     (tbr_ray.reflect.prepare_reflections does): vLLM does not promise to hand device memory
     back to a process that built an engine.
     """

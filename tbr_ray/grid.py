@@ -164,8 +164,9 @@ def cell_trainable(config: dict) -> None:
 def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
     """Cells Tune trains at once: `grid.max_concurrent` if set, else as many as the cluster's
     GPUs (GPU runs) or CPUs (CPU runs) hold side by side. No extra trial "preparing ahead" on
-    CPU: on the 2-core box 2 trials at once took 794 s against 803 s for 1 (docs/BENCHMARKS.md),
-    and the waiting trial's Ray Train worker group hit its 60 s start timeout and retried."""
+    CPU: on the 2-core box it saved nothing, and the waiting trial's Ray Train worker group hit
+    its start timeout and retried (docs/BENCHMARKS.md "Tiny ablation: where the 15 minutes
+    go")."""
     import ray
 
     if cfg.grid.max_concurrent:

@@ -11,7 +11,7 @@ Layout of a results directory (one run):
 
 A cell's Parquet files are written first and its status last, each atomically (temp + rename),
 so a killed run never leaves a half-written table that looks finished. Base models evaluated
-without an adapter are stored as cells with condition "base" (cell id `<model>__base`).
+without an adapter are stored as cells with condition "base" (cell id `<model>__base__g0.00__s0`).
 
     tables = read_results("runs/tiny")            # only finished cells, as pandas frames
     tables.metrics.query("benchmark == 'xstest_safe'")

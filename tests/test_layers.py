@@ -153,3 +153,12 @@ def test_content_key_is_sorted_json_sha256_prefix():
     # The config hash's recipe (compact JSON) keeps run-directory names of earlier runs.
     assert content_key({"a": 1}, 12, compact=True) == "015abd7f5cc5"
     assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_paper_tables_name_registry_models():
+    # analysis.paper's docstring promises the published tables use the registry's names.
+    from analysis.paper import paper_table1, paper_table3
+    from tbr_ray.models import CHAT_MODELS, PAPER_MODELS
+
+    assert set(paper_table1()["model"]) == set(CHAT_MODELS)
+    assert set(paper_table3()["model"]) == set(PAPER_MODELS)
