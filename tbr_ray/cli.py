@@ -14,6 +14,7 @@ inputs are printed as one readable message (exit code 2), never a traceback.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,11 @@ def validate(config: Path = typer.Argument(..., help="Job YAML."), sets: list[st
     typer.echo(f"{config}: ok, config hash {cfg.config_hash()}, {len(cfg.cells())} cells")
 
 
+VerboseOpt = typer.Option(
+    False, "--verbose", "-v", help="Show Ray's own logs, Tune's table and Ray Data's bars."
+)
+
+
 @app.command()
 def ablate(
     config: Path = ConfigOpt,
@@ -108,9 +114,11 @@ def ablate(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the cell table and a GPU-hour estimate; train nothing."
     ),
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Run (or resume) the grid: models x conditions x gammas x seeds."""
-    from tbr_ray.grid import format_cell_table, run_grid, summarize, wall_clock
+    """Run (or resume) the grid: models x conditions x gammas x seeds. Ctrl-C stops it cleanly
+    (cells marked interrupted, no evaluation) and prints the command that resumes it."""
+    from tbr_ray.grid import format_cell_table, summarize, wall_clock
 
     cfg = _config(config, sets)
     if dry_run:
@@ -118,22 +126,39 @@ def ablate(
         return
     _check_data(cfg)
     t0 = time.time()
-    try:
-        outcome = run_grid(cfg, output)
-    except ConfigError as exc:
-        _fail(str(exc))
+    outcome = _run_grid_or_exit(cfg, output, ["ablate", "--config", str(config)], sets, verbose)
     failed = {k: v for k, v in outcome.items() if v != "done"}
+    where = output.resolve()
     typer.echo(summarize(output))
     typer.echo(
         f"{len(outcome) - len(failed)}/{len(outcome)} cells done in "
-        f"{wall_clock(time.time() - t0)}; results in {output}"
+        f"{wall_clock(time.time() - t0)}; results in {where}"
     )
     for cell_id, state in failed.items():
         typer.secho(
-            f"  {cell_id}: {state} (see {output}/cells/{cell_id}/status.json)", fg=typer.colors.RED
+            f"  {cell_id}: {state} (see {where}/cells/{cell_id}/status.json)", fg=typer.colors.RED
         )
+    typer.echo(f"next: tbr-ray report {shlex.quote(str(where))}")
     if failed:
         raise typer.Exit(1)
+
+
+def _run_grid_or_exit(cfg: RunConfig, output: Path, command: list[str], sets, verbose, cells=None):
+    """run_grid; on Ctrl-C / SIGTERM print what was stopped and the command that resumes
+    (`command` + the --set values + the absolute --output), then exit 128 + signal."""
+    from tbr_ray.grid import run_grid
+    from tbr_ray.interrupt import Interrupted
+
+    try:
+        return run_grid(cfg, output, cells=cells, verbose=verbose)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except Interrupted as exc:
+        resume = ["tbr-ray", *command, "--output", str(output.resolve())]
+        resume += [arg for s in sets for arg in ("--set", s)]
+        typer.secho(f"{exc}: {', '.join(exc.cells) or 'none running'}", fg=typer.colors.YELLOW)
+        typer.echo(f"resume with: {shlex.join(resume)}")
+        raise typer.Exit(exc.exit_code) from None
 
 
 @app.command()
@@ -144,14 +169,17 @@ def cell(
     model: str | None = typer.Option(None, help="Model of the cell (default: first)."),
     reflection: str | None = typer.Option(None, help="none | internal | external."),
     seed: int | None = typer.Option(None, help="Training seed."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run one cell end to end: data -> train -> eval -> Parquet."""
-    from tbr_ray.grid import run_grid, summarize
+    from tbr_ray.grid import summarize
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
     _check_data(cfg)
-    outcome = run_grid(cfg, output, cells=[chosen])
+    picked = ["cell", "--config", str(config), "--model", chosen.model]
+    picked += ["--reflection", chosen.condition, "--seed", str(chosen.seed)]
+    outcome = _run_grid_or_exit(cfg, output, picked, sets, verbose, cells=[chosen])
     typer.echo(summarize(output))
     if outcome[chosen.cell_id] != "done":
         _fail(f"{chosen.cell_id}: {outcome[chosen.cell_id]}")

@@ -16,10 +16,16 @@ start-up is paid once per base model instead of once per cell.
 Resume: rerunning the same command on the same output skips cells whose results are done,
 skips training for cells whose adapter is published, and resumes interrupted training from
 its last Ray Train checkpoint. Results land per cell, atomically, so there are no duplicates.
+
+Operating it: Ctrl-C / SIGTERM stop scheduling, mark running cells `interrupted` and skip
+evaluation (tbr_ray.interrupt; run_grid raises Interrupted). While it runs, a progress view
+reads the run folder (tbr_ray.progress) and keeps the dashboard gauges current; Ray's own
+logging stays out of the way unless `verbose`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -29,7 +35,9 @@ from pathlib import Path
 
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
+from tbr_ray.interrupt import RunInterrupt
 from tbr_ray.models import get_spec, resolve_model
+from tbr_ray.progress import ProgressView
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only orchestrates; 1 CPU would starve workers (STACK.md)
 
@@ -108,13 +116,21 @@ def format_cell_table(cfg: RunConfig) -> str:
 # ------------------------------------------------------------------ effects
 
 
-def _init_ray() -> None:
+def _init_ray(verbose: bool = False) -> None:
     """Join the cluster this process runs in (ray job submit / RAY_ADDRESS), else start a
-    local instance."""
+    local instance. Unless `verbose`, the workers' logs and Ray Data's progress bars stay off
+    the terminal (they are still in Ray's session logs): the progress view speaks instead."""
+    import logging
+
     import ray
+    from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, logging_level="WARNING")
+        ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = verbose
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def check_run_dir(cfg: RunConfig, output: Path) -> None:
@@ -144,6 +160,8 @@ def _write_manifest(cfg: RunConfig, output: Path) -> None:
             "package_versions": json.loads(results.package_versions()),
             "schema_version": results.SCHEMA_VERSION,
             "updated": time.time(),
+            # who runs it now: its cells read as interrupted once it is gone (read_status)
+            "driver": results.driver_identity(),
         },
     )
 
@@ -237,9 +255,16 @@ def reflect_phase(cfg: RunConfig, cells: list[Cell], paths: dict[str, str], outp
 
 
 def train_phase(
-    cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path, metrics: GridMetrics
+    cfg: RunConfig,
+    cells: list[Cell],
+    paths: dict[str, str],
+    output: Path,
+    metrics: GridMetrics,
+    stop: RunInterrupt | None = None,
+    verbose: bool = False,
 ) -> dict[str, str]:
-    """Tune over cells lacking an adapter. Returns {cell_id: error} for cells that failed."""
+    """Tune over cells lacking an adapter. Returns {cell_id: error} for cells that failed.
+    A signal caught by `stop` ends the experiment (its Stopper); the caller checks it."""
     from ray import tune
 
     todo = untrained(cells, output)
@@ -266,10 +291,12 @@ def train_phase(
             storage_path=str(output / "ray_tune"),
             failure_config=tune.FailureConfig(max_failures=cfg.grid.max_retries),
             callbacks=[metrics.tune_callback()],
-            verbose=1,
+            stop=stop.stopper() if stop else None,
+            verbose=1 if verbose else 0,
         ),
     )
-    grid = tuner.fit()
+    with stop.graceful() if stop else contextlib.nullcontext():
+        grid = tuner.fit()
     errors = {}
     for res in grid:
         cell = Cell(**res.config["cell"])
@@ -339,7 +366,7 @@ class GridMetrics:
 
     def record_status(self, output: Path) -> None:
         status = results.read_status(output)
-        for state in ("running", "done", "failed"):
+        for state in ("running", "done", "failed", "interrupted"):
             n = int((status["status"] == state).sum()) if len(status) else 0
             self.cells.set(n, tags={"run": self.run, "state": state})
 
@@ -366,26 +393,47 @@ class GridMetrics:
         return _Metrics()
 
 
-def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> dict[str, str]:
-    """Run (or resume) the grid; returns {cell_id: 'done' | error} for every cell."""
+def run_grid(
+    cfg: RunConfig, output: Path, cells: list[Cell] | None = None, verbose: bool = False
+) -> dict[str, str]:
+    """Run (or resume) the grid; returns {cell_id: 'done' | error} for every cell. Raises
+    tbr_ray.interrupt.Interrupted on Ctrl-C / SIGTERM: running cells are then marked
+    `interrupted` and no evaluation starts; rerunning resumes."""
     output = Path(output).resolve()
     check_run_dir(cfg, output)
     output.mkdir(parents=True, exist_ok=True)
     cells = cells if cells is not None else cfg.cells()
-    _init_ray()
+    _init_ray(verbose)
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
-    pending = [c for c in cells if not results.is_done(output, c.cell_id)]
-    paths = model_paths(cfg)
-    reflect_phase(cfg, pending, paths, output)
-    train_errors = train_phase(cfg, pending, paths, output, metrics)
-    for cell_id, err in train_errors.items():
-        results.write_status(output, cell_id, "failed", stage="train", error=err)
-    eval_phase(cfg, [c for c in pending if c.cell_id not in train_errors], paths, output, metrics)
+    ids = [c.cell_id for c in cells]
+    view = ProgressView(output, ids, on_poll=metrics.record_status, live=False if verbose else None)
+    with RunInterrupt(output) as stop, view:
+        try:
+            _run_phases(cfg, cells, output, metrics, stop, view, verbose)
+        except KeyboardInterrupt:
+            if stop.signum is None:
+                raise
+        stop.raise_if_stopped()
     metrics.record_status(output)
     status = results.read_status(output)
     by_id = dict(zip(status["cell_id"], status["status"], strict=True)) if len(status) else {}
     return {c.cell_id: by_id.get(c.cell_id, "missing") for c in cells}
+
+
+def _run_phases(cfg, cells, output, metrics, stop: RunInterrupt, view, verbose: bool) -> None:
+    pending = [c for c in cells if not results.is_done(output, c.cell_id)]
+    paths = model_paths(cfg)
+    view.phase = "reflections"
+    reflect_phase(cfg, pending, paths, output)
+    view.phase = "training"
+    train_errors = train_phase(cfg, pending, paths, output, metrics, stop, verbose)
+    stop.raise_if_stopped()  # before anything is marked failed or evaluated
+    for cell_id, err in train_errors.items():
+        results.write_status(output, cell_id, "failed", stage="train", error=err)
+    view.phase = "evaluation"
+    eval_phase(cfg, [c for c in pending if c.cell_id not in train_errors], paths, output, metrics)
+    view.phase = "finished"
 
 
 def summarize(output: Path) -> str:

@@ -3,7 +3,8 @@
 Layout of a results directory (one run):
 
     DIR/run.json                          the resolved config, run id, provenance
-    DIR/cells/<cell_id>/status.json       "done" / "failed" / "running", error, timings
+    DIR/cells/<cell_id>/status.json       running / done / failed / interrupted, error, timings
+    DIR/cells/<cell_id>/progress.json     training progress: step, total_steps, epoch, loss
     DIR/cells/<cell_id>/generations.parquet   one row per generation (GENERATIONS)
     DIR/cells/<cell_id>/judgements.parquet    one row per generation x judge (JUDGEMENTS)
     DIR/cells/<cell_id>/metrics.parquet       one row per benchmark x judge x metric (METRICS)
@@ -15,6 +16,9 @@ without an adapter are stored as cells with condition "base" (cell id `<model>__
     tables = read_results("runs/tiny")            # only finished cells, as pandas frames
     tables.metrics.query("benchmark == 'xstest_safe'")
     status = read_status("runs/tiny")             # every cell, finished or not
+
+A cell recorded `running` whose driver (run.json `driver`: host, pid, process start time) is
+gone is read as `interrupted`: a killed driver never leaves cells looking alive.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -216,10 +221,13 @@ def write_cell_tables(
         )
 
 
+STATUSES = ("running", "done", "failed", "interrupted")
+
+
 def write_status(results_dir: str | Path, cell_id: str, status: str, **info: Any) -> None:
-    """Record a cell's state: running | done | failed (with `error`)."""
-    if status not in ("running", "done", "failed"):
-        raise ValueError(f"unknown cell status {status!r}")
+    """Record a cell's state: running | done | failed (with `error`) | interrupted."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown cell status {status!r}; one of {', '.join(STATUSES)}")
     payload = json.dumps(
         {"cell_id": cell_id, "status": status, "time": time.time(), **info}, indent=2, default=str
     )
@@ -228,14 +236,59 @@ def write_status(results_dir: str | Path, cell_id: str, status: str, **info: Any
     )
 
 
+def write_progress(results_dir: str | Path, cell_id: str, progress: dict[str, Any]) -> None:
+    """A training cell's live progress (written by its rank-0 worker, read by the progress
+    view): step, total_steps, epoch, loss."""
+    payload = json.dumps({**progress, "time": time.time()})
+    _atomic_write_bytes(
+        cell_dir(results_dir, cell_id) / "progress.json", lambda p: Path(p).write_text(payload)
+    )
+
+
+def read_progress(results_dir: str | Path, cell_id: str) -> dict[str, Any]:
+    f = cell_dir(results_dir, cell_id) / "progress.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def driver_identity() -> dict[str, Any]:
+    """This process as a run's driver: host, pid and start time (a reused pid differs in it)."""
+    return {
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "started": psutil.Process().create_time(),
+    }
+
+
+def driver_gone(driver: dict[str, Any] | None) -> str | None:
+    """Why `driver` (from driver_identity) is known to be dead, or None if it is alive or
+    cannot be checked from here (another host, nothing recorded)."""
+    if not driver or driver.get("host") != platform.node():
+        return None
+    where = f"driver pid {driver['pid']} on {driver['host']}"
+    try:
+        started = psutil.Process(driver["pid"]).create_time()
+    except psutil.NoSuchProcess:
+        return f"{where} is gone"
+    if abs(started - driver["started"]) > 1.0:
+        return f"{where} is gone (the pid now belongs to another process)"
+    return None
+
+
 def read_status(results_dir: str | Path) -> pd.DataFrame:
     """One row per cell folder: cell_id, status, and whatever info the status recorded.
-    A folder without a status file is reported as `incomplete`."""
+    A folder without a status file is reported as `incomplete`; a `running` cell whose run's
+    driver is dead as `interrupted` (with the `reason`)."""
+    manifest = Path(results_dir) / "run.json"
+    driver = json.loads(manifest.read_text()).get("driver") if manifest.is_file() else None
+    dead = driver_gone(driver)
     rows = []
     for d in sorted((Path(results_dir) / "cells").glob("*")):
         f = d / "status.json"
         if f.is_file():
-            rows.append(json.loads(f.read_text()))
+            row = json.loads(f.read_text())
+            if row["status"] == "running" and dead:
+                row.update(status="interrupted", reason=dead)
+            rows.append(row)
         elif d.is_dir():
             rows.append({"cell_id": d.name, "status": "incomplete"})
     return pd.DataFrame(rows, columns=None if rows else ["cell_id", "status"])

@@ -100,3 +100,45 @@ def test_unfinished_cells_are_reported_not_mixed_in(tmp_path):
     }
     with pytest.raises(ValueError):
         results.write_status(tmp_path, "x", "finished")
+
+
+def test_statuses_include_interrupted_and_refuse_unknown_ones(tmp_path):
+    results.write_status(tmp_path, "c1", "interrupted", stage="train", reason="SIGINT received")
+    assert results.read_status(tmp_path).set_index("cell_id").loc["c1", "status"] == "interrupted"
+    with pytest.raises(ValueError, match="unknown cell status 'paused'; one of running"):
+        results.write_status(tmp_path, "c1", "paused")
+
+
+def _run_with_driver(tmp_path, driver):
+    results.write_run_manifest(tmp_path, {"run_id": "r", "driver": driver})
+    results.write_status(tmp_path, "c1", "running", stage="train")
+    results.write_status(tmp_path, "c2", "done")
+    return results.read_status(tmp_path).set_index("cell_id")
+
+
+def test_cells_of_a_dead_driver_read_as_interrupted(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import json; from tbr_ray import results; print(json.dumps(results.driver_identity()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    dead = json.loads(out.stdout)  # that process has exited now
+    status = _run_with_driver(tmp_path, dead)
+    assert status.loc["c1", "status"] == "interrupted" and status.loc["c2", "status"] == "done"
+    assert status.loc["c1", "reason"] == f"driver pid {dead['pid']} on {dead['host']} is gone"
+    # The same pid reused by another process (another start time) is not the driver either.
+    reused = {**results.driver_identity(), "started": 1.0}
+    assert "another process" in _run_with_driver(tmp_path, reused).loc["c1", "reason"]
+
+
+def test_cells_of_a_live_or_remote_driver_stay_running(tmp_path):
+    assert _run_with_driver(tmp_path, results.driver_identity()).loc["c1", "status"] == "running"
+    remote = {"host": "another-node", "pid": 1, "started": 0.0}  # not checkable from here
+    assert _run_with_driver(tmp_path, remote).loc["c1", "status"] == "running"
+
+
+def test_progress_round_trips(tmp_path):
+    assert results.read_progress(tmp_path, "c1") == {}
+    results.write_progress(tmp_path, "c1", {"step": 3, "total_steps": 8, "epoch": 0, "loss": 2.5})
+    got = results.read_progress(tmp_path, "c1")
+    assert got["step"] == 3 and got["total_steps"] == 8 and got["time"] > 0
