@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
-from tbr_ray.interrupt import RunInterrupt
+from tbr_ray.interrupt import RunInterrupt, settle_dead_driver
 from tbr_ray.models import get_spec, resolve_model
 from tbr_ray.progress import ProgressView
 
@@ -404,6 +404,7 @@ def run_grid(
     output.mkdir(parents=True, exist_ok=True)
     cells = cells if cells is not None else cfg.cells()
     _init_ray(verbose)
+    settle_dead_driver(output)  # before this driver takes its place in run.json
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
     ids = [c.cell_id for c in cells]

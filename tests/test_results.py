@@ -1,6 +1,7 @@
 """The results schema round-trips through Parquet; unfinished cells stay out of the tables."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -142,3 +143,57 @@ def test_progress_round_trips(tmp_path):
     results.write_progress(tmp_path, "c1", {"step": 3, "total_steps": 8, "epoch": 0, "loss": 2.5})
     got = results.read_progress(tmp_path, "c1")
     assert got["step"] == 3 and got["total_steps"] == 8 and got["time"] > 0
+
+
+WRITER = """
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tbr_ray import results
+from tests.test_results import _rows
+
+prov = results.make_provenance("run-1", "abc123")
+tables = []
+for n in (2000, 3000):  # two sizes: a reader sees one or the other, never anything else
+    gens = _rows(prov, "c1", n)["generations"]
+    gens = [{**g, "completion": g["prompt"] * 5000} for g in gens]
+    tables.append(results.to_table(gens, results.GENERATIONS))
+path = results.cell_dir(sys.argv[1], "c1") / "generations.parquet"
+print("ready", flush=True)
+i = 0
+while True:  # the write itself is nearly all the time: where the kill lands
+    results._atomic_write_bytes(path, lambda p, t=tables[i % 2]: pq.write_table(t, p))
+    i += 1
+"""
+
+
+def test_a_writer_killed_mid_write_never_leaves_a_partial_table(tmp_path):
+    """A process rewriting a big table is SIGKILLed while readers read it: every read sees a
+    whole table, and so does the first read after the kill (the temp file it was writing is
+    never read; its name is not the table's)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    table = results.cell_dir(tmp_path, "c1") / "generations.parquet"
+    results.write_status(tmp_path, "c1", "done")
+    for _ in range(5):  # until a kill lands mid-write (leaves the writer's temp file)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE
+        )
+        assert proc.stdout.readline().strip() == b"ready"
+        t0, reads = time.time(), 0
+        while time.time() - t0 < 1.5 or reads < 3:
+            if table.is_file():
+                assert len(results.read_results(tmp_path).generations) in (2000, 3000)
+                reads += 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert len(results.read_results(tmp_path).generations) in (2000, 3000)
+        if list(table.parent.glob(".generations.parquet.*")):
+            return
+    pytest.fail("no kill landed mid-write in 5 tries")
