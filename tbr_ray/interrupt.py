@@ -49,20 +49,6 @@ def mark_interrupted(output: Path, reason: str) -> list[str]:
     return [row["cell_id"] for row in running]
 
 
-def settle_dead_driver(output: Path) -> list[str]:
-    """Write down what read_status infers: cells left `running` by a driver that is gone are
-    `interrupted`. Called before a new driver records itself in run.json (after that the old
-    driver can no longer be told apart)."""
-    status = results.read_status(output)
-    if "reason" not in status:
-        return []
-    gone = status[(status["status"] == "interrupted") & status["reason"].str.startswith("driver")]
-    for row in gone.to_dict("records"):
-        info = {k: v for k, v in row.items() if k not in ("cell_id", "status", "time")}
-        results.write_status(output, row["cell_id"], "interrupted", **_present(info))
-    return list(gone["cell_id"])
-
-
 def _present(info: dict) -> dict:
     """Drop the NaNs a DataFrame row fills in for keys this cell never had."""
     return {k: v for k, v in info.items() if not (isinstance(v, float) and v != v)}

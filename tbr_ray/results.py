@@ -8,6 +8,7 @@ Layout of a results directory (one run):
     DIR/cells/<cell_id>/generations.parquet   one row per generation (GENERATIONS)
     DIR/cells/<cell_id>/judgements.parquet    one row per generation x judge (JUDGEMENTS)
     DIR/cells/<cell_id>/metrics.parquet       one row per benchmark x judge x metric (METRICS)
+    DIR/reviews/<reviewer>.parquet            one row per generation a person labelled (REVIEWS)
 
 A cell's Parquet files are written first and its status last, each atomically (temp + rename),
 so a killed run never leaves a half-written table that looks finished. Base models evaluated
@@ -16,9 +17,14 @@ without an adapter are stored as cells with condition "base" (cell id `<model>__
     tables = read_results("runs/tiny")            # only finished cells, as pandas frames
     tables.metrics.query("benchmark == 'xstest_safe'")
     status = read_status("runs/tiny")             # every cell, finished or not
+    write_review("runs/tiny", "ada", rows)        # a reviewer's labels (tbr_ray.review)
 
-A cell recorded `running` whose driver (run.json `driver`: host, pid, process start time) is
-gone is read as `interrupted`: a killed driver never leaves cells looking alive.
+Human labels are stored apart from the cells (a run is reviewed after it finished, by one or
+more people); `read_results` folds them into `judgements` as the judges `human` and
+`paper-reviewed` (see `tbr_ray.judges.human_judgements`).
+
+A cell recorded `running` in a run folder whose driver is gone (its run lock is free) is read
+as `interrupted`: a killed driver never leaves cells looking alive.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -37,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -111,6 +117,23 @@ METRICS = pa.schema(
 )
 
 TABLES = {"generations": GENERATIONS, "judgements": JUDGEMENTS, "metrics": METRICS}
+
+# One file per reviewer; a generation relabelled by the same reviewer keeps only the last label.
+REVIEWS = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("cell_id", pa.string()),
+        pa.field("benchmark", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("reviewer", pa.string()),
+        pa.field("label", pa.string()),  # full_compliance | full_refusal | partial_refusal
+        pa.field("refused", pa.bool_()),
+        pa.field("reviewed_at", pa.string()),  # ISO 8601 UTC, e.g. 2026-11-30T18:40:00Z
+        pa.field("schema_version", pa.string()),
+    ]
+)
+REVIEW_KEYS = ["cell_id", "benchmark", "prompt_id"]
+_REVIEWER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -224,16 +247,29 @@ def write_cell_tables(
 STATUSES = ("running", "done", "failed", "interrupted")
 
 
-def write_status(results_dir: str | Path, cell_id: str, status: str, **info: Any) -> None:
-    """Record a cell's state: running | done | failed (with `error`) | interrupted."""
+def write_status(
+    results_dir: str | Path, cell_id: str, status: str, traceback: str | None = None, **info: Any
+) -> None:
+    """Record a cell's state: running | done | failed (with `error`) | interrupted (with the
+    `reason`). `started` is kept from the attempt's first `running` record; a failure's full
+    `traceback` goes to error.txt beside status.json (its path in `error_file`), the status
+    keeping the one-line `error`."""
     if status not in STATUSES:
         raise ValueError(f"unknown cell status {status!r}; one of {', '.join(STATUSES)}")
+    now, path = time.time(), cell_dir(results_dir, cell_id) / "status.json"
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    same_attempt = before.get("status") == "running"
+    started = before.get("started", now) if same_attempt else now
+    if traceback is not None:
+        error_file = cell_dir(results_dir, cell_id) / "error.txt"
+        _atomic_write_bytes(error_file, lambda p: Path(p).write_text(traceback))
+        info["error_file"] = str(error_file)
     payload = json.dumps(
-        {"cell_id": cell_id, "status": status, "time": time.time(), **info}, indent=2, default=str
+        {"cell_id": cell_id, "status": status, "time": now, "started": started, **info},
+        indent=2,
+        default=str,
     )
-    _atomic_write_bytes(
-        cell_dir(results_dir, cell_id) / "status.json", lambda p: Path(p).write_text(payload)
-    )
+    _atomic_write_bytes(path, lambda p: Path(p).write_text(payload))
 
 
 def write_progress(results_dir: str | Path, cell_id: str, progress: dict[str, Any]) -> None:
@@ -250,48 +286,30 @@ def read_progress(results_dir: str | Path, cell_id: str) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def driver_identity() -> dict[str, Any]:
-    """This process as a run's driver: host, pid and start time (a reused pid differs in it)."""
-    return {
-        "host": platform.node(),
-        "pid": os.getpid(),
-        "started": psutil.Process().create_time(),
-    }
-
-
-def driver_gone(driver: dict[str, Any] | None) -> str | None:
-    """Why `driver` (from driver_identity) is known to be dead, or None if it is alive or
-    cannot be checked from here (another host, nothing recorded)."""
-    if not driver or driver.get("host") != platform.node():
-        return None
-    where = f"driver pid {driver['pid']} on {driver['host']}"
-    try:
-        started = psutil.Process(driver["pid"]).create_time()
-    except psutil.NoSuchProcess:
-        return f"{where} is gone"
-    if abs(started - driver["started"]) > 1.0:
-        return f"{where} is gone (the pid now belongs to another process)"
-    return None
-
-
 def read_status(results_dir: str | Path) -> pd.DataFrame:
     """One row per cell folder: cell_id, status, and whatever info the status recorded.
-    A folder without a status file is reported as `incomplete`; a `running` cell whose run's
-    driver is dead as `interrupted` (with the `reason`)."""
-    manifest = Path(results_dir) / "run.json"
-    driver = json.loads(manifest.read_text()).get("driver") if manifest.is_file() else None
-    dead = driver_gone(driver)
+    A folder without a status file is reported as `incomplete`; a `running` cell of a run
+    whose driver is gone (its run lock is free: tbr_ray.rundir) as `interrupted`."""
+    dead = _driver_gone(Path(results_dir))
     rows = []
     for d in sorted((Path(results_dir) / "cells").glob("*")):
         f = d / "status.json"
         if f.is_file():
             row = json.loads(f.read_text())
             if row["status"] == "running" and dead:
-                row.update(status="interrupted", reason=dead)
+                row.update(status="interrupted", reason="its driver is gone (run lock free)")
             rows.append(row)
         elif d.is_dir():
             rows.append({"cell_id": d.name, "status": "incomplete"})
     return pd.DataFrame(rows, columns=None if rows else ["cell_id", "status"])
+
+
+def _driver_gone(results_dir: Path) -> bool:
+    """A driver ran here (the lock file exists) and none holds the lock now. The kernel frees
+    the lock however its holder ended (kill -9 too), so this needs no pid guesswork."""
+    from tbr_ray.rundir import LOCK_NAME, read_holder  # rundir builds on this module
+
+    return (results_dir / LOCK_NAME).is_file() and read_holder(results_dir) is None
 
 
 def is_done(results_dir: str | Path, cell_id: str) -> bool:
@@ -302,14 +320,18 @@ def is_done(results_dir: str | Path, cell_id: str) -> bool:
 @dataclass
 class Results:
     generations: pd.DataFrame
-    judgements: pd.DataFrame
+    judgements: pd.DataFrame  # stored judges, plus `human` and `paper-reviewed` from reviews
     metrics: pd.DataFrame
     status: pd.DataFrame
+    reviews: pd.DataFrame  # REVIEWS rows of finished cells, every reviewer
 
 
 def read_results(results_dir: str | Path) -> Results:
     """Read the finished cells of a results directory; unfinished cells are left out of the
-    tables (see `status` for them), so partial runs never mix into analyses."""
+    tables (see `status` for them), so partial runs never mix into analyses. Human labels
+    (`reviews/`) of finished cells come back in `reviews` and as judges in `judgements`."""
+    from tbr_ray.judges import human_judgements  # judges is pure; imported here, not at load
+
     status = read_status(results_dir)
     done = set(status.loc[status["status"] == "done", "cell_id"]) if len(status) else set()
     frames: dict[str, pd.DataFrame] = {}
@@ -321,7 +343,37 @@ def read_results(results_dir: str | Path) -> Results:
         ]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
         frames[name] = table.to_pandas()
-    return Results(frames["generations"], frames["judgements"], frames["metrics"], status)
+    reviews = read_reviews(results_dir)
+    reviews = reviews[reviews["cell_id"].isin(done)].reset_index(drop=True)
+    judged = pd.concat(
+        [frames["judgements"], human_judgements(frames["judgements"], reviews)], ignore_index=True
+    )
+    return Results(frames["generations"], judged, frames["metrics"], status, reviews)
+
+
+def review_path(results_dir: str | Path, reviewer: str) -> Path:
+    """RESULTS/reviews/<reviewer>.parquet; the name must be usable as a file name."""
+    if not _REVIEWER_NAME.match(reviewer):
+        raise ValueError(
+            f"reviewer name {reviewer!r} is not allowed. Fix: use letters, digits, '.', '_' "
+            "or '-' (up to 64 characters, starting with a letter or digit), e.g. --reviewer ada."
+        )
+    return Path(results_dir) / "reviews" / f"{reviewer}.parquet"
+
+
+def write_review(results_dir: str | Path, reviewer: str, rows: list[dict[str, Any]]) -> Path:
+    """Replace a reviewer's labels with `rows` (REVIEWS columns), atomically."""
+    path = review_path(results_dir, reviewer)
+    table = to_table(rows, REVIEWS) if rows else REVIEWS.empty_table()
+    _atomic_write_bytes(path, lambda p: pq.write_table(table, p))
+    return path
+
+
+def read_reviews(results_dir: str | Path) -> pd.DataFrame:
+    """Every reviewer's labels (REVIEWS columns), whatever the cells' status."""
+    files = sorted((Path(results_dir) / "reviews").glob("*.parquet"))
+    parts = [pq.read_table(f, schema=REVIEWS) for f in files]
+    return (pa.concat_tables(parts) if parts else REVIEWS.empty_table()).to_pandas()
 
 
 def write_run_manifest(results_dir: str | Path, manifest: dict[str, Any]) -> None:

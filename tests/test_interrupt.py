@@ -11,7 +11,6 @@ from tbr_ray.interrupt import (
     Interrupted,
     RunInterrupt,
     mark_interrupted,
-    settle_dead_driver,
 )
 
 
@@ -56,15 +55,3 @@ def test_signal_in_a_graceful_section_stops_tune_then_raises(tmp_path):
             stop.raise_if_stopped()
     assert err.value.exit_code == 143 and err.value.cells == ["a", "c"]
     assert set(results.read_status(tmp_path)["status"]) == {"interrupted", "done"}
-
-
-def test_a_new_driver_first_writes_down_the_dead_drivers_cells(tmp_path):
-    results.write_run_manifest(
-        tmp_path, {"driver": {"host": os.uname().nodename, "pid": 1, "started": 0.0}}
-    )  # pid 1, other start
-    _running(tmp_path)
-    assert settle_dead_driver(tmp_path) == ["a"]
-    results.write_run_manifest(tmp_path, {"driver": results.driver_identity()})  # new driver
-    row = results.read_status(tmp_path).set_index("cell_id").loc["a"]
-    assert (row["status"], row["stage"]) == ("interrupted", "train")
-    assert row["reason"].startswith("driver pid 1 on ")
