@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -89,7 +90,10 @@ def _init_ray(verbose: bool = False) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = verbose
     if not verbose:
-        logging.getLogger("ray").setLevel(logging.WARNING)
+        for name in ("ray", "ray.data", "ray.tune"):  # ray.data keeps its own INFO handler
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # Tune's newer console output prints its experiment box even at verbose=0.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"

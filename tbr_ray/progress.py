@@ -127,7 +127,7 @@ class ProgressView:
         cell_ids: Iterable[str],
         on_poll: Callable[[Path], None] | None = None,
         interval_s: float = 2.0,
-        log_every_s: float = 30.0,
+        log_every_s: float = 10.0,
         live: bool | None = None,
     ):
         self.output, self.cell_ids = Path(output), list(cell_ids)
