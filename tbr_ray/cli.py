@@ -173,6 +173,7 @@ def ablate(
     if dry_run:
         _dry_run(cfg, gpus, None if config_only else output)
         return
+    _refuse_unplannable(cfg)
     if not config_only:
         _ready(cfg, output)
     t0 = time.time()
@@ -228,6 +229,19 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
         raise typer.Exit(2)
 
 
+def _refuse_unplannable(cfg: RunConfig) -> None:
+    """A GPU run the planner cannot place (a cell or engine larger than memory or a node, or
+    than cluster.gpus when set) stops here, before Ray, with the plan's fixes (exit 2)."""
+    from tbr_ray.plan import plan_grid
+
+    problems = plan_grid(cfg, cfg.cluster.gpus).problems if cfg.train.use_gpu else []
+    if problems:
+        _fail(
+            f"{len(problems)} problem(s) placing this grid (`--dry-run` shows the plan):\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
 def _cluster_devices(cfg: RunConfig) -> int | None:
     """Devices to plan for without --gpus: the Ray cluster's (only when RAY_ADDRESS names one,
     as `ray job submit` does: never a stray local instance), else cluster.gpus; CPU runs: the
@@ -258,6 +272,7 @@ def cell(
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
+    _refuse_unplannable(cfg)
     _ready(cfg, output)
     picked = ["cell", "--config", str(config), "--model", chosen.model]
     picked += ["--reflection", chosen.condition, "--seed", str(chosen.seed)]
@@ -307,6 +322,7 @@ def train(
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
+    _refuse_unplannable(cfg)
     _ready(cfg, output)
     with _run_folder(cfg, output, "train") as out:
         mix, model_path = _mix_for(cfg, chosen)
@@ -439,7 +455,7 @@ def judge_score(
     judge: str = typer.Option(..., help="paper-keywords | xstest-prefix | model"),
     labels: Path = typer.Option(..., help="CSV: prompt, completion, label[, group]"),
     config: Path | None = typer.Option(
-        None, help="Job YAML naming eval.judge_model (model judge only)."
+        None, help="Job YAML setting eval.refusal_judge (model judge only)."
     ),
     sets: list[str] = SetOpt,
 ) -> None:
@@ -450,41 +466,49 @@ def judge_score(
         _fail(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
     if not labels.is_file():
         _fail(f"{labels}: no such file. Fix: a CSV with columns prompt, completion, label.")
-    labeler = None
+    labeler, fmt = None, "three-class"
     if judge == "model":
-        if config is None:
-            _fail("the model judge needs --config with eval.judge_model set")
-        labeler = _model_labeler(_config(config, sets))
+        cfg = _config(config, sets) if config is not None else None
+        if cfg is None or cfg.eval.refusal_judge is None:
+            _fail(
+                "the model judge needs --config with eval.refusal_judge set. Fix: e.g. "
+                "--set 'eval.refusal_judge={model: allenai/wildguard, format: wildguard}' "
+                "--set 'eval.judges=[model]'"
+            )
+        labeler, fmt = _model_labeler(cfg), cfg.eval.refusal_judge.format
     try:
-        typer.echo(format_judge_score(score_judge(judge, labels, model_labeler=labeler)))
+        scored = score_judge(judge, labels, model_labeler=labeler, model_format=fmt)
+        typer.echo(format_judge_score(scored))
     except ValueError as exc:
         _fail(str(exc))
 
 
 def _model_labeler(cfg: RunConfig):
-    """A labeler that runs the configured judge model on vLLM (Ray Data + EngineStage)."""
+    """A labeler that runs the configured refusal judge on vLLM (Ray Data + EngineStage),
+    its prompts rendered in its declared format through its own tokenizer."""
     import ray
 
-    from tbr_ray.evaluate import _run_engine
-    from tbr_ray.judges import model_judge_prompt
+    from tbr_ray.evaluate import _run_engine, _tokenizer
+    from tbr_ray.judges import judge_prompt
     from tbr_ray.models import resolve_model
+
+    judge = cfg.eval.refusal_judge
 
     def label(pairs):
         ray.init(logging_level="WARNING", ignore_reinit_error=True)
-        path = resolve_model(
-            cfg.eval.judge_model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
-        )
+        path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+        tokenizer = _tokenizer(path)
         rows = [
             {
                 "row": i,
-                "prompt": model_judge_prompt(p, c),
+                "prompt": judge_prompt(judge.format, tokenizer, p, c, judge.model),
                 "adapter": "",
                 "mode": "generate",
                 "choices": "[]",
             }
             for i, (p, c) in enumerate(pairs)
         ]
-        out = _run_engine(path, [], rows, cfg, cfg.eval.judge_max_new_tokens)
+        out = _run_engine(path, [], rows, cfg, judge.budget())
         return list(out.sort_values("row")["completion"])
 
     return label
