@@ -131,23 +131,14 @@ def test_reflection_share_counts_and_fails_with_the_setting_to_change():
     assert half["n_target"] == 5 and half["n_reflected"] <= 5
 
 
-def _seed_cache(cfg, cell, model_path, raw: list[str]) -> str:
-    """Write the reflection set `cell` needs as the writer's cache would hold it."""
-    from tbr_ray.reflect import _assess, _prompts
+def _seed_cache(cfg, cell, model_path, raw: list[str]):
+    """Store `raw` as the writer's generations for the set `cell` needs, through the cache
+    writer generation uses (reflect._store), so build_mix finds it without an engine."""
+    from tbr_ray.reflect import _store
 
     req = reflection_request(cfg, cell, model_path)
     path = _cache_path(req, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assessed = [_assess(t, cfg.data.refusal) for t in raw]
-    record = {
-        "writer": req.writer_id,
-        "condition": req.condition,
-        "prompts": _prompts(req, cfg),
-        "raw": raw,
-        "reflections": [t for t, _ in assessed],
-        "flaws": [f for _, f in assessed],
-    }
-    path.write_text(json.dumps(record))
+    _store(path, req, raw, cfg)
     return path
 
 
