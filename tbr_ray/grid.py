@@ -1,7 +1,7 @@
 """The ablation grid: models x conditions x gammas x seeds on Ray Tune, then batched evaluation.
 
     report = run_grid(cfg, Path("runs/tiny"))       # what `tbr-ray ablate` runs
-    print(format_cell_table(cfg))                   # what `tbr-ray ablate --dry-run` prints
+    print(format_plan(plan_grid(cfg, 8)))           # `--dry-run --gpus 8` (tbr_ray.plan)
 
 Phase 0 (reflections): every reflection set the untrained cells need, written before any
 training in one Ray Data job (tbr_ray.reflect.prepare_reflections; on CPU one engine actor
@@ -29,7 +29,8 @@ from pathlib import Path
 
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
-from tbr_ray.models import get_spec, resolve_model
+from tbr_ray.models import resolve_model
+from tbr_ray.rundir import run_lock
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only orchestrates; 1 CPU would starve workers (STACK.md)
 
@@ -40,7 +41,6 @@ class CellPlan:
     gpus: int
     workers: int
     zero_stage: int
-    gpu_hours: float
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -57,52 +57,8 @@ def plan_cells(cfg: RunConfig) -> list[CellPlan]:
     for cell in cfg.cells():
         workers, zero = resolved_train_settings(cfg, cell.model)
         gpus = workers if cfg.train.use_gpu else 0
-        plans.append(CellPlan(cell, gpus, workers, zero, estimate_gpu_hours(cfg, cell, gpus)))
+        plans.append(CellPlan(cell, gpus, workers, zero))
     return plans
-
-
-# Throughput assumptions of the estimate (documented, not measured here): H100/A100-class bf16,
-# 35% MFU for LoRA training at ~6*N FLOPs per trained token, 250 tokens per example, vLLM
-# decoding at ~2*N FLOPs per token at 10% MFU, plus 0.25 h of fixed cost per cell (weights,
-# engine start, checkpoint) times its GPUs.
-_PEAK_FLOPS = 400e12
-
-
-def estimate_gpu_hours(cfg: RunConfig, cell: Cell, gpus: int) -> float:
-    if gpus == 0:
-        return 0.0
-    n = get_spec(cell.model).params_b * 1e9
-    train_tokens = (cfg.data.n_general + cfg.data.n_safety) * 250 * cfg.train.epochs
-    if cell.condition in PROMPTING:
-        train_tokens = 0
-    n_eval = len(cfg.eval.benchmarks) * (cfg.eval.sample_size or 500)
-    eval_tokens = n_eval * (cfg.eval.max_new_tokens + 300)
-    seconds = 6 * n * train_tokens / (_PEAK_FLOPS * 0.35) + 2 * n * eval_tokens / (
-        _PEAK_FLOPS * 0.10
-    )
-    return round(seconds / 3600 * 1.0 + 0.25 * gpus, 2)
-
-
-def format_cell_table(cfg: RunConfig) -> str:
-    plans = plan_cells(cfg)
-    head = (
-        f"{'cell':44} {'model':16} {'condition':9} {'gamma':>5} {'seed':>4} "
-        f"{'GPUs':>4} {'workers':>7} {'ZeRO':>4} {'GPU-h':>6}"
-    )
-    lines = [head, "-" * len(head)]
-    for p in plans:
-        c = p.cell
-        lines.append(
-            f"{c.cell_id:44} {c.model[:16]:16} {c.condition:9} {c.gamma:5.2f} "
-            f"{c.seed:4d} {p.gpus:4d} {p.workers:7d} {p.zero_stage:4d} "
-            f"{p.gpu_hours:6.2f}"
-        )
-    total = sum(p.gpu_hours for p in plans)
-    lines.append(
-        f"{len(plans)} cells; estimated {total:.1f} GPU-hours "
-        f"(+ {len(cfg.grid.models)} base-model evaluations)"
-    )
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ effects
@@ -110,11 +66,30 @@ def format_cell_table(cfg: RunConfig) -> str:
 
 def _init_ray() -> None:
     """Join the cluster this process runs in (ray job submit / RAY_ADDRESS), else start a
-    local instance."""
+    local instance; either way leave Ray's token file readable by its owner only."""
     import ray
 
     if not ray.is_initialized():
+        secure_token_file(RAY_TOKEN_FILE)  # before: an existing token is not exposed meanwhile
         ray.init(log_to_driver=True, logging_level="WARNING")
+        secure_token_file(RAY_TOKEN_FILE)  # after: a new local cluster writes it 0644
+
+
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def secure_token_file(path: Path) -> None:
+    """Make Ray's auth token file owner-only (Ray 2.60 writes it 0644: any local user could
+    read it and submit jobs), or raise ConfigError with the fix when that is not allowed."""
+    if not path.is_file() or path.stat().st_mode & 0o077 == 0:
+        return
+    try:
+        path.chmod(0o600)
+    except PermissionError:
+        raise ConfigError(
+            f"{path} (Ray's auth token) is readable by other users and this user cannot "
+            f"change that. Fix: its owner runs `chmod 600 {path}`."
+        ) from None
 
 
 def check_run_dir(cfg: RunConfig, output: Path) -> None:
@@ -150,13 +125,13 @@ def _write_manifest(cfg: RunConfig, output: Path) -> None:
 
 def model_paths(cfg: RunConfig) -> dict[str, str]:
     """Every model the run needs, resolved (tiny presets built on the driver, once)."""
-    cache = cfg.paths.resolved_cache_dir()
+    cache, root = cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
     names = list(cfg.grid.models)
     if cfg.reflection.reflector:
         names.append(cfg.reflection.reflector)
     if cfg.eval.judge_model:
         names.append(cfg.eval.judge_model)
-    return {n: resolve_model(n, cache) for n in dict.fromkeys(names)}
+    return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
 
 
 def cell_trainable(config: dict) -> None:
@@ -239,7 +214,8 @@ def reflect_phase(cfg: RunConfig, cells: list[Cell], paths: dict[str, str], outp
 def train_phase(
     cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path, metrics: GridMetrics
 ) -> dict[str, str]:
-    """Tune over cells lacking an adapter. Returns {cell_id: error} for cells that failed."""
+    """Tune over cells lacking an adapter. Returns {cell_id: (error, traceback)} for cells
+    that failed."""
     from ray import tune
 
     todo = untrained(cells, output)
@@ -274,7 +250,10 @@ def train_phase(
     for res in grid:
         cell = Cell(**res.config["cell"])
         if res.error is not None:
-            errors[cell.cell_id] = "".join(traceback.format_exception_only(res.error)).strip()
+            errors[cell.cell_id] = (
+                "".join(traceback.format_exception_only(res.error)).strip(),
+                "".join(traceback.format_exception(res.error)),
+            )
     return errors
 
 
@@ -315,9 +294,12 @@ def eval_phase(
             )
         except Exception as exc:  # one base model's failure must not stop the others
             err = "".join(traceback.format_exception_only(exc)).strip()
+            full = traceback.format_exc()
             out = {c.cell_id: err for c in todo}
             for c in todo:
-                results.write_status(output, c.cell_id, "failed", stage="eval", error=err)
+                results.write_status(
+                    output, c.cell_id, "failed", stage="eval", error=err, traceback=full
+                )
         metrics.record_eval(output)
         outcome.update(out)
     return outcome
@@ -369,9 +351,12 @@ class GridMetrics:
 def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> dict[str, str]:
     """Run (or resume) the grid; returns {cell_id: 'done' | error} for every cell."""
     output = Path(output).resolve()
-    check_run_dir(cfg, output)
-    output.mkdir(parents=True, exist_ok=True)
-    cells = cells if cells is not None else cfg.cells()
+    with run_lock(output, "ablate" if cells is None else "cell"):
+        check_run_dir(cfg, output)
+        return _run_grid_locked(cfg, output, cells if cells is not None else cfg.cells())
+
+
+def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell]) -> dict[str, str]:
     _init_ray()
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
@@ -379,8 +364,8 @@ def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> d
     paths = model_paths(cfg)
     reflect_phase(cfg, pending, paths, output)
     train_errors = train_phase(cfg, pending, paths, output, metrics)
-    for cell_id, err in train_errors.items():
-        results.write_status(output, cell_id, "failed", stage="train", error=err)
+    for cell_id, (err, full) in train_errors.items():
+        results.write_status(output, cell_id, "failed", stage="train", error=err, traceback=full)
     eval_phase(cfg, [c for c in pending if c.cell_id not in train_errors], paths, output, metrics)
     metrics.record_status(output)
     status = results.read_status(output)

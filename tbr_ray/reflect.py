@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tbr_ray.config import RunConfig
+from tbr_ray.config import ConfigError, RunConfig
 
 # 2: a new internal shot (the old one was an XSTest prompt), reflections keep the paper's
 # "Therefore," form, flaws (empty / truncated) recorded per reflection.
@@ -229,7 +229,7 @@ def generate_reflections(
 def _store(path: Path, req: ReflectionRequest, raw: list[str], cfg: RunConfig) -> None:
     assessed = [_assess(t, cfg.data.refusal) for t in raw]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent writers: own temp
     tmp.write_text(
         json.dumps(
             {
@@ -288,20 +288,47 @@ def _engine_generate(
     }
 
 
+def endpoint_key(cfg: RunConfig) -> str:
+    """The endpoint's API key from the variable `api_key_env` names; a keyless endpoint gets
+    the placeholder the OpenAI client requires. Unset, the run fails here, not with a 401."""
+    r = cfg.reflection
+    if r.endpoint_keyless:
+        return "EMPTY"
+    key = os.environ.get(r.api_key_env)
+    if not key:
+        raise ConfigError(
+            f"reflection.api_key_env = {r.api_key_env!r}: the variable is not set, and "
+            f"{r.endpoint} is not declared keyless. Fix: `export {r.api_key_env}=$(cat "
+            f"~/.secrets/reflector_key)` (a file outside the checkout; on a Ray cluster, in the "
+            f"nodes' environment, e.g. from a Kubernetes Secret), or set "
+            f"reflection.endpoint_keyless=true for a server without a key."
+        )
+    return key
+
+
 def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
     """Completions from an OpenAI-compatible server, greedy, one request per prompt."""
-    from openai import OpenAI
+    from openai import APIConnectionError, OpenAI
 
-    key = os.environ.get(cfg.reflection.api_key_env, "EMPTY")
-    client = OpenAI(base_url=cfg.reflection.endpoint, api_key=key, max_retries=3, timeout=120)
+    client = OpenAI(
+        base_url=cfg.reflection.endpoint, api_key=endpoint_key(cfg), max_retries=3, timeout=120
+    )
     out = []
     for prompt in prompts:
-        resp = client.completions.create(
-            model=cfg.reflection.endpoint_model,
-            prompt=prompt,
-            max_tokens=cfg.reflection.max_new_tokens,
-            temperature=0.0,
-        )
+        try:
+            resp = client.completions.create(
+                model=cfg.reflection.endpoint_model,
+                prompt=prompt,
+                max_tokens=cfg.reflection.max_new_tokens,
+                temperature=0.0,
+            )
+        except APIConnectionError as exc:
+            # openai's exception cannot be copied by Ray Tune (a trial then reports "TypeError:
+            # APIConnectionError.__init__() takes 1 positional argument"): raise a plain one.
+            raise ConnectionError(
+                f"reflection.endpoint = {cfg.reflection.endpoint!r}: no connection ({exc}). "
+                f"Fix: start the server (cluster/README.md) or correct reflection.endpoint."
+            ) from None
         out.append(resp.choices[0].text)
     return out
 

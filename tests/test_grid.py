@@ -1,8 +1,9 @@
 """The grid end to end on the real stack, killed part-way and resumed.
 
 One run of `tbr-ray ablate` (a subprocess, as a user runs it) is killed once the first cell's
-adapter is published; the rerun finishes only the missing work: the finished adapter is not
-retrained, and no result row is duplicated."""
+adapter is published (a second driver started meanwhile on the same output is refused); the
+rerun takes the dead driver's lock over and finishes only the missing work: the finished
+adapter is not retrained, and no result row is duplicated."""
 
 import os
 import signal
@@ -15,7 +16,6 @@ import pytest
 
 from tbr_ray import results
 from tbr_ray.config import load_config
-from tbr_ray.grid import format_cell_table
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = [
@@ -66,9 +66,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def test_dry_run_prints_the_paper_grid():
-    cfg = load_config(REPO / "jobs" / "paper.yaml")
-    table = format_cell_table(cfg)
-    assert "45 cells" in table and "GPU-hours" in table
+    from tbr_ray.plan import format_plan, plan_grid
+
+    table = format_plan(plan_grid(load_config(REPO / "jobs" / "paper.yaml"), 8))
+    assert "45 cells" in table and "GPU-hours" in table and "makespan" in table
     assert table.count("llama-2-70b__") == 3
 
 
@@ -100,6 +101,10 @@ def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path):
     first = out / "adapters" / "tiny-llama__none__g0.00__s0" / "train_result.json"
     proc = _ablate(out)
     _wait_for(first, proc, timeout_s=600)
+    # A second driver on the same output (e.g. a resubmitted job) is refused, naming the first.
+    second = _ablate(out)
+    log, _ = second.communicate(timeout=300)
+    assert second.returncode == 2 and f"is in use by pid {proc.pid}" in log, log[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
     subprocess.run(
