@@ -413,7 +413,7 @@ def judge_score(
     judge: str = typer.Option(..., help="paper-keywords | xstest-prefix | model"),
     labels: Path = typer.Option(..., help="CSV: prompt, completion, label[, group]"),
     config: Path | None = typer.Option(
-        None, help="Job YAML naming eval.judge_model (model judge only)."
+        None, help="Job YAML setting eval.refusal_judge (model judge only)."
     ),
     sets: list[str] = SetOpt,
 ) -> None:
@@ -424,41 +424,49 @@ def judge_score(
         _fail(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
     if not labels.is_file():
         _fail(f"{labels}: no such file. Fix: a CSV with columns prompt, completion, label.")
-    labeler = None
+    labeler, fmt = None, "three-class"
     if judge == "model":
-        if config is None:
-            _fail("the model judge needs --config with eval.judge_model set")
-        labeler = _model_labeler(_config(config, sets))
+        cfg = _config(config, sets) if config is not None else None
+        if cfg is None or cfg.eval.refusal_judge is None:
+            _fail(
+                "the model judge needs --config with eval.refusal_judge set. Fix: e.g. "
+                "--set 'eval.refusal_judge={model: allenai/wildguard, format: wildguard}' "
+                "--set 'eval.judges=[model]'"
+            )
+        labeler, fmt = _model_labeler(cfg), cfg.eval.refusal_judge.format
     try:
-        typer.echo(format_judge_score(score_judge(judge, labels, model_labeler=labeler)))
+        scored = score_judge(judge, labels, model_labeler=labeler, model_format=fmt)
+        typer.echo(format_judge_score(scored))
     except ValueError as exc:
         _fail(str(exc))
 
 
 def _model_labeler(cfg: RunConfig):
-    """A labeler that runs the configured judge model on vLLM (Ray Data + EngineStage)."""
+    """A labeler that runs the configured refusal judge on vLLM (Ray Data + EngineStage),
+    its prompts rendered in its declared format through its own tokenizer."""
     import ray
 
-    from tbr_ray.evaluate import _run_engine
-    from tbr_ray.judges import model_judge_prompt
+    from tbr_ray.evaluate import _run_engine, _tokenizer
+    from tbr_ray.judges import judge_prompt
     from tbr_ray.models import resolve_model
+
+    judge = cfg.eval.refusal_judge
 
     def label(pairs):
         ray.init(logging_level="WARNING", ignore_reinit_error=True)
-        path = resolve_model(
-            cfg.eval.judge_model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
-        )
+        path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+        tokenizer = _tokenizer(path)
         rows = [
             {
                 "row": i,
-                "prompt": model_judge_prompt(p, c),
+                "prompt": judge_prompt(judge.format, tokenizer, p, c, judge.model),
                 "adapter": "",
                 "mode": "generate",
                 "choices": "[]",
             }
             for i, (p, c) in enumerate(pairs)
         ]
-        out = _run_engine(path, [], rows, cfg, cfg.eval.judge_max_new_tokens)
+        out = _run_engine(path, [], rows, cfg, judge.budget())
         return list(out.sort_values("row")["completion"])
 
     return label

@@ -129,8 +129,7 @@ def model_paths(cfg: RunConfig) -> dict[str, str]:
     names = list(cfg.grid.models)
     if cfg.reflection.reflector:
         names.append(cfg.reflection.reflector)
-    if cfg.eval.judge_model:
-        names.append(cfg.eval.judge_model)
+    names += [j.model for j in (cfg.eval.refusal_judge, cfg.eval.harm_judge) if j is not None]
     return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
 
 

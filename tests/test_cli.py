@@ -76,6 +76,14 @@ def test_judge_score_prints_agreement_and_confusion():
     assert "0.9" in out.output and "full_refusal" in out.output
     out = runner.invoke(app, ["judge-score", "--judge", "nope", "--labels", "x.csv"])
     assert out.exit_code == 2 and "unknown judge" in out.output
+    labels = str(FIXTURES / "judge_labels.csv")
+    out = runner.invoke(app, ["judge-score", "--judge", "model", "--labels", labels])
+    assert out.exit_code == 2 and "eval.refusal_judge" in out.output
+    tiny = str(REPO / "jobs/tiny.yaml")
+    out = runner.invoke(
+        app, ["judge-score", "--judge", "model", "--labels", labels, "--config", tiny]
+    )
+    assert out.exit_code == 2 and "eval.refusal_judge set" in out.output
 
 
 def test_dry_run_of_a_cpu_grid_plans_on_this_machines_cores():

@@ -92,8 +92,8 @@ CASES = [
     ),
     (
         "unknown-judge-model",
-        lambda t, m: [TINY, "--set", "eval.judge_model=wildguardd"],
-        "eval.judge_model = 'wildguardd': unknown model",
+        lambda t, m: [TINY, "--set", "eval.harm_judge={model: wildguardd, format: wildguard}"],
+        "eval.harm_judge.model = 'wildguardd': unknown model",
     ),
     (
         "shots-unknown-key",

@@ -292,7 +292,8 @@ def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path)
     label(bob, NONE, "xstest_safe", "s-1", "full_refusal")  # unsettles s-1
     text = write_report(run_dir, tmp_path / "a", n_boot=50)["report_md"].read_text()
     assert "| XSTest-S | xstest_safe | 12 | 2 | 1 | 2 |" in text  # judged, reviewed, unsettled
-    assert "| XSTest-H | xstest_unsafe | 8 | 0 | 0 | 0 |" in text
+    # no harm judge in this run: XSTest-H is its compliance column
+    assert "| XSTest-H compliance | xstest_unsafe | 8 | 0 | 0 | 0 |" in text
     # settled: s-3 (prefix wrong) and s-4 (all right in binary; only the model says partial)
     assert "| paper-keywords | xstest_safe | 2 | 1.000 | 0.500 |" in text
     assert "| xstest-prefix | xstest_safe | 2 | 0.500 | 0.000 |" in text
@@ -307,6 +308,23 @@ def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path)
     assert '<a href="#gen-tiny-llama-xstest-s-none-g0.00">0.833</a>' in page
     block = page[page.index('<details id="gen-tiny-llama-xstest-s-none-g0.00"') :]
     assert "<th>human</th>" in block[: block.index("</details>")]
+
+
+def test_report_harm_column_links_to_verdicts_and_is_not_counted_as_reviewed(tmp_path):
+    from analysis.report import write_report
+
+    run = build_review_run(tmp_path / "harm-run", harm=True)
+    label(ReviewStore(run, "ada", "r"), NONE, "xstest_unsafe", "u-3", "full_compliance")
+    paths = write_report(run, tmp_path / "r", n_boot=50)
+    text = paths["report_md"].read_text()
+    assert "| XSTest-H compliance | xstest_unsafe | 8 | 1 | 0 | 1 |" in text
+    assert "| XSTest-H | xstest_unsafe | 8 |" not in text  # harm verdicts are not refusal labels
+    page = paths["report_html"].read_text()
+    anchor = "gen-tiny-llama-xstest-h-none-g0.00"
+    assert f'<a href="#{anchor}">0.250</a>' in page  # u-3 of 4 judged harmful
+    block = page[page.index(f'<details id="{anchor}"') :]
+    block = block[: block.index("</details>")]
+    assert "<th>harm</th>" in block and block.count(">harmful<") == 1
 
 
 def test_report_without_reviews_says_how_to_add_them(template_run, tmp_path):

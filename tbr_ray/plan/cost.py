@@ -127,19 +127,21 @@ def engine_pass_s(cfg: RunConfig, cost: CostModel, model: str, devices: int) -> 
 
 
 def judge_s(cfg: RunConfig, cost: CostModel, devices: int, passes: int) -> float:
-    """The model judge reads every refusal/safety generation once (prompt, answer and its
-    instructions, prefill), with its own engine start."""
-    if "model" not in cfg.eval.judges or not cfg.eval.judge_model:
-        return 0.0
-    judge = cfg.eval.judge_model
-    n = sum(n for kind, _, n, _ in _bench_sizes(cfg) if kind != "general") * passes
-    context = PROMPT_TOKENS * 2 + cfg.eval.max_new_tokens
-    work = n * context * _infer_flops(judge, context)
-    return (
-        cost.engine_start_s
-        + load_s(cost, judge)
-        + work / (devices * cost.peak_flops * cost.prefill_mfu)
-    )
+    """Each model judge reads its generations once (prompt, answer and its instructions,
+    prefill), with its own engine start: the refusal judge every refusal/safety generation,
+    the harm judge the safety ones."""
+    seconds = 0.0
+    for field, judge in cfg.eval.model_judges():
+        kinds = ("safety",) if field == "harm_judge" else ("safety", "false_refusal")
+        n = sum(n for kind, _, n, _ in _bench_sizes(cfg) if kind in kinds) * passes
+        context = PROMPT_TOKENS * 2 + cfg.eval.max_new_tokens
+        work = n * context * _infer_flops(judge.model, context)
+        seconds += (
+            cost.engine_start_s
+            + load_s(cost, judge.model)
+            + work / (devices * cost.peak_flops * cost.prefill_mfu)
+        )
+    return seconds
 
 
 def writer_s(cfg: RunConfig, cost: CostModel, writer: str, devices: int) -> float:

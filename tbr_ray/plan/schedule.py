@@ -187,8 +187,7 @@ def plan_grid(cfg: RunConfig, capacity: int | None) -> GridPlan:
     cost = cost_model(cfg)
     cells = _cell_plans(cfg, cost, capacity)
     names = list(cfg.grid.models) + _writers(cfg)
-    if "model" in cfg.eval.judges and cfg.eval.judge_model:
-        names.append(cfg.eval.judge_model)
+    names += [judge.model for _, judge in cfg.eval.model_judges()]
     engines = [engine_layout(cfg, m) for m in dict.fromkeys(names)] if cfg.train.use_gpu else []
     problems = _problems(cfg, cells, engines, capacity)
     slots = []
