@@ -41,8 +41,9 @@ SAFETY_FILES = {
     "safety-tuned-llamas": "safety-tuned-llamas/data/training/safety_only_data_Instructions.json",
     "hh-rlhf-harmless": "hh-rlhf/harmless-base/test.jsonl.gz",
 }
-# 2: harmful-only safety rows, benchmark-overlap filter, reflections in the paper's form.
-MIX_VERSION = "2"
+# 2: prompt ids from tbr_ray.prompts.prompt_token_ids (one BOS); 3: harmful-only safety rows,
+# benchmark-overlap filter, reflections in the paper's form.
+MIX_VERSION = "3"
 # The upstream answer must refuse within its opening (a keyword deep in a long answer, e.g. "I
 # don't recommend" in a how-to, is no refusal of the request).
 UPSTREAM_REFUSAL_CHARS = 300

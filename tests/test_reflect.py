@@ -145,7 +145,7 @@ def _seed_cache(cfg, cell, model_path, raw: list[str]):
 def test_build_mix_fails_on_a_shortfall_and_keeps_the_reflections(tiny_llama, tmp_path):
     """A writer that opens with the refusal for 3 of 8 rows: the mix fails before any Ray
     work, naming the writer; the reflections stay cached."""
-    cfg = small_config(f"paths.cache_dir={tmp_path}")
+    cfg = small_config(f"paths.cache_dir={tmp_path}", "reflection.max_missing_share=0.05")
     cell = Cell("tiny-llama", "internal", 1.0, 0)
     raw = ["This asks for harm."] * 5 + [PAPER_REFUSAL] * 3
     path = _seed_cache(cfg, cell, tiny_llama, raw)
