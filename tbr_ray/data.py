@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from tbr_ray.config import Cell, ReflectionConfig, RunConfig
 from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.models import format_prompt
+from tbr_ray.prompts import prompt_token_ids
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -266,8 +267,9 @@ def assemble_mix(
 
 
 def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
-    """input_ids/labels for one row; labels mask the prompt with -100."""
-    prompt_ids = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
+    """input_ids/labels for one row; labels mask the prompt with -100. The prompt's ids are
+    the ones the eval engine is fed for the same text (`prompt_token_ids`: one BOS)."""
+    prompt_ids = prompt_token_ids(tokenizer, format_prompt(row["instruction"], row["input"]))
     resp_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
     resp_ids = resp_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + resp_ids)[:max_seq_len]

@@ -95,6 +95,7 @@ def cell_rows(
                     category=category,
                     prompt_id=f"{bench}-{i}",
                     prompt=f"q{i}",
+                    stop_rule="",
                     completion="...",
                     n_new_tokens=3,
                     reference=None,

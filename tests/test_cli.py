@@ -1,5 +1,6 @@
 """The command line: readable errors (exit 2), the registry, dry runs, judge scoring."""
 
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -16,6 +17,7 @@ def test_models_lists_paper_and_tiny_models():
     assert out.exit_code == 0
     assert "llama-2-70b" in out.output and "tiny-falcon" in out.output
     assert "merge" in out.output  # falcon: no vLLM LoRA, adapters are merged
+    assert re.search(r"FalconForCausalLM +merge +query_key_value,dense,", out.output)  # its row
 
 
 def test_config_error_is_one_readable_message(tmp_path):
@@ -84,6 +86,16 @@ def test_judge_score_prints_agreement_and_confusion():
         app, ["judge-score", "--judge", "model", "--labels", labels, "--config", tiny]
     )
     assert out.exit_code == 2 and "eval.refusal_judge set" in out.output
+
+
+def test_a_gpu_run_that_cannot_be_placed_stops_before_ray(tmp_path):
+    """The same refusal as the dry run's, for a real run: exit 2 before Ray or any file."""
+    paper = ["--config", str(REPO / "jobs/paper.yaml"), "--set", "cluster.gpus=1"]
+    for command in (["ablate", "--config-only"], ["cell", "--model", "llama-2-70b"]):
+        out = runner.invoke(app, [*command, *paper, "--output", str(tmp_path / "run")])
+        assert out.exit_code == 2 and "problem(s) placing this grid" in out.output, out.output
+        assert "llama-3.1-70b: its vLLM engine needs 4 GPUs" in out.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_dry_run_of_a_cpu_grid_plans_on_this_machines_cores():
