@@ -198,7 +198,7 @@ def _benchmark_texts(data_root) -> dict[str, set[str]]:
     """Exact and normalised request texts of every shipped benchmark (user files skipped)."""
     exact = set()
     for name, spec in BENCHMARKS.items():
-        if spec.source != "user file":
+        if not spec.user_file:
             exact |= {request_text(it) for it in load_benchmark_with_report(name, data_root)[0]}
     return {"exact": exact, "normalised": {normalise_text(t) for t in exact}}
 

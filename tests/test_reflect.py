@@ -59,7 +59,7 @@ def test_few_shot_examples_are_no_benchmark_prompts(data_root):
     longest = max(len(normalise_text(q).split()) for q in FEW_SHOT_INSTRUCTIONS)
     found, n_checked = [], 0
     for name, spec in BENCHMARKS.items():
-        if spec.source == "user file":
+        if spec.user_file:
             continue
         for item in load_benchmark_with_report(name, data_root)[0]:
             n_checked += 1
