@@ -37,9 +37,9 @@ from pathlib import Path
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.interrupt import RunInterrupt, mark_interrupted
-from tbr_ray.models import resolve_model
 from tbr_ray.progress import ProgressView
 from tbr_ray.rundir import run_lock
+from tbr_ray.tiny import resolve_model
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune trial only orchestrates; 1 CPU would starve workers (STACK.md)
 
