@@ -25,8 +25,7 @@ from pathlib import Path
 from tbr_ray import results
 from tbr_ray.config import ConfigError
 from tbr_ray.preflight import ray_job_id
-
-LOCK_NAME = ".tbr-ray.lock"
+from tbr_ray.results import LOCK_NAME, read_holder  # the lock file is part of a results folder
 
 
 def _utc(t: float) -> str:
@@ -42,24 +41,6 @@ def describe_holder(holder: dict) -> str:
         f"pid {holder.get('pid')} on {holder.get('host')}{job} "
         f"(`tbr-ray {holder.get('command')}`, since {_utc(holder.get('started', 0))})"
     )
-
-
-def read_holder(output: Path) -> dict | None:
-    """The current holder of the run lock, or None when no driver holds it."""
-    path = Path(output) / LOCK_NAME
-    if not path.is_file():
-        return None
-    fd = os.open(path, os.O_RDONLY)  # flock needs no write access: status works read-only
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = path.read_text()
-        return json.loads(text) if text.strip() else {}
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 @contextmanager
