@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from tbr_ray.config import Cell, ReflectionConfig, RunConfig
 from tbr_ray.judges import paper_keywords_refused
+from tbr_ray.keys import content_key
 from tbr_ray.models import format_prompt
 from tbr_ray.prompts import prompt_token_ids
 
@@ -325,7 +326,7 @@ def mix_key(
     source_hashes: dict[str, str],
     selection: str = "",
 ) -> str:
-    blob = json.dumps(
+    return content_key(
         {
             "selection": selection,
             "data": cfg.data.model_dump(exclude={"root"}),
@@ -336,9 +337,8 @@ def mix_key(
             "reflections": reflections,
             "version": MIX_VERSION,
         },
-        sort_keys=True,
+        16,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _file_hash(path: Path) -> str:
@@ -363,7 +363,7 @@ def source_rows(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
         "skipped": gen.skipped + saf.skipped,
         "n_skipped": len(gen.skipped) + len(saf.skipped),
         "source_hashes": {f: _file_hash(root / f) for f in files},
-        "selection": hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16],
+        "selection": content_key(chosen, 16),
         "safety_filter": _filter_report(cfg.data.safety_filter, saf),
         "safety_categories": CATEGORY_NOTE,
         "benchmark_overlap": {

@@ -14,6 +14,8 @@ from typing import Any
 def content_key(obj: Any, n: int = 16, *, compact: bool = False) -> str:
     """The first n hex digits of sha256 over obj as JSON with sorted keys.
 
+    Used by the config hash (12), the mix and reflection cache keys (16) and the tiny-model
+    build key (10); their lengths and values are unchanged from before this helper.
     compact=True writes JSON without spaces after separators: the config hash was always
     written that way, and run directories are named by it, so its values are kept."""
     separators = (",", ":") if compact else None

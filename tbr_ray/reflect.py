@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tbr_ray.config import ConfigError, RunConfig
+from tbr_ray.keys import content_key
 
 # 2: a new internal shot (the old one was an XSTest prompt), reflections keep the paper's
 # "Therefore," form, flaws (empty / truncated) recorded per reflection.
@@ -129,16 +130,15 @@ def training_output(reflection: str | None, refusal: str) -> str:
 
 
 def reflection_cache_key(writer: str, prompts: list[str], max_new_tokens: int) -> str:
-    blob = json.dumps(
+    return content_key(
         {
             "writer": writer,
             "prompts": prompts,
             "max_new_tokens": max_new_tokens,
             "version": PROMPT_VERSION,
         },
-        sort_keys=True,
+        16,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

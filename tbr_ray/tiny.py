@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from tbr_ray.keys import content_key
 from tbr_ray.models import REGISTRY, TINY_VOCAB, ModelSpec, format_prompt, get_spec, is_hub_id
 
 PRETRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, vocab_size=TINY_VOCAB)
@@ -57,7 +58,7 @@ def _pretrain_corpus(data_root: Path) -> list[str]:
 
 
 def tiny_build_key(spec: ModelSpec, seed: int, corpus: list[str]) -> str:
-    blob = json.dumps(
+    return content_key(
         {
             "arch": spec.arch,
             "pretrain": PRETRAIN,
@@ -65,9 +66,8 @@ def tiny_build_key(spec: ModelSpec, seed: int, corpus: list[str]) -> str:
             "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
             "version": 2,
         },
-        sort_keys=True,
+        10,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def build_tiny_model(spec: ModelSpec, cache_dir: Path, data_root: Path, seed: int = 0) -> Path:
