@@ -295,7 +295,9 @@ def _model_labeler(cfg: RunConfig):
             }
             for i, (p, c) in enumerate(pairs)
         ]
-        out = _run_engine(path, [], rows, cfg, cfg.eval.judge_max_new_tokens)
+        out = _run_engine(
+            path, [], rows, cfg, cfg.eval.judge_max_new_tokens, model=cfg.eval.judge_model
+        )
         return list(out.sort_values("row")["completion"])
 
     return label

@@ -24,7 +24,7 @@ import pandas as pd
 from tbr_ray import results
 from tbr_ray.benchmarks import EvalItem, load_benchmark, score_item
 from tbr_ray.config import Cell, RunConfig
-from tbr_ray.engine import engine_resources, engine_settings
+from tbr_ray.engine import engine_gpus_for, engine_placement, engine_settings
 from tbr_ray.judges import (
     is_refusal,
     model_harm_prompt,
@@ -116,28 +116,39 @@ def _run_engine(
     cfg: RunConfig,
     max_new_tokens: int,
     merged_from=None,
+    model: str | None = None,
 ) -> pd.DataFrame:
+    """Rows through one checked EngineStage actor, sized for `model` (registry name or path;
+    default `model_path`): tensor parallel over `engine_gpus_for` devices, held in a placement
+    group for as long as the engine runs."""
     import ray
 
     from tbr_ray.engine import EngineStage
 
+    tp = engine_gpus_for(cfg, model or model_path)
     check = [r["prompt"] for r in rows if r["mode"] == "generate"][: cfg.eval.engine_check_prompts]
-    ds = ray.data.from_items(rows)
-    return ds.map_batches(
-        EngineStage,
-        batch_size=256,
-        batch_format="pandas",
-        concurrency=1,
-        **engine_resources(cfg),
-        fn_constructor_kwargs=dict(
-            model_path=model_path,
-            settings=engine_settings(cfg.eval, cfg.train.lora_rank),
-            adapters=adapters,
-            check_prompts=check or [rows[0]["prompt"]],
-            max_new_tokens=max_new_tokens,
-            merged_from=merged_from,
-        ),
-    ).to_pandas()
+    with engine_placement(cfg, model or model_path, tp) as placement:
+        return (
+            ray.data.from_items(rows)
+            .map_batches(
+                EngineStage,
+                batch_size=256,
+                batch_format="pandas",
+                concurrency=1,
+                **placement,
+                fn_constructor_kwargs=dict(
+                    model_path=model_path,
+                    settings=engine_settings(
+                        cfg.eval, cfg.train.lora_rank, tensor_parallel_size=tp
+                    ),
+                    adapters=adapters,
+                    check_prompts=check or [rows[0]["prompt"]],
+                    max_new_tokens=max_new_tokens,
+                    merged_from=merged_from,
+                ),
+            )
+            .to_pandas()
+        )
 
 
 def generate_all(
@@ -155,15 +166,16 @@ def generate_all(
     rows = _rows(passes, items, tok)
     if get_spec(model).vllm_lora:
         adapters = [p.adapter for p in passes if p.adapter]
-        return _run_engine(model_path, adapters, rows, cfg, n)
+        return _run_engine(model_path, adapters, rows, cfg, n, model=model)
     from tbr_ray.engine import merge_adapter
 
     plain = [r for r in rows if not r["adapter"]]
-    frames = [_run_engine(model_path, [], plain, cfg, n)] if plain else []
+    frames = [_run_engine(model_path, [], plain, cfg, n, model=model)] if plain else []
     for p in (p for p in passes if p.adapter):
         mine = [{**r, "adapter": ""} for r in rows if r["adapter"] == p.adapter]
         merged = merge_adapter(model_path, p.adapter, scratch / f"merged-{p.cell.cell_id}")
-        frames.append(_run_engine(merged, [], mine, cfg, n, merged_from=(model_path, p.adapter)))
+        # Sized as its base model: same weights, no LoRA.
+        frames.append(_run_engine(merged, [], mine, cfg, n, (model_path, p.adapter), model=model))
         shutil.rmtree(merged, ignore_errors=True)
     return pd.concat(frames, ignore_index=True)
 
@@ -217,7 +229,9 @@ def _model_judge(cfg: RunConfig, judged: pd.DataFrame, items: list[EvalItem]) ->
         )
         if items[r.item].kind == "safety":
             rows.append({**rows[-1], "task": "harm", "prompt": model_harm_prompt(instr, comp)})
-    out = _run_engine(path, [], rows, cfg, cfg.eval.judge_max_new_tokens)
+    out = _run_engine(
+        path, [], rows, cfg, cfg.eval.judge_max_new_tokens, model=cfg.eval.judge_model
+    )
     merged: dict[tuple, dict] = {}
     for r in out.itertuples():
         rec = merged.setdefault(

@@ -217,14 +217,40 @@ def write_cell_tables(
 
 
 def write_status(results_dir: str | Path, cell_id: str, status: str, **info: Any) -> None:
-    """Record a cell's state: running | done | failed (with `error`)."""
+    """Record a cell's state: running | done | failed (with `error`). The cell's `phases`
+    (`record_phase`) are kept across writes."""
     if status not in ("running", "done", "failed"):
         raise ValueError(f"unknown cell status {status!r}")
-    payload = json.dumps(
-        {"cell_id": cell_id, "status": status, "time": time.time(), **info}, indent=2, default=str
+    _write_status_file(
+        results_dir,
+        {"cell_id": cell_id, "status": status, "time": time.time(), **info},
+        _read_status_file(results_dir, cell_id).get("phases"),
     )
+
+
+def record_phase(
+    results_dir: str | Path, cell_id: str, phase: str, start: float, end: float
+) -> None:
+    """Add a phase's wall-clock span (Unix seconds) to the cell's status.json `phases`,
+    e.g. {"train": {"start": ..., "end": ...}, "eval": {...}}: when the grid trained and
+    evaluated the cell (tbr_ray.grid.pipeline_phase)."""
+    payload = _read_status_file(results_dir, cell_id) or {"cell_id": cell_id, "status": "running"}
+    phases = {**payload.get("phases", {}), phase: {"start": start, "end": end}}
+    _write_status_file(results_dir, payload, phases)
+
+
+def _read_status_file(results_dir: str | Path, cell_id: str) -> dict[str, Any]:
+    f = cell_dir(results_dir, cell_id) / "status.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _write_status_file(results_dir: str | Path, payload: dict, phases: dict | None) -> None:
+    if phases:
+        payload = {**payload, "phases": phases}
+    text = json.dumps(payload, indent=2, default=str)
     _atomic_write_bytes(
-        cell_dir(results_dir, cell_id) / "status.json", lambda p: Path(p).write_text(payload)
+        cell_dir(results_dir, payload["cell_id"]) / "status.json",
+        lambda p: Path(p).write_text(text),
     )
 
 

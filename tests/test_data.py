@@ -153,3 +153,12 @@ def test_reflections_of_two_writers_come_from_one_engine_actor(
             generate_reflections(list(asks), cfg, req.condition, req.writer_path, req.writer_id)
             == got["reflections"]
         )
+
+
+def test_reflection_writers_share_an_actor_on_cpu_and_run_side_by_side_on_gpus():
+    from tbr_ray.reflect import writer_groups
+
+    sets = [Path("a.json"), Path("b.json"), Path("c.json")]
+    assert writer_groups(sets, use_gpu=False) == [sets]
+    assert writer_groups(sets, use_gpu=True) == [[p] for p in sets]
+    assert writer_groups([], use_gpu=True) == []
