@@ -1,6 +1,7 @@
 """The data stage: sources, malformed rows, the TBR mix, label masking, Parquet on Ray Data."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
