@@ -558,7 +558,7 @@ def engine_placement(cfg, model: str, tensor_parallel: int):
 
     bundle = engine_bundle(cfg, tensor_parallel)
     _check_fits_a_node(bundle, model)
-    pg = placement_group([bundle], strategy="STRICT_PACK", name=f"engine-{Path(model).name}")
+    pg = placement_group([bundle], strategy="STRICT_PACK")
     try:
         ray.get(pg.ready())
         yield {
