@@ -548,7 +548,8 @@ def _check_fits_a_node(bundle: dict[str, float], what: str) -> None:
 @contextmanager
 def engine_placement(cfg, model: str, tensor_parallel: int):
     """A placement group holding one engine's devices on one node (STRICT_PACK), reserved
-    until the block ends; yields the Ray actor options that put the engine's actor in it.
+    until the block ends; yields the Ray Data `map_batches` options that put the engine's
+    actor in it.
     The actor holds every device and vLLM spawns its tensor-parallel workers on them (its
     multiprocessing executor: `Engine`), so the transformers check runs on the same devices.
     An engine larger than every node is refused at once instead of waiting forever."""
@@ -561,12 +562,13 @@ def engine_placement(cfg, model: str, tensor_parallel: int):
     pg = placement_group([bundle], strategy="STRICT_PACK")
     try:
         ray.get(pg.ready())
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
         yield {
             "num_cpus": bundle["CPU"],
             "num_gpus": bundle.get("GPU", 0),
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=0
-            ),
+            # Ray Data's named way to pass actor options (a bare scheduling_strategy= is
+            # deprecated there).
+            "ray_remote_args_fn": lambda: {"scheduling_strategy": strategy},
         }
     finally:
         remove_placement_group(pg)
