@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
@@ -151,18 +153,107 @@ def plot_frontier(
                 label=condition,
                 color=CONDITION_COLOURS.get(condition, "black"),
             )
-            for row in sel.itertuples():
-                ax.annotate(
-                    row.model,
-                    (row.xstest_unsafe, row.xstest_safe),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-        ax.legend(title="condition")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(title="condition", loc="lower left", fontsize="small")
     ax.set_xlabel("XSTest-H compliance rate (lower: safer)")
     ax.set_ylabel("XSTest-S compliance rate (higher: less over-refusal)")
     ax.set_title(f"Over-refusal vs safety (judge: {judge})")
+    fig.tight_layout()  # before placing labels: placement works in final display coordinates
+    if ax.get_legend() is not None:
+        place_labels(fig, ax, frontier_labels(points))
+    return fig
+
+
+def frontier_labels(points: pd.DataFrame) -> list[tuple[float, float, str]]:
+    """One label per distinct point: (x, y, text). A lone point is labelled with its model;
+    points that coincide (their markers hide each other's colour) share one label listing
+    "model · condition" for each."""
+    labels = []
+    for (x, y), group in points.groupby(["xstest_unsafe", "xstest_safe"], sort=True):
+        if len(group) == 1:
+            lines = list(group["model"])
+        else:
+            lines = [f"{r.model} · {r.condition}" for r in group.itertuples()]
+        labels.append((float(x), float(y), "\n".join(lines)))
+    return labels
+
+
+# Candidate label offsets in points: 8 directions (right of the marker first, where a label
+# reads as its own) at growing distance.
+_DIRECTIONS = ((1, 0), (1, 1), (1, -1), (-1, 0), (-1, 1), (-1, -1), (0, 1), (0, -1))
+_RADII = (5, 14, 26, 40, 58)
+
+
+def place_labels(fig: Figure, ax, labels: list[tuple[float, float, str]]) -> list:
+    """Annotate each (x, y, text) at the first candidate offset whose text box overlaps no
+    label placed before it, no other marker, and stays inside the axes (greedy, in display
+    coordinates); a label pushed away from its point gets a thin leader line."""
+    renderer = FigureCanvasAgg(fig).get_renderer()  # text sizes as the saved PNG has them
+    frame = ax.get_window_extent(renderer)
+    markers = [ax.transData.transform((x, y)) for x, y, _ in labels]
+    legend = ax.get_legend()
+    taken = [legend.get_window_extent(renderer)] if legend is not None else []
+    annotations = []
+    for (x, y, text), own in zip(labels, markers, strict=True):
+        others = [m for m in markers if m is not own]
+        for radius in _RADII:
+            for dx, dy in _DIRECTIONS:
+                ann = _annotate(ax, x, y, text, dx * radius, dy * radius, radius > _RADII[0])
+                box = ann.get_window_extent(renderer).expanded(1.05, 1.1)
+                clear = not any(box.overlaps(t) for t in taken) and not any(
+                    box.contains(*m) for m in others
+                )
+                if clear and frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1):
+                    break
+                ann.remove()
+            else:
+                continue
+            break
+        else:  # nowhere free: keep the last try rather than drop the label
+            ann = _annotate(ax, x, y, text, _RADII[-1], _RADII[-1], True)
+            box = ann.get_window_extent(renderer)
+        taken.append(box)
+        annotations.append(ann)
+    return annotations
+
+
+def _annotate(ax, x: float, y: float, text: str, dx: float, dy: float, leader: bool):
+    return ax.annotate(
+        text,
+        (x, y),
+        xytext=(dx, dy),
+        textcoords="offset points",
+        fontsize=7,
+        ha="left" if dx > 0 else "right" if dx < 0 else "center",
+        va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if leader else None,
+    )
+
+
+def plot_category_heatmap(matrix: pd.DataFrame, judge: str = DEFAULT_JUDGE) -> Figure:
+    """Compliance per condition (rows) x category (columns), one panel per benchmark, from
+    `analysis.tables.category_matrix`; each cell shows its value, pooled over models."""
+    benchmarks = list(dict.fromkeys(matrix["benchmark"]))
+    widest = max(matrix.loc[matrix["benchmark"] == b, "category"].nunique() for b in benchmarks)
+    fig = Figure(figsize=(max(6.0, 0.85 * widest + 2.5), 2.6 * len(benchmarks) + 0.6))
+    axes = fig.subplots(len(benchmarks), 1, squeeze=False)[:, 0]
+    for ax, bench in zip(axes, benchmarks, strict=True):
+        grid = matrix[matrix["benchmark"] == bench].pivot(
+            index="condition", columns="category", values="value"
+        )
+        grid = grid.reindex(index=order_conditions(grid.index))
+        image = ax.imshow(grid.to_numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=35, ha="right", fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=8)
+        ax.set_title(BENCHMARK_TITLES.get(bench, bench), fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.03, label="compliance")
+    fig.suptitle(
+        f"Compliance per category (judge: {judge})\npooled over models and seeds", fontsize=10
+    )
     fig.tight_layout()
     return fig
 

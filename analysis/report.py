@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import paper, plots, stats, tables
+from tbr_ray import judges
 from tbr_ray.results import Results, read_results, read_run_manifest
 
 
@@ -34,6 +35,7 @@ class Section:
     text: str = ""
     table: pd.DataFrame | None = None
     figure: str | None = None  # PNG file name in the output folder
+    html: str | None = None  # report.html shows this instead of `table` (links, details)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class ReportOptions:
     n_boot: int = stats.DEFAULT_N_BOOT  # bootstrap replicates per CI
     seed: int = 0  # bootstrap RNG seed
     safety_benchmark: str | None = None  # "Malicious" column; None: SAFETY_FALLBACK order
+    # Generations listed per Table 3 number in report.html (judge disagreements first); more
+    # are counted, not listed: a paper-size grid would otherwise make a page of ~100 MB.
+    max_generations: int = 200
 
 
 def write_report(
@@ -68,11 +73,14 @@ def write_report(
     outcomes = tables.prompt_outcomes(results)
     rates = tables.cell_rates(outcomes)
     summary = stats.summary_table(outcomes, n_boot, seed=seed)
-    figures, figure_notes = build_figures(rates, options)
+    figures, figure_notes = build_figures(rates, outcomes, options)
     pngs = plots.save_figures(figures, output_dir)
+    numbers = table3_numbers(summary, options)
     sections = [header_section(results_dir, results, options)]
-    sections += table_sections(results, outcomes, rates, summary, options)
+    sections += table_sections(results, outcomes, rates, summary, numbers, options)
+    sections += review_sections(results, numbers)
     sections += figure_sections(pngs, figure_notes)
+    sections += [generations_section(results, numbers, options)]
     sections += [excluded_section(results.status), methods_section(options)]
     paths = {
         "summary_csv": output_dir / "summary.csv",
@@ -110,6 +118,7 @@ def table_sections(
     outcomes: pd.DataFrame,
     rates: pd.DataFrame,
     summary: pd.DataFrame,
+    numbers: pd.DataFrame,  # table3_numbers: Table 3's values with intervals and anchors
     options: ReportOptions,
 ) -> list[Section]:
     judge, gamma = options.judge, options.gamma
@@ -124,7 +133,13 @@ def table_sections(
     ]
     tests = pd.concat([t for t in tests if len(t)] or tests[:1], ignore_index=True)
     return [
-        Section("Table 3 layout", "Mean over seeds. Columns: " + (column_note or "none"), wide),
+        Section(
+            "Table 3 layout",
+            "Mean over seeds, with its 95% interval (see Methods). Each number links to the "
+            "generations behind it (report.html). Columns: " + (column_note or "none"),
+            table3_with_intervals(wide, numbers),
+            html=table3_html(wide, numbers),
+        ),
         Section(
             "Differences from `none`",
             "Condition minus `none`, same columns.",
@@ -132,11 +147,6 @@ def table_sections(
         ),
         Section(
             "Prompting experiment (Table 1 layout)", "Chat models, direct vs CoT prompt.", prompting
-        ),
-        Section(
-            "Compliance per category",
-            "Pooled over seeds.",
-            tables.category_table(outcomes, judge, gamma),
         ),
         Section(
             "Paired tests (McNemar)",
@@ -149,6 +159,226 @@ def table_sections(
         side_by_side_section(summary, options),
         consistency_section(rates, results.metrics),
     ]
+
+
+# ------------------------------------------------------------------ Table 3: intervals, links
+
+
+def table3_numbers(summary: pd.DataFrame, options: ReportOptions) -> pd.DataFrame:
+    """One row per Table 3 number: model, column, benchmark, metric, condition, gamma, value,
+    ci_low, ci_high, n, and `anchor` (the id of its generations in report.html)."""
+    head = stats.headline_rows(summary)
+    keys = ["model", "column", "benchmark", "metric", "condition", "gamma"]
+    numbers = None
+    # table3_long picks each column's rows (and the judge per metric); a headline row is alone
+    # in its group, so passing a statistic as `value` returns that statistic unchanged.
+    for stat in ("value", "ci_low", "ci_high", "n"):
+        long = tables.table3_long(
+            head.assign(value=head[stat].astype(float)),
+            judge=options.judge,
+            gamma=options.gamma,
+            safety_benchmark=options.safety_benchmark,
+        )[keys + ["value"]].rename(columns={"value": stat})
+        numbers = long if numbers is None else numbers.merge(long, on=keys)
+    return numbers.assign(anchor=[anchor_id(r) for r in numbers.itertuples()])
+
+
+def anchor_id(row) -> str:
+    """gen-<model>-<column>-<condition>-g<gamma>, lower case, safe in a URL fragment."""
+    text = f"gen-{row.model}-{row.column}-{row.condition}-g{row.gamma:.2f}"
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower())
+
+
+def _number_text(row) -> str:
+    return f"{row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+def table3_with_intervals(wide: pd.DataFrame, numbers: pd.DataFrame) -> pd.DataFrame:
+    """`wide` (tables.table3) with each value written as "value [ci_low, ci_high]"."""
+    out = wide.astype(object)
+    for row in numbers.itertuples():
+        if row.model in out.index and (row.column, row.condition) in out.columns:
+            out.loc[row.model, (row.column, row.condition)] = _number_text(row)
+    return out
+
+
+def table3_html(wide: pd.DataFrame, numbers: pd.DataFrame) -> str:
+    """Table 3 as HTML: each number links to its generations, its interval below it."""
+    if wide.empty:
+        return "<p>No data.</p>"
+    found = {(r.model, r.column, r.condition): r for r in numbers.itertuples()}
+    labels = list(dict.fromkeys(wide.columns.get_level_values("column")))
+    spans = [(lab, sum(c[0] == lab for c in wide.columns)) for lab in labels]
+    head = "".join(f'<th colspan="{n}">{html.escape(lab)}</th>' for lab, n in spans)
+    conds = "".join(f"<th>{html.escape(c)}</th>" for _, c in wide.columns)
+    body = []
+    for model in wide.index:
+        cells = []
+        for column, condition in wide.columns:
+            row = found.get((model, column, condition))
+            cells.append("<td></td>" if row is None else _linked_cell(row))
+        body.append(f"<tr><th>{html.escape(model)}</th>{''.join(cells)}</tr>")
+    return (
+        f'<table class="t3"><thead><tr><th rowspan="2">model</th>{head}</tr>'
+        f"<tr>{conds}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def _linked_cell(row) -> str:
+    return (
+        f'<td><a href="#{row.anchor}">{row.value:.3f}</a><br>'
+        f'<span class="ci">[{row.ci_low:.3f}, {row.ci_high:.3f}]</span></td>'
+    )
+
+
+# ------------------------------------------------------------------ human review
+
+
+def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
+    """How many answers people reviewed per column, each automatic judge against their labels
+    (the judge-score figures for this run), and the reviewers against each other."""
+    if results.reviews.empty:
+        return [
+            Section(
+                "Human review",
+                "No generation of this run has a human label yet, so the `paper-reviewed` "
+                "judge equals `paper-keywords`. Label some with `tbr-ray review RESULTS_DIR`.",
+            )
+        ]
+    agreement = judges.judge_agreement(results.judgements)
+    return [
+        Section(
+            "Human review",
+            "Per Table 3 column: generations judged, those with a settled human label "
+            "(`reviewed`), and those where reviewers disagree (`unsettled`; the `human` judge "
+            "leaves them unlabelled and `paper-reviewed` keeps the keyword label).",
+            reviewed_counts(results, numbers),
+        ),
+        Section(
+            "Judges against the human labels",
+            "Binary: refusal (full or partial) vs compliance; three-class only where both "
+            "give a class (rule judges never say partial).",
+            agreement,
+        ),
+        Section(
+            "Agreement between reviewers",
+            "Generations labelled by both reviewers of each pair.",
+            judges.reviewer_agreement(results.reviews),
+        ),
+    ]
+
+
+def reviewed_counts(results: Results, numbers: pd.DataFrame) -> pd.DataFrame:
+    """column, benchmark, judged, reviewed, unsettled, reviewers, per judged Table 3 column."""
+    keys = ["cell_id", "benchmark", "prompt_id"]
+    auto = results.judgements[results.judgements["judge"].isin(judges.JUDGES)]
+    consensus = judges.human_consensus(results.reviews)
+    rows = []
+    judged_numbers = tables.sort_rows(numbers[numbers["metric"] != "accuracy"])
+    columns = judged_numbers[["column", "benchmark"]]
+    for label, bench in columns.drop_duplicates().itertuples(index=False):
+        judged = auto.loc[auto["benchmark"] == bench, keys].drop_duplicates()
+        mine = consensus.merge(judged, on=keys)
+        people = results.reviews.merge(judged, on=keys)["reviewer"].nunique()
+        settled = int(mine["refused"].notna().sum())
+        rows.append((label, bench, len(judged), settled, len(mine) - settled, people))
+    names = ["column", "benchmark", "judged", "reviewed", "unsettled", "reviewers"]
+    return pd.DataFrame(rows, columns=names)
+
+
+# ------------------------------------------------------------------ generations
+
+
+def generations_section(results: Results, numbers: pd.DataFrame, options: ReportOptions) -> Section:
+    """Per Table 3 number, a collapsible list of the generations behind it with every judge's
+    label; a checkbox hides those where the automatic judges agree (report.html only)."""
+    text = (
+        "Each Table 3 number links here (report.html only). Generations where the automatic "
+        f"judges disagree come first; at most {options.max_generations} are listed per "
+        "number, all are in the cells' generations.parquet."
+    )
+    if numbers.empty:
+        return Section("Generations behind the numbers", text, html="<p>No data.</p>")
+    labelled = generation_labels(results)
+    parts = [_GENERATIONS_TOOLS]
+    for row in tables.sort_rows(numbers).itertuples():  # Table 3 order: model, column, condition
+        sel = labelled[
+            (labelled["model"] == row.model)
+            & (labelled["condition"] == row.condition)
+            & np.isclose(labelled["gamma"], row.gamma)
+            & (labelled["benchmark"] == row.benchmark)
+        ]
+        parts.append(_generations_html(row, sel, options.max_generations))
+    return Section("Generations behind the numbers", text, html="\n".join(parts))
+
+
+def generation_labels(results: Results) -> pd.DataFrame:
+    """Generations with a column `judge:<name>` per judge (judges.label_table) and
+    `disagree` (the automatic judges differ on refusal)."""
+    keys = ["cell_id", "benchmark", "prompt_id"]
+    j = results.judgements
+    names = (*_JUDGE_ORDER, *sorted(set(j["judge"]) - set(_JUDGE_ORDER)))  # e.g. a harm judge
+    wide = judges.label_table(j, names)
+    auto = j[j["judge"].isin(judges.JUDGES)]
+    differ = judges.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
+    out = results.generations.merge(wide, on=keys, how="left")
+    out = out.merge(differ, on=keys, how="left")
+    out["disagree"] = out["disagree"].eq(True)
+    return out.sort_values(["disagree", "seed", "prompt_id"], ascending=[False, True, True])
+
+
+_JUDGE_ORDER = (*judges.JUDGES, *judges.REVIEW_JUDGES)
+
+
+def _generations_html(row, gens: pd.DataFrame, limit: int) -> str:
+    shown_judges = [c for c in gens.columns if c.startswith("judge:") and gens[c].notna().any()]
+    extra = ["correct"] if row.metric == "accuracy" else [c[6:] for c in shown_judges]
+    head = ["seed", "prompt_id", "category", "prompt", "completion", *extra]
+    lines = []
+    for g in gens.head(limit).itertuples():
+        values = [g.seed, g.prompt_id, g.category, g.prompt, g.completion]
+        if row.metric == "accuracy":
+            values.append(g.correct)
+        else:
+            values += [gens.at[g.Index, c] for c in shown_judges]
+        cells = "".join(f"<td>{_cell(v)}</td>" for v in values)
+        lines.append(f'<tr class="{"disagree" if g.disagree else "agree"}">{cells}</tr>')
+    n_disagree = int(gens["disagree"].sum())
+    more = f"; {len(gens) - limit} more not listed" if len(gens) > limit else ""
+    summary = (
+        f"{html.escape(row.model)} · {html.escape(row.column)} · {html.escape(row.condition)} "
+        f"(γ {row.gamma:.2f}): {_number_text(row)}, {len(gens)} generations, "
+        f"{n_disagree} where judges disagree{more}"
+    )
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return (
+        f'<details id="{row.anchor}" class="gens"><summary>{summary}</summary>'
+        f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+        "</details>"
+    )
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return f'<div class="txt">{html.escape(str(value))}</div>'
+
+
+# Opens the <details> a link points at, and filters rows; inline, so the page stays offline.
+_GENERATIONS_TOOLS = """<p><label><input type="checkbox" id="only-disagree"> list only the \
+generations where the automatic judges disagree</label></p>
+<script>
+function openTarget() {
+  const el = document.getElementById(decodeURIComponent(location.hash.slice(1)));
+  if (el && el.tagName === "DETAILS") { el.open = true; el.scrollIntoView(); }
+}
+window.addEventListener("hashchange", openTarget);
+window.addEventListener("DOMContentLoaded", () => {
+  openTarget();
+  document.getElementById("only-disagree").addEventListener("change", (e) =>
+    document.body.classList.toggle("only-disagree", e.target.checked));
+});
+</script>"""
 
 
 def side_by_side_section(summary: pd.DataFrame, options: ReportOptions) -> Section:
@@ -179,7 +409,9 @@ def consistency_section(rates: pd.DataFrame, metrics: pd.DataFrame) -> Section:
     return Section("Consistency with the metrics table", text, None if bad.empty else bad)
 
 
-def build_figures(rates: pd.DataFrame, options: ReportOptions) -> tuple[dict, dict[str, str]]:
+def build_figures(
+    rates: pd.DataFrame, outcomes: pd.DataFrame, options: ReportOptions
+) -> tuple[dict, dict[str, str]]:
     """The figures the data supports, plus a note for each one skipped."""
     figures, notes = {}, {}
     if plots.has_gamma_sweep(rates):
@@ -195,10 +427,16 @@ def build_figures(rates: pd.DataFrame, options: ReportOptions) -> tuple[dict, di
         figures["frontier"] = plots.plot_frontier(rates, options.judge, options.gamma)
     else:
         notes["frontier"] = "Skipped: needs both xstest_safe and xstest_unsafe."
+    matrix = tables.category_matrix(outcomes, options.judge, options.gamma)
+    if len(matrix):
+        figures["categories"] = plots.plot_category_heatmap(matrix, options.judge)
+    else:
+        notes["categories"] = "Skipped: no benchmark with categories was judged."
     return figures, notes
 
 
 FIGURE_TITLES = {
+    "categories": "Compliance per category",
     "gamma_sweep": "Compliance vs gamma",
     "size": "Compliance vs model size",
     "frontier": "Over-refusal vs safety frontier",
@@ -297,6 +535,11 @@ _CSS = (
     "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}"
     "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
     "img{max-width:100%}"
+    ".t3 a{font-weight:bold}.ci{color:#666;font-size:0.85em}"
+    "details.gens{margin:0.3em 0}details.gens summary{cursor:pointer}"
+    "details.gens td{text-align:left;vertical-align:top}"
+    ".txt{max-width:28em;max-height:8em;overflow:auto;white-space:pre-wrap}"
+    "tr.disagree{background:#fff4e0}body.only-disagree tr.agree{display:none}"
 )
 
 
@@ -308,7 +551,9 @@ def render_html(sections: list[Section], image_dir: Path) -> str:
         body.append(f"<h{level}>{_html_text(s.title)}</h{level}>")
         if s.text:
             body += [f"<p>{_html_text(p)}</p>" for p in s.text.split("\n\n")]
-        if s.table is not None:
+        if s.html is not None:
+            body.append(s.html)
+        elif s.table is not None:
             body.append(
                 display_frame(s.table).to_html(index=False) if len(s.table) else "<p>No data.</p>"
             )

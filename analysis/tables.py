@@ -296,6 +296,19 @@ def category_table(
     return wide[order_conditions(wide.columns)]
 
 
+def category_matrix(
+    outcomes: pd.DataFrame, judge: str = DEFAULT_JUDGE, gamma: float | None = None
+) -> pd.DataFrame:
+    """Compliance per benchmark x condition x category, pooled over models and seeds (the
+    heat map's cells): benchmark, condition, category, value, n. Benchmarks without categories
+    are left out (one cell says nothing a Table 3 number does not)."""
+    sel = outcomes[(outcomes["metric"] == "compliance_rate") & (outcomes["judge"] == judge)]
+    sel = select_gamma(sel, gamma)
+    sel = sel[sel["category"].fillna("") != ""]
+    grouped = sel.groupby(["benchmark", "condition", "category"], sort=True)["outcome"]
+    return grouped.agg(value="mean", n="size").reset_index()
+
+
 _SIZE_SUFFIX = re.compile(r"^(?P<series>.+)-\d+(\.\d+)?b$")
 
 

@@ -129,7 +129,13 @@ def main() -> None:
         with open(a.worker + ".out", "w") as f:
             json.dump(result, f)
         return
-    base = str(build_tiny_model(TINY_MODELS["tiny-llama"], PathsConfig().resolved_cache_dir()))
+    base = str(
+        build_tiny_model(
+            TINY_MODELS["tiny-llama"],
+            PathsConfig().resolved_cache_dir(),
+            DataConfig().resolved_root(),
+        )
+    )
     items = load_benchmark("xstest_safe", DataConfig().resolved_root(), sample_size=a.prompts)
     prompts = [it.prompt for it in items]
     spec = {"base": base, "prompts": prompts, "new_tokens": a.new_tokens, "in_process": True}

@@ -5,17 +5,23 @@
     tbr-ray cell   --config jobs/tiny.yaml --output runs/one        # one cell end to end
     tbr-ray data|train|eval --config ... --output ...               # one stage of one cell
     tbr-ray report runs/tiny --output runs/tiny/report              # tables, stats, plots
+    tbr-ray status runs/tiny                                        # cells' states, errors
     tbr-ray judge-score --judge xstest-prefix --labels labels.csv
+    tbr-ray review runs/tiny --reviewer ada [--export q.csv | --import q.csv]   # human labels
     tbr-ray models | build-models | validate CONFIG | data-check | fetch-data
 
 Every command takes `--set a.b=c` overrides where it reads a config. Errors in the config or
-inputs are printed as one readable message (exit code 2), never a traceback.
+inputs are printed as one readable message (exit code 2), never a traceback. `validate`,
+`--dry-run` and every run command first run the preflight (tbr_ray.preflight): data and
+benchmark files, tokenizers, secrets and the output folder, all problems at once. Commands
+that write into a run folder hold its lock (tbr_ray.rundir): one driver per --output.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -31,6 +37,12 @@ app = typer.Typer(
 ConfigOpt = typer.Option(..., "--config", "-c", help="Job YAML, e.g. jobs/tiny.yaml.")
 SetOpt = typer.Option([], "--set", help="Override a config value: a.b=c (repeatable).")
 OutputOpt = typer.Option(Path("runs/default"), "--output", "-o", help="Results directory.")
+ConfigOnlyOpt = typer.Option(
+    False,
+    "--config-only",
+    help="Check the config itself, not this machine's files, secrets and output (for a job "
+    "meant for another cluster).",
+)
 
 
 def _fail(message: str) -> None:
@@ -41,6 +53,16 @@ def _fail(message: str) -> None:
 def _config(path: Path, sets: list[str]) -> RunConfig:
     try:
         return load_config(path, sets)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _ready(cfg: RunConfig, output: Path | None) -> None:
+    """The preflight (tbr_ray.preflight): every problem at once, exit 2, before Ray starts."""
+    from tbr_ray.preflight import require_ready
+
+    try:
+        require_ready(cfg, output)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -81,22 +103,36 @@ def models() -> None:
 def build_models(
     seed: int = typer.Option(0, help="Build seed."),
     cache_dir: Path | None = typer.Option(None, help="Cache folder."),
+    data_root: Path | None = typer.Option(
+        None,
+        help="Data root whose Alpaca text pre-trains them (default: $TBR_DATA_ROOT, else "
+        "../shared/data).",
+    ),
 ) -> None:
     """Build (or find cached) every tiny preset: tokenizer + brief pre-training."""
-    from tbr_ray.config import PathsConfig
+    from tbr_ray.config import DataConfig, PathsConfig
     from tbr_ray.models import TINY_MODELS, build_tiny_model
 
     cache = Path(cache_dir) if cache_dir else PathsConfig().resolved_cache_dir()
+    root = DataConfig(root=str(data_root) if data_root else None).resolved_root()
     for spec in TINY_MODELS.values():
         t0 = time.time()
-        path = build_tiny_model(spec, cache, seed=seed)
+        path = build_tiny_model(spec, cache, root, seed=seed)
         typer.echo(f"{spec.name}: {path} ({time.time() - t0:.0f}s)")
 
 
 @app.command()
-def validate(config: Path = typer.Argument(..., help="Job YAML."), sets: list[str] = SetOpt):
-    """Validate a job file and print its hash and cell count."""
+def validate(
+    config: Path = typer.Argument(..., help="Job YAML."),
+    sets: list[str] = SetOpt,
+    output: Path | None = typer.Option(None, "--output", "-o", help="Also check this folder."),
+    config_only: bool = ConfigOnlyOpt,
+):
+    """Validate a job file and what it needs here (data, benchmark files, tokenizers, secrets);
+    print its hash and cell count."""
     cfg = _config(config, sets)
+    if not config_only:
+        _ready(cfg, output)
     typer.echo(f"{config}: ok, config hash {cfg.config_hash()}, {len(cfg.cells())} cells")
 
 
@@ -106,8 +142,11 @@ def ablate(
     sets: list[str] = SetOpt,
     output: Path = OutputOpt,
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the cell table and a GPU-hour estimate; train nothing."
+        False,
+        "--dry-run",
+        help="Print the cell table and a GPU-hour estimate, then the preflight; train nothing.",
     ),
+    config_only: bool = ConfigOnlyOpt,
 ) -> None:
     """Run (or resume) the grid: models x conditions x gammas x seeds."""
     from tbr_ray.grid import format_cell_table, run_grid, summarize, wall_clock
@@ -115,8 +154,10 @@ def ablate(
     cfg = _config(config, sets)
     if dry_run:
         typer.echo(format_cell_table(cfg))
+    if not config_only:
+        _ready(cfg, output)
+    if dry_run:
         return
-    _check_data(cfg)
     t0 = time.time()
     try:
         outcome = run_grid(cfg, output)
@@ -150,8 +191,11 @@ def cell(
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
-    _check_data(cfg)
-    outcome = run_grid(cfg, output, cells=[chosen])
+    _ready(cfg, output)
+    try:
+        outcome = run_grid(cfg, output, cells=[chosen])
+    except ConfigError as exc:
+        _fail(str(exc))
     typer.echo(summarize(output))
     if outcome[chosen.cell_id] != "done":
         _fail(f"{chosen.cell_id}: {outcome[chosen.cell_id]}")
@@ -167,19 +211,17 @@ def data(
     """Build one cell's training mix (cached) and print its report."""
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, None)
+    _ready(cfg, None)
     mix, _ = _mix_for(cfg, chosen)
     typer.echo(f"{mix}\n{(mix / 'report.json').read_text()}")
 
 
 def _mix_for(cfg: RunConfig, cell: Cell) -> tuple[Path, str]:
     """Start Ray, resolve the models and build (or find) the cell's mix: (mix, model path)."""
-    import ray
-
     from tbr_ray.data import build_mix
-    from tbr_ray.grid import model_paths
+    from tbr_ray.grid import _init_ray, model_paths
 
-    _check_data(cfg)
-    ray.init(logging_level="WARNING")
+    _init_ray()
     paths = model_paths(cfg)
     reflector = paths.get(cfg.reflection.reflector or "")
     return build_mix(cfg, cell, paths[cell.model], reflector_path=reflector), paths[cell.model]
@@ -199,8 +241,10 @@ def train(
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
-    mix, model_path = _mix_for(cfg, chosen)
-    adapter = run_training(cfg, chosen, model_path, mix, output.resolve())
+    _ready(cfg, output)
+    with _run_folder(cfg, output, "train") as out:
+        mix, model_path = _mix_for(cfg, chosen)
+        adapter = run_training(cfg, chosen, model_path, mix, out)
     typer.echo(f"{adapter}\n{(adapter / 'train_result.json').read_text()}")
 
 
@@ -212,16 +256,30 @@ def eval_(
     model: str | None = None,
 ) -> None:
     """Evaluate a base model and its trained adapters found under OUTPUT."""
-    import ray
-
-    from tbr_ray.grid import GridMetrics, eval_phase, model_paths, run_id, summarize
+    from tbr_ray.grid import GridMetrics, _init_ray, eval_phase, model_paths, run_id, summarize
 
     cfg = _config(config, sets)
-    _check_data(cfg)
-    ray.init(logging_level="WARNING")
+    _ready(cfg, output)
     cells = [c for c in cfg.cells() if model is None or c.model == model]
-    eval_phase(cfg, cells, model_paths(cfg), output.resolve(), GridMetrics(run_id(cfg)))
+    with _run_folder(cfg, output, "eval") as out:
+        _init_ray()
+        eval_phase(cfg, cells, model_paths(cfg), out, GridMetrics(run_id(cfg)))
     typer.echo(summarize(output))
+
+
+@contextmanager
+def _run_folder(cfg: RunConfig, output: Path, command: str):
+    """Hold OUTPUT's run lock and refuse a folder that holds another config's run."""
+    from tbr_ray.grid import check_run_dir
+    from tbr_ray.rundir import run_lock
+
+    out = output.resolve()
+    try:
+        with run_lock(out, command):
+            check_run_dir(cfg, out)
+            yield out
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -230,7 +288,11 @@ def report(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Report folder (default RESULTS/report)."
     ),
-    judge: str = typer.Option("paper-keywords", help="Judge for compliance rates."),
+    judge: str = typer.Option(
+        "paper-keywords",
+        help="Judge for compliance rates: paper-keywords | xstest-prefix | model | "
+        "paper-reviewed (keywords, human labels overriding) | human.",
+    ),
     gamma: float | None = typer.Option(
         None, help="Gamma for the tables (default: largest per cell)."
     ),
@@ -245,6 +307,65 @@ def report(
     paths = write_report(results_dir, output or results_dir / "report", judge=judge, gamma=gamma)
     for key, path in paths.items():
         typer.echo(f"{key}: {path}")
+
+
+@app.command()
+def review(
+    results_dir: Path = typer.Argument(..., help="A results directory (--output of ablate)."),
+    reviewer: str | None = typer.Option(
+        None, help="Your name, stored with each label (default: the login name)."
+    ),
+    sample: int = typer.Option(5, help="Agreed-on generations sampled per benchmark x cell."),
+    seed: int = typer.Option(0, help="Seed of that sample."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind the page to."),
+    port: int = typer.Option(0, help="Port (0: a free one)."),
+    export: Path | None = typer.Option(None, "--export", help="Write the queue as CSV; exit."),
+    import_: Path | None = typer.Option(None, "--import", help="Store labels from a CSV; exit."),
+) -> None:
+    """Label generations by hand: a local page (judge disagreements first), or a CSV round trip.
+    Labels land in RESULTS/reviews/<reviewer>.parquet as the judge `human`."""
+    import getpass
+
+    from pydantic import ValidationError
+
+    from tbr_ray.results import read_results
+    from tbr_ray.review import (
+        ReviewConfig,
+        ReviewStore,
+        export_csv,
+        import_csv,
+        make_server,
+        run_id_of,
+    )
+
+    try:
+        cfg = ReviewConfig(
+            reviewer=reviewer or getpass.getuser(),
+            sample_per_cell=sample,
+            seed=seed,
+            host=host,
+            port=port,
+        )
+        if export or import_:
+            results = read_results(results_dir)
+            store = ReviewStore(results_dir, cfg.reviewer, run_id_of(results))
+            if export:
+                n = export_csv(results, cfg, store, export)
+                typer.echo(f"{export}: {n} generations to review (fill the label column)")
+            if import_:
+                n = import_csv(results, store, import_)
+                typer.echo(f"{import_}: {n} labels stored for {cfg.reviewer}")
+            return
+        server = make_server(results_dir, cfg)
+    except (ValueError, ValidationError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    done = server.progress()
+    typer.echo(f"{done['total']} generations to review, {done['done']} labelled by {cfg.reviewer}")
+    typer.echo(f"open {server.url}  (Ctrl-C to stop; every label is saved as it is given)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
 
 
 @app.command("judge-score")
@@ -284,7 +405,9 @@ def _model_labeler(cfg: RunConfig):
 
     def label(pairs):
         ray.init(logging_level="WARNING", ignore_reinit_error=True)
-        path = resolve_model(cfg.eval.judge_model, cfg.paths.resolved_cache_dir())
+        path = resolve_model(
+            cfg.eval.judge_model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
+        )
         rows = [
             {
                 "row": i,
@@ -334,13 +457,15 @@ def fetch_data_cmd(
         _fail(str(exc))
 
 
-def _check_data(cfg: RunConfig) -> None:
-    root = cfg.data.resolved_root()
-    if not root.is_dir():
-        _fail(
-            f"data root {root} does not exist. Fix: set data.root or $TBR_DATA_ROOT, or run "
-            f"`tbr-ray fetch-data --root {root}`."
-        )
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="A results directory (--output of a run).")):
+    """Where a run stands: its driver (if one holds the folder), then per cell its state,
+    stage, start, elapsed time, last update and, for a failure, the file with its full error."""
+    from tbr_ray.rundir import format_status
+
+    if not (run_dir / "run.json").is_file() and not (run_dir / "cells").is_dir():
+        _fail(f"{run_dir}: not a results directory. Fix: pass the --output of a run.")
+    typer.echo(format_status(run_dir))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,11 @@ _LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
 # Sections that say *on what* a run executes, not *what* it computes: kept out of the hash, so
 # the same grid resumes on a cluster of another shape.
 _PLACEMENT_SECTIONS = {"cluster"}
+# Fields that say how to reach a service, not what is computed: kept out of the hash too.
+_ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
+# Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
+_SECRET_FIELDS = {("reflection", "api_key_env")}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 PAPER_REFUSAL = (
     "I'm sorry, but I cannot fulfill that request. As an AI language model, it is not in my "
@@ -111,10 +117,42 @@ class ReflectionConfig(_Strict):
     endpoint_model: str | None = Field(None, description="Model name to send to `endpoint`.")
     api_key_env: str = Field(
         "TBR_REFLECTOR_API_KEY",
-        description="Environment variable holding the endpoint's API "
-        "key; the key itself is never written to config, results or logs.",
+        description="NAME of the environment variable holding the endpoint's API key (not "
+        "the key: a pasted key is refused); the key is never written to config, results or "
+        "logs. Unset at run time is an error unless endpoint_keyless.",
+    )
+    endpoint_keyless: bool = Field(
+        False,
+        description="The endpoint takes no API key (e.g. a local `vllm serve` without "
+        "--api-key): api_key_env is not read. Not part of the config hash.",
     )
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+
+    @field_validator("reflector")
+    @classmethod
+    def _reflector_known(cls, v: str | None) -> str | None:
+        return v if v is None else check_model_name(v)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env_is_a_name(cls, v: str) -> str:
+        if not ENV_NAME.match(v):
+            raise ValueError(
+                "not an environment-variable name (it looks like a value, perhaps the key "
+                "itself). Fix: `export TBR_REFLECTOR_API_KEY=<key>` in the shell and set "
+                "api_key_env to the variable's NAME, e.g. TBR_REFLECTOR_API_KEY"
+            )
+        return v
+
+
+def check_model_name(name: str) -> str:
+    """A model setting must be a registry name, a local HF folder or a hub id (org/name)."""
+    from tbr_ray.models import REGISTRY, get_spec, is_hub_id
+
+    if name in REGISTRY or (is_hub_id(name) and not Path(name).expanduser().exists()):
+        return name
+    get_spec(name)  # raises UnknownModelError (a ValueError) naming the fix
+    return name
 
 
 class TrainConfig(_Strict):
@@ -238,6 +276,39 @@ class EvalConfig(_Strict):
 
         return _check_names("judge", v, JUDGES)
 
+    @field_validator("judge_model")
+    @classmethod
+    def _judge_model_known(cls, v: str | None) -> str | None:
+        return v if v is None else check_model_name(v)
+
+    @field_validator("shots")
+    @classmethod
+    def _shots_in_range(cls, v: dict[str, int]) -> dict[str, int]:
+        from tbr_ray.benchmarks import BENCHMARKS
+
+        general = {n: s for n, s in BENCHMARKS.items() if s.kind == "general"}
+        problems = []
+        for name, n in v.items():
+            if name not in general:
+                problems.append(f"{name!r} takes no shots (use one of {', '.join(general)})")
+            elif not 0 <= n <= general[name].max_shots:
+                problems.append(f"{name}: {n} is outside 0..{general[name].max_shots}")
+        if problems:
+            raise ValueError("; ".join(problems) + ". Fix: correct or remove those keys")
+        return v
+
+    @field_validator("benchmark_files")
+    @classmethod
+    def _files_for_user_benchmarks(cls, v: dict[str, str]) -> dict[str, str]:
+        from tbr_ray.benchmarks import USER_FILES
+
+        unknown = sorted(set(v) - set(USER_FILES))
+        if unknown:
+            raise ValueError(
+                f"keys {unknown} take no user file. Fix: use only {', '.join(USER_FILES)}"
+            )
+        return v
+
     enforce_eager: bool = Field(
         True,
         description="Skip graph capture/compilation: faster "
@@ -329,6 +400,12 @@ class ClusterConfig(_Strict):
     gpus_per_node: int = Field(
         8, ge=1, description="GPUs per node: no engine or training cell may span more."
     )
+    engine_min_sequences: int = Field(
+        16,
+        ge=1,
+        description="Sequences of eval.max_model_len tokens whose KV cache an engine must hold "
+        "at once (its smallest useful batch); more: bigger engines, faster decoding.",
+    )
     engine_gpus: dict[str, int] = Field(
         default_factory=dict,
         description="Per model (registry name or path): GPUs (tensor parallel size) of its "
@@ -347,8 +424,18 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        model = Path(self.model).name if "/" in self.model else self.model
-        return f"{model}__{self.condition}__g{self.gamma:.2f}__s{self.seed}"
+        """`<model>__<condition>__g<gamma>__s<seed>`. A registry name is used as it is; a path
+        is its folder's base name plus a short hash of the resolved path, so /ckpt1/hf and
+        /ckpt2/hf (same base name) get distinct ids, folders and adapters."""
+        return f"{model_id(self.model)}__{self.condition}__g{self.gamma:.2f}__s{self.seed}"
+
+
+def model_id(model: str) -> str:
+    """The model part of a cell id: a name without "/" as it is, else base name + path hash."""
+    if "/" not in model:
+        return model
+    resolved = str(Path(model).expanduser().resolve())
+    return f"{Path(model).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}"
 
 
 class RunConfig(_Strict):
@@ -412,12 +499,29 @@ class RunConfig(_Strict):
             d[section].pop(key, None)
         for section in _PLACEMENT_SECTIONS:
             d.pop(section, None)
+        for section, key in _ACCESS_FIELDS:
+            d[section].pop(key, None)
         return d
 
     def config_hash(self) -> str:
         """Stable 12-hex hash of everything that changes results (not where files live)."""
         blob = json.dumps(self.hashable_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without implicit dates: `name: 2024-01-01` stays the string it looks like (a
+    datetime would fail later, far from the line that caused it)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -433,7 +537,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = _yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {item!r}: the value {value!r} is not valid YAML "
+                f"({getattr(exc, 'problem', exc)}). Fix: close brackets and quotes, e.g. "
+                f"--set 'grid.models=[tiny-llama, tiny-gemma]'."
+            ) from None
     return out
 
 
@@ -448,9 +559,17 @@ def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
         return f"{loc}: required field is missing. Fix: add `{loc}` to the YAML or pass --set."
     if not err["loc"]:  # a cross-field check: its message already names fields and the fix
         return err["msg"].removeprefix("Value error, ")
-    value, msg = err.get("input"), err["msg"].removeprefix("Value error, ")
+    value, msg = err.get("input"), err["msg"].removeprefix("Value error, ").rstrip(".")
+    if tuple(err["loc"]) in _SECRET_FIELDS:
+        value = _masked(value)
     fix = "" if "Fix:" in msg else " Fix: give a value that satisfies this."
     return f"{loc} = {value!r}: {msg}.{fix}"
+
+
+def _masked(value: Any) -> str:
+    """A possibly secret value, shown only by its first 3 characters and length."""
+    text = str(value)
+    return f"{text[:3]}... ({len(text)} characters, rest hidden)"
 
 
 def _section_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
@@ -488,7 +607,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: no such config file. Fix: pass a file under jobs/, e.g. jobs/tiny.yaml."
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})."
+            f" Fix: save the file as UTF-8."
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

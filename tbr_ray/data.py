@@ -15,7 +15,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import random
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,6 +325,10 @@ def build_mix(
     out = cfg.paths.resolved_cache_dir() / "mixes" / key
     if (out / "report.json").is_file():
         return out
+    # Built under a private name and renamed into place when complete: cells sharing this
+    # mix (same data settings and tokenizer) may build it at once, and none may read a
+    # partial folder or have its shards overwritten while it trains on them.
+    tmp = out.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
     rows = assemble_mix(
         general, safety, reflections, cell.gamma, cfg.data.refusal, cfg.data.sample_seed
     )
@@ -332,10 +339,8 @@ def build_mix(
         concurrency=1,
         num_cpus=DATA_TASK_CPUS,
     )
-    ds.write_parquet(
-        str(out / "shards"), mode="overwrite", ray_remote_args={"num_cpus": DATA_TASK_CPUS}
-    )
-    table = pq.read_table(out / "shards", columns=["kind", "reflection", "truncated"]).to_pandas()
+    ds.write_parquet(str(tmp / "shards"), ray_remote_args={"num_cpus": DATA_TASK_CPUS})
+    table = pq.read_table(tmp / "shards", columns=["kind", "reflection", "truncated"]).to_pandas()
     report.update(
         condition=cell.condition,
         gamma=cell.gamma,
@@ -346,5 +351,19 @@ def build_mix(
         n_truncated=int(table.truncated.sum()),
         key=key,
     )
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    publish_dir(tmp, out)
     return out
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Rename a finished folder into place; if another writer published `out` first, keep
+    theirs (same key, same content) and drop ours. Readers see all of a folder or none."""
+    if out.exists() and not (out / "report.json").is_file():
+        shutil.rmtree(out)  # a partial folder left by a writer from before atomic publishing
+    try:
+        os.rename(tmp, out)  # atomic; fails if `out` exists and is not empty
+    except OSError:
+        if not (out / "report.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

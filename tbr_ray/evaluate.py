@@ -211,7 +211,9 @@ def judge_all(cfg: RunConfig, gens: pd.DataFrame, items: list[EvalItem]) -> pd.D
 def _model_judge(cfg: RunConfig, judged: pd.DataFrame, items: list[EvalItem]) -> list[dict]:
     from tbr_ray.models import resolve_model
 
-    path = resolve_model(cfg.eval.judge_model, cfg.paths.resolved_cache_dir())
+    path = resolve_model(
+        cfg.eval.judge_model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
+    )
     cut = 1200  # characters of prompt / completion shown to the judge: bounded context
     rows = []
     for r in judged.itertuples():

@@ -33,10 +33,9 @@ from pathlib import Path
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.models import get_spec, resolve_model
+from tbr_ray.rundir import run_lock
 
-TRIAL_DRIVER_CPU = (
-    0.01  # a cell's task only orchestrates; 1 CPU would starve its workers (STACK.md)
-)
+TRIAL_DRIVER_CPU = 0.01  # a cell's task only orchestrates; a whole CPU starves its workers
 
 
 @dataclass(frozen=True)
@@ -115,11 +114,30 @@ def format_cell_table(cfg: RunConfig) -> str:
 
 def _init_ray() -> None:
     """Join the cluster this process runs in (ray job submit / RAY_ADDRESS), else start a
-    local instance."""
+    local instance; either way leave Ray's token file readable by its owner only."""
     import ray
 
     if not ray.is_initialized():
+        secure_token_file(RAY_TOKEN_FILE)  # before: an existing token is not exposed meanwhile
         ray.init(log_to_driver=True, logging_level="WARNING")
+        secure_token_file(RAY_TOKEN_FILE)  # after: a new local cluster writes it 0644
+
+
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def secure_token_file(path: Path) -> None:
+    """Make Ray's auth token file owner-only (Ray 2.60 writes it 0644: any local user could
+    read it and submit jobs), or raise ConfigError with the fix when that is not allowed."""
+    if not path.is_file() or path.stat().st_mode & 0o077 == 0:
+        return
+    try:
+        path.chmod(0o600)
+    except PermissionError:
+        raise ConfigError(
+            f"{path} (Ray's auth token) is readable by other users and this user cannot "
+            f"change that. Fix: its owner runs `chmod 600 {path}`."
+        ) from None
 
 
 def check_run_dir(cfg: RunConfig, output: Path) -> None:
@@ -155,13 +173,13 @@ def _write_manifest(cfg: RunConfig, output: Path) -> None:
 
 def model_paths(cfg: RunConfig) -> dict[str, str]:
     """Every model the run needs, resolved (tiny presets built on the driver, once)."""
-    cache = cfg.paths.resolved_cache_dir()
+    cache, root = cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
     names = list(cfg.grid.models)
     if cfg.reflection.reflector:
         names.append(cfg.reflection.reflector)
     if cfg.eval.judge_model:
         names.append(cfg.eval.judge_model)
-    return {n: resolve_model(n, cache) for n in dict.fromkeys(names)}
+    return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
 
 
 def train_cell(config: dict) -> dict:
@@ -306,9 +324,11 @@ def _launch(job: Job, cfg: RunConfig, cells: list[Cell], paths: dict[str, str], 
     return task.remote({**base, "model": job.key, "cells": mine})
 
 
-def _error_text(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the task's exception
-    return "".join(traceback.format_exception_only(cause)).strip()
+def _error_text(exc: BaseException) -> tuple[str, str]:
+    """(one line, full traceback) of a task's failure; a RayTaskError carries the task's
+    exception as `cause` and the remote traceback in its text."""
+    cause = getattr(exc, "cause", None) or exc
+    return "".join(traceback.format_exception_only(cause)).strip(), str(exc)
 
 
 class _Pipeline:
@@ -375,7 +395,7 @@ def pipeline_phase(
         try:
             out = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
-            out = {"error": _error_text(exc)}
+            out = dict(zip(("error", "traceback"), _error_text(exc), strict=True))
         if job.kind == "train":
             _train_finished(job.key, out, output, metrics, errors)
             results.record_phase(output, job.key, "train", start, time.time())
@@ -392,7 +412,9 @@ def _train_finished(
 ) -> None:
     if "error" in out:
         errors[cell_id] = out["error"]
-        results.write_status(output, cell_id, "failed", stage="train", error=out["error"])
+        results.write_status(
+            output, cell_id, "failed", stage="train", error=out["error"], traceback=out["traceback"]
+        )
     elif "train_tokens_per_s" in out:
         metrics.train_tps.set(float(out["train_tokens_per_s"]), tags={"run": metrics.run})
     metrics.record_status(output)
@@ -404,12 +426,14 @@ def _eval_finished(
     if "error" in out:  # the task died (evaluate_model reports its own failures per cell)
         from tbr_ray.evaluate import base_cell
 
-        err = out.pop("error")
+        err, full = out.pop("error"), out.pop("traceback")
         mine = [c for c in cells if c.model == model]
         for c in [base_cell(model)] * cfg.eval.evaluate_base + mine:
             if not results.is_done(output, c.cell_id):
                 out[c.cell_id] = err
-                results.write_status(output, c.cell_id, "failed", stage="eval", error=err)
+                results.write_status(
+                    output, c.cell_id, "failed", stage="eval", error=err, traceback=full
+                )
     metrics.record_eval(output)
 
 
@@ -451,9 +475,11 @@ def evaluate_model(
             cfg, model, paths[model], ready, output, run_id(cfg), prompting=prompting
         )
     except Exception as exc:  # noqa: BLE001 - one base model's failure must not stop others
-        err = "".join(traceback.format_exception_only(exc)).strip()
+        err, full = "".join(traceback.format_exception_only(exc)).strip(), traceback.format_exc()
         for c in todo:
-            results.write_status(output, c.cell_id, "failed", stage="eval", error=err)
+            results.write_status(
+                output, c.cell_id, "failed", stage="eval", error=err, traceback=full
+            )
         return {c.cell_id: err for c in todo}
 
 
@@ -508,9 +534,12 @@ class GridMetrics:
 def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> dict[str, str]:
     """Run (or resume) the grid; returns {cell_id: 'done' | error} for every cell."""
     output = Path(output).resolve()
-    check_run_dir(cfg, output)
-    output.mkdir(parents=True, exist_ok=True)
-    cells = cells if cells is not None else cfg.cells()
+    with run_lock(output, "ablate" if cells is None else "cell"):
+        check_run_dir(cfg, output)
+        return _run_grid_locked(cfg, output, cells if cells is not None else cfg.cells())
+
+
+def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell]) -> dict[str, str]:
     _init_ray()
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))

@@ -3,7 +3,7 @@ the builder that makes tiny presets locally (tokenizer + brief pre-training), no
 
     tbr-ray models                       # list the registry
     tbr-ray build-models                 # build (or find cached) every tiny preset
-    path = resolve_model("tiny-llama", cache_dir)   # local HF folder, built if needed
+    path = resolve_model("tiny-llama", cache_dir, data_root)  # local HF folder, built if needed
 
 A model name is a registry name or a local folder holding an HF-format causal LM.
 """
@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,22 @@ from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FALCON_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The architecture numbers the planner sizes memory with (tbr_ray.plan), copied from each
+    model's published HF config.json (num_hidden_layers, hidden_size, num_attention_heads,
+    num_key_value_heads, head_dim, intermediate_size, vocab_size)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int  # < heads: grouped-query / multi-query attention (smaller KV cache)
+    head_dim: int
+    ffn: int  # MLP inner width (SwiGLU's intermediate_size; Falcon: 4 x hidden)
+    vocab: int
+    mlp_mats: int = 3  # weight matrices of the MLP: 3 gated (SwiGLU / GeGLU), 2 Falcon (GELU)
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,7 @@ class ModelSpec:
     zero_stage: int  # DeepSpeed ZeRO stage suggested at that size
     vllm_lora: bool = True  # False: vLLM cannot serve LoRA for this arch -> merge adapter
     arch: dict[str, Any] = field(default_factory=dict)  # tiny presets: HF config kwargs
+    shape: Shape | None = None  # paper models: published architecture numbers
 
     @property
     def tiny(self) -> bool:
@@ -43,7 +62,33 @@ class ModelSpec:
 
 
 def _paper(name, hf_id, family, params_b, gpus, zero, targets=LLAMA_TARGETS, vllm_lora=True):
-    return ModelSpec(name, hf_id, family, params_b, targets, gpus, zero, vllm_lora)
+    shape = SHAPES[name.removesuffix("-chat")]
+    return ModelSpec(name, hf_id, family, params_b, targets, gpus, zero, vllm_lora, {}, shape)
+
+
+# Published configs (layers, hidden, heads, KV heads, head dim, MLP width, vocab). Llama-1 and
+# Llama-2 7B/13B share shapes; Llama-3 and 3.1 share shapes; chat models share their base's.
+_LLAMA_7B = Shape(32, 4096, 32, 32, 128, 11008, 32000)
+_LLAMA_13B = Shape(40, 5120, 40, 40, 128, 13824, 32000)
+_LLAMA3_8B = Shape(32, 4096, 32, 8, 128, 14336, 128256)
+_LLAMA3_70B = Shape(80, 8192, 64, 8, 128, 28672, 128256)
+SHAPES: dict[str, Shape] = {
+    "gemma-2b": Shape(18, 2048, 8, 1, 256, 16384, 256000),
+    "gemma-2-2b": Shape(26, 2304, 8, 4, 256, 9216, 256000),
+    "gemma-7b": Shape(28, 3072, 16, 16, 256, 24576, 256000),
+    "llama-7b": _LLAMA_7B,
+    "llama-2-7b": _LLAMA_7B,
+    "falcon-7b": Shape(32, 4544, 71, 1, 64, 4 * 4544, 65024, 2),  # 71 heads: no tensor parallel
+    "llama-3-8b": _LLAMA3_8B,
+    "llama-3.1-8b": _LLAMA3_8B,
+    "gemma-2-9b": Shape(42, 3584, 16, 8, 256, 14336, 256000),
+    "llama-13b": _LLAMA_13B,
+    "llama-2-13b": _LLAMA_13B,
+    "falcon-40b": Shape(60, 8192, 128, 8, 64, 4 * 8192, 65024, 2),
+    "llama-2-70b": Shape(80, 8192, 64, 8, 128, 28672, 32000),
+    "llama-3-70b": _LLAMA3_70B,
+    "llama-3.1-70b": _LLAMA3_70B,
+}
 
 
 # The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GB cards, bf16, LoRA.
@@ -218,23 +263,61 @@ def get_spec(name: str) -> ModelSpec:
     )
 
 
+def model_shape(name: str) -> Shape | None:
+    """Architecture numbers of a model: the registry's published shape, a tiny preset's build
+    config, or a local folder's config.json (None if its keys are not the usual ones)."""
+    spec = get_spec(name)
+    if spec.shape is not None:
+        return spec.shape
+    if spec.tiny:
+        return shape_from_hf_config({**spec.arch, "vocab_size": PRETRAIN["vocab_size"]})
+    return shape_from_hf_config(json.loads((Path(spec.hf_id) / "config.json").read_text()))
+
+
+def shape_from_hf_config(c: dict[str, Any]) -> Shape | None:
+    """A Shape from HF config keys (Llama / Gemma / Gemma-2, and Falcon's own names)."""
+    hidden = c.get("hidden_size")
+    heads = c.get("num_attention_heads", c.get("n_head"))
+    layers = c.get("num_hidden_layers", c.get("n_layer"))
+    if not (hidden and heads and layers and c.get("vocab_size")):
+        return None
+    if c.get("model_type") == "falcon":
+        new = c.get("new_decoder_architecture")
+        kv = c.get("num_kv_heads", heads) if new else (1 if c.get("multi_query", True) else heads)
+        ffn, mats = c.get("ffn_hidden_size") or 4 * hidden, 2
+    else:
+        kv, ffn, mats = c.get("num_key_value_heads", heads), c["intermediate_size"], 3
+    head_dim = c.get("head_dim") or hidden // heads
+    return Shape(layers, hidden, heads, kv, head_dim, ffn, c["vocab_size"], mats)
+
+
+def shape_params(shape: Shape) -> int:
+    """Weights counted from a shape: attention (q, o of heads x head_dim; k, v of kv_heads x
+    head_dim), the MLP (mlp_mats x hidden x ffn), one embedding; norms and biases left out."""
+    attn = 2 * shape.hidden * shape.heads * shape.head_dim
+    attn += 2 * shape.hidden * shape.kv_heads * shape.head_dim
+    mlp = shape.mlp_mats * shape.hidden * shape.ffn
+    return shape.layers * (attn + mlp) + shape.vocab * shape.hidden
+
+
 def model_label(name: str) -> str:
     """Short name for ids and tables: registry name, or a local folder's base name."""
     return name if name in REGISTRY else Path(name).name
 
 
-def resolve_model(name: str, cache_dir: Path, seed: int = 0) -> str:
-    """A loadable model location: tiny presets are built (or found cached) under cache_dir;
-    paper models resolve to their HF id (the cluster's HF cache or hub); paths stay paths."""
-    if name not in REGISTRY and not Path(name).expanduser().exists() and _is_hub_id(name):
+def resolve_model(name: str, cache_dir: Path, data_root: Path, seed: int = 0) -> str:
+    """A loadable model location: tiny presets are built (or found cached) under cache_dir,
+    pre-trained on text under data_root (the run's `data.root`); paper models resolve to their
+    HF id (the cluster's HF cache or hub); paths stay paths."""
+    if name not in REGISTRY and not Path(name).expanduser().exists() and is_hub_id(name):
         return name  # a hub id (judge or reflector on a cluster with an HF cache)
     spec = get_spec(name)
     if spec.tiny:
-        return str(build_tiny_model(spec, cache_dir, seed=seed))
+        return str(build_tiny_model(spec, cache_dir, data_root, seed=seed))
     return spec.hf_id or name
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
@@ -275,19 +358,15 @@ def tiny_build_key(spec: ModelSpec, seed: int, corpus: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def build_tiny_model(
-    spec: ModelSpec, cache_dir: Path, seed: int = 0, data_root: Path | None = None
-) -> Path:
+def build_tiny_model(spec: ModelSpec, cache_dir: Path, data_root: Path, seed: int = 0) -> Path:
     """Build a tiny preset: train a byte-level BPE tokenizer and pre-train all parameters
-    briefly on the shipped general text. Deterministic for a seed; cached by content key."""
-    from tbr_ray.config import DataConfig
-
-    data_root = data_root or DataConfig().resolved_root()
+    briefly on the shipped general text under data_root. Deterministic for a seed; cached by
+    content key."""
     corpus = _pretrain_corpus(data_root)
     out = Path(cache_dir) / "models" / f"{spec.name}-{tiny_build_key(spec, seed, corpus)}"
     if (out / "build_info.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # concurrent builders: own temp
     tokenizer = _train_tokenizer(corpus, PRETRAIN["vocab_size"])
     model, info = _pretrain(spec, tokenizer, corpus, seed)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -296,12 +375,10 @@ def build_tiny_model(
     (tmp / "build_info.json").write_text(
         json.dumps({"spec": asdict(spec), "seed": seed, "pretrain": PRETRAIN, **info}, indent=2)
     )
-    if out.exists():  # a concurrent builder finished first; keep its result
-        import shutil
-
+    try:
+        tmp.rename(out)
+    except OSError:  # a concurrent builder finished first; keep its result
         shutil.rmtree(tmp)
-        return out
-    tmp.rename(out)
     return out
 
 

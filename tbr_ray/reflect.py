@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tbr_ray.config import RunConfig
+from tbr_ray.config import ConfigError, RunConfig
 
 PROMPT_VERSION = "1"
 
@@ -189,7 +189,7 @@ def generate_reflections(
 def _store(path: Path, req: ReflectionRequest, raw: list[str], cfg: RunConfig) -> None:
     out = [clean_reflection(t, cfg.data.refusal) for t in raw]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent writers: own temp
     tmp.write_text(
         json.dumps(
             {
@@ -251,12 +251,31 @@ def _engine_generate(jobs: dict[Path, ReflectionRequest], cfg: RunConfig) -> dic
     }
 
 
+def endpoint_key(cfg: RunConfig) -> str:
+    """The endpoint's API key from the variable `api_key_env` names; a keyless endpoint gets
+    the placeholder the OpenAI client requires. Unset, the run fails here, not with a 401."""
+    r = cfg.reflection
+    if r.endpoint_keyless:
+        return "EMPTY"
+    key = os.environ.get(r.api_key_env)
+    if not key:
+        raise ConfigError(
+            f"reflection.api_key_env = {r.api_key_env!r}: the variable is not set, and "
+            f"{r.endpoint} is not declared keyless. Fix: `export {r.api_key_env}=$(cat "
+            f"~/.secrets/reflector_key)` (a file outside the checkout; on a Ray cluster, in the "
+            f"nodes' environment, e.g. from a Kubernetes Secret), or set "
+            f"reflection.endpoint_keyless=true for a server without a key."
+        )
+    return key
+
+
 def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
     """Completions from an OpenAI-compatible server, greedy, one request per prompt."""
     from openai import OpenAI
 
-    key = os.environ.get(cfg.reflection.api_key_env, "EMPTY")
-    client = OpenAI(base_url=cfg.reflection.endpoint, api_key=key, max_retries=3, timeout=120)
+    client = OpenAI(
+        base_url=cfg.reflection.endpoint, api_key=endpoint_key(cfg), max_retries=3, timeout=120
+    )
     out = []
     for prompt in prompts:
         resp = client.completions.create(

@@ -7,6 +7,7 @@ Layout of a results directory (one run):
     DIR/cells/<cell_id>/generations.parquet   one row per generation (GENERATIONS)
     DIR/cells/<cell_id>/judgements.parquet    one row per generation x judge (JUDGEMENTS)
     DIR/cells/<cell_id>/metrics.parquet       one row per benchmark x judge x metric (METRICS)
+    DIR/reviews/<reviewer>.parquet            one row per generation a person labelled (REVIEWS)
 
 A cell's Parquet files are written first and its status last, each atomically (temp + rename),
 so a killed run never leaves a half-written table that looks finished. Base models evaluated
@@ -15,6 +16,11 @@ without an adapter are stored as cells with condition "base" (cell id `<model>__
     tables = read_results("runs/tiny")            # only finished cells, as pandas frames
     tables.metrics.query("benchmark == 'xstest_safe'")
     status = read_status("runs/tiny")             # every cell, finished or not
+    write_review("runs/tiny", "ada", rows)        # a reviewer's labels (tbr_ray.review)
+
+Human labels are stored apart from the cells (a run is reviewed after it finished, by one or
+more people); `read_results` folds them into `judgements` as the judges `human` and
+`paper-reviewed` (see `tbr_ray.judges.human_judgements`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -106,6 +113,23 @@ METRICS = pa.schema(
 )
 
 TABLES = {"generations": GENERATIONS, "judgements": JUDGEMENTS, "metrics": METRICS}
+
+# One file per reviewer; a generation relabelled by the same reviewer keeps only the last label.
+REVIEWS = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("cell_id", pa.string()),
+        pa.field("benchmark", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("reviewer", pa.string()),
+        pa.field("label", pa.string()),  # full_compliance | full_refusal | partial_refusal
+        pa.field("refused", pa.bool_()),
+        pa.field("reviewed_at", pa.string()),  # ISO 8601 UTC, e.g. 2026-11-30T18:40:00Z
+        pa.field("schema_version", pa.string()),
+    ]
+)
+REVIEW_KEYS = ["cell_id", "benchmark", "prompt_id"]
+_REVIEWER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -216,16 +240,36 @@ def write_cell_tables(
         )
 
 
-def write_status(results_dir: str | Path, cell_id: str, status: str, **info: Any) -> None:
-    """Record a cell's state: running | done | failed (with `error`). The cell's `phases`
-    (`record_phase`) are kept across writes."""
+def write_status(
+    results_dir: str | Path, cell_id: str, status: str, traceback: str | None = None, **info: Any
+) -> None:
+    """Record a cell's state: running | done | failed (with `error`). `started` is kept from
+    the attempt's first `running` record, and the cell's `phases` (`record_phase`) across
+    writes; a failure's full `traceback` goes to error.txt beside status.json (its path in
+    `error_file`), the status keeping the one-line `error`."""
     if status not in ("running", "done", "failed"):
         raise ValueError(f"unknown cell status {status!r}")
-    _write_status_file(
-        results_dir,
-        {"cell_id": cell_id, "status": status, "time": time.time(), **info},
-        _read_status_file(results_dir, cell_id).get("phases"),
+    now, path = time.time(), cell_dir(results_dir, cell_id) / "status.json"
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    same_attempt = before.get("status") == "running"
+    started = before.get("started", now) if same_attempt else now
+    if traceback is not None:
+        error_file = cell_dir(results_dir, cell_id) / "error.txt"
+        _atomic_write_bytes(error_file, lambda p: Path(p).write_text(traceback))
+        info["error_file"] = str(error_file)
+    payload = json.dumps(
+        {
+            "cell_id": cell_id,
+            "status": status,
+            "time": now,
+            "started": started,
+            **info,
+            **({"phases": before["phases"]} if "phases" in before else {}),
+        },
+        indent=2,
+        default=str,
     )
+    _atomic_write_bytes(path, lambda p: Path(p).write_text(payload))
 
 
 def record_phase(
@@ -234,24 +278,11 @@ def record_phase(
     """Add a phase's wall-clock span (Unix seconds) to the cell's status.json `phases`,
     e.g. {"train": {"start": ..., "end": ...}, "eval": {...}}: when the grid trained and
     evaluated the cell (tbr_ray.grid.pipeline_phase)."""
-    payload = _read_status_file(results_dir, cell_id) or {"cell_id": cell_id, "status": "running"}
-    phases = {**payload.get("phases", {}), phase: {"start": start, "end": end}}
-    _write_status_file(results_dir, payload, phases)
-
-
-def _read_status_file(results_dir: str | Path, cell_id: str) -> dict[str, Any]:
-    f = cell_dir(results_dir, cell_id) / "status.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def _write_status_file(results_dir: str | Path, payload: dict, phases: dict | None) -> None:
-    if phases:
-        payload = {**payload, "phases": phases}
+    path = cell_dir(results_dir, cell_id) / "status.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {"cell_id": cell_id}
+    payload["phases"] = {**payload.get("phases", {}), phase: {"start": start, "end": end}}
     text = json.dumps(payload, indent=2, default=str)
-    _atomic_write_bytes(
-        cell_dir(results_dir, payload["cell_id"]) / "status.json",
-        lambda p: Path(p).write_text(text),
-    )
+    _atomic_write_bytes(path, lambda p: Path(p).write_text(text))
 
 
 def read_status(results_dir: str | Path) -> pd.DataFrame:
@@ -275,14 +306,18 @@ def is_done(results_dir: str | Path, cell_id: str) -> bool:
 @dataclass
 class Results:
     generations: pd.DataFrame
-    judgements: pd.DataFrame
+    judgements: pd.DataFrame  # stored judges, plus `human` and `paper-reviewed` from reviews
     metrics: pd.DataFrame
     status: pd.DataFrame
+    reviews: pd.DataFrame  # REVIEWS rows of finished cells, every reviewer
 
 
 def read_results(results_dir: str | Path) -> Results:
     """Read the finished cells of a results directory; unfinished cells are left out of the
-    tables (see `status` for them), so partial runs never mix into analyses."""
+    tables (see `status` for them), so partial runs never mix into analyses. Human labels
+    (`reviews/`) of finished cells come back in `reviews` and as judges in `judgements`."""
+    from tbr_ray.judges import human_judgements  # judges is pure; imported here, not at load
+
     status = read_status(results_dir)
     done = set(status.loc[status["status"] == "done", "cell_id"]) if len(status) else set()
     frames: dict[str, pd.DataFrame] = {}
@@ -294,7 +329,37 @@ def read_results(results_dir: str | Path) -> Results:
         ]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
         frames[name] = table.to_pandas()
-    return Results(frames["generations"], frames["judgements"], frames["metrics"], status)
+    reviews = read_reviews(results_dir)
+    reviews = reviews[reviews["cell_id"].isin(done)].reset_index(drop=True)
+    judged = pd.concat(
+        [frames["judgements"], human_judgements(frames["judgements"], reviews)], ignore_index=True
+    )
+    return Results(frames["generations"], judged, frames["metrics"], status, reviews)
+
+
+def review_path(results_dir: str | Path, reviewer: str) -> Path:
+    """RESULTS/reviews/<reviewer>.parquet; the name must be usable as a file name."""
+    if not _REVIEWER_NAME.match(reviewer):
+        raise ValueError(
+            f"reviewer name {reviewer!r} is not allowed. Fix: use letters, digits, '.', '_' "
+            "or '-' (up to 64 characters, starting with a letter or digit), e.g. --reviewer ada."
+        )
+    return Path(results_dir) / "reviews" / f"{reviewer}.parquet"
+
+
+def write_review(results_dir: str | Path, reviewer: str, rows: list[dict[str, Any]]) -> Path:
+    """Replace a reviewer's labels with `rows` (REVIEWS columns), atomically."""
+    path = review_path(results_dir, reviewer)
+    table = to_table(rows, REVIEWS) if rows else REVIEWS.empty_table()
+    _atomic_write_bytes(path, lambda p: pq.write_table(table, p))
+    return path
+
+
+def read_reviews(results_dir: str | Path) -> pd.DataFrame:
+    """Every reviewer's labels (REVIEWS columns), whatever the cells' status."""
+    files = sorted((Path(results_dir) / "reviews").glob("*.parquet"))
+    parts = [pq.read_table(f, schema=REVIEWS) for f in files]
+    return (pa.concat_tables(parts) if parts else REVIEWS.empty_table()).to_pandas()
 
 
 def write_run_manifest(results_dir: str | Path, manifest: dict[str, Any]) -> None:

@@ -41,13 +41,13 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(cache_dir) -> str:
-    return str(build_tiny_model(TINY_MODELS["tiny-llama"], cache_dir))
+def tiny_llama(cache_dir, data_root) -> str:
+    return str(build_tiny_model(TINY_MODELS["tiny-llama"], cache_dir, data_root))
 
 
 @pytest.fixture(scope="session")
-def tiny_falcon(cache_dir) -> str:
-    return str(build_tiny_model(TINY_MODELS["tiny-falcon"], cache_dir))
+def tiny_falcon(cache_dir, data_root) -> str:
+    return str(build_tiny_model(TINY_MODELS["tiny-falcon"], cache_dir, data_root))
 
 
 @pytest.fixture(scope="session")

@@ -374,6 +374,75 @@ def test_frontier_plot(rates):
     assert none_points == {(0.1, 0.575), (0.1, 0.525), (0.1, 0.475)}  # 7b, 13b, mystery
 
 
+def test_frontier_labels_do_not_overlap(rates):
+    """Crowded: 3 models x 3 conditions, several points on top of each other."""
+    fig = plots.plot_frontier(rates)
+    ax = fig.axes[0]
+    texts = [t for t in ax.texts if t.get_text()]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    overlapping = [
+        (texts[i].get_text(), texts[j].get_text())
+        for i in range(len(boxes))
+        for j in range(i + 1, len(boxes))
+        if boxes[i].overlaps(boxes[j])
+    ]
+    assert overlapping == []
+    frame = ax.get_window_extent(renderer)
+    assert all(frame.contains(b.x0, b.y0) and frame.contains(b.x1, b.y1) for b in boxes)
+    named = "\n".join(t.get_text() for t in texts)
+    assert all(m in named for m in MODELS)  # every model keeps a label
+
+
+def test_frontier_labels_merge_coinciding_points():
+    points = pd.DataFrame(
+        {
+            "model": ["a", "b", "a"],
+            "condition": ["none", "none", "external"],
+            "xstest_unsafe": [0.5, 0.5, 0.1],
+            "xstest_safe": [0.9, 0.9, 0.2],
+        }
+    )
+    assert plots.frontier_labels(points) == [
+        (0.1, 0.2, "a"),
+        (0.5, 0.9, "a · none\nb · none"),
+    ]
+
+
+def test_category_heatmap(outcomes):
+    matrix = tables.category_matrix(outcomes)
+    assert set(matrix["benchmark"]) == {"xstest_safe"}  # the other sets have no categories
+    homonyms = matrix.query("condition == 'none' and category == 'homonyms'").iloc[0]
+    # none refuses prompts 0..7+model+seed, all in "homonyms" (0-9): pooled over 3 models x 2
+    # seeds, refusals 8+9+9+10+10+10 = 56 of 60 -> 4/60 complied
+    assert homonyms.value == pytest.approx(4 / 60) and homonyms.n == 60
+    fig = plots.plot_category_heatmap(matrix)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["none", "internal", "external"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["figurative", "homonyms"]
+    assert "0.07" in [t.get_text() for t in ax.texts]
+
+
+def test_report_table3_has_intervals_and_links(results_dir, tmp_path):
+    paths = report.write_report(results_dir, tmp_path / "out", n_boot=200)
+    summary = pd.read_csv(paths["summary_csv"])
+    row = summary.query(
+        "model == 'llama-2-7b' and condition == 'none' and benchmark == 'xstest_safe' "
+        "and judge == 'paper-keywords' and seed != seed"  # the over-seeds row
+    ).iloc[0]
+    interval = f"0.575 [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+    assert interval in paths["report_md"].read_text()
+    page = paths["report_html"].read_text()
+    anchor = "gen-llama-2-7b-xstest-s-none-g0.00"
+    assert f'<a href="#{anchor}">0.575</a><br><span class="ci">[{row.ci_low:.3f}' in page
+    start = page.index(f'<details id="{anchor}"')
+    block = page[start : page.index("</details>", start)]
+    assert block.count("<tr class=") == 40  # 20 prompts x 2 seeds, the rows behind 0.575
+    assert "40 generations" in block
+    links = re.findall(r'<a href="#(gen-[^"]+)">', page)
+    assert links and all(f'<details id="{a}"' in page for a in links)  # no dead link
+
+
 def test_save_figures(rates, tmp_path):
     paths = plots.save_figures({"frontier": plots.plot_frontier(rates)}, tmp_path)
     assert paths["frontier"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -461,7 +530,7 @@ def test_report_files_and_contents(results_dir, tmp_path):
     ):
         assert paths[key].is_file(), key
     page = paths["report_html"].read_text()
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 4  # + the category heat map
     assert "<table" in page and "llama-2-7b__external__g1.00__s2" in page
     text = paths["report_md"].read_text()
     for heading in (
@@ -473,6 +542,7 @@ def test_report_files_and_contents(results_dir, tmp_path):
     ):
         assert heading in text
     assert "![Over-refusal vs safety frontier](frontier.png)" in text
+    assert "![Compliance per category](categories.png)" in text
     assert "incomplete" in text and "CUDA out of memory \\| retried 1x" in text
     assert "All stored metrics agree" in text
     summary = pd.read_csv(paths["summary_csv"])

@@ -1,8 +1,9 @@
 """The grid end to end on the real stack, killed part-way and resumed.
 
 One run of `tbr-ray ablate` (a subprocess, as a user runs it) is killed once the first cell's
-adapter is published; the rerun finishes only the missing work: the finished adapter is not
-retrained, and no result row is duplicated."""
+adapter is published (a second driver started meanwhile on the same output is refused); the
+rerun takes the dead driver's lock over and finishes only the missing work: the finished
+adapter is not retrained, and no result row is duplicated."""
 
 import os
 import signal
@@ -100,6 +101,10 @@ def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path):
     first = out / "adapters" / "tiny-llama__none__g0.00__s0" / "train_result.json"
     proc = _ablate(out)
     _wait_for(first, proc, timeout_s=600)
+    # A second driver on the same output (e.g. a resubmitted job) is refused, naming the first.
+    second = _ablate(out)
+    log, _ = second.communicate(timeout=300)
+    assert second.returncode == 2 and f"is in use by pid {proc.pid}" in log, log[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
     subprocess.run(

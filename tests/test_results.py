@@ -69,7 +69,12 @@ def test_round_trip_keeps_schema_and_values(tmp_path):
             schema, check_metadata=False
         )
     res = results.read_results(tmp_path)
-    assert len(res.generations) == 3 and res.judgements["refused"].tolist() == [False, True, True]
+    stored = res.judgements[res.judgements["judge"] != "paper-reviewed"]
+    assert len(res.generations) == 3 and stored["refused"].tolist() == [False, True, True]
+    # no human labels yet: the paper's combined judge is the keyword rule, row for row
+    reviewed = res.judgements[res.judgements["judge"] == "paper-reviewed"]
+    keywords = stored[stored["judge"] == "paper-keywords"]
+    assert reviewed["refused"].tolist() == keywords["refused"].tolist() and res.reviews.empty
     row = res.metrics.iloc[0]
     assert row["run_id"] == "run-1" and row["config_hash"] == "abc123"
     assert json.loads(row["package_versions"])["torch"].startswith("2.13")

@@ -1,30 +1,75 @@
 """Clusters beyond the session's local instance (named to run last: `ray stop` at teardown
 ends every Ray process on the machine).
 
-1. `ray start --head` (token auth on, Ray 2.60's default) and a tiny grid submitted with
-   `ray job submit --working-dir .`; a client without the token is refused.
+1. The README's `ray job submit` block, run as pasted (start, submit jobs/smoke.yaml, stop);
+   then `ray start --head` (token auth on, Ray 2.60's default): a client without the token is
+   refused.
 2. A two-node cluster (`ray.cluster_utils.Cluster`): a grid whose cells train on both nodes,
    results on the shared output path.
 """
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tbr_ray import results
-from tbr_ray.config import DataConfig, PathsConfig
 
 from .conftest import small_config
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
+
+
+README_MARK = "<!-- ray-job-submit: tests/test_zz_cluster.py runs this block as it is -->"
+
+
+def readme_job_block() -> str:
+    """The README's `ray job submit` commands: the bash block right after README_MARK."""
+    text = (REPO / "README.md").read_text()
+    after = text.split(README_MARK, 1)[1]
+    return after.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_job_submit_commands_work_as_pasted():
+    """The README's block, run by bash in the checkout as a user would paste it, with no
+    TBR_* or RAY_* variables set beforehand; first in this file: the block ends in `ray stop`."""
+    import ray
+
+    if not (REPO / ".venv" / "bin" / "activate").is_file():
+        pytest.skip("needs the checkout's .venv (make run); a worktree may link one")
+    ray.shutdown()  # this process's own local instance, if a fixture started one
+    output = REPO / "runs" / "job-smoke"
+    shutil.rmtree(output, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TBR_", "RAY_"))}
+    env.pop("VIRTUAL_ENV", None)
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env)
+    try:
+        proc = subprocess.run(
+            ["bash", "-e", "-c", readme_job_block()],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        log = proc.stdout + proc.stderr
+        errors = "".join(p.read_text()[-3000:] for p in output.glob("cells/*/error.txt"))
+        assert proc.returncode == 0, log[-5000:] + errors
+        assert "succeeded" in log.lower()
+        status = results.read_status(output).set_index("cell_id")["status"].to_dict()
+        assert status == {
+            "tiny-llama__base__g0.00__s0": "done",
+            "tiny-llama__none__g0.00__s0": "done",
+        }
+        assert (Path.home() / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env)
+        shutil.rmtree(output, ignore_errors=True)
 
 
 def _ray(*args, env, check=True, timeout=300):
@@ -58,58 +103,6 @@ def head(tmp_path_factory):
     )
     yield env
     _ray("stop", "--force", env=env, check=False)
-
-
-def test_job_submit_with_token_auth_succeeds(head):
-    shared = Path(tempfile.mkdtemp(prefix="tbr-job-")) / "results"
-    runtime_env = {
-        "env_vars": {
-            "TBR_CACHE_DIR": str(PathsConfig().resolved_cache_dir()),
-            "TBR_DATA_ROOT": str(DataConfig().resolved_root()),
-        }
-    }
-    sets = [
-        "data.n_general=24",
-        "data.n_safety=8",
-        "train.epochs=1",
-        "train.max_steps=2",
-        "train.micro_batch_size=4",
-        "eval.sample_size=2",
-        "eval.max_new_tokens=8",
-        "grid.models=[tiny-llama]",
-        "grid.conditions=[none]",
-    ]
-    cmd = [
-        "job",
-        "submit",
-        "--address",
-        "http://127.0.0.1:8299",
-        "--working-dir",
-        ".",
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
-        "python",
-        "jobs/run_grid.py",
-        "--config",
-        "jobs/tiny.yaml",
-        "--output",
-        str(shared),
-    ]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = _ray(*cmd, env=head, check=False, timeout=1200)
-    log = proc.stdout + proc.stderr
-    try:
-        assert proc.returncode == 0, log[-5000:]
-        assert "succeeded" in log.lower()
-        status = results.read_status(shared).set_index("cell_id")["status"].to_dict()
-        assert status == {
-            "tiny-llama__base__g0.00__s0": "done",
-            "tiny-llama__none__g0.00__s0": "done",
-        }
-    finally:
-        shutil.rmtree(shared.parent, ignore_errors=True)
 
 
 def test_client_without_token_is_refused(head):

@@ -1,0 +1,358 @@
+"""Preflight: bad configs and environments are refused before Ray starts, every problem on one
+line naming field, value and fix, all at once, exit code 2, never a traceback. Fast, no Ray."""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tbr_ray.cli import app
+from tbr_ray.config import DataConfig
+
+from .conftest import small_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "jobs" / "tiny.yaml")
+DATA = DataConfig().resolved_root()
+runner = CliRunner()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"needs the shared data at {DATA}")
+PASTED_KEY = "sk-proj-Zx81aQ0mVt55sEcReT9kEy"
+
+
+def _validate(*args: str):
+    return runner.invoke(app, ["validate", *args])
+
+
+def _yaml_file(tmp: Path, text: bytes) -> str:
+    path = tmp / "job.yaml"
+    path.write_bytes(text)
+    return str(path)
+
+
+def _data_copy(tmp: Path, drop: str) -> str:
+    """The shared data root, linked file by file, without `drop`."""
+    root = tmp / "data"
+    for src in DATA.rglob("*"):
+        rel = src.relative_to(DATA)
+        if src.is_file() and not str(rel).startswith(drop):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).symlink_to(src)
+    return str(root)
+
+
+def _model_without_tokenizer(tmp: Path) -> str:
+    folder = tmp / "ckpt" / "hf"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return str(folder)
+
+
+def _user_file(tmp: Path, name: str, content: bytes) -> str:
+    path = tmp / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def _user_benchmark(tmp: Path, name: str, content: bytes) -> list[str]:
+    path = _user_file(tmp, f"{name}.file", content)
+    return [
+        TINY,
+        "--set",
+        f"eval.benchmarks=[{name}]",
+        "--set",
+        f"eval.benchmark_files={{{name}: {path}}}",
+    ]
+
+
+# (id, function of (tmp_path, monkeypatch) -> CLI args, text the one-line problem must hold)
+CASES = [
+    (
+        "yaml-date-in-int-field",
+        lambda t, m: [
+            _yaml_file(
+                t, b"name: t\ndata:\n  sample_seed: 2024-01-01\ngrid:\n  models: [tiny-llama]\n"
+            )
+        ],
+        "data.sample_seed = '2024-01-01'",
+    ),
+    (
+        "non-utf8-file",
+        lambda t, m: [_yaml_file(t, b"name: t\xff\ngrid:\n  models: [tiny-llama]\n")],
+        "not UTF-8 text (byte 0xff at offset 7)",
+    ),
+    ("unclosed-set-list", lambda t, m: [TINY, "--set", "grid.models=[x"], "is not valid YAML"),
+    (
+        "unknown-reflector",
+        lambda t, m: [TINY, "--set", "reflection.reflector=gpt-9"],
+        "reflection.reflector = 'gpt-9': unknown model",
+    ),
+    (
+        "unknown-judge-model",
+        lambda t, m: [TINY, "--set", "eval.judge_model=wildguardd"],
+        "eval.judge_model = 'wildguardd': unknown model",
+    ),
+    (
+        "shots-unknown-key",
+        lambda t, m: [TINY, "--set", "eval.shots={xstest_safe: 2}"],
+        "'xstest_safe' takes no shots",
+    ),
+    (
+        "shots-out-of-range",
+        lambda t, m: [TINY, "--set", "eval.shots={mmlu: 9}"],
+        "mmlu: 9 is outside 0..5",
+    ),
+    (
+        "benchmark-files-unknown-key",
+        lambda t, m: [TINY, "--set", "eval.benchmark_files={xstest: /x.csv}"],
+        "eval.benchmark_files = {'xstest': '/x.csv'}: keys ['xstest'] take no user file",
+    ),
+    (
+        "api-key-pasted-as-name",
+        lambda t, m: [TINY, "--set", f"reflection.api_key_env={PASTED_KEY}"],
+        "reflection.api_key_env = 'sk-... (30 characters, rest hidden)'",
+    ),
+    ("unknown-benchmark", lambda t, m: [TINY, "--set", "eval.benchmarks=[xstets]"], "xstets"),
+    (
+        "data-root-missing",
+        lambda t, m: [TINY, "--set", f"data.root={t / 'nowhere'}"],
+        "data.root = '",
+    ),
+    (
+        "data-file-missing",
+        lambda t, m: [
+            TINY,
+            "--set",
+            f"data.root={_data_copy(t, 'safety-tuned-llamas/data/training')}",
+        ],
+        "data.safety_source safety-tuned-llamas: data file",
+    ),
+    (
+        "too-many-rows-asked",
+        lambda t, m: [TINY, "--set", "data.n_safety=100000"],
+        "asked for 100000 safety rows",
+    ),
+    (
+        "benchmark-file-wrong-header",
+        lambda t, m: _user_benchmark(t, "orbench_hard", b"text,cat\nx,y\n"),
+        "lacks ['category', 'prompt']",
+    ),
+    (
+        "benchmark-file-not-utf8",
+        lambda t, m: _user_benchmark(t, "malicious_instruct", b"ok\n\xfe\xff\n"),
+        "eval.benchmarks malicious_instruct: 'utf-8' codec can't decode",
+    ),
+    (
+        "local-model-without-tokenizer",
+        lambda t, m: [TINY, "--set", f"grid.models=[{_model_without_tokenizer(t)}]"],
+        "the folder has no tokenizer",
+    ),
+    (
+        "api-key-variable-unset",
+        lambda t, m: [
+            TINY,
+            "--set",
+            "reflection.endpoint=http://127.0.0.1:9/v1",
+            "--set",
+            "reflection.endpoint_model=m",
+            "--set",
+            "reflection.api_key_env=TBR_TEST_UNSET_KEY",
+        ],
+        "reflection.api_key_env = 'TBR_TEST_UNSET_KEY': the variable is not set",
+    ),
+    (
+        "output-is-a-file",
+        lambda t, m: [TINY, "--output", _user_file(t, "results", b"")],
+        "is a file, not a folder",
+    ),
+    (
+        "output-under-a-file",
+        lambda t, m: [TINY, "--output", str(Path(_user_file(t, "results", b"")) / "run")],
+        "is a file, so the folder cannot be made",
+    ),
+    (
+        "relative-output-under-ray-job",
+        lambda t, m: _in_ray_job(m) + [TINY, "--output", "runs/x"],
+        "a relative path under `ray job submit`",
+    ),
+    (
+        "default-roots-under-ray-job",
+        lambda t, m: _in_ray_job(m, roots=False) + [TINY],
+        "data.root is unset under `ray job submit`",
+    ),
+]
+
+
+def _in_ray_job(monkeypatch, roots: bool = True) -> list[str]:
+    """What Ray's job supervisor sets for an entrypoint (see preflight.RAY_JOB_ENV)."""
+    meta = {"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_T"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(meta))
+    for var in ("TBR_DATA_ROOT", "TBR_CACHE_DIR"):
+        if roots:
+            monkeypatch.setenv(var, os.environ.get(var) or str(DATA))
+        else:
+            monkeypatch.delenv(var, raising=False)
+    return []
+
+
+@needs_data
+@pytest.mark.parametrize("make_args, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_config_is_one_line_naming_the_fix(make_args, expected, tmp_path, monkeypatch):
+    monkeypatch.delenv("TBR_TEST_UNSET_KEY", raising=False)
+    out = _validate(*make_args(tmp_path, monkeypatch))
+    assert out.exit_code == 2, out.output
+    assert "Traceback" not in out.output
+    line = next((x for x in out.output.splitlines() if expected in x), None)
+    assert line is not None, f"{expected!r} not in:\n{out.output}"
+    assert "Fix:" in line, line
+    assert PASTED_KEY not in out.output  # a pasted key is never echoed back in full
+
+
+@needs_data
+def test_every_problem_is_reported_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("TBR_TEST_UNSET_KEY", raising=False)
+    bad_csv = _user_file(tmp_path, "or.csv", b"text\nx\n")
+    out = _validate(
+        TINY,
+        "--output",
+        _user_file(tmp_path, "results", b""),
+        "--set",
+        f"grid.models=[tiny-llama, {_model_without_tokenizer(tmp_path)}]",
+        "--set",
+        "eval.benchmarks=[xstest_safe, orbench_hard]",
+        "--set",
+        f"eval.benchmark_files={{orbench_hard: {bad_csv}}}",
+        "--set",
+        "data.n_general=100000",
+        "--set",
+        "reflection.endpoint=http://127.0.0.1:9/v1",
+        "--set",
+        "reflection.endpoint_model=m",
+        "--set",
+        "reflection.api_key_env=TBR_TEST_UNSET_KEY",
+    )
+    assert out.exit_code == 2
+    assert "5 problem(s) before starting" in out.output, out.output
+    for part in ("general rows", "orbench_hard", "no tokenizer", "TBR_TEST_UNSET_KEY", "a file"):
+        assert part in out.output
+
+
+@needs_data
+def test_good_config_passes_and_keyless_endpoint_needs_no_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("TBR_REFLECTOR_API_KEY", raising=False)
+    external = [
+        "--set",
+        "reflection.endpoint=http://127.0.0.1:9/v1",
+        "--set",
+        "reflection.endpoint_model=m",
+    ]
+    assert _validate(TINY, *external).exit_code == 2
+    out = _validate(
+        TINY, *external, "--set", "reflection.endpoint_keyless=true", "-o", str(tmp_path / "r")
+    )
+    assert out.exit_code == 0, out.output
+    monkeypatch.setenv("TBR_REFLECTOR_API_KEY", "a-key")
+    assert _validate(TINY, *external).exit_code == 0
+
+
+def test_yaml_dates_stay_strings(tmp_path):
+    out = _validate(
+        _yaml_file(
+            tmp_path, b"name: 2024-01-01\ngrid:\n  models: [tiny-llama]\n  conditions: [none]\n"
+        ),
+        "--config-only",
+    )
+    assert out.exit_code == 0, out.output
+
+
+def test_dry_run_runs_the_preflight_and_config_only_skips_it(tmp_path):
+    args = ["ablate", "--config", TINY, "--dry-run", "--set", f"data.root={tmp_path / 'no'}"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 2 and "cells;" in out.output and "data.root = " in out.output
+    assert runner.invoke(app, [*args, "--config-only"]).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["ablate", "cell", "train", "eval"])
+def test_run_commands_stop_before_ray_on_a_bad_output(command, tmp_path):
+    """The output check fails in well under a second: Ray is never imported for it."""
+    target = _user_file(tmp_path, "results", b"")
+    out = runner.invoke(app, [command, "--config", TINY, "--output", target])
+    assert out.exit_code == 2 and "is a file, not a folder" in out.output, out.output
+
+
+def test_data_command_runs_the_preflight(tmp_path):
+    out = runner.invoke(app, ["data", "--config", TINY, "--set", f"data.root={tmp_path / 'x'}"])
+    assert out.exit_code == 2 and "data.root = " in out.output
+
+
+def test_tiny_model_build_reads_data_root_setting_not_environment(tmp_path, monkeypatch):
+    """build_tiny_model is given the config's data root: an empty one fails on its files,
+    even though $TBR_DATA_ROOT points at good data."""
+    from tbr_ray.grid import model_paths
+
+    monkeypatch.setenv("TBR_DATA_ROOT", str(DATA))
+    monkeypatch.setenv("TBR_CACHE_DIR", str(tmp_path / "cache"))  # nothing built there
+    cfg = small_config(f"data.root={tmp_path / 'empty'}")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty"))):
+        model_paths(cfg)
+
+
+@pytest.mark.parametrize("ignore_file", [".gitignore", ".rayignore"])
+def test_secret_files_are_ignored_by_git_and_ray(ignore_file, tmp_path):
+    """Matched the way `ray job submit --working-dir` matches (Ray's own exclusion code)."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    shutil.copy(REPO / ignore_file, tmp_path / ignore_file)
+    (excluded,) = get_excludes_from_ignore_files(tmp_path, include_gitignore=True)
+    for secret in ("hf_token", "auth_token", "reflector_api_key", "x.key", ".env", "id.pem"):
+        assert excluded(tmp_path / secret), f"{ignore_file} lets {secret} through"
+    for kept in ("tbr_ray/preflight.py", "tokenizer.json", "jobs/tiny.yaml"):
+        assert not excluded(tmp_path / kept)
+
+
+def test_token_file_is_made_owner_only(tmp_path):
+    from tbr_ray.grid import secure_token_file
+
+    token = tmp_path / "auth_token"
+    token.write_text("t")
+    token.chmod(0o644)
+    secure_token_file(token)
+    assert token.stat().st_mode & 0o777 == 0o600
+    secure_token_file(tmp_path / "absent")  # no file: nothing to do
+
+
+def test_data_copy_helper_really_drops_the_file(tmp_path):
+    root = Path(_data_copy(tmp_path, "xstest"))
+    assert not (root / "xstest").exists() and (root / "advbench").exists()
+    shutil.rmtree(root)
+
+
+def test_unset_endpoint_key_is_an_error_not_an_empty_key(monkeypatch):
+    from tbr_ray.config import ConfigError
+    from tbr_ray.reflect import endpoint_key
+
+    endpoint = ["reflection.endpoint=http://127.0.0.1:9/v1", "reflection.endpoint_model=m"]
+    monkeypatch.delenv("TBR_REFLECTOR_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="TBR_REFLECTOR_API_KEY.*not set"):
+        endpoint_key(small_config(*endpoint))
+    assert endpoint_key(small_config(*endpoint, "reflection.endpoint_keyless=true")) == "EMPTY"
+    monkeypatch.setenv("TBR_REFLECTOR_API_KEY", "k")
+    assert endpoint_key(small_config(*endpoint)) == "k"
+    keyless = small_config(*endpoint, "reflection.endpoint_keyless=true")
+    assert keyless.config_hash() == small_config(*endpoint).config_hash()  # access, not results
+
+
+def test_ray_job_detection_uses_the_variable_rays_job_supervisor_sets(monkeypatch):
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY
+
+    from tbr_ray.preflight import RAY_JOB_ENV, ray_job_id
+
+    assert RAY_JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR and JOB_ID_METADATA_KEY == "job_submission_id"
+    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
+    assert ray_job_id() is None
+    _in_ray_job(monkeypatch)
+    assert ray_job_id() == "raysubmit_T"
