@@ -507,8 +507,11 @@ class ModelsStage:
 def engine_gpus_for(cfg, model: str) -> int:
     """Tensor parallel size of `model`'s vLLM engines (evaluation, reflection writer, model
     judge; `model` a registry name or path): GPUs on a GPU cluster, CPU workers of one core
-    each on CPU. `cluster.engine_gpus[model]`, else 1."""
-    return cfg.cluster.engine_gpus.get(model, 1)
+    each on CPU. The planner's choice from weights + KV cache against
+    `cluster.gpu_memory_gib`, or `cluster.engine_gpus[model]` (tbr_ray.plan.engine_gpus)."""
+    from tbr_ray.plan import engine_gpus
+
+    return engine_gpus(cfg, model)
 
 
 ENGINE_CPU_PER_WORKER = 0.5  # logical CPUs per CPU engine worker; a whole CPU starved trials
