@@ -388,6 +388,7 @@ def pipeline_phase(
     while state.queued or state.waiting or state.running:
         for job in state.next_jobs():
             state.running[_launch(job, cfg, cells, paths, output)] = (job, time.time())
+            print(f"grid: {job.kind} {job.key} started ({len(state.running)} jobs running)")
         if not state.running:
             break  # the evaluations left had nothing to do (their cells failed training)
         [ref], _ = ray.wait(list(state.running), num_returns=1)
@@ -404,6 +405,7 @@ def pipeline_phase(
             for cell_id in out:
                 results.record_phase(output, cell_id, "eval", start, time.time())
         state.finished(job)
+        print(f"grid: {job.kind} {job.key} ended after {time.time() - start:.0f} s")
     return errors
 
 
