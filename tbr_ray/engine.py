@@ -569,8 +569,8 @@ def engine_placement(cfg, model: str, tensor_parallel: int):
         yield {
             "num_cpus": bundle["CPU"],
             "num_gpus": bundle.get("GPU", 0),
-            # Ray Data's named way to pass actor options (a bare scheduling_strategy= is
-            # deprecated there).
+            # As Ray Data's own vLLM stage passes its placement group. Ray 2.60 marks this
+            # (and a bare scheduling_strategy=) deprecated for 2.64 without a replacement yet.
             "ray_remote_args_fn": lambda: {"scheduling_strategy": strategy},
         }
     finally:
