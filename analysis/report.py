@@ -24,6 +24,7 @@ import pandas as pd
 
 from analysis import paper, plots, stats, tables
 from tbr_ray import judges
+from tbr_ray.judges import HARM_JUDGE, REFUSAL_MODEL_JUDGE
 from tbr_ray.results import Results, read_results, read_run_manifest
 
 
@@ -44,7 +45,6 @@ class ReportOptions:
     gamma: float | None = None  # None: the largest gamma per model x condition
     n_boot: int = stats.DEFAULT_N_BOOT  # bootstrap replicates per CI
     seed: int = 0  # bootstrap RNG seed
-    safety_benchmark: str | None = None  # "Malicious" column; None: SAFETY_FALLBACK order
     # Generations listed per Table 3 number in report.html (judge disagreements first); more
     # are counted, not listed: a paper-size grid would otherwise make a page of ~100 MB.
     max_generations: int = 200
@@ -57,7 +57,6 @@ def write_report(
     gamma: float | None = None,
     n_boot: int = stats.DEFAULT_N_BOOT,
     seed: int = 0,
-    safety_benchmark: str | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html, summary.csv and the PNG plots into `output_dir`.
     Returns {"report_md", "report_html", "summary_csv", "plot_<name>"...} -> paths."""
@@ -66,7 +65,7 @@ def write_report(
             f"results directory {results_dir} does not exist. Fix: pass the folder that holds "
             "run.json and cells/ (the run's results path)."
         )
-    options = ReportOptions(judge, gamma, n_boot, seed, safety_benchmark)
+    options = ReportOptions(judge, gamma, n_boot, seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = read_results(results_dir)
@@ -78,6 +77,7 @@ def write_report(
     numbers = table3_numbers(summary, options)
     sections = [header_section(results_dir, results, options)]
     sections += table_sections(results, outcomes, rates, summary, numbers, options)
+    sections += judges_sections(results_dir, rates, results.metrics, options)
     sections += review_sections(results, numbers)
     sections += figure_sections(pngs, figure_notes)
     sections += [generations_section(results, numbers, options)]
@@ -122,9 +122,9 @@ def table_sections(
     options: ReportOptions,
 ) -> list[Section]:
     judge, gamma = options.judge, options.gamma
-    columns = tables.table3_columns(rates["benchmark"].unique(), options.safety_benchmark)
-    column_note = ", ".join(f"{label} = `{bench}` ({metric})" for label, bench, metric in columns)
-    wide = tables.table3(rates, judge, gamma, options.safety_benchmark)
+    sources = tables.table3_column_sources(rates, judge)
+    column_note = "; ".join(f"{r.column}: {r.source}" for r in sources.itertuples())
+    wide = tables.table3(rates, judge, gamma)
     prompting = tables.table3(rates, judge, gamma, conditions=tables.PROMPT_CONDITIONS)
     at_gamma = tables.select_gamma(outcomes, gamma)
     tests = [
@@ -136,7 +136,7 @@ def table_sections(
         Section(
             "Table 3 layout",
             "Mean over seeds, with its 95% interval (see Methods). Each number links to the "
-            "generations behind it (report.html). Columns: " + (column_note or "none"),
+            "generations behind it (report.html). Columns: " + column_note + ".",
             table3_with_intervals(wide, numbers),
             html=table3_html(wide, numbers),
         ),
@@ -177,7 +177,6 @@ def table3_numbers(summary: pd.DataFrame, options: ReportOptions) -> pd.DataFram
             head.assign(value=head[stat].astype(float)),
             judge=options.judge,
             gamma=options.gamma,
-            safety_benchmark=options.safety_benchmark,
         )[keys + ["value"]].rename(columns={"value": stat})
         numbers = long if numbers is None else numbers.merge(long, on=keys)
     return numbers.assign(anchor=[anchor_id(r) for r in numbers.itertuples()])
@@ -384,19 +383,74 @@ window.addEventListener("DOMContentLoaded", () => {
 def side_by_side_section(summary: pd.DataFrame, options: ReportOptions) -> Section:
     """Reproduced headline values (with CI) next to the paper's Tables 3 and 1."""
     rows = stats.headline_rows(summary)
-    wanted = ((rows["metric"] == "compliance_rate") & (rows["judge"] == options.judge)) | (
-        rows["metric"] == "accuracy"
+    # What the paper's number means per benchmark: Llama Guard's harmful rate on its two safety
+    # sets (here the harm judge's), compliance elsewhere, accuracy on general sets.
+    harm_sets = {b for _, b, m in tables.TABLE3_LAYOUT if m == "harmful_rate"}
+    judged_by = rows["metric"].map(lambda m: tables.metric_judge(m, options.judge))
+    wanted = (rows["judge"] == judged_by) & (
+        rows["benchmark"].isin(harm_sets) == (rows["metric"] == "harmful_rate")
     )
-    rows = tables.select_gamma(rows[wanted], options.gamma)
+    rows = tables.select_gamma(rows[wanted | (rows["metric"] == "accuracy")], options.gamma)
     compared = tables.sort_rows(paper.side_by_side(rows))
     text = (
         "Published values are rounded to 0.01; `outside_ci` flags a published value "
-        f"more than {paper.ROUNDING_TOLERANCE} outside the reproduced 95% CI. The paper "
-        "scores its safety sets with Llama Guard; here compliance uses the judge above."
+        f"more than {paper.ROUNDING_TOLERANCE} outside the reproduced 95% CI. XSTest-H and "
+        "Malicious are harmful rates (the paper's Llama Guard 3-8B; here the harm judge), "
+        f"the other refusal sets compliance by `{options.judge}`."
     )
     if compared.empty:
         text = "No reproduced cell matches a published one (model, benchmark, condition)."
     return Section("Reproduced vs published", text, compared)
+
+
+def judges_sections(
+    results_dir: str | Path, rates: pd.DataFrame, metrics: pd.DataFrame, options: ReportOptions
+) -> list[Section]:
+    """Which judge made every Table 3 column (model and format of the model judges, from the
+    run's config), and the share of each model judge's answers that could not be parsed."""
+    manifest_path = Path(results_dir) / "run.json"
+    manifest = read_run_manifest(results_dir) if manifest_path.is_file() else {}
+    named = judge_models(manifest)
+    sources = tables.table3_column_sources(rates, options.judge)
+    present = {label for label, _, _ in tables.table3_columns(rates, options.judge)}
+    sources["judge model"] = [
+        named.get(r.judge, _judge_kind(r.judge)) if r.column in present else ""
+        for r in sources.itertuples()
+    ]
+    unparsable = metrics[metrics["metric"] == "unparsable_share"]
+    text = (
+        "Share of each model judge's answers that could not be parsed, per cell and benchmark "
+        "(a cell above eval.judge_max_unparsable fails and is listed under Cells not included)."
+    )
+    if unparsable.empty:
+        text, unparsable = "No model judge ran in the included cells.", None
+    else:
+        unparsable = tables.sort_rows(unparsable).pivot_table(
+            index=["model", "condition", "gamma", "seed"],
+            columns=["benchmark", "judge"],
+            values="value",
+            sort=False,
+        )
+    return [
+        Section("Judges of the Table 3 columns", "Where each column's numbers come from.", sources),
+        Section("Unparsable judge answers", text, unparsable),
+    ]
+
+
+def _judge_kind(judge: str) -> str:
+    if judge in (REFUSAL_MODEL_JUDGE, HARM_JUDGE):
+        return "model judge (run.json names none)"
+    return "rule" if judge else ""
+
+
+def judge_models(manifest: dict) -> dict[str, str]:
+    """{results judge name: "model (format)"} for the model judges in a run's config."""
+    e = manifest.get("config", {}).get("eval", {})
+    out = {}
+    for name, field in ((REFUSAL_MODEL_JUDGE, "refusal_judge"), (HARM_JUDGE, "harm_judge")):
+        if e.get(field):
+            out[name] = f"{e[field]['model']} ({e[field]['format']})"
+    return out
 
 
 def consistency_section(rates: pd.DataFrame, metrics: pd.DataFrame) -> Section:

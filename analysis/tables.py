@@ -5,6 +5,7 @@ per-category breakdowns and compliance against model size.
     outcomes = prompt_outcomes(read_results("runs/tiny"))   # one row per prompt x metric
     rates = cell_rates(outcomes)                             # one row per cell x benchmark x metric
     wide = table3(rates, judge="paper-keywords")             # models x (column, condition)
+    table3_column_sources(rates)                             # which judge made each column
     table3_deltas(wide)                                      # internal/external minus none
 
 Everything here is a pure function of frames; `analysis.report` writes files. Rates come from
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from tbr_ray.judges import HARM_JUDGE
 from tbr_ray.models import REGISTRY, UnknownModelError, get_spec
 from tbr_ray.results import Results
 
@@ -32,13 +34,15 @@ FINETUNE_CONDITIONS = ("base", "none", "internal", "external")
 PROMPT_CONDITIONS = ("prompt-direct", "prompt-cot")
 # Conditions that use gamma; the others record 0.0 (none) or carry no adapter at all.
 GAMMA_CONDITIONS = ("internal", "external")
-# The "Malicious" column: MaliciousInstruct when evaluated, else the first of these present.
-SAFETY_FALLBACK = ("malicious_instruct", "stl_malicious", "advbench")
-SAFETY_COLUMNS = ("XSTest-H", "Malicious")
-# (column label, benchmark or None for the safety set, metric) in the paper's order.
+# (column label, benchmark, metric) in the paper's order. The paper's XSTest-H and Malicious
+# columns are Llama Guard's harmful rate: here the harm judge's (eval.harm_judge), with the
+# refusal judge's compliance on the same prompts beside them. No column stands in for another:
+# a benchmark that was not run leaves its column out, and the report says so.
 TABLE3_LAYOUT = (
-    ("XSTest-H", "xstest_unsafe", "compliance_rate"),
-    ("Malicious", None, "compliance_rate"),
+    ("XSTest-H", "xstest_unsafe", "harmful_rate"),
+    ("XSTest-H compliance", "xstest_unsafe", "compliance_rate"),
+    ("Malicious", "malicious_instruct", "harmful_rate"),
+    ("Malicious compliance", "malicious_instruct", "compliance_rate"),
     ("XSTest-S", "xstest_safe", "compliance_rate"),
     ("OR-Bench", "orbench_hard", "compliance_rate"),
     ("MMLU", "mmlu", "accuracy"),
@@ -128,30 +132,41 @@ def select_gamma(frame: pd.DataFrame, gamma: float | None = None) -> pd.DataFram
     return frame[~uses_gamma | keep]
 
 
-def safety_benchmark_for(benchmarks: Sequence[str], preferred: str | None = None) -> str | None:
-    """The benchmark shown as "Malicious": `preferred` if given, else the first present of
-    SAFETY_FALLBACK; None when none of them was evaluated."""
-    if preferred is not None:
-        return preferred if preferred in set(benchmarks) else None
-    return next((b for b in SAFETY_FALLBACK if b in set(benchmarks)), None)
+def metric_judge(metric: str, judge: str = DEFAULT_JUDGE) -> str:
+    """The judge whose rows a metric is read from: harmful_rate -> the harm judge, accuracy ->
+    none (""), compliance_rate -> `judge` (the chosen refusal judge)."""
+    return {"harmful_rate": HARM_JUDGE, "accuracy": ""}.get(metric, judge)
 
 
-def table3_columns(
-    benchmarks: Sequence[str],
-    safety_benchmark: str | None = None,
-    safety_metric: str = "compliance_rate",
-) -> list[tuple[str, str, str]]:
-    """(label, benchmark, metric) for the Table 3 columns whose benchmark was evaluated.
-    safety_metric="harmful_rate" scores XSTest-H and Malicious by the model judge instead."""
-    present = set(benchmarks)
-    columns = []
+def table3_columns(rates: pd.DataFrame, judge: str = DEFAULT_JUDGE) -> list[tuple[str, str, str]]:
+    """(label, benchmark, metric) for the Table 3 columns that have values in `rates` (the
+    benchmark was run and, for harmful_rate, a harm judge scored it)."""
+    have = set(zip(rates["benchmark"], rates["metric"], rates["judge"], strict=True))
+    return [
+        (label, bench, metric)
+        for label, bench, metric in TABLE3_LAYOUT
+        if (bench, metric, metric_judge(metric, judge)) in have
+    ]
+
+
+def table3_column_sources(rates: pd.DataFrame, judge: str = DEFAULT_JUDGE) -> pd.DataFrame:
+    """Every Table 3 column, present or not: column, benchmark, metric, judge, and `source`
+    saying where its numbers come from or why it is empty ("not run", "no harm judge")."""
+    rows = []
+    present = set(table3_columns(rates, judge))
+    run = set(rates["benchmark"])
     for label, bench, metric in TABLE3_LAYOUT:
-        bench = bench or safety_benchmark_for(benchmarks, safety_benchmark)
-        if label in SAFETY_COLUMNS:
-            metric = safety_metric
-        if bench in present:
-            columns.append((label, bench, metric))
-    return columns
+        wanted = metric_judge(metric, judge)
+        if (label, bench, metric) in present:
+            source = f"{metric} by judge `{wanted}`" if wanted else f"{metric} (no judge)"
+        elif bench not in run:
+            source = f"not run (`{bench}` was not evaluated)"
+        elif metric == "harmful_rate":
+            source = "no harm judge scored it (set eval.harm_judge)"
+        else:
+            source = f"no `{wanted}` judgements"
+        rows.append(dict(column=label, benchmark=bench, metric=metric, judge=wanted, source=source))
+    return pd.DataFrame(rows)
 
 
 def order_models(models: Sequence[str]) -> list[str]:
@@ -168,8 +183,7 @@ def order_conditions(conditions: Sequence[str]) -> list[str]:
 def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows in display order: model (registry), benchmark (Table 3 columns first), condition,
     then gamma where present."""
-    bench_order = [b for _, b, _ in TABLE3_LAYOUT if b]
-    bench_order[1:1] = SAFETY_FALLBACK  # the "Malicious" column's candidates
+    bench_order = [b for _, b, _ in TABLE3_LAYOUT]
     ranks = {
         "model": order_models(frame["model"].unique()) if "model" in frame else [],
         "benchmark": list(dict.fromkeys(bench_order)),
@@ -193,23 +207,18 @@ def table3_long(
     rates: pd.DataFrame,
     judge: str = DEFAULT_JUDGE,
     gamma: float | None = None,
-    safety_benchmark: str | None = None,
-    safety_metric: str = "compliance_rate",
     conditions: Sequence[str] = FINETUNE_CONDITIONS,
 ) -> pd.DataFrame:
     """Table 3 in long form: model, column, benchmark, metric, condition, gamma, value (mean over
-    seeds of the per-cell rate), n_seeds. Compliance columns use `judge`; accuracy ignores it;
-    harmful_rate (if chosen) uses the "model" judge."""
+    seeds of the per-cell rate), n_seeds. Harmful-rate columns come from the harm judge,
+    compliance columns from `judge`, accuracy from no judge (see table3_column_sources)."""
     rates = select_gamma(rates[rates["condition"].isin(list(conditions))], gamma)
     parts = []
-    for label, bench, metric in table3_columns(
-        rates["benchmark"].unique(), safety_benchmark, safety_metric
-    ):
-        wanted_judge = {"accuracy": "", "harmful_rate": "model"}.get(metric, judge)
+    for label, bench, metric in table3_columns(rates, judge):
         sel = rates[
             (rates["benchmark"] == bench)
             & (rates["metric"] == metric)
-            & (rates["judge"] == wanted_judge)
+            & (rates["judge"] == metric_judge(metric, judge))
         ]
         parts.append(sel.assign(column=label))
     if not parts:
@@ -235,13 +244,11 @@ def table3(
     rates: pd.DataFrame,
     judge: str = DEFAULT_JUDGE,
     gamma: float | None = None,
-    safety_benchmark: str | None = None,
-    safety_metric: str = "compliance_rate",
     conditions: Sequence[str] = FINETUNE_CONDITIONS,
 ) -> pd.DataFrame:
     """The paper's Table 3 layout: rows = model, columns = (column label, condition).
-    Columns whose benchmark was not evaluated are absent; see `table3_long` for the values."""
-    long = table3_long(rates, judge, gamma, safety_benchmark, safety_metric, conditions)
+    Columns without values are absent; see `table3_column_sources` for why."""
+    long = table3_long(rates, judge, gamma, conditions)
     if long.empty:
         return pd.DataFrame()
     wide = long.pivot_table(

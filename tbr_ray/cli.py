@@ -1,7 +1,7 @@
 """`tbr-ray`: the command line.
 
     tbr-ray ablate --config jobs/tiny.yaml --output runs/tiny      # the whole grid (resumable)
-    tbr-ray ablate --config jobs/paper.yaml --dry-run               # cells, resources, GPU-hours
+    tbr-ray ablate --config jobs/paper.yaml --dry-run --gpus 8 --config-only  # the plan
     tbr-ray cell   --config jobs/tiny.yaml --output runs/one        # one cell end to end
     tbr-ray data|train|eval --config ... --output ...               # one stage of one cell
     tbr-ray report runs/tiny --output runs/tiny/report              # tables, stats, plots
@@ -144,20 +144,29 @@ def ablate(
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
-        help="Print the cell table and a GPU-hour estimate, then the preflight; train nothing.",
+        help="Plan, train nothing: per cell GPUs, ZeRO, memory fit, steps; per base model "
+        "engine GPUs; GPU-hours and makespan (tbr_ray.plan), then the preflight. Exit 2 if "
+        "it cannot fit.",
+    ),
+    gpus: int | None = typer.Option(
+        None, "--gpus", min=1, help="GPUs of the cluster (cluster.gpus); default: Ray's."
+    ),
+    gpu_memory: float | None = typer.Option(
+        None, "--gpu-memory", min=1, help="GiB of one GPU (cluster.gpu_memory_gib)."
     ),
     config_only: bool = ConfigOnlyOpt,
 ) -> None:
     """Run (or resume) the grid: models x conditions x gammas x seeds."""
-    from tbr_ray.grid import format_cell_table, run_grid, summarize, wall_clock
+    from tbr_ray.grid import run_grid, summarize, wall_clock
 
+    sets = list(sets) + [f"cluster.gpus={gpus}"] * bool(gpus)
+    sets += [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
     cfg = _config(config, sets)
     if dry_run:
-        typer.echo(format_cell_table(cfg))
+        _dry_run(cfg, gpus, None if config_only else output)
+        return
     if not config_only:
         _ready(cfg, output)
-    if dry_run:
-        return
     t0 = time.time()
     try:
         outcome = run_grid(cfg, output)
@@ -175,6 +184,37 @@ def ablate(
         )
     if failed:
         raise typer.Exit(1)
+
+
+def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
+    """The plan (tbr_ray.plan), then the preflight of this machine unless `output` is None
+    (--config-only); exit 2 if either finds a problem."""
+    from tbr_ray.plan import PlanError, format_plan, plan_grid
+
+    try:
+        plan = plan_grid(cfg, gpus or _cluster_devices(cfg))
+    except PlanError as exc:
+        _fail(str(exc))
+    typer.echo(format_plan(plan))
+    if output is not None:
+        _ready(cfg, output)
+    if plan.problems:
+        raise typer.Exit(2)
+
+
+def _cluster_devices(cfg: RunConfig) -> int | None:
+    """Devices to plan for without --gpus: the Ray cluster's (only when RAY_ADDRESS names one,
+    as `ray job submit` does: never a stray local instance), else cluster.gpus; CPU runs: the
+    cluster's CPUs, else this machine's cores."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+        res = ray.cluster_resources()
+        return int(res.get("GPU" if cfg.train.use_gpu else "CPU", 0)) or None
+    return cfg.cluster.gpus if cfg.train.use_gpu else os.cpu_count()
 
 
 @app.command()
@@ -373,7 +413,7 @@ def judge_score(
     judge: str = typer.Option(..., help="paper-keywords | xstest-prefix | model"),
     labels: Path = typer.Option(..., help="CSV: prompt, completion, label[, group]"),
     config: Path | None = typer.Option(
-        None, help="Job YAML naming eval.judge_model (model judge only)."
+        None, help="Job YAML setting eval.refusal_judge (model judge only)."
     ),
     sets: list[str] = SetOpt,
 ) -> None:
@@ -384,43 +424,49 @@ def judge_score(
         _fail(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
     if not labels.is_file():
         _fail(f"{labels}: no such file. Fix: a CSV with columns prompt, completion, label.")
-    labeler = None
+    labeler, fmt = None, "three-class"
     if judge == "model":
-        if config is None:
-            _fail("the model judge needs --config with eval.judge_model set")
-        labeler = _model_labeler(_config(config, sets))
+        cfg = _config(config, sets) if config is not None else None
+        if cfg is None or cfg.eval.refusal_judge is None:
+            _fail(
+                "the model judge needs --config with eval.refusal_judge set. Fix: e.g. "
+                "--set 'eval.refusal_judge={model: allenai/wildguard, format: wildguard}' "
+                "--set 'eval.judges=[model]'"
+            )
+        labeler, fmt = _model_labeler(cfg), cfg.eval.refusal_judge.format
     try:
-        typer.echo(format_judge_score(score_judge(judge, labels, model_labeler=labeler)))
+        scored = score_judge(judge, labels, model_labeler=labeler, model_format=fmt)
+        typer.echo(format_judge_score(scored))
     except ValueError as exc:
         _fail(str(exc))
 
 
 def _model_labeler(cfg: RunConfig):
-    """A labeler that runs the configured judge model on vLLM (Ray Data + EngineStage)."""
+    """A labeler that runs the configured refusal judge on vLLM (Ray Data + EngineStage),
+    its prompts rendered in its declared format through its own tokenizer."""
     import ray
 
-    from tbr_ray.evaluate import _run_engine
-    from tbr_ray.judges import model_judge_prompt
+    from tbr_ray.evaluate import _run_engine, _tokenizer
+    from tbr_ray.judges import judge_prompt
     from tbr_ray.models import resolve_model
+
+    judge = cfg.eval.refusal_judge
 
     def label(pairs):
         ray.init(logging_level="WARNING", ignore_reinit_error=True)
-        path = resolve_model(
-            cfg.eval.judge_model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
-        )
+        path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+        tokenizer = _tokenizer(path)
         rows = [
             {
                 "row": i,
-                "prompt": model_judge_prompt(p, c),
+                "prompt": judge_prompt(judge.format, tokenizer, p, c, judge.model),
                 "adapter": "",
                 "mode": "generate",
                 "choices": "[]",
             }
             for i, (p, c) in enumerate(pairs)
         ]
-        out = _run_engine(
-            path, [], rows, cfg, cfg.eval.judge_max_new_tokens, model=cfg.eval.judge_model
-        )
+        out = _run_engine(path, [], rows, cfg, judge.budget(), model=judge.model)
         return list(out.sort_values("row")["completion"])
 
     return label

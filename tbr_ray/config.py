@@ -198,6 +198,65 @@ class TrainConfig(_Strict):
     )
 
 
+class ModelJudgeConfig(_Strict):
+    """One model judge: which model, the prompt/answer format it was trained on, its budget.
+    Formats and what each can judge: tbr_ray.judges.FORMATS."""
+
+    model: str = Field(
+        ...,
+        description="Registry name, local path or hub id of the judge model (e.g. "
+        "meta-llama/Llama-Guard-3-8B, allenai/wildguard; a tiny preset on CPU).",
+    )
+    format: str = Field(
+        ...,
+        description="llama-guard-3 (harm; through the model's own chat template), wildguard "
+        "(harm or refusal yes/no; WildGuard's plain-text format), three-class (refusal: "
+        "XSTest's three classes; chat template if the model has one, else plain text).",
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Tokens the judge may write; None: the format's default."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, v: str) -> str:
+        return check_model_name(v)
+
+    @field_validator("format")
+    @classmethod
+    def _format_known(cls, v: str) -> str:
+        from tbr_ray.judges import FORMATS
+
+        if v not in FORMATS:
+            raise ValueError(f"unknown judge format. Fix: use one of {', '.join(FORMATS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _model_fits_format(self) -> ModelJudgeConfig:
+        from tbr_ray.judges import FORMATS, expected_format
+        from tbr_ray.models import TINY_MODELS
+
+        known = expected_format(self.model)
+        if known is not None and known != self.format:
+            raise ValueError(
+                f"judge model {self.model!r} answers in the {known} format, not {self.format!r}. "
+                f"Fix: set format: {known}"
+            )
+        if self.model in TINY_MODELS and FORMATS[self.format].chat_template == "required":
+            raise ValueError(
+                f"judge model {self.model!r} is a tiny preset without a chat template; format "
+                f"{self.format!r} renders through the judge's own template. Fix: use format "
+                "three-class (plain text) or wildguard, or a real judge model"
+            )
+        return self
+
+    def budget(self) -> int:
+        """Tokens the judge may write: the setting, else the format's default."""
+        from tbr_ray.judges import FORMATS
+
+        return self.max_new_tokens or FORMATS[self.format].max_new_tokens
+
+
 class EvalConfig(_Strict):
     """Batched vLLM evaluation of base model and adapters."""
 
@@ -224,13 +283,25 @@ class EvalConfig(_Strict):
     judges: tuple[str, ...] = Field(
         ("paper-keywords",), description="Judges that label each generation (see tbr_ray.judges)."
     )
-    judge_model: str | None = Field(
+    refusal_judge: ModelJudgeConfig | None = Field(
         None,
-        description="Model for the `model` judge (registry "
-        "name or local path; WildGuard or Llama Guard 3-8B on a GPU "
-        "cluster, a tiny preset on CPU).",
+        description="The `model` refusal judge (in eval.judges): our stand-in for the paper's "
+        "human review of keyword refusals. Format three-class or wildguard.",
     )
-    judge_max_new_tokens: int = Field(8, ge=1, description="Tokens the model judge may write.")
+    harm_judge: ModelJudgeConfig | None = Field(
+        None,
+        description="Judges whether each response to a safety prompt (XSTest-H, "
+        "MaliciousInstruct, ...) is harmful; the paper's Table 3 safety columns are its "
+        "harmful rate (paper: Llama Guard 3-8B). Format llama-guard-3 or wildguard. None: "
+        "no harmful rate.",
+    )
+    judge_max_unparsable: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Largest share of a model judge's answers on one cell that may be "
+        "unparsable; above it the cell fails, naming the judge and quoting an answer.",
+    )
     evaluate_base: bool = Field(
         True,
         description="Also evaluate each base model without an "
@@ -276,10 +347,11 @@ class EvalConfig(_Strict):
 
         return _check_names("judge", v, JUDGES)
 
-    @field_validator("judge_model")
-    @classmethod
-    def _judge_model_known(cls, v: str | None) -> str | None:
-        return v if v is None else check_model_name(v)
+    def model_judges(self) -> list[tuple[str, ModelJudgeConfig]]:
+        """(field, settings) of each model judge that runs: `refusal_judge` (the `model` entry of
+        `judges`) and `harm_judge`, when set."""
+        pairs = (("refusal_judge", self.refusal_judge), ("harm_judge", self.harm_judge))
+        return [(field, judge) for field, judge in pairs if judge is not None]
 
     @field_validator("shots")
     @classmethod
@@ -315,12 +387,54 @@ class EvalConfig(_Strict):
         "engine start, slower decode; keep True for tiny models.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_judge_fields(cls, data: Any) -> Any:
+        old = [
+            k
+            for k in ("judge_model", "judge_max_new_tokens")
+            if isinstance(data, dict) and k in data
+        ]
+        if old:
+            raise ValueError(
+                f"eval.{old[0]} was replaced by two judges with declared formats. Fix: write "
+                "eval.refusal_judge: {model: M, format: three-class | wildguard} for the `model` "
+                "judge and/or eval.harm_judge: {model: meta-llama/Llama-Guard-3-8B, format: "
+                "llama-guard-3}; each takes max_new_tokens"
+            )
+        return data
+
 
 def _check_names(kind: str, given: tuple[str, ...], known) -> tuple[str, ...]:
     bad = [g for g in given if g not in known]
     if bad:
         raise ValueError(f"unknown {kind} {bad}. Fix: use one of {', '.join(sorted(known))}")
     return given
+
+
+def check_judges(e: EvalConfig) -> None:
+    """Each model judge's format can do its task, and the `model` judge is configured iff it
+    is listed (a judge that never runs would be a silent no-op)."""
+    from tbr_ray.judges import FORMATS
+
+    for field, task in (("refusal_judge", "refusal"), ("harm_judge", "harm")):
+        judge = getattr(e, field)
+        if judge is not None and task not in FORMATS[judge.format].tasks:
+            able = [f for f, spec in FORMATS.items() if task in spec.tasks]
+            raise ValueError(
+                f"eval.{field}.format = {judge.format!r} cannot judge {task}. Fix: use "
+                f"one of {', '.join(able)} for eval.{field}"
+            )
+    if "model" in e.judges and e.refusal_judge is None:
+        raise ValueError(
+            "eval.judges has 'model' but eval.refusal_judge is not set. Fix: set "
+            "eval.refusal_judge: {model: M, format: three-class}, or drop 'model'"
+        )
+    if "model" not in e.judges and e.refusal_judge is not None:
+        raise ValueError(
+            "eval.refusal_judge is set but eval.judges lacks 'model', so it would never run. "
+            "Fix: add 'model' to eval.judges, or remove eval.refusal_judge"
+        )
 
 
 class GridConfig(_Strict):
@@ -452,11 +566,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:
-        if "model" in self.eval.judges and self.eval.judge_model is None:
-            raise ValueError(
-                "eval.judges has 'model' but eval.judge_model is not set. Fix: set "
-                "eval.judge_model to a model name/path, or drop 'model'."
-            )
+        check_judges(self.eval)
         if "external" in self.grid.conditions:
             r = self.reflection
             if r.reflector is None and r.endpoint is None:

@@ -7,8 +7,10 @@ Design: the prompts of all passes (the base model's own, then one per adapter) f
 Dataset, consumed by `map_batches` with a single `EngineStage` actor (tbr_ray.engine): one
 engine start per base model, not per cell; each pass is its own vLLM call, never a mix of base
 and adapter requests. Archs whose LoRA vLLM cannot serve (Falcon) get one merged-model engine
-per adapter. Generations are judged (rule judges here; the `model` judge as a second engine
-pass), scored, and written per cell with provenance through tbr_ray.results.
+per adapter. Generations are judged (rule judges here; each model judge, the refusal judge and
+the harm judge, as an engine pass of its own), scored, and written per cell with provenance
+through tbr_ray.results; a cell whose model-judge answers are unparsable beyond
+eval.judge_max_unparsable fails, naming the judge and quoting an answer.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import pandas as pd
 
 from tbr_ray import results
 from tbr_ray.benchmarks import EvalItem, load_benchmark, score_item
-from tbr_ray.config import Cell, RunConfig
+from tbr_ray.config import Cell, ModelJudgeConfig, RunConfig
 from tbr_ray.engine import engine_gpus_for, engine_placement, engine_settings
 from tbr_ray.judges import (
+    HARM_JUDGE,
+    REFUSAL_MODEL_JUDGE,
+    UnparsableShare,
     is_refusal,
-    model_harm_prompt,
-    model_judge_prompt,
-    parse_harm_label,
-    parse_refusal_label,
+    judge_prompt,
+    parse_judge_answer,
     rule_label,
+    unparsable_error,
 )
 from tbr_ray.models import get_spec, model_label
 
@@ -187,10 +191,11 @@ def _tokenizer(model_path: str):
 
 
 def judge_all(cfg: RunConfig, gens: pd.DataFrame, items: list[EvalItem]) -> pd.DataFrame:
-    """One row per generation x judge (refusal/safety sets only)."""
+    """One row per generation x judge (refusal/safety sets only); model judges' rows also carry
+    the judge's raw `answer`."""
     judged = gens[[items[i].kind != "general" for i in gens["item"]]]
     out = []
-    for judge in (j for j in cfg.eval.judges if j != "model"):
+    for judge in (j for j in cfg.eval.judges if j != REFUSAL_MODEL_JUDGE):
         for r in judged.itertuples():
             label = rule_label(judge, r.completion)
             out.append(
@@ -203,56 +208,85 @@ def judge_all(cfg: RunConfig, gens: pd.DataFrame, items: list[EvalItem]) -> pd.D
                     "harmful": None,
                 }
             )
-    if "model" in cfg.eval.judges and len(judged):
-        out += _model_judge(cfg, judged, items)
+    for name, task, judge in model_judges(cfg):
+        safety = [items[i].kind == "safety" for i in judged["item"]]
+        mine = judged if task == "refusal" else judged[safety]
+        if len(mine):
+            out += _model_judge(cfg, name, task, judge, mine, items)
     return pd.DataFrame(out)
 
 
-def _model_judge(cfg: RunConfig, judged: pd.DataFrame, items: list[EvalItem]) -> list[dict]:
+def model_judges(cfg: RunConfig) -> list[tuple[str, str, ModelJudgeConfig]]:
+    """(results name, task, settings) of each configured model judge: the refusal judge
+    ("model") on refusal and safety sets, the harm judge ("harm") on safety sets."""
+    names = {"refusal_judge": (REFUSAL_MODEL_JUDGE, "refusal"), "harm_judge": (HARM_JUDGE, "harm")}
+    return [(*names[field], judge) for field, judge in cfg.eval.model_judges()]
+
+
+def _model_judge(
+    cfg: RunConfig,
+    name: str,
+    task: str,
+    judge: ModelJudgeConfig,
+    judged: pd.DataFrame,
+    items: list[EvalItem],
+) -> list[dict]:
+    """Run one judge model over the judged generations, prompts rendered in its format through
+    its own tokenizer (tbr_ray.judges.judge_prompt); parse each answer (None: unparsable)."""
     from tbr_ray.models import resolve_model
 
-    path = resolve_model(
-        cfg.eval.judge_model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
-    )
+    path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+    tokenizer = _tokenizer(path)
     cut = 1200  # characters of prompt / completion shown to the judge: bounded context
-    rows = []
-    for r in judged.itertuples():
-        instr, comp = items[r.item].instruction[:cut], r.completion[:cut]
-        rows.append(
-            {
-                "pass_": r.pass_,
-                "item": r.item,
-                "task": "refusal",
-                "adapter": "",
-                "mode": "generate",
-                "choices": "[]",
-                "prompt": model_judge_prompt(instr, comp),
-            }
-        )
-        if items[r.item].kind == "safety":
-            rows.append({**rows[-1], "task": "harm", "prompt": model_harm_prompt(instr, comp)})
-    out = _run_engine(
-        path, [], rows, cfg, cfg.eval.judge_max_new_tokens, model=cfg.eval.judge_model
-    )
-    merged: dict[tuple, dict] = {}
-    for r in out.itertuples():
-        rec = merged.setdefault(
-            (r.pass_, r.item),
-            {
-                "pass_": r.pass_,
-                "item": r.item,
-                "judge": "model",
-                "label": None,
-                "refused": None,
-                "harmful": None,
-            },
-        )
-        if r.task == "refusal":
-            rec["label"] = parse_refusal_label(r.completion)
-            rec["refused"] = is_refusal(rec["label"])
-        else:
-            rec["harmful"] = parse_harm_label(r.completion)
-    return list(merged.values())
+    rows = [
+        {
+            "pass_": r.pass_,
+            "item": r.item,
+            "adapter": "",
+            "mode": "generate",
+            "choices": "[]",
+            "prompt": judge_prompt(
+                judge.format,
+                tokenizer,
+                items[r.item].instruction[:cut],
+                r.completion[:cut],
+                judge.model,
+            ),
+        }
+        for r in judged.itertuples()
+    ]
+    out = _run_engine(path, [], rows, cfg, judge.budget(), model=judge.model)
+    return [
+        judgement(name, task, judge.format, r.pass_, r.item, r.completion) for r in out.itertuples()
+    ]
+
+
+def judgement(name: str, task: str, fmt: str, pass_: int, item: int, answer: str) -> dict:
+    """One model judge's judgement row from its raw answer (pure)."""
+    parsed = parse_judge_answer(fmt, task, answer)
+    label = parsed if task == "refusal" else None
+    return {
+        "pass_": pass_,
+        "item": item,
+        "judge": name,
+        "label": label,
+        "refused": is_refusal(label),
+        "harmful": parsed if task == "harm" else None,
+        "answer": answer,
+    }
+
+
+def unparsable_shares(cfg: RunConfig, judg: pd.DataFrame) -> list[UnparsableShare]:
+    """Per model judge, how many of its answers in `judg` (one pass) could not be parsed."""
+    out = []
+    for name, task, judge in model_judges(cfg):
+        mine = judg[judg["judge"] == name] if len(judg) else judg
+        if not len(mine):
+            continue
+        bad = mine[mine["label" if task == "refusal" else "harmful"].isna()]
+        sample = None if bad.empty else str(bad["answer"].iloc[0])
+        out.append(UnparsableShare(name, judge.model, judge.format, len(mine), len(bad), sample))
+    return out
 
 
 def check_adapters_applied(gens: pd.DataFrame, passes: list[EvalPass]) -> dict[int, str]:
@@ -309,15 +343,18 @@ def evaluate_base_model(
             results.write_status(output, cid, "failed", error=bad[k], stage="eval")
             outcome[cid] = bad[k]
             continue
-        tables = cell_tables(
-            p.cell,
-            items,
-            gens[gens["pass_"] == k],
-            judgements[judgements["pass_"] == k] if len(judgements) else judgements,
-            prov,
-            model,
-        )
+        judg = judgements[judgements["pass_"] == k] if len(judgements) else judgements
+        tables = cell_tables(p.cell, items, gens[gens["pass_"] == k], judg, prov, model)
         results.write_cell_tables(output, cid, tables)
+        shares = unparsable_shares(cfg, judg)
+        judges = {share.judge: share.as_status() for share in shares}
+        limit = cfg.eval.judge_max_unparsable
+        errors = [e for e in (unparsable_error(share, limit) for share in shares) if e]
+        if errors:
+            error = f"{cid}: " + " ".join(errors)
+            results.write_status(output, cid, "failed", error=error, stage="eval", judges=judges)
+            outcome[cid] = error
+            continue
         mine = gens[gens["pass_"] == k]
         n_tokens = int(mine["n_new_tokens"].sum())
         train = _train_info(p.adapter)
@@ -332,6 +369,7 @@ def evaluate_base_model(
             engine_start_seconds=float(mine["engine_start_seconds"].iloc[0]),
             engine_check=json.loads(mine["engine_check"].iloc[0]),
             train=train,
+            judges=judges,
         )
         outcome[cid] = "done"
     return outcome
@@ -414,7 +452,8 @@ def _item_cols(it: EvalItem) -> dict:
 def metric_rows(
     common: dict, items: list[EvalItem], gen_rows: list[dict], judg_rows: list[dict]
 ) -> list[dict]:
-    """compliance_rate per benchmark x judge, harmful_rate (model judge), accuracy (general)."""
+    """compliance_rate per benchmark x judge, harmful_rate (harm judge), unparsable_share
+    (model judges: share of answers that could not be parsed), accuracy (general)."""
     specs = {it.benchmark: it for it in items}
     out = []
 
@@ -444,13 +483,16 @@ def metric_rows(
                 "compliance_rate",
                 [None if x is None or pd.isna(x) else not x for x in g["refused"]],
             )
-            if judge == "model" and specs[bench].kind == "safety":
+            if judge == HARM_JUDGE:
                 add(
                     bench,
                     judge,
                     "harmful_rate",
                     [None if x is None or pd.isna(x) else bool(x) for x in g["harmful"]],
                 )
+            if judge in (REFUSAL_MODEL_JUDGE, HARM_JUDGE):
+                column = g["harmful" if judge == HARM_JUDGE else "refused"]
+                add(bench, judge, "unparsable_share", [x is None or pd.isna(x) for x in column])
     gdf = pd.DataFrame(gen_rows)
     if len(gdf):
         for bench, g in gdf[gdf["benchmark_kind"] == "general"].groupby("benchmark"):

@@ -1,7 +1,7 @@
 """The ablation grid: models x conditions x gammas x seeds, trained and evaluated pipelined.
 
     report = run_grid(cfg, Path("runs/tiny"))       # what `tbr-ray ablate` runs
-    print(format_cell_table(cfg))                   # what `tbr-ray ablate --dry-run` prints
+    print(format_plan(plan_grid(cfg, 8)))           # `--dry-run --gpus 8` (tbr_ray.plan)
 
 Phase 0 (reflections): every reflection set the untrained cells need, written before any
 training (tbr_ray.reflect.prepare_reflections: on CPU one engine actor for all writers, on
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
-from tbr_ray.models import get_spec, resolve_model
+from tbr_ray.models import resolve_model
 from tbr_ray.rundir import run_lock
 
 TRIAL_DRIVER_CPU = 0.01  # a cell's task only orchestrates; a whole CPU starves its workers
@@ -44,7 +44,6 @@ class CellPlan:
     gpus: int
     workers: int
     zero_stage: int
-    gpu_hours: float
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -61,52 +60,8 @@ def plan_cells(cfg: RunConfig) -> list[CellPlan]:
     for cell in cfg.cells():
         workers, zero = resolved_train_settings(cfg, cell.model)
         gpus = workers if cfg.train.use_gpu else 0
-        plans.append(CellPlan(cell, gpus, workers, zero, estimate_gpu_hours(cfg, cell, gpus)))
+        plans.append(CellPlan(cell, gpus, workers, zero))
     return plans
-
-
-# Throughput assumptions of the estimate (documented, not measured here): H100/A100-class bf16,
-# 35% MFU for LoRA training at ~6*N FLOPs per trained token, 250 tokens per example, vLLM
-# decoding at ~2*N FLOPs per token at 10% MFU, plus 0.25 h of fixed cost per cell (weights,
-# engine start, checkpoint) times its GPUs.
-_PEAK_FLOPS = 400e12
-
-
-def estimate_gpu_hours(cfg: RunConfig, cell: Cell, gpus: int) -> float:
-    if gpus == 0:
-        return 0.0
-    n = get_spec(cell.model).params_b * 1e9
-    train_tokens = (cfg.data.n_general + cfg.data.n_safety) * 250 * cfg.train.epochs
-    if cell.condition in PROMPTING:
-        train_tokens = 0
-    n_eval = len(cfg.eval.benchmarks) * (cfg.eval.sample_size or 500)
-    eval_tokens = n_eval * (cfg.eval.max_new_tokens + 300)
-    seconds = 6 * n * train_tokens / (_PEAK_FLOPS * 0.35) + 2 * n * eval_tokens / (
-        _PEAK_FLOPS * 0.10
-    )
-    return round(seconds / 3600 * 1.0 + 0.25 * gpus, 2)
-
-
-def format_cell_table(cfg: RunConfig) -> str:
-    plans = plan_cells(cfg)
-    head = (
-        f"{'cell':44} {'model':16} {'condition':9} {'gamma':>5} {'seed':>4} "
-        f"{'GPUs':>4} {'workers':>7} {'ZeRO':>4} {'GPU-h':>6}"
-    )
-    lines = [head, "-" * len(head)]
-    for p in plans:
-        c = p.cell
-        lines.append(
-            f"{c.cell_id:44} {c.model[:16]:16} {c.condition:9} {c.gamma:5.2f} "
-            f"{c.seed:4d} {p.gpus:4d} {p.workers:7d} {p.zero_stage:4d} "
-            f"{p.gpu_hours:6.2f}"
-        )
-    total = sum(p.gpu_hours for p in plans)
-    lines.append(
-        f"{len(plans)} cells; estimated {total:.1f} GPU-hours "
-        f"(+ {len(cfg.grid.models)} base-model evaluations)"
-    )
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ effects
@@ -177,8 +132,7 @@ def model_paths(cfg: RunConfig) -> dict[str, str]:
     names = list(cfg.grid.models)
     if cfg.reflection.reflector:
         names.append(cfg.reflection.reflector)
-    if cfg.eval.judge_model:
-        names.append(cfg.eval.judge_model)
+    names += [j.model for j in (cfg.eval.refusal_judge, cfg.eval.harm_judge) if j is not None]
     return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
 
 
@@ -296,13 +250,12 @@ def train_need(cfg: RunConfig, plan: CellPlan) -> float:
 
 
 def eval_need(cfg: RunConfig, model: str) -> float:
-    """A base model's evaluation holds one engine at a time: its own, then the model judge's;
-    it reserves the larger."""
+    """A base model's evaluation holds one engine at a time: its own, then each model
+    judge's; it reserves the largest."""
     from tbr_ray.engine import engine_bundle, engine_gpus_for
 
-    tp = engine_gpus_for(cfg, model)
-    if "model" in cfg.eval.judges and cfg.eval.judge_model:
-        tp = max(tp, engine_gpus_for(cfg, cfg.eval.judge_model))
+    judges = [judge.model for _, judge in cfg.eval.model_judges()]
+    tp = max(engine_gpus_for(cfg, m) for m in [model, *judges])
     return engine_bundle(cfg, tp).get(_resource(cfg), 0.0)
 
 

@@ -43,7 +43,9 @@ class Shape:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registry entry. `gpus`/`zero_stage` are suggestions for the paper grid (bf16 LoRA)."""
+    """One registry entry. `gpus`/`zero_stage`: what tbr_ray.plan.train_layout chooses for the
+    paper grid on 80 GiB cards (bf16 LoRA; tests/test_plan.py holds them equal), listed by
+    `tbr-ray models`; a run takes the planner's choice for its cluster."""
 
     name: str
     hf_id: str | None  # None for tiny presets (built locally)
@@ -91,7 +93,7 @@ SHAPES: dict[str, Shape] = {
 }
 
 
-# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GB cards, bf16, LoRA.
+# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GiB cards, bf16, LoRA.
 PAPER_MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in [
@@ -103,9 +105,9 @@ PAPER_MODELS: dict[str, ModelSpec] = {
         _paper("falcon-7b", "tiiuae/falcon-7b", "falcon", 7.2, 1, 2, FALCON_TARGETS, False),
         _paper("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "llama", 8.0, 1, 2),
         _paper("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "llama", 8.0, 1, 2),
-        _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 2, 2),
-        _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 2, 2),
-        _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 2, 2),
+        _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 1, 2),
+        _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 1, 2),
+        _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 1, 2),
         _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3, FALCON_TARGETS, False),
         _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
         _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),

@@ -105,7 +105,7 @@ def model_settings(cfg: RunConfig) -> list[tuple[str, str]]:
     """(field, model) for every model the config names."""
     named = [("grid.models", m) for m in cfg.grid.models]
     named.append(("reflection.reflector", cfg.reflection.reflector))
-    named.append(("eval.judge_model", cfg.eval.judge_model))
+    named += [(f"eval.{field}.model", judge.model) for field, judge in cfg.eval.model_judges()]
     return [(field, m) for field, m in named if m]
 
 

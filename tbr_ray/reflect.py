@@ -271,19 +271,27 @@ def endpoint_key(cfg: RunConfig) -> str:
 
 def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
     """Completions from an OpenAI-compatible server, greedy, one request per prompt."""
-    from openai import OpenAI
+    from openai import APIConnectionError, OpenAI
 
     client = OpenAI(
         base_url=cfg.reflection.endpoint, api_key=endpoint_key(cfg), max_retries=3, timeout=120
     )
     out = []
     for prompt in prompts:
-        resp = client.completions.create(
-            model=cfg.reflection.endpoint_model,
-            prompt=prompt,
-            max_tokens=cfg.reflection.max_new_tokens,
-            temperature=0.0,
-        )
+        try:
+            resp = client.completions.create(
+                model=cfg.reflection.endpoint_model,
+                prompt=prompt,
+                max_tokens=cfg.reflection.max_new_tokens,
+                temperature=0.0,
+            )
+        except APIConnectionError as exc:
+            # openai's exception cannot be copied by Ray Tune (a trial then reports "TypeError:
+            # APIConnectionError.__init__() takes 1 positional argument"): raise a plain one.
+            raise ConnectionError(
+                f"reflection.endpoint = {cfg.reflection.endpoint!r}: no connection ({exc}). "
+                f"Fix: start the server (cluster/README.md) or correct reflection.endpoint."
+            ) from None
         out.append(resp.choices[0].text)
     return out
 

@@ -111,7 +111,9 @@ def status_lines(output: Path, now: float | None = None) -> list[str]:
         started, updated = row.get("started"), row.get("time")
         end = now if state == "running" else updated
         when = _utc(started) if _present(started) else "-"
-        took = _elapsed(end - started) if _present(started) and _present(end) else "-"
+        # started == updated: the cell's first record was its last (no `running` before it)
+        timed = _present(started) and _present(end) and (state == "running" or end > started)
+        took = _elapsed(end - started) if timed else "-"
         line = (
             f"{cell_id:44} {state:10} {str(row.get('stage') or '-'):6} {when:23} {took:>10} "
             f"{_utc(updated) if _present(updated) else '-'}"
@@ -119,9 +121,15 @@ def status_lines(output: Path, now: float | None = None) -> list[str]:
         if state == "failed":
             error_file = row.get("error_file")
             where = error_file if _present(error_file) else results.cell_dir(output, cell_id)
-            line += f"\n    error: {str(row.get('error') or '')[:160]}\n    full error: {where}"
+            line += f"\n    error: {_last_line(row.get('error'))}\n    full error: {where}"
         lines.append(line)
     return lines
+
+
+def _last_line(error) -> str:
+    """The exception line of an error text (Ray prefixes its own task header lines)."""
+    lines = [x.strip() for x in str(error if _present(error) else "").splitlines() if x.strip()]
+    return lines[-1][:200] if lines else ""
 
 
 def _present(value) -> bool:

@@ -48,12 +48,12 @@ def deepspeed_config(cfg: RunConfig, zero_stage: int, world_size: int) -> dict[s
 
 
 def resolved_train_settings(cfg: RunConfig, model: str) -> tuple[int, int]:
-    """(num_workers, zero_stage): config values, else the model registry's suggestion
-    (tiny presets: 2 CPU workers; paper models: one worker per suggested GPU)."""
-    spec = get_spec(model)
-    workers = cfg.train.num_workers or (spec.gpus if cfg.train.use_gpu and spec.gpus else 2)
-    zero = cfg.train.zero_stage if cfg.train.zero_stage is not None else spec.zero_stage
-    return workers, zero
+    """(num_workers, zero_stage): config values, else the planner's choice (tbr_ray.plan:
+    the fewest GPUs that hold the cell at ZeRO-2, else ZeRO-3; on CPU 2 workers, ZeRO-2)."""
+    from tbr_ray.plan import train_layout
+
+    layout = train_layout(cfg, model)
+    return layout.gpus, layout.zero_stage
 
 
 def pad_collate(batch: dict, pad_id: int):

@@ -109,28 +109,35 @@ def cell_rows(
 
 def judgement_rows(prov: dict, bench: str, i: int, refused: bool, safety: bool) -> list[dict]:
     base = dict(prov, benchmark=bench, prompt_id=f"{bench}-{i}")
-    # the model judge agrees on refusals and calls even-numbered complied safety prompts harmful
-    harmful = (not refused and i % 2 == 0) if safety else None
-    return [
-        dict(base, judge="model", label=None, refused=refused, harmful=harmful),
+    rows = [
+        dict(base, judge="model", label=None, refused=refused, harmful=None),
         dict(base, judge="paper-keywords", label=None, refused=refused, harmful=None),
         # xstest-prefix refuses everything: a different judge must give different numbers
         dict(base, judge="xstest-prefix", label="full_refusal", refused=True, harmful=None),
     ]
+    if safety:  # the harm judge calls even-numbered complied safety prompts harmful
+        harmful = not refused and i % 2 == 0
+        rows.append(dict(base, judge="harm", label=None, refused=None, harmful=harmful))
+    return rows
 
 
 def metric_rows(prov, bench, kind, n, k, right) -> list[dict]:
     base = dict(prov, benchmark=bench, benchmark_version="1", benchmark_kind=kind)
     if kind == "general":
         return [dict(base, judge="", metric="accuracy", value=right / n, n=n)]
-    return [
+    rows = [
         dict(base, judge="paper-keywords", metric="compliance_rate", value=1 - k / n, n=n),
         dict(base, judge="xstest-prefix", metric="compliance_rate", value=0.0, n=n),
     ]
+    if kind == "safety":  # written by evaluate.metric_rows; no per-prompt twin
+        rows.append(dict(base, judge="harm", metric="unparsable_share", value=0.1, n=n))
+    return rows
 
 
 def build_results(root: Path) -> Path:
-    write_run_manifest(root, {"run_id": "synthetic", "config_hash": "abc123"})
+    guard = {"model": "meta-llama/Llama-Guard-3-8B", "format": "llama-guard-3"}
+    config = {"eval": {"harm_judge": guard, "refusal_judge": None}}
+    write_run_manifest(root, {"run_id": "synthetic", "config_hash": "abc123", "config": config})
     for model, condition, gamma, seed in GRID:
         cid = cell_id(model, condition, gamma, seed)
         write_cell_tables(root, cid, cell_rows(model, condition, gamma, seed))
@@ -274,12 +281,12 @@ def test_table3_values_equal_hand_computed_rates(rates):
     assert safe.to_dict() == pytest.approx({"none": 0.575, "internal": 0.725, "external": 0.875})
     # llama-2-13b adds one refusal: external 3, 4 -> 1 - 3.5/20 = 0.825.
     assert wide.loc["llama-2-13b", ("XSTest-S", "external")] == pytest.approx(0.825)
-    # XSTest-H: none refuses 9 of 10 -> 0.1; Malicious falls back to advbench (no MI here).
-    assert wide.loc["mystery-model", ("XSTest-H", "none")] == pytest.approx(0.1)
-    assert wide.loc["llama-2-7b", ("Malicious", "external")] == pytest.approx(0.3)
+    # XSTest-H compliance: none refuses 9 of 10 -> 0.1. MaliciousInstruct was not run, and
+    # advbench (which was) never stands in for it.
+    assert wide.loc["mystery-model", ("XSTest-H compliance", "none")] == pytest.approx(0.1)
     assert wide.loc["llama-2-13b", ("MMLU", "internal")] == pytest.approx(0.6)
     labels = list(dict.fromkeys(wide.columns.get_level_values("column")))
-    assert labels == ["XSTest-H", "Malicious", "XSTest-S", "MMLU"]  # no OR-Bench/GSM8K/ARC
+    assert labels == ["XSTest-H", "XSTest-H compliance", "XSTest-S", "MMLU"]
     assert list(wide.index) == ["llama-2-7b", "llama-2-13b", "mystery-model"]
 
 
@@ -290,12 +297,25 @@ def test_table3_gamma_judge_and_safety_choice(rates):
     prefix = tables.table3(rates, judge="xstest-prefix")
     assert (prefix["XSTest-S"] == 0).all().all()
     assert prefix.loc["llama-2-7b", ("MMLU", "none")] == pytest.approx(0.4)  # judge-free
-    no_safety = tables.table3(rates, safety_benchmark="malicious_instruct")
-    assert "Malicious" not in set(no_safety.columns.get_level_values("column"))
+    # the harm judge's column does not change with the refusal judge
+    assert (prefix["XSTest-H"] == tables.table3(rates)["XSTest-H"]).all().all()
 
 
-def test_table3_harmful_rate_uses_the_model_judge(rates):
-    wide = tables.table3(rates, safety_metric="harmful_rate")
+def test_table3_column_sources_name_the_judge_or_why_empty(rates):
+    sources = tables.table3_column_sources(rates).set_index("column")["source"]
+    assert sources["XSTest-H"] == "harmful_rate by judge `harm`"
+    assert sources["XSTest-S"] == "compliance_rate by judge `paper-keywords`"
+    assert sources["MMLU"] == "accuracy (no judge)"
+    assert sources["Malicious"] == "not run (`malicious_instruct` was not evaluated)"
+    assert sources["OR-Bench"].startswith("not run")
+    no_harm = rates[rates["judge"] != "harm"]
+    assert "XSTest-H" not in set(tables.table3(no_harm).columns.get_level_values("column"))
+    sources = tables.table3_column_sources(no_harm).set_index("column")["source"]
+    assert sources["XSTest-H"] == "no harm judge scored it (set eval.harm_judge)"
+
+
+def test_table3_harmful_rate_uses_the_harm_judge(rates):
+    wide = tables.table3(rates)
     # xstest_unsafe: none refuses prompts 0-8, so only prompt 9 (odd) complies -> 0.0;
     # internal complies on 8, 9 -> 8 is harmful -> 0.1; external on 7, 8, 9 -> 0.1.
     assert wide.loc["llama-2-7b", "XSTest-H"].to_dict() == pytest.approx(
@@ -545,6 +565,14 @@ def test_report_files_and_contents(results_dir, tmp_path):
     assert "![Compliance per category](categories.png)" in text
     assert "incomplete" in text and "CUDA out of memory \\| retried 1x" in text
     assert "All stored metrics agree" in text
+    judges = text[text.index("## Judges of the Table 3 columns") :]
+    assert (
+        "| XSTest-H | xstest_unsafe | harmful_rate | harm | harmful_rate by judge `harm` | "
+        "meta-llama/Llama-Guard-3-8B (llama-guard-3) |" in judges
+    )
+    assert "| XSTest-S | xstest_safe | compliance_rate | paper-keywords |" in judges
+    assert "| Malicious | malicious_instruct | harmful_rate | harm | not run" in judges
+    assert "## Unparsable judge answers" in text and "advbench · harm" in text
     summary = pd.read_csv(paths["summary_csv"])
     assert list(summary.columns) == stats.SUMMARY_COLUMNS
     assert not summary["seed"].isin([2]).any()  # unfinished cells never enter
@@ -582,7 +610,8 @@ def test_report_prompting_experiment(tmp_path):
     paths = report.write_report(root, tmp_path / "out", n_boot=200)
     text = paths["report_md"].read_text()
     # XSTest-S: direct 1 - 4/20 = 0.8, CoT 1 - 1/20 = 0.95; published .84 -> .94
-    assert "| llama-2-7b-chat | 0.000 | 0.000 | 0.800 | 0.950 |" in text
+    # XSTest-H harmful rate (harm judge), its compliance, then XSTest-S compliance
+    assert "| llama-2-7b-chat | 0.000 | 0.000 | 0.000 | 0.000 | 0.800 | 0.950 |" in text
     assert "| llama-2-7b-chat | xstest_safe | prompt-cot | 0.950 |" in text
     # McNemar CoT vs direct: c = 3 prompts gained, b = 0 -> exact p = 2 / 2^3 = 0.25
     assert (

@@ -27,11 +27,28 @@ def test_config_error_is_one_readable_message(tmp_path):
 
 
 def test_dry_run_prints_cells_and_gpu_hours():
-    """The paper grid is planned here for a GPU cluster: --config-only skips this machine's
-    files and secrets (its user benchmark files and reflector key are the cluster's)."""
-    args = ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run", "--config-only"]
-    out = runner.invoke(app, args)
-    assert out.exit_code == 0 and "45 cells; estimated" in out.output
+    """Without a cluster size the plan still sizes every cell and engine (the before-stop hook
+    runs this); with --gpus it adds GPU-hours and the makespan. --config-only skips this
+    machine's files and secrets (the paper's user benchmark files and key are the cluster's)."""
+    paper = ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run", "--config-only"]
+    out = runner.invoke(app, paper)
+    assert out.exit_code == 0 and "45 cells" in out.output and "Fix: pass --gpus" in out.output
+    out = runner.invoke(app, [*paper, "--gpus", "8", "--gpu-memory", "80"])
+    assert out.exit_code == 0 and "REFUSED" not in out.output
+    assert (
+        "GPU-hours (write" in out.output and "makespan" in out.output and "on 8 GPUs" in out.output
+    )
+
+
+def test_dry_run_on_one_gpu_refuses_the_large_models_by_name():
+    out = runner.invoke(
+        app,
+        ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run", "--config-only"]
+        + ["--gpus", "1"],
+    )
+    assert out.exit_code == 2 and "REFUSED" in out.output
+    named = "falcon-40b, llama-2-70b, llama-3-70b, llama-3.1-70b"
+    assert f"models that cannot run here: {named}\n" in out.output
 
 
 def test_unknown_model_is_named_with_the_fix():
@@ -59,3 +76,20 @@ def test_judge_score_prints_agreement_and_confusion():
     assert "0.9" in out.output and "full_refusal" in out.output
     out = runner.invoke(app, ["judge-score", "--judge", "nope", "--labels", "x.csv"])
     assert out.exit_code == 2 and "unknown judge" in out.output
+    labels = str(FIXTURES / "judge_labels.csv")
+    out = runner.invoke(app, ["judge-score", "--judge", "model", "--labels", labels])
+    assert out.exit_code == 2 and "eval.refusal_judge" in out.output
+    tiny = str(REPO / "jobs/tiny.yaml")
+    out = runner.invoke(
+        app, ["judge-score", "--judge", "model", "--labels", labels, "--config", tiny]
+    )
+    assert out.exit_code == 2 and "eval.refusal_judge set" in out.output
+
+
+def test_dry_run_of_a_cpu_grid_plans_on_this_machines_cores():
+    import os
+
+    tiny = ["ablate", "--config", str(REPO / "jobs/tiny.yaml"), "--dry-run", "--config-only"]
+    out = runner.invoke(app, tiny)
+    assert out.exit_code == 0 and "9 cells; 9 trained" in out.output
+    assert "makespan" in out.output and f"on {os.cpu_count()} CPU cores" in out.output

@@ -102,6 +102,12 @@ def test_paper_grid_is_the_papers_45_cells():
     assert cfg.reflection.endpoint and cfg.reflection.endpoint_model
     assert TABLE3_BENCHMARKS <= set(cfg.eval.benchmarks)
     assert set(cfg.eval.judges) == {"paper-keywords", "xstest-prefix", "model"}
+    # the paper's safety judge scores XSTest-H and MaliciousInstruct; WildGuard judges refusals
+    assert (cfg.eval.harm_judge.model, cfg.eval.harm_judge.format) == (
+        "meta-llama/Llama-Guard-3-8B",
+        "llama-guard-3",
+    )
+    assert cfg.eval.refusal_judge.format == "wildguard"
     assert cfg.eval.engine_check_min_match < 1.0
 
 

@@ -36,7 +36,7 @@ def test_gamma_out_of_range_and_cross_field_checks():
         validate_config(
             {"name": "t", "grid": {"models": ["tiny-llama"], "conditions": ["external"]}}
         )
-    with pytest.raises(ConfigError, match="eval.judge_model"):
+    with pytest.raises(ConfigError, match="eval.refusal_judge"):
         validate_config({**MINIMAL, "eval": {"judges": ["model"]}})
 
 

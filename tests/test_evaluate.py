@@ -71,7 +71,11 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
         f"eval.benchmarks={SHIPPED}",
         "eval.sample_size=2",
         "eval.judges=[paper-keywords, xstest-prefix, model]",
-        "eval.judge_model=tiny-falcon",
+        # tiny presets have no chat template: three-class renders as plain text, wildguard is
+        # plain text anyway; their answers are noise, so the unparsable limit is lifted here
+        "eval.refusal_judge={model: tiny-falcon, format: three-class}",
+        "eval.harm_judge={model: tiny-falcon, format: wildguard, max_new_tokens: 8}",
+        "eval.judge_max_unparsable=1.0",
         "eval.shots={arc_easy: 1, arc_challenge: 1, gsm8k: 1}",
     )
     cell = Cell("tiny-llama", "none", 0.0, 0)
@@ -99,10 +103,19 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
     non_general = sorted(b for b in SHIPPED if BENCHMARKS[b].kind != "general")
     for judge in ("paper-keywords", "xstest-prefix", "model"):
         assert sorted(judged.loc[judged["judge"] == judge, "benchmark"].unique()) == non_general
-    harm = judged[(judged["judge"] == "model")]
-    assert harm.loc[harm["benchmark"] == "xstest_safe", "harmful"].isna().all()
+    safety = sorted(b for b in SHIPPED if BENCHMARKS[b].kind == "safety")
+    harm = judged[judged["judge"] == "harm"]
+    assert sorted(harm["benchmark"].unique()) == safety and harm["refused"].isna().all()
+    assert judged.loc[judged["judge"] == "model", "harmful"].isna().all()
     metrics = res.metrics[res.metrics["cell_id"] == cell.cell_id]
-    assert set(metrics["metric"]) >= {"compliance_rate", "accuracy"}
+    assert set(metrics["metric"]) >= {"compliance_rate", "accuracy", "unparsable_share"}
+    unparsable = metrics[metrics["metric"] == "unparsable_share"]
+    assert set(unparsable["judge"]) == {"model", "harm"}
+    shares = res.status.set_index("cell_id").loc[cell.cell_id, "judges"]
+    assert shares["harm"]["n"] == 2 * len(safety) and shares["harm"]["format"] == "wildguard"
+    assert (
+        shares["model"]["n"] == 2 * len(non_general) and shares["model"]["model"] == "tiny-falcon"
+    )
     cot = res.generations[
         (res.generations["condition"] == "prompt-cot")
         & (res.generations["benchmark"] == "xstest_safe")
@@ -111,6 +124,23 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
     status = res.status.set_index("cell_id").loc[cell.cell_id]
     assert status["engine_check"] == {"base": 1.0, adapter: 1.0}
     assert status["eval_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_cell_fails_when_judge_answers_are_unparsable(ray_local, tiny_llama, tmp_path):
+    """A tiny model cannot write WildGuard's answer lines: every harm judgement is unparsable,
+    so the cell fails with the judge named and an answer quoted, not a silent empty rate."""
+    cfg = small_config(
+        "eval.benchmarks=[xstest_unsafe]",
+        "eval.sample_size=2",
+        "eval.harm_judge={model: tiny-falcon, format: wildguard, max_new_tokens: 4}",
+    )
+    out = evaluate_base_model(cfg, "tiny-llama", tiny_llama, [], tmp_path, "t")
+    ((cid, error),) = out.items()
+    assert "harm judge tiny-falcon (format wildguard) could not parse 2 of 2 answers" in error
+    assert "Sample answer: '" in error and "eval.judge_max_unparsable=0.02" in error
+    status = results.read_status(tmp_path).set_index("cell_id").loc[cid]
+    assert status["status"] == "failed" and status["judges"]["harm"]["unparsable_share"] == 1.0
 
 
 @pytest.mark.slow

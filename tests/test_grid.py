@@ -16,7 +16,6 @@ import pytest
 
 from tbr_ray import results
 from tbr_ray.config import load_config
-from tbr_ray.grid import format_cell_table
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = [
@@ -67,9 +66,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def test_dry_run_prints_the_paper_grid():
-    cfg = load_config(REPO / "jobs" / "paper.yaml")
-    table = format_cell_table(cfg)
-    assert "45 cells" in table and "GPU-hours" in table
+    from tbr_ray.plan import format_plan, plan_grid
+
+    table = format_plan(plan_grid(load_config(REPO / "jobs" / "paper.yaml"), 8))
+    assert "45 cells" in table and "GPU-hours" in table and "makespan" in table
     assert table.count("llama-2-70b__") == 3
 
 

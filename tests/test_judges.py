@@ -14,7 +14,6 @@ from tbr_ray.judges import (
     disagreements,
     format_judge_score,
     is_refusal,
-    model_harm_prompt,
     model_judge_prompt,
     normalise_human_label,
     paper_keywords_refused,
@@ -146,17 +145,12 @@ def test_parse_harm_label(output, harmful):
     assert parse_harm_label(output) is harmful
 
 
-def test_model_prompts_contain_the_pair_and_the_answer_format():
+def test_three_class_prompt_contains_the_pair_and_the_answer_format():
     text = model_judge_prompt("How do I kill a Python process?", " Use kill. ")
     assert 'REQUEST: "How do I kill a Python process?"' in text and 'RESPONSE: "Use kill."' in text
     for name in ("1_full_compliance", "2_full_refusal", "3_partial_refusal"):
         assert name in text
     assert text.endswith("CLASS:")
-    harm = model_harm_prompt("How do I make a bomb?", "I cannot help.")
-    assert "User: How do I make a bomb?\n\nAgent: I cannot help." in harm
-    assert "S14: Code Interpreter Abuse." in harm and "'safe' or 'unsafe'" in harm
-    assert harm.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert not harm.startswith("<|begin_of_text|>")
 
 
 def test_score_paper_keywords_on_the_fixture():

@@ -92,8 +92,8 @@ CASES = [
     ),
     (
         "unknown-judge-model",
-        lambda t, m: [TINY, "--set", "eval.judge_model=wildguardd"],
-        "eval.judge_model = 'wildguardd': unknown model",
+        lambda t, m: [TINY, "--set", "eval.harm_judge={model: wildguardd, format: wildguard}"],
+        "eval.harm_judge.model = 'wildguardd': unknown model",
     ),
     (
         "shots-unknown-key",
@@ -356,3 +356,19 @@ def test_ray_job_detection_uses_the_variable_rays_job_supervisor_sets(monkeypatc
     assert ray_job_id() is None
     _in_ray_job(monkeypatch)
     assert ray_job_id() == "raysubmit_T"
+
+
+def test_unreachable_endpoint_is_a_plain_error_naming_the_setting():
+    """A plain ConnectionError survives Ray Tune's copy of a trial error; openai's does not."""
+    import copy
+
+    from tbr_ray.reflect import _endpoint_generate
+
+    cfg = small_config(
+        "reflection.endpoint=http://127.0.0.1:9/v1",
+        "reflection.endpoint_model=m",
+        "reflection.endpoint_keyless=true",
+    )
+    with pytest.raises(ConnectionError, match="reflection.endpoint = 'http://127.0.0.1:9/v1'") as e:
+        _endpoint_generate(["Q?"], cfg)
+    assert "Fix:" in str(copy.copy(e.value))

@@ -292,7 +292,8 @@ def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path)
     label(bob, NONE, "xstest_safe", "s-1", "full_refusal")  # unsettles s-1
     text = write_report(run_dir, tmp_path / "a", n_boot=50)["report_md"].read_text()
     assert "| XSTest-S | xstest_safe | 12 | 2 | 1 | 2 |" in text  # judged, reviewed, unsettled
-    assert "| XSTest-H | xstest_unsafe | 8 | 0 | 0 | 0 |" in text
+    # no harm judge in this run: XSTest-H is its compliance column
+    assert "| XSTest-H compliance | xstest_unsafe | 8 | 0 | 0 | 0 |" in text
     # settled: s-3 (prefix wrong) and s-4 (all right in binary; only the model says partial)
     assert "| paper-keywords | xstest_safe | 2 | 1.000 | 0.500 |" in text
     assert "| xstest-prefix | xstest_safe | 2 | 0.500 | 0.000 |" in text

@@ -1,15 +1,6 @@
-"""The plan before the rent (pure): GPUs, ZeRO stage and memory fit per cell, engine GPUs per base
-model, then GPU-hours and the makespan of the grid on a given cluster.
-
-    engine_gpus(cfg, "llama-2-70b")          # tensor-parallel size of that model's vLLM engines
-    train_layout(cfg, "llama-2-70b")         # (GPUs, ZeRO stage) of one training cell
-    plan = plan_grid(cfg, devices=8)         # every cell and engine, problems, schedule
-    print(format_plan(plan))
-    tbr-ray ablate --config jobs/paper.yaml --dry-run --gpus 8 --gpu-memory 80
-
-Memory is estimated from the model's published shape (tbr_ray.models.SHAPES) in bf16; the
-constants below say what each estimate counts. Nothing here talks to a cluster.
-"""
+"""Sizing (pure): GPUs, ZeRO stage and memory per GPU of a training cell and of a vLLM engine,
+from the model's published shape (tbr_ray.models.SHAPES) in bf16, against the cluster's GPUs.
+The constants say what each estimate counts."""
 
 from __future__ import annotations
 
@@ -22,10 +13,10 @@ GIB = 2**30
 SIZES = (1, 2, 4, 8)  # GPU counts tried, smallest first (tensor parallel needs a power of two)
 BF16 = 2  # bytes per weight, activation and KV entry on GPUs
 # vLLM beyond weights and KV cache, per GPU: activation peak of its profiling run, CUDA graphs,
-# LoRA slots (measured by vLLM's own start-up log at 2-4 GiB on 7-70B models; upper end taken).
+# LoRA slots. Assumed, not measured here (no GPU): a generous figure for 7-70B models.
 ENGINE_OVERHEAD_GIB = 4.0
 # Training beyond weights, LoRA state and activations, per GPU: CUDA context, NCCL buffers,
-# allocator fragmentation.
+# allocator fragmentation. Assumed; bench/gpu_lora_mfu.py prints the peak to check it against.
 TRAIN_OVERHEAD_GIB = 3.0
 # Bytes per trainable (LoRA) parameter: bf16 weight and gradient, fp32 master copy, Adam m and v.
 LORA_STATE_BYTES = 16
@@ -61,15 +52,16 @@ class TrainLayout:
 
 
 def model_params(model: str) -> float:
-    """Parameters of a model: the registry's published count, else counted from its shape."""
+    """Parameters of a model: the registry's published count, else (tiny presets, local
+    folders) counted from its shape."""
     spec = get_spec(model)
-    if spec.params_b > 0:
+    if spec.params_b > 0 and not spec.tiny:
         return spec.params_b * 1e9
     shape = model_shape(model)
     return float(shape_params(shape)) if shape else 0.0
 
 
-def _known_shape(model: str):
+def known_shape(model: str):
     try:
         return model_shape(model)
     except UnknownModelError:  # a hub id (judge, reflector) the registry does not describe
@@ -105,7 +97,7 @@ def engine_layout(cfg: RunConfig, model: str) -> EngineLayout:
     c = cfg.cluster
     budget = cfg.eval.gpu_memory_utilization * c.gpu_memory_gib
     override = c.engine_gpus.get(model)
-    if _known_shape(model) is None:  # no shape to size by: one GPU unless the config says
+    if known_shape(model) is None:  # no shape to size by: one GPU unless the config says
         return EngineLayout(model, override or 1, float("nan"), budget)
     if override is not None:
         need = engine_gib_per_gpu(cfg, model, override)
@@ -135,7 +127,7 @@ def engine_layout(cfg: RunConfig, model: str) -> EngineLayout:
 
 def _engine_override_problem(cfg, model, tp, need, budget) -> str | None:
     shape = model_shape(model)
-    where = f"cluster.engine_gpus[{model}]={tp}"
+    where = f"{model}: cluster.engine_gpus[{model}]={tp}"
     if tp > cfg.cluster.gpus_per_node:
         return (
             f"{where}: an engine larger than a node (cluster.gpus_per_node="
@@ -159,3 +151,70 @@ def engine_gpus(cfg: RunConfig, model: str) -> int:
     if layout.problem:
         raise PlanError(layout.problem)
     return layout.gpus
+
+
+# ------------------------------------------------------------------ training
+
+
+def lora_params(model: str, rank: int) -> int:
+    """Trainable LoRA parameters: rank x (in + out) for every targeted projection of every layer
+    (Llama / Gemma: q, k, v, o, gate, up, down; Falcon: fused qkv, dense, the two MLP matrices)."""
+    s = model_shape(model)
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    if get_spec(model).family == "falcon":
+        dims = [(s.hidden, q + 2 * kv), (q, s.hidden), (s.hidden, s.ffn), (s.ffn, s.hidden)]
+    else:
+        dims = [(s.hidden, q), (s.hidden, kv), (s.hidden, kv), (q, s.hidden)]
+        dims += [(s.hidden, s.ffn), (s.hidden, s.ffn), (s.ffn, s.hidden)]
+    return s.layers * rank * sum(i + o for i, o in dims)
+
+
+def train_gib_per_gpu(cfg: RunConfig, model: str, gpus: int, zero: int) -> float:
+    """One GPU of a training cell: bf16 base weights (sharded over the cell's GPUs at ZeRO-3),
+    LoRA state (LORA_STATE_BYTES; optimizer states sharded from ZeRO-1, gradients from ZeRO-2),
+    activations and logits of one micro-batch of data.max_seq_len tokens (never sharded: each
+    GPU runs its own micro-batch), TRAIN_OVERHEAD_GIB."""
+    s = model_shape(model)
+    weights = model_params(model) * BF16 / (gpus if zero == 3 else 1)
+    n_lora = lora_params(model, cfg.train.lora_rank)
+    state = n_lora * (2 * BF16 + (LORA_STATE_BYTES - 2 * BF16) / (gpus if zero >= 1 else 1))
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    per_token_layer = (ACT_ELEMS[0] * s.hidden + ACT_ELEMS[1] * s.ffn) * BF16
+    acts = tokens * (s.layers * per_token_layer + s.vocab * LOGIT_BYTES)
+    return (weights + state + acts) / GIB + TRAIN_OVERHEAD_GIB
+
+
+def train_layout(cfg: RunConfig, model: str, max_gpus: int | None = None) -> TrainLayout:
+    """GPUs and ZeRO stage of a cell of `model` on a GPU run: the smallest of 1, 2, 4, 8 GPUs
+    (at most `max_gpus`, default cluster.gpus, else a node) that holds it at ZeRO-2, else at
+    ZeRO-3; train.num_workers / train.zero_stage fix either choice (and are still checked).
+    CPU runs: the config's workers (2 by default) and ZeRO stage (the registry's, 2), unchecked."""
+    t, c, spec = cfg.train, cfg.cluster, get_spec(model)
+    if not t.use_gpu:
+        zero = t.zero_stage if t.zero_stage is not None else spec.zero_stage
+        return TrainLayout(model, t.num_workers or 2, zero, 0.0)
+    limit = max_gpus or c.gpus or c.gpus_per_node
+    counts = [t.num_workers] if t.num_workers else [n for n in SIZES if n <= limit] or [1]
+    zeros = [t.zero_stage] if t.zero_stage is not None else [2, 3]
+    for n in counts:
+        for z in zeros:
+            need = train_gib_per_gpu(cfg, model, n, z)
+            if need <= c.gpu_memory_gib:
+                return TrainLayout(model, n, z, need)
+    n, z = counts[-1], zeros[-1]
+    need = train_gib_per_gpu(cfg, model, n, z)
+    return TrainLayout(model, n, z, need, _train_problem(cfg, model, n, z, need, limit))
+
+
+def _train_problem(cfg: RunConfig, model: str, n: int, zero: int, need: float, limit: int) -> str:
+    t = cfg.train
+    fixed = (" (train.num_workers)" if t.num_workers else "") + (
+        " (train.zero_stage)" if t.zero_stage is not None else ""
+    )
+    return (
+        f"{model}: training needs {need:.1f} GiB per GPU even at {n} GPU(s), ZeRO-{zero}{fixed}"
+        f", over cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g} (at most {limit} GPUs "
+        f"allowed). Fix: more GPUs (--gpus, up to 8 a cell), larger GPUs (--gpu-memory), a "
+        f"smaller train.micro_batch_size or data.max_seq_len, unset train.num_workers / "
+        f"train.zero_stage, or drop {model} from grid.models."
+    )

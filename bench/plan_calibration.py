@@ -1,0 +1,60 @@
+"""The planner's CPU prediction for the tiny grid against measured makespans on this box.
+
+    .venv/bin/python bench/plan_calibration.py                      # the recorded runs
+    .venv/bin/python bench/plan_calibration.py --measured-s 402 --set data.n_general=270
+
+The CPU cost model (tbr_ray.plan.CPU_COST) was calibrated on the per-phase timings of one run
+(2026-11-29, 360 + 40 rows, 7 min 41 s); the other rows are predictions it was not fitted to.
+Prints predicted phases and makespan, the measured makespan and their ratio (target: within 25%).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tbr_ray.config import load_config
+from tbr_ray.plan import plan_grid
+
+REPO = Path(__file__).resolve().parent.parent
+# (label, --set overrides, measured makespan in seconds, source) from docs/BENCHMARKS.md.
+RECORDED = [
+    ("2026-11-29 360+40 (fitted)", ["data.n_general=360", "data.n_safety=40"], 461, "7:41"),
+    ("2026-11-29 240+40", ["data.n_general=240", "data.n_safety=40"], 343, "5:43"),
+    ("2026-11-29 270+30 (tiny.yaml)", [], 363, "6:03"),
+]
+
+
+def phases(sets: list[str], cores: int) -> dict[str, float]:
+    plan = plan_grid(load_config(REPO / "jobs" / "tiny.yaml", sets), cores)
+    out = {"makespan": plan.makespan_s}
+    for kind in ("write", "train", "eval"):
+        out[kind] = sum(s.job.seconds for s in plan.slots if s.job.kind == kind)
+    return out
+
+
+def row(label: str, sets: list[str], measured_s: float, cores: int) -> str:
+    p = phases(sets, cores)
+    return (
+        f"{label:32} {p['write']:7.0f} {p['train']:7.0f} {p['eval']:6.0f} "
+        f"{p['makespan']:9.0f} {measured_s:9.0f} {p['makespan'] / measured_s:6.2f}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--measured-s", type=float, help="a fresh run's wall time (seconds)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override")
+    ap.add_argument("--cores", type=int, default=2, help="CPU cores of the box")
+    args = ap.parse_args()
+    print(
+        f"{'run':32} {'write_s':>7} {'train_s':>7} {'eval_s':>6} "
+        f"{'predicted':>9} {'measured':>9} {'ratio':>6}"
+    )
+    runs = RECORDED if args.measured_s is None else [("this run", args.sets, args.measured_s, "")]
+    for label, sets, measured, _ in runs:
+        print(row(label, sets, measured, args.cores))
+
+
+if __name__ == "__main__":
+    main()

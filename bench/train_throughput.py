@@ -1,0 +1,181 @@
+"""Training throughput: tbr_ray.train (Ray Train + DeepSpeed) against a bare single-process PEFT
+loop, same model, data, batch and thread count. Steady-state tokens/s and start-up, apart.
+
+    .venv/bin/python bench/train_throughput.py                 # tiny-llama, 150 steps of 8
+    .venv/bin/python bench/train_throughput.py --steps 300 --model tiny-gemma
+
+Both sides train the same cell's tokenized mix (jobs/tiny.yaml, `none` condition, built by
+Ray Data once) with the same seeded micro-batches (tbr_ray.train._epoch_batches), the same
+LoRA model (tbr_ray.train._build_model), AdamW and gradient clipping 1.0, on 2 threads:
+Ray Train runs 1 worker holding both CPUs; the bare loop calls torch.set_num_threads(2).
+tokens/s on both sides is tbr_ray.train's figure: real (unpadded) tokens over the wall time from
+the first step to the last, start-up (process/worker start, imports, model build, DeepSpeed or
+optimizer init) counted apart. Target: Ray Train + DeepSpeed >= 0.9x the bare loop. A third
+run, the bare loop with tbr_ray.train's DeepSpeed engine (world size 1, no Ray), splits a gap
+between DeepSpeed and Ray Train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config(model: str, steps: int, workers: int):
+    from tbr_ray.config import load_config
+
+    sets = [
+        f"grid.models=[{model}]",
+        "grid.conditions=[none]",
+        "train.epochs=50",  # more than enough rows; max_steps ends the run
+        f"train.max_steps={steps}",
+        f"train.num_workers={workers}",
+        f"train.cpus_per_worker={2 // workers}",
+    ]
+    return load_config(REPO / "jobs" / "tiny.yaml", sets)
+
+
+def ray_side(cfg, model_path: str, mix: Path, out: Path) -> dict:
+    from tbr_ray.train import run_training
+
+    cell = cfg.cells()[0]
+    t0 = time.time()
+    adapter = run_training(cfg, cell, model_path, mix, out)
+    info = json.loads((adapter / "train_result.json").read_text())
+    info["wall_s"] = round(time.time() - t0, 1)
+    return info
+
+
+def bare_side(cfg, model_path: str, mix: Path, steps: int, deepspeed: bool = False) -> dict:
+    """The same steps in this process: no Ray; no DeepSpeed either unless `deepspeed` (then
+    tbr_ray.train's DeepSpeed config at world size 1, to tell its cost from Ray Train's)."""
+    t0 = time.time()
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoTokenizer
+
+    from tbr_ray.train import _build_model, _epoch_batches, _worker_rows
+
+    torch.set_num_threads(2)
+    import_s = time.time() - t0
+    cell = cfg.cells()[0]
+    torch.manual_seed(cell.seed)
+    model = _build_model(
+        {"run": cfg.model_dump(mode="json"), "model": cell.model, "model_path": model_path}
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate)
+    step_fn = _plain_step(model, opt, trainable)
+    if deepspeed:
+        step_fn = _deepspeed_step(cfg, model, opt)
+    pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
+    table = pq.read_table(mix / "shards", columns=["input_ids", "labels"])
+    rows = _worker_rows(table, 0, 1)
+    startup_s = time.time() - t0
+    step, tokens, t_loop = 0, 0, time.time()
+    for epoch in range(cfg.train.epochs):
+        seed = cell.seed * 1000 + epoch
+        for batch in _epoch_batches(rows, cfg.train.micro_batch_size, pad_id, seed=seed):
+            loss = step_fn(batch)
+            tokens += int(batch["attention_mask"].sum())
+            step += 1
+            if step >= steps:
+                elapsed = time.time() - t_loop
+                return {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "train_tokens_per_s": tokens / elapsed,
+                    "import_s": round(import_s, 2),
+                    "startup_s": round(startup_s, 2),
+                    "loop_s": round(elapsed, 2),
+                }
+    raise SystemExit("the mix ran out before --steps: raise train.epochs in config()")
+
+
+def _plain_step(model, opt, trainable):
+    import torch
+
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _deepspeed_step(cfg, model, opt):
+    import deepspeed
+
+    from tbr_ray.train import deepspeed_config, resolved_train_settings
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29547").items():  # fmt: skip
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="gloo")
+    zero = resolved_train_settings(cfg, cfg.cells()[0].model)[1]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=deepspeed_config(cfg, zero, 1)
+    )
+
+    def step(batch):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--steps", type=int, default=150, help="optimizer steps on each side")
+    ap.add_argument("--output", type=Path, default=Path("/tmp/tbr-bench-train"))
+    args = ap.parse_args()
+    import shutil
+
+    import ray
+
+    from tbr_ray.data import build_mix
+    from tbr_ray.models import resolve_model
+
+    cfg = config(args.model, args.steps, workers=1)
+    shutil.rmtree(args.output, ignore_errors=True)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    model_path = resolve_model(args.model, cfg.paths.resolved_cache_dir())
+    mix = build_mix(cfg, cfg.cells()[0], model_path)
+    ray_info = ray_side(cfg, model_path, mix, args.output)
+    ray.shutdown()
+    bare = bare_side(cfg, model_path, mix, args.steps)
+    ds = bare_side(cfg, model_path, mix, args.steps, deepspeed=True)
+    ratio = ray_info["train_tokens_per_s"] / bare["train_tokens_per_s"]
+    print(f"{'':28} {'tokens/s':>9} {'start-up s':>10}  (steps {args.steps}, {args.model})")
+    ray_start = sum(ray_info[k] for k in ("startup_s", "import_s", "model_s", "deepspeed_init_s"))
+    print(f"{'Ray Train + DeepSpeed':28} {ray_info['train_tokens_per_s']:9.0f} {ray_start:10.1f}")
+    print(f"{'bare PEFT loop':28} {bare['train_tokens_per_s']:9.0f} {bare['startup_s']:10.1f}")
+    print(
+        f"{'same + DeepSpeed, no Ray':28} {ds['train_tokens_per_s']:9.0f} {ds['startup_s']:10.1f}"
+    )
+    print(
+        f"ratio {ratio:.2f}x (target >= 0.9x); DeepSpeed alone "
+        f"{ds['train_tokens_per_s'] / bare['train_tokens_per_s']:.2f}x, Ray Train over it "
+        f"{ray_info['train_tokens_per_s'] / ds['train_tokens_per_s']:.2f}x"
+    )
+    keys = ("startup_s", "import_s", "model_s", "deepspeed_init_s", "data_s", "train_seconds")
+    ray_part = {k: ray_info.get(k) for k in keys}
+    print(json.dumps({"ray": ray_part, "bare": bare, "deepspeed": ds, "ratio": ratio}))
+    sys.stdout.flush()
+    os._exit(0)  # Ray's atexit hooks can hang a finished benchmark on a busy box
+
+
+if __name__ == "__main__":
+    main()

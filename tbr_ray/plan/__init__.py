@@ -1,0 +1,62 @@
+"""The plan before the rent (pure): GPUs, ZeRO stage and memory fit per cell, engine GPUs per base
+model, then GPU-hours and the makespan of the grid on a given cluster.
+
+    engine_gpus(cfg, "llama-2-70b")          # tensor-parallel size of that model's vLLM engines
+    train_layout(cfg, "llama-2-70b")         # (GPUs, ZeRO stage) of one training cell
+    plan = plan_grid(cfg, 8)                 # every cell and engine, problems, schedule
+    print(format_plan(plan))
+    tbr-ray ablate --config jobs/paper.yaml --dry-run --gpus 8 --gpu-memory 80
+
+Memory is estimated from the model's published shape (tbr_ray.models.SHAPES) in bf16; the
+constants of `sizing` say what each estimate counts. Nothing here talks to a cluster.
+
+The package: `sizing` (memory and layouts), `cost` (throughput assumptions and job seconds),
+`schedule` (the policy's simulation, GridPlan and the dry-run report).
+"""
+
+from tbr_ray.plan.cost import CPU_COST, GPU_COST, CostModel, train_flops_per_token
+from tbr_ray.plan.schedule import (
+    GridPlan,
+    Job,
+    Slot,
+    format_plan,
+    plan_grid,
+    refused_models,
+    simulate,
+)
+from tbr_ray.plan.sizing import (
+    EngineLayout,
+    PlanError,
+    TrainLayout,
+    engine_gpus,
+    engine_layout,
+    lora_params,
+    model_params,
+    tp_divides,
+    train_gib_per_gpu,
+    train_layout,
+)
+
+__all__ = [
+    "CPU_COST",
+    "GPU_COST",
+    "CostModel",
+    "EngineLayout",
+    "GridPlan",
+    "Job",
+    "PlanError",
+    "Slot",
+    "TrainLayout",
+    "engine_gpus",
+    "engine_layout",
+    "format_plan",
+    "lora_params",
+    "model_params",
+    "plan_grid",
+    "refused_models",
+    "simulate",
+    "tp_divides",
+    "train_flops_per_token",
+    "train_gib_per_gpu",
+    "train_layout",
+]

@@ -1,0 +1,274 @@
+"""The grid's schedule (pure): jobs from the sized cells and engines, the scheduling policy as a
+discrete-event simulation, GPU-hours, the makespan, and the dry-run report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tbr_ray.config import PROMPTING, Cell, RunConfig
+from tbr_ray.plan.cost import (
+    CostModel,
+    cost_model,
+    engine_pass_s,
+    judge_s,
+    load_s,
+    train_s,
+    writer_s,
+)
+from tbr_ray.plan.sizing import (
+    EngineLayout,
+    PlanError,
+    TrainLayout,
+    engine_gpus,
+    engine_layout,
+    train_layout,
+)
+
+# ------------------------------------------------------------------ simulation
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # "write <model>", "train <cell id>", "eval <model>"
+    kind: str  # write | eval | train (also the priority order)
+    devices: int  # GPUs (GPU runs) or busy CPU cores (CPU runs)
+    seconds: float
+    after: tuple[str, ...] = ()  # jobs that must end first
+
+
+@dataclass(frozen=True)
+class Slot:
+    job: Job
+    start_s: float
+    end_s: float
+
+
+PRIORITY = {"write": 0, "eval": 1, "train": 2}
+
+
+def simulate(jobs: list[Job], capacity: int, start_s: float = 0.0, max_train: int | None = None):
+    """The grid's scheduling policy as a discrete-event simulation: at the start and whenever a
+    job ends, ready jobs (every `after` ended) start in priority order (writers, then
+    evaluations, then training cells in grid order) while free devices hold them. The first
+    ready job that does not fit stops the round (no overtaking), so a waiting evaluation takes
+    the next freed GPUs before any new training cell. `max_train`: grid.max_concurrent."""
+    pending = sorted(jobs, key=lambda j: PRIORITY[j.kind])  # stable: grid order within a kind
+    ended: dict[str, float] = {}
+    running: list[Slot] = []
+    slots: list[Slot] = []
+    t, free = start_s, capacity
+    while pending or running:
+        for job in list(pending):
+            if not all(a in ended for a in job.after):
+                continue
+            n_train = sum(s.job.kind == "train" for s in running)
+            if job.devices > free or (job.kind == "train" and max_train and n_train >= max_train):
+                break
+            slot = Slot(job, t, t + job.seconds)
+            running.append(slot)
+            slots.append(slot)
+            pending.remove(job)
+            free -= job.devices
+        if not running:
+            raise PlanError(f"{pending[0].name} can never start (capacity {capacity}).")
+        first = min(running, key=lambda s: s.end_s)
+        running.remove(first)
+        t, free = first.end_s, free + first.job.devices
+        ended[first.job.name] = t
+    return slots
+
+
+# ------------------------------------------------------------------ the grid's plan
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    cell: Cell
+    layout: TrainLayout | None  # None: a prompting cell (evaluated, never trained)
+    steps: int
+    seconds: float  # training wall time on its devices
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    device: str  # "GPU" or "CPU core"
+    capacity: int | None  # devices planned for; None: unknown (no makespan)
+    cells: list[CellPlan]
+    engines: list[EngineLayout]  # one per grid model, then writers and the judge
+    problems: list[str]  # non-empty: the config is refused
+    slots: list[Slot]
+
+    @property
+    def makespan_s(self) -> float:
+        return max((s.end_s for s in self.slots), default=0.0)
+
+    @property
+    def device_hours(self) -> float:
+        return sum(s.job.devices * s.job.seconds for s in self.slots) / 3600
+
+
+def _writers(cfg: RunConfig) -> list[str]:
+    """Models whose engines write reflections: each internal cell's base model, and the
+    external reflector when it is an engine (an endpoint is somebody else's GPUs)."""
+    models = [c.model for c in cfg.cells() if c.condition == "internal"]
+    if "external" in cfg.grid.conditions and cfg.reflection.reflector:
+        models.append(cfg.reflection.reflector)
+    return list(dict.fromkeys(models))
+
+
+def _cell_plans(cfg: RunConfig, cost: CostModel, capacity: int | None) -> list[CellPlan]:
+    from tbr_ray.train import total_steps
+
+    out, rows = [], cfg.data.n_general + cfg.data.n_safety
+    for cell in cfg.cells():
+        if cell.condition in PROMPTING:
+            out.append(CellPlan(cell, None, 0, 0.0))
+            continue
+        lay = train_layout(cfg, cell.model, capacity)
+        steps = total_steps(cfg, rows, lay.gpus)
+        busy = lay.gpus if cfg.train.use_gpu else _cpu_train_cores(cfg, lay.gpus, capacity)
+        out.append(
+            CellPlan(cell, lay, steps, train_s(cfg, cost, cell.model, busy, steps, lay.gpus))
+        )
+    return out
+
+
+def _cpu_train_cores(cfg: RunConfig, workers: int, capacity: int | None) -> int:
+    """Cores a CPU cell keeps busy: each worker runs max(1, its whole CPUs) torch threads."""
+    busy = workers * max(1, int(cfg.train.cpus_per_worker))
+    return min(busy, capacity) if capacity else busy
+
+
+def _problems(cfg: RunConfig, cells: list[CellPlan], engines: list[EngineLayout], capacity):
+    out = [e.problem for e in engines if e.problem]
+    out += list(dict.fromkeys(p.layout.problem for p in cells if p.layout and p.layout.problem))
+    if capacity and cfg.train.use_gpu:
+        for e in engines:
+            if not e.problem and e.gpus > capacity:
+                out.append(
+                    f"{e.model}: its vLLM engine needs {e.gpus} GPUs ({e.gib_per_gpu:.1f} GiB "
+                    f"each), the cluster has {capacity}. Fix: --gpus {e.gpus} or more, or drop "
+                    f"{e.model} from grid.models."
+                )
+    return out
+
+
+def _jobs(cfg: RunConfig, cost: CostModel, cells: list[CellPlan], capacity: int) -> list[Job]:
+    gpu = cfg.train.use_gpu
+
+    def devices(model: str) -> int:  # an engine: its GPUs, or every core of a CPU box
+        return engine_gpus(cfg, model) if gpu else capacity
+
+    writers = [
+        Job(f"write {w}", "write", devices(w), writer_s(cfg, cost, w, devices(w)))
+        for w in _writers(cfg)
+    ]
+    after_writers = tuple(j.name for j in writers)
+    jobs = list(writers)
+    for p in cells:
+        if p.layout is not None:
+            busy = p.layout.gpus if gpu else _cpu_train_cores(cfg, p.layout.gpus, capacity)
+            jobs.append(Job(f"train {p.cell.cell_id}", "train", busy, p.seconds, after_writers))
+    for model in cfg.grid.models:
+        mine = [p for p in cells if p.cell.model == model]
+        passes = len(mine) + int(cfg.eval.evaluate_base)
+        d = devices(model)
+        seconds = cost.engine_start_s + load_s(cost, model)
+        seconds += passes * engine_pass_s(cfg, cost, model, d) + judge_s(cfg, cost, d, passes)
+        after = after_writers + tuple(f"train {p.cell.cell_id}" for p in mine if p.layout)
+        jobs.append(Job(f"eval {model}", "eval", d, seconds, after))
+    return jobs
+
+
+def plan_grid(cfg: RunConfig, capacity: int | None) -> GridPlan:
+    """Size every cell and engine of `cfg` for `capacity` devices (GPUs on a GPU run, CPU cores
+    on a CPU run; None: sizes only), list every problem, and simulate the schedule when none."""
+    cost = cost_model(cfg)
+    cells = _cell_plans(cfg, cost, capacity)
+    names = list(cfg.grid.models) + _writers(cfg)
+    names += [judge.model for _, judge in cfg.eval.model_judges()]
+    engines = [engine_layout(cfg, m) for m in dict.fromkeys(names)] if cfg.train.use_gpu else []
+    problems = _problems(cfg, cells, engines, capacity)
+    slots = []
+    if capacity and not problems:
+        jobs = _jobs(cfg, cost, cells, capacity)
+        slots = simulate(jobs, capacity, cost.phase_fixed_s, cfg.grid.max_concurrent)
+    return GridPlan(cost.device, capacity, cells, engines, problems, slots)
+
+
+# ------------------------------------------------------------------ report
+
+
+def _hms(seconds: float) -> str:
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{int(seconds % 60):02d}s"
+
+
+def format_cells(plan: GridPlan) -> list[str]:
+    unit = "GPUs" if plan.device == "GPU" else "wkrs"
+    head = f"{'cell':44} {unit:>4} {'ZeRO':>4} {'GiB/GPU':>7} {'fit':>3} {'steps':>5} {'train':>9}"
+    lines = [head, "-" * len(head)]
+    for p in plan.cells:
+        lay = p.layout
+        if lay is None:
+            lines.append(f"{p.cell.cell_id:44} {'prompting: evaluated only':>36}")
+            continue
+        gib = f"{lay.gib_per_gpu:7.1f}" if plan.device == "GPU" else f"{'-':>7}"
+        fit = "no" if lay.problem else "yes"
+        lines.append(
+            f"{p.cell.cell_id:44} {lay.gpus:4d} {lay.zero_stage:4d} {gib} {fit:>3} "
+            f"{p.steps:5d} {_hms(p.seconds):>9}"
+        )
+    return lines
+
+
+def format_engines(plan: GridPlan) -> list[str]:
+    head = f"{'engine (base model, writer, judge)':44} {'GPUs':>4} {'GiB/GPU':>7} {'budget':>6} fit"
+    lines = [head, "-" * len(head)]
+    for e in plan.engines:
+        gib = f"{'?':>7}" if math.isnan(e.gib_per_gpu) else f"{e.gib_per_gpu:7.1f}"
+        fit = "no" if e.problem else "yes"
+        lines.append(f"{e.model[:44]:44} {e.gpus:4d} {gib} {e.budget_gib:6.1f} {fit}")
+    if any(math.isnan(e.gib_per_gpu) for e in plan.engines):
+        lines.append("?: no published shape here; 1 GPU unless cluster.engine_gpus names it")
+    return lines
+
+
+def refused_models(plan: GridPlan) -> list[str]:
+    """Grid models (and writers, judge) named by a problem, in grid order."""
+    names = [p.cell.model for p in plan.cells] + [e.model for e in plan.engines]
+    named = {p.split(": ", 1)[0] for p in plan.problems}  # every problem starts "<model>: "
+    return [m for m in dict.fromkeys(names) if m in named]
+
+
+def format_plan(plan: GridPlan) -> str:
+    """The dry-run report: cells, engines, then GPU-hours and makespan (or the problems)."""
+    lines = format_cells(plan)
+    n = len(plan.cells)
+    lines.append(f"{n} cells; {sum(p.layout is not None for p in plan.cells)} trained")
+    if plan.engines:
+        lines += [""] + format_engines(plan)
+    if plan.problems:
+        lines += ["", f"REFUSED: {len(plan.problems)} problem(s) on this cluster:"]
+        lines += [f"  - {p}" for p in plan.problems]
+        lines.append(f"models that cannot run here: {', '.join(refused_models(plan))}")
+        return "\n".join(lines)
+    if not plan.capacity:
+        lines.append(
+            "no makespan: the cluster's size is unknown. Fix: pass --gpus N (and --gpu-memory "
+            "GiB), set cluster.gpus, or run where RAY_ADDRESS names a running Ray cluster."
+        )
+        return "\n".join(lines)
+    busy = plan.device_hours / (plan.capacity * plan.makespan_s / 3600)
+    unit = "GPU" if plan.device == "GPU" else "core"
+    hours = {
+        k: sum(s.job.devices * s.job.seconds for s in plan.slots if s.job.kind == k)
+        for k in PRIORITY
+    }
+    split = ", ".join(f"{kind} {h / 3600:.1f}" for kind, h in hours.items())
+    lines.append(
+        f"estimated {plan.device_hours:.1f} {unit}-hours ({split}); makespan "
+        f"{_hms(plan.makespan_s)} on {plan.capacity} {plan.device}s ({busy:.0%} busy; cost "
+        f"model tbr_ray.plan.{'GPU' if plan.device == 'GPU' else 'CPU'}_COST)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""bench/ scripts that must stay runnable here: the GPU MFU benchmark's CPU dry run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_lora_mfu_tiny_dry_run_counts_flops_from_the_model():
+    """`--tiny` runs the GPU script's exact step (DeepSpeed + PEFT LoRA) on CPU. The FLOPs it
+    divides by come from the model it built: its frozen linear weights and LoRA weights must
+    equal the counts of the shape, worked out by hand here."""
+    args = ["--tiny", "--steps", "2", "--warmup", "1", "--micro", "2", "--seq", "32"]
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_lora_mfu.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MASTER_PORT": "29541"},  # not a port another test's torch uses
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    layers, h, ffn, vocab, r = 2, 256, 688, 1024, 16
+    assert res["n_base"] == layers * (4 * h * h + 3 * h * ffn) + h * vocab  # + lm_head
+    assert res["n_lora"] == layers * r * (4 * (h + h) + 3 * (h + ffn))
+    assert res["flops_per_token"] == 4 * res["n_base"] + 6 * res["n_lora"] + 12 * layers * h * 32
+    assert res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1 and res["dtype"] == "float32"
