@@ -45,9 +45,10 @@ class ReportOptions:
     gamma: float | None = None  # None: the largest gamma per model x condition
     n_boot: int = stats.DEFAULT_N_BOOT  # bootstrap replicates per CI
     seed: int = 0  # bootstrap RNG seed
-    # Generations listed per Table 3 number in report.html (judge disagreements first); more
-    # are counted, not listed: a paper-size grid would otherwise make a page of ~100 MB.
-    max_generations: int = 200
+    # Generations listed per Table 3 number in report.html, judge disagreements first; the
+    # rest are counted, not listed. 50 lists all of the tiny run's (50 prompts per benchmark);
+    # the paper's 420 numbers at ~1.5 kB a row make a page of ~30 MB (200 would be ~130 MB).
+    max_generations: int = 50
 
 
 def write_report(
@@ -57,6 +58,7 @@ def write_report(
     gamma: float | None = None,
     n_boot: int = stats.DEFAULT_N_BOOT,
     seed: int = 0,
+    max_generations: int = ReportOptions.max_generations,
 ) -> dict[str, Path]:
     """Write report.md, report.html, summary.csv and the PNG plots into `output_dir`.
     Returns {"report_md", "report_html", "summary_csv", "plot_<name>"...} -> paths."""
@@ -65,7 +67,7 @@ def write_report(
             f"results directory {results_dir} does not exist. Fix: pass the folder that holds "
             "run.json and cells/ (the run's results path)."
         )
-    options = ReportOptions(judge, gamma, n_boot, seed)
+    options = ReportOptions(judge, gamma, n_boot, seed, max_generations=max_generations)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = read_results(results_dir)
@@ -268,12 +270,13 @@ def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
 
 
 def reviewed_counts(results: Results, numbers: pd.DataFrame) -> pd.DataFrame:
-    """column, benchmark, judged, reviewed, unsettled, reviewers, per judged Table 3 column."""
+    """column, benchmark, judged, reviewed, unsettled, reviewers, per Table 3 compliance column
+    (human labels are refusal labels: harm and accuracy columns are not reviewed)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
     auto = results.judgements[results.judgements["judge"].isin(judges.JUDGES)]
     consensus = judges.human_consensus(results.reviews)
     rows = []
-    judged_numbers = tables.sort_rows(numbers[numbers["metric"] != "accuracy"])
+    judged_numbers = tables.sort_rows(numbers[numbers["metric"] == "compliance_rate"])
     columns = judged_numbers[["column", "benchmark"]]
     for label, bench in columns.drop_duplicates().itertuples(index=False):
         judged = auto.loc[auto["benchmark"] == bench, keys].drop_duplicates()

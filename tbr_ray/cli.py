@@ -165,6 +165,7 @@ def ablate(
     if dry_run:
         _dry_run(cfg, gpus, None if config_only else output)
         return
+    _refuse_unplannable(cfg)
     if not config_only:
         _ready(cfg, output)
     t0 = time.time()
@@ -202,6 +203,19 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
         raise typer.Exit(2)
 
 
+def _refuse_unplannable(cfg: RunConfig) -> None:
+    """A GPU run the planner cannot place (a cell or engine larger than memory or a node, or
+    than cluster.gpus when set) stops here, before Ray, with the plan's fixes (exit 2)."""
+    from tbr_ray.plan import plan_grid
+
+    problems = plan_grid(cfg, cfg.cluster.gpus).problems if cfg.train.use_gpu else []
+    if problems:
+        _fail(
+            f"{len(problems)} problem(s) placing this grid (`--dry-run` shows the plan):\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
 def _cluster_devices(cfg: RunConfig) -> int | None:
     """Devices to plan for without --gpus: the Ray cluster's (only when RAY_ADDRESS names one,
     as `ray job submit` does: never a stray local instance), else cluster.gpus; CPU runs: the
@@ -231,6 +245,7 @@ def cell(
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
+    _refuse_unplannable(cfg)
     _ready(cfg, output)
     try:
         outcome = run_grid(cfg, output, cells=[chosen])
@@ -281,6 +296,7 @@ def train(
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
+    _refuse_unplannable(cfg)
     _ready(cfg, output)
     with _run_folder(cfg, output, "train") as out:
         mix, model_path = _mix_for(cfg, chosen)

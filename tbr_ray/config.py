@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -186,7 +187,20 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then constant.")
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
-    grad_accum_steps: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches each worker accumulates per optimizer step, when "
+        "global_batch_size is unset (the global batch then grows with the workers).",
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Examples per optimizer step across all workers. Set: each cell's "
+        "accumulation is global_batch_size / (micro_batch_size x its workers), so models on "
+        "1 or 8 GPUs take the same optimizer steps (tbr_ray.train.planned_steps); it must "
+        "divide for every grid model. None: grad_accum_steps as given.",
+    )
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (None: run all epochs)."
     )
@@ -580,6 +594,37 @@ class RunConfig(_Strict):
                     "reflection.endpoint is set but reflection.endpoint_model is "
                     "not. Fix: name the model the server serves."
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _global_batch_divides(self) -> RunConfig:
+        """train.global_batch_size must split into whole micro-batches on every grid model's
+        workers (checked here, before Ray starts)."""
+        t = self.train
+        if t.global_batch_size is None:
+            return self
+        if "grad_accum_steps" in t.model_fields_set:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} and train.grad_accum_steps="
+                f"{t.grad_accum_steps} are both set, but accumulation is derived from the "
+                f"global batch. Fix: remove train.grad_accum_steps."
+            )
+        from tbr_ray.train import resolved_train_settings
+
+        rounds = {
+            m: self.train.micro_batch_size * resolved_train_settings(self, m)[0]
+            for m in self.grid.models
+        }
+        bad = {m: r for m, r in rounds.items() if self.train.global_batch_size % r}
+        if bad:
+            need = math.lcm(*rounds.values())
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} does not split into "
+                f"whole micro-batches for "
+                + ", ".join(f"{m} ({r} = micro_batch_size x workers)" for m, r in bad.items())
+                + f". Fix: a multiple of {need} (every grid model), or change "
+                f"train.micro_batch_size / train.num_workers."
+            )
         return self
 
     def cells(self) -> list[Cell]:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from tbr_ray.config import Cell, RunConfig
 from tbr_ray.models import format_prompt
+from tbr_ray.prompts import prompt_token_ids
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -35,7 +36,7 @@ SAFETY_FILES = {
     "safety-tuned-llamas": "safety-tuned-llamas/data/training/safety_only_data_Instructions.json",
     "hh-rlhf-harmless": "hh-rlhf/harmless-base/test.jsonl.gz",
 }
-MIX_VERSION = "1"
+MIX_VERSION = "2"  # 2: prompt ids from tbr_ray.prompts.prompt_token_ids (one BOS)
 IGNORE_INDEX = -100
 # Logical CPUs per Ray Data task/actor of this stage. Small on purpose: the stage runs inside
 # Tune trials next to Ray Train workers, and whole-CPU tasks starve each other on a small
@@ -179,8 +180,9 @@ def assemble_mix(
 
 
 def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
-    """input_ids/labels for one row; labels mask the prompt with -100."""
-    prompt_ids = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
+    """input_ids/labels for one row; labels mask the prompt with -100. The prompt's ids are
+    the ones the eval engine is fed for the same text (`prompt_token_ids`: one BOS)."""
+    prompt_ids = prompt_token_ids(tokenizer, format_prompt(row["instruction"], row["input"]))
     resp_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
     resp_ids = resp_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + resp_ids)[:max_seq_len]

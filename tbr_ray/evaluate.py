@@ -38,6 +38,7 @@ from tbr_ray.judges import (
     unparsable_error,
 )
 from tbr_ray.models import get_spec, model_label
+from tbr_ray.prompts import chat_messages, render_chat, stop_rule
 
 
 class AdapterNotAppliedError(RuntimeError):
@@ -53,7 +54,7 @@ class EvalPass:
     style: str = "alpaca"  # alpaca | prompt-direct | prompt-cot (the prompting experiment)
 
 
-# PAPER.md section 7. Merged into the user turn: Gemma's chat template has no system role.
+# PAPER.md section 7: the Direct system prompt, then "Question: {prompt}".
 DIRECT_SYSTEM = (
     "You are a helpful, respectful and honest assistant. Always answer as "
     "helpfully as possible, while being safe."
@@ -63,20 +64,25 @@ COT_SUFFIX = " Please explain the instruction or question step by step first the
 
 def prompting_prompt(instruction: str, style: str, tokenizer) -> str:
     """The Direct / CoT prompt of the prompting experiment, through the model's chat template
-    when it has one (chat models), else as plain text (base and tiny models)."""
+    when it has one (chat models: the system prompt in the template's system role where it has
+    one, Llama-2-chat and Llama-3-instruct, else merged in front of the user turn, Gemma), else
+    as plain text (base and tiny models). The text may start with the template's BOS:
+    `tbr_ray.prompts.prompt_token_ids` keeps exactly one."""
     system = DIRECT_SYSTEM + (COT_SUFFIX if style == "prompt-cot" else "")
-    user = f"{system}\n\nQuestion: {instruction}"
+    question = f"Question: {instruction}"
     if tokenizer is not None and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-    return f"{user}\nAnswer:"
+        return render_chat(tokenizer, chat_messages(tokenizer, system, question))
+    return f"{system}\n\n{question}\nAnswer:"
 
 
-def _pass_prompt(item: EvalItem, p: EvalPass, tokenizer) -> str:
-    if p.style == "alpaca" or item.mode != "generate" or item.kind == "general":
-        return item.prompt
-    return prompting_prompt(item.instruction, p.style, tokenizer)
+def _pass_prompt(item: EvalItem, p: EvalPass, tokenizer, rules: dict) -> tuple[str, str]:
+    """(prompt text, stop rule JSON; "" for scored choices) of one item in one pass."""
+    if item.mode != "generate":
+        return item.prompt, ""
+    if p.style == "alpaca" or item.kind == "general":
+        return item.prompt, rules["alpaca"]
+    kind = "chat" if tokenizer.chat_template else "plain"
+    return prompting_prompt(item.instruction, p.style, tokenizer), rules[kind]
 
 
 def base_cell(model: str) -> Cell:
@@ -98,19 +104,26 @@ def load_items(cfg: RunConfig) -> list[EvalItem]:
     return items
 
 
-def _rows(passes: list[EvalPass], items: list[EvalItem], tokenizer=None) -> list[dict]:
-    return [
-        {
-            "pass_": p,
-            "item": i,
-            "prompt": _pass_prompt(it, passes[p], tokenizer),
-            "adapter": passes[p].adapter or "",
-            "mode": it.mode,
-            "choices": json.dumps(list(it.choices)),
-        }
-        for p in range(len(passes))
-        for i, it in enumerate(items)
-    ]
+def _rows(passes: list[EvalPass], items: list[EvalItem], tokenizer) -> list[dict]:
+    rules = {k: stop_rule(tokenizer, k).to_json() for k in ("alpaca", "plain")}
+    if tokenizer.chat_template:
+        rules["chat"] = stop_rule(tokenizer, "chat").to_json()
+    rows = []
+    for p in range(len(passes)):
+        for i, it in enumerate(items):
+            prompt, stop = _pass_prompt(it, passes[p], tokenizer, rules)
+            rows.append(
+                {
+                    "pass_": p,
+                    "item": i,
+                    "prompt": prompt,
+                    "stop": stop,
+                    "adapter": passes[p].adapter or "",
+                    "mode": it.mode,
+                    "choices": json.dumps(list(it.choices)),
+                }
+            )
+    return rows
 
 
 def _run_engine(
@@ -130,7 +143,9 @@ def _run_engine(
     from tbr_ray.engine import EngineStage
 
     tp = engine_gpus_for(cfg, model or model_path)
-    check = [r["prompt"] for r in rows if r["mode"] == "generate"][: cfg.eval.engine_check_prompts]
+    gen = [r for r in rows if r["mode"] == "generate"]
+    stop = gen[0].get("stop", "") if gen else ""  # the check prompts share one stop rule
+    check = [r["prompt"] for r in gen if r.get("stop", "") == stop][: cfg.eval.engine_check_prompts]
     with engine_placement(cfg, model or model_path, tp) as placement:
         return (
             ray.data.from_items(rows)
@@ -149,6 +164,7 @@ def _run_engine(
                     check_prompts=check or [rows[0]["prompt"]],
                     max_new_tokens=max_new_tokens,
                     merged_from=merged_from,
+                    check_stop=stop,
                 ),
             )
             .to_pandas()
@@ -166,8 +182,7 @@ def generate_all(
     """Generations for every pass; one engine for LoRA-capable archs, else one engine for the
     adapter-free passes plus one merged-model engine per adapter."""
     n = cfg.eval.max_new_tokens
-    tok = _tokenizer(model_path) if any(p.style != "alpaca" for p in passes) else None
-    rows = _rows(passes, items, tok)
+    rows = _rows(passes, items, _tokenizer(model_path))
     if get_spec(model).vllm_lora:
         adapters = [p.adapter for p in passes if p.adapter]
         return _run_engine(model_path, adapters, rows, cfg, n, model=model)
@@ -409,6 +424,7 @@ def cell_tables(
                 **common,
                 **_item_cols(it),
                 "prompt": r.prompt,  # as fed to the engine (prompting styles differ)
+                "stop_rule": r.stop,  # where generation was told to end; "" for choices
                 "completion": completion,
                 "n_new_tokens": int(r.n_new_tokens),
                 "reference": it.reference,

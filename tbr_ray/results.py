@@ -80,6 +80,7 @@ GENERATIONS = pa.schema(
         pa.field("category", pa.string()),  # XSTest type, safety-set tag, MMLU subject, ...
         pa.field("prompt_id", pa.string()),
         pa.field("prompt", pa.string()),
+        pa.field("stop_rule", pa.string()),  # JSON tbr_ray.prompts.StopRule; "" for choices
         pa.field("completion", pa.string()),
         pa.field("n_new_tokens", pa.int64()),
         pa.field("reference", pa.string()),  # gold answer for general tasks, else null

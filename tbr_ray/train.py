@@ -34,10 +34,11 @@ def deepspeed_config(cfg: RunConfig, zero_stage: int, world_size: int) -> dict[s
     """The DeepSpeed config for a run (pure). The optimizer is a torch AdamW passed to
     deepspeed.initialize, so no DeepSpeed optimizer op has to be compiled on CPU."""
     t = cfg.train
+    accum = accumulation_steps(cfg, world_size)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
@@ -45,6 +46,23 @@ def deepspeed_config(cfg: RunConfig, zero_stage: int, world_size: int) -> dict[s
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batches each worker accumulates per optimizer step (pure): derived from
+    train.global_batch_size = micro_batch_size x accumulation x workers when it is set, so the
+    global batch is the same on 1 or 8 workers; else train.grad_accum_steps."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return t.grad_accum_steps
+    per_round = t.micro_batch_size * world_size
+    if t.global_batch_size % per_round:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size x workers = {t.micro_batch_size} x {world_size} = {per_round}. "
+            f"Fix: set train.global_batch_size to a multiple of {per_round}."
+        )
+    return t.global_batch_size // per_round
 
 
 def resolved_train_settings(cfg: RunConfig, model: str) -> tuple[int, int]:
@@ -267,9 +285,20 @@ def _report(
 
 
 def total_steps(cfg: RunConfig, n_rows: int, world: int) -> int:
-    per_epoch = (n_rows // world // cfg.train.micro_batch_size) // cfg.train.grad_accum_steps
+    """Optimizer steps over a mix of `n_rows` on `world` workers (pure): whole micro-batches
+    per worker and epoch, over the accumulation, times epochs, capped by train.max_steps."""
+    micro_per_worker = n_rows // world // cfg.train.micro_batch_size
+    per_epoch = micro_per_worker // accumulation_steps(cfg, world)
     steps = max(1, per_epoch) * cfg.train.epochs
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def planned_steps(cfg: RunConfig, model: str) -> int:
+    """Optimizer steps a cell of `model` takes (pure): its mix of data.n_general + n_safety
+    rows on the model's workers (`resolved_train_settings`). With train.global_batch_size set
+    it is the same for every model; `tbr-ray ablate --dry-run` shows it per cell."""
+    workers, _ = resolved_train_settings(cfg, model)
+    return total_steps(cfg, cfg.data.n_general + cfg.data.n_safety, workers)
 
 
 def adapter_dir(output: Path, cell: Cell) -> Path:
@@ -329,10 +358,12 @@ def run_training(
     )
     t0 = time.time()
     result = trainer.fit()
-    return _publish_adapter(result, done, workers, zero, t0)
+    return _publish_adapter(result, done, workers, zero, t0, accumulation_steps(cfg, workers))
 
 
-def _publish_adapter(result, done: Path, workers: int, zero: int, fit_start: float) -> Path:
+def _publish_adapter(
+    result, done: Path, workers: int, zero: int, fit_start: float, accum: int
+) -> Path:
     tmp = done.with_name(done.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
@@ -341,6 +372,7 @@ def _publish_adapter(result, done: Path, workers: int, zero: int, fit_start: flo
     metrics.update(
         workers=workers,
         zero_stage=zero,
+        grad_accum_steps=accum,
         train_seconds=round(time.time() - fit_start, 1),
         # Ray Train start-up: fit() called -> worker function entered (last report's worker)
         startup_s=round(metrics.pop("entered_at", fit_start) - fit_start, 1),

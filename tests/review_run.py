@@ -87,7 +87,8 @@ def judged(prov, bench, prompt_id, completion, model_label) -> list[dict]:
     ]
 
 
-def cell_tables(condition: str, gamma: float) -> dict[str, list[dict]]:
+def cell_tables(condition: str, gamma: float, harm: bool = False) -> dict[str, list[dict]]:
+    """A cell's rows; `harm`: a harm judge also scores xstest_unsafe (harmful = complied)."""
     prov = provenance(condition, gamma)
     pick = 0 if condition == "none" else 1
     gens, judgements = [], []
@@ -99,6 +100,11 @@ def cell_tables(condition: str, gamma: float) -> dict[str, list[dict]]:
             text = completion[pick] if isinstance(completion, tuple) else completion
             gens.append(generation(prov, bench, kind, prompt_id, category, prompt, text))
             judgements += judged(prov, bench, prompt_id, text, model_label)
+            if harm and kind == "safety":
+                verdict = dict(label=None, refused=None, harmful=model_label == "full_compliance")
+                judgements.append(
+                    dict(prov, benchmark=bench, prompt_id=prompt_id, judge="harm") | verdict
+                )
     for prompt_id, (prompt, answer, correct) in MMLU.items():
         gens.append(
             generation(prov, "mmlu", "general", prompt_id, "math", prompt, answer, correct=correct)
@@ -125,11 +131,11 @@ def metric_rows(prov: dict, judgements: list[dict]) -> list[dict]:
     return rows
 
 
-def build_review_run(root: Path) -> Path:
+def build_review_run(root: Path, harm: bool = False) -> Path:
     """Write the run (two finished cells, one failed) into `root`; returns `root`."""
     write_run_manifest(root, {"run_id": "review-test", "config_hash": "abc123"})
     for condition, gamma in CELLS:
-        write_cell_tables(root, cell_id(condition, gamma), cell_tables(condition, gamma))
+        write_cell_tables(root, cell_id(condition, gamma), cell_tables(condition, gamma, harm))
         write_status(root, cell_id(condition, gamma), "done")
     failed = cell_id("internal", 1.0)
     write_cell_tables(root, failed, cell_tables("internal", 1.0))

@@ -95,6 +95,7 @@ def cell_rows(
                     category=category,
                     prompt_id=f"{bench}-{i}",
                     prompt=f"q{i}",
+                    stop_rule="",
                     completion="...",
                     n_new_tokens=3,
                     reference=None,
@@ -461,6 +462,12 @@ def test_report_table3_has_intervals_and_links(results_dir, tmp_path):
     assert "40 generations" in block
     links = re.findall(r'<a href="#(gen-[^"]+)">', page)
     assert links and all(f'<details id="{a}"' in page for a in links)  # no dead link
+    capped = report.write_report(results_dir, tmp_path / "capped", n_boot=50, max_generations=5)
+    page = capped["report_html"].read_text()
+    block = page[page.index(f'<details id="{anchor}"') :]
+    block = block[: block.index("</details>")]
+    assert block.count("<tr class=") == 5 and "40 generations" in block
+    assert "35 more not listed" in block
 
 
 def test_save_figures(rates, tmp_path):

@@ -86,6 +86,16 @@ def test_judge_score_prints_agreement_and_confusion():
     assert out.exit_code == 2 and "eval.refusal_judge set" in out.output
 
 
+def test_a_gpu_run_that_cannot_be_placed_stops_before_ray(tmp_path):
+    """The same refusal as the dry run's, for a real run: exit 2 before Ray or any file."""
+    paper = ["--config", str(REPO / "jobs/paper.yaml"), "--set", "cluster.gpus=1"]
+    for command in (["ablate", "--config-only"], ["cell", "--model", "llama-2-70b"]):
+        out = runner.invoke(app, [*command, *paper, "--output", str(tmp_path / "run")])
+        assert out.exit_code == 2 and "problem(s) placing this grid" in out.output, out.output
+        assert "llama-3.1-70b: its vLLM engine needs 4 GPUs" in out.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_of_a_cpu_grid_plans_on_this_machines_cores():
     import os
 

@@ -17,6 +17,7 @@ from tbr_ray.engine import (
     reference_greedy,
 )
 from tbr_ray.models import TINY_MODELS, format_prompt
+from tbr_ray.prompts import prompt_token_ids, stop_rule
 
 PROMPTS = [
     format_prompt(q)
@@ -76,7 +77,7 @@ def test_a_near_tie_is_told_from_a_mismatch():
     a rounding tie; further off, or not among transformers' top alternatives, a mismatch."""
     top = ((5, -0.70), (9, -0.704), (3, -2.5))
     ref = Reference(tokens=(1, 5, 6), top=(((1, -0.1),), top, ((6, -0.2),)))
-    eos = 2
+    eos = {2}
     assert agreement((1, 5, 6), ref, eos, tie_tol=0.01) == ("same", 0.0)
     assert agreement((1, 5, 6, 2), ref, eos, tie_tol=0.0)[0] == "same"  # a trailing EOS only
     verdict, gap = agreement((1, 9, 4, 4), ref, eos, tie_tol=0.01)
@@ -119,7 +120,32 @@ def test_choice_logprobs_agree_with_transformers(engine, tiny_llama, adapter):
 
 def test_multi_token_choice_is_refused(engine):
     with pytest.raises(ValueError, match="single-token"):
-        engine.choice_token_ids([" Photosynthesis happens in chloroplasts"])
+        engine.choice_logprobs(["Answer:"], [[" Photosynthesis happens in chloroplasts"]])
+
+
+def test_the_engine_and_its_check_get_the_same_prompt_ids(engine, tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    for prompt, gen in zip(PROMPTS, engine.generate(PROMPTS, 2), strict=True):
+        assert list(gen.prompt_ids) == prompt_token_ids(tok, prompt)
+
+
+def test_a_base_pass_stops_before_an_invented_next_turn(engine, tiny_llama):
+    """Without a stop rule the tiny base model runs on into a made-up "### Instruction:"
+    turn; with the Alpaca rule it ends there, in vLLM and in the transformers reference
+    alike (the engine check passes with the rule)."""
+    rule = stop_rule(engine.tokenizer, "alpaca")
+    free = engine.generate(PROMPTS, 64)
+    assert sum("### Instruction:" in g.text for g in free) >= 2
+    stopped = engine.generate(PROMPTS, 64, stop=rule)
+    for f, g in zip(free, stopped, strict=True):
+        assert not any(s in g.text for s in rule.strings)
+        assert f.text.startswith(g.text) and len(g.token_ids) <= len(f.token_ids)
+    assert sum(len(g.token_ids) < 64 for g in stopped) >= 2
+    ref = reference_greedy(tiny_llama, PROMPTS, 64, [None], rule)
+    assert [len(r.tokens) for r in ref[None]] == [len(g.token_ids) for g in stopped]
+    assert check_engine(engine, PROMPTS, ref, 64, min_match=1.0, stop=rule) == {"base": 1.0}
 
 
 def test_undeclared_adapter_is_refused(engine):

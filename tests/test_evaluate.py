@@ -1,6 +1,8 @@
 """Evaluation: every shipped benchmark with every judge on a tiny cell, the Falcon merge path,
 and the probe that fails a cell whose adapter changed nothing."""
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -121,6 +123,16 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
         & (res.generations["benchmark"] == "xstest_safe")
     ]
     assert len(cot) == 2 and cot["prompt"].str.contains("step by step").all()
+    # each generation records where it was told to stop (docs/RESULTS.md: stop_rule)
+    g = res.generations
+
+    def stop_kinds(condition, benchmark):
+        rules = g.loc[(g["condition"] == condition) & (g["benchmark"] == benchmark), "stop_rule"]
+        return {json.loads(x)["kind"] if x else "" for x in rules}
+
+    assert stop_kinds("none", "xstest_safe") == {"alpaca"} and stop_kinds("none", "mmlu") == {""}
+    assert stop_kinds("prompt-cot", "xstest_safe") == {"plain"}  # tiny: no chat template
+    assert stop_kinds("prompt-cot", "gsm8k") == {"alpaca"}  # GSM8K keeps its Alpaca shots
     status = res.status.set_index("cell_id").loc[cell.cell_id]
     assert status["engine_check"] == {"base": 1.0, adapter: 1.0}
     assert status["eval_tokens_per_s"] > 0

@@ -26,6 +26,7 @@ def _rows(prov, cell_id, n=3):
             "category": "homonyms",
             "prompt_id": str(i),
             "prompt": f"p{i}",
+            "stop_rule": "",
             "completion": "I'm sorry" if i else "Sure",
             "n_new_tokens": 2,
             "reference": None,

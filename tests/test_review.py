@@ -310,6 +310,23 @@ def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path)
     assert "<th>human</th>" in block[: block.index("</details>")]
 
 
+def test_report_harm_column_links_to_verdicts_and_is_not_counted_as_reviewed(tmp_path):
+    from analysis.report import write_report
+
+    run = build_review_run(tmp_path / "harm-run", harm=True)
+    label(ReviewStore(run, "ada", "r"), NONE, "xstest_unsafe", "u-3", "full_compliance")
+    paths = write_report(run, tmp_path / "r", n_boot=50)
+    text = paths["report_md"].read_text()
+    assert "| XSTest-H compliance | xstest_unsafe | 8 | 1 | 0 | 1 |" in text
+    assert "| XSTest-H | xstest_unsafe | 8 |" not in text  # harm verdicts are not refusal labels
+    page = paths["report_html"].read_text()
+    anchor = "gen-tiny-llama-xstest-h-none-g0.00"
+    assert f'<a href="#{anchor}">0.250</a>' in page  # u-3 of 4 judged harmful
+    block = page[page.index(f'<details id="{anchor}"') :]
+    block = block[: block.index("</details>")]
+    assert "<th>harm</th>" in block and block.count(">harmful<") == 1
+
+
 def test_report_without_reviews_says_how_to_add_them(template_run, tmp_path):
     from analysis.report import write_report
 

@@ -124,6 +124,8 @@ def test_report_number_opens_onto_its_generations(browser, run_dir, tmp_path):
     shown = [r for r in rows if r.is_displayed()]
     assert len(shown) == 2  # s-1 and s-3: the rule judges disagree
     assert all("disagree" in r.get_attribute("class") for r in shown)
-    browser.get(paths["report_html"].as_uri() + "#gen-tiny-llama-xstest-h-external-g1.00")
-    target = browser.find_element(By.ID, "gen-tiny-llama-xstest-h-external-g1.00")
+    browser.get(
+        paths["report_html"].as_uri() + "#gen-tiny-llama-xstest-h-compliance-external-g1.00"
+    )
+    target = browser.find_element(By.ID, "gen-tiny-llama-xstest-h-compliance-external-g1.00")
     wait_for(browser, lambda d: target.get_property("open"))  # a link from elsewhere opens too

@@ -2,14 +2,24 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from tbr_ray.config import Cell
+from tbr_ray.config import Cell, ConfigError, load_config
 from tbr_ray.data import build_mix
-from tbr_ray.train import _worker_rows, deepspeed_config, pad_collate, run_training, total_steps
+from tbr_ray.train import (
+    _worker_rows,
+    accumulation_steps,
+    deepspeed_config,
+    pad_collate,
+    planned_steps,
+    resolved_train_settings,
+    run_training,
+    total_steps,
+)
 
-from .conftest import small_config
+from .conftest import REPO, small_config
 
 
 def test_deepspeed_config_is_pure_and_consistent():
@@ -18,6 +28,34 @@ def test_deepspeed_config_is_pure_and_consistent():
     assert ds["train_batch_size"] == 4 * 2 * 2 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] is False
     assert total_steps(cfg, n_rows=32, world=2) == 2  # 32/2/4 = 4 micro -> 2 steps (max 3)
+
+
+def test_global_batch_size_gives_every_paper_model_the_same_steps():
+    """1-GPU and 8-GPU cells take the same optimizer steps of the same global batch; before,
+    at grad_accum_steps 2, a 7B cell took 750 steps of 8 and a 70B cell 93 of 64."""
+    cfg = load_config(REPO / "jobs" / "paper.yaml")
+    workers = {m: resolved_train_settings(cfg, m)[0] for m in cfg.grid.models}
+    assert len(set(workers.values())) >= 3  # 1, 4 and 8 GPUs on 80 GiB cards (tbr_ray.plan)
+    assert {planned_steps(cfg, m) for m in cfg.grid.models} == {186}  # 2,000 rows, 3 epochs
+    for w in set(workers.values()):
+        ds = deepspeed_config(cfg, zero_stage=2, world_size=w)
+        assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 32 // (4 * w)
+    old = load_config(
+        REPO / "jobs" / "paper.yaml", ["train.global_batch_size=null", "train.grad_accum_steps=2"]
+    )
+    assert (planned_steps(old, "llama-2-7b"), planned_steps(old, "llama-2-70b")) == (750, 93)
+
+
+def test_a_global_batch_that_does_not_divide_is_a_config_error():
+    paper = REPO / "jobs" / "paper.yaml"
+    with pytest.raises(ConfigError, match=r"=48 does not split .*llama-2-70b.* multiple of 32"):
+        load_config(paper, ["train.global_batch_size=48"])
+    with pytest.raises(ConfigError, match="Fix: remove train.grad_accum_steps"):
+        load_config(paper, ["train.grad_accum_steps=4"])
+    cfg = small_config("train.global_batch_size=16")  # tiny: 2 workers x micro 4
+    assert accumulation_steps(cfg, world_size=2) == 2
+    with pytest.raises(ValueError, match="micro_batch_size x workers = 4 x 8 = 32"):
+        accumulation_steps(cfg, world_size=8)
 
 
 def test_pad_collate_masks_padding():

@@ -157,8 +157,11 @@ def writer_s(cfg: RunConfig, cost: CostModel, writer: str, devices: int) -> floa
 def train_s(cfg: RunConfig, cost: CostModel, model: str, devices: int, steps: int, workers: int):
     """One cell: fixed start-up, the base weights read, and every example of every optimizer
     step (micro x accumulation x workers) at example_tokens tokens."""
+    from tbr_ray.train import accumulation_steps
+
     t = cfg.train
-    tokens = steps * t.micro_batch_size * t.grad_accum_steps * workers * cost.example_tokens
+    per_step = t.micro_batch_size * accumulation_steps(cfg, workers) * workers
+    tokens = steps * per_step * cost.example_tokens
     flops = tokens * train_flops_per_token(model, t.lora_rank, cost.example_tokens)
     return (
         cost.cell_fixed_s

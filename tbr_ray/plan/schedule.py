@@ -118,15 +118,15 @@ def _writers(cfg: RunConfig) -> list[str]:
 
 
 def _cell_plans(cfg: RunConfig, cost: CostModel, capacity: int | None) -> list[CellPlan]:
-    from tbr_ray.train import total_steps
+    from tbr_ray.train import planned_steps
 
-    out, rows = [], cfg.data.n_general + cfg.data.n_safety
+    out = []
     for cell in cfg.cells():
         if cell.condition in PROMPTING:
             out.append(CellPlan(cell, None, 0, 0.0))
             continue
         lay = train_layout(cfg, cell.model, capacity)
-        steps = total_steps(cfg, rows, lay.gpus)
+        steps = planned_steps(cfg, cell.model)  # the layout without a cluster cap: the same
         busy = lay.gpus if cfg.train.use_gpu else _cpu_train_cores(cfg, lay.gpus, capacity)
         out.append(
             CellPlan(cell, lay, steps, train_s(cfg, cost, cell.model, busy, steps, lay.gpus))
