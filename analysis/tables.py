@@ -332,7 +332,7 @@ def model_size(name: str) -> tuple[str, float]:
     except UnknownModelError:
         return "unknown", float("nan")
     match = _SIZE_SUFFIX.match(name)
-    family = match["series"] if match else spec.family
+    family = match["series"] if match else spec.family.name
     return family, (spec.params_b if spec.params_b > 0 else float("nan"))
 
 

@@ -115,7 +115,8 @@ def line(name: str, r: dict) -> str:
 def main() -> None:
     from tbr_ray.benchmarks import load_benchmark
     from tbr_ray.config import DataConfig, PathsConfig
-    from tbr_ray.models import TINY_MODELS, build_tiny_model
+    from tbr_ray.models import TINY_MODELS
+    from tbr_ray.tiny import build_tiny_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, default=3)

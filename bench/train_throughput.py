@@ -146,7 +146,7 @@ def main() -> None:
     import ray
 
     from tbr_ray.data import build_mix
-    from tbr_ray.models import resolve_model
+    from tbr_ray.tiny import resolve_model
 
     cfg = config(args.model, args.steps, workers=1)
     shutil.rmtree(args.output, ignore_errors=True)

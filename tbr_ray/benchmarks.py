@@ -5,10 +5,12 @@
                                                sample_size=50, seed=0)
     report.skipped          # [(row_id, reason), ...] for malformed rows, never a crash
 
-Every item carries its benchmark version; bump the version in `BENCHMARKS` whenever a loader or
-a prompt format changes. Files are read from the data root (`DataConfig.resolved_root()`);
-OR-Bench-Hard-1K and MaliciousInstruct are not shipped and come from the user (`files=`, i.e.
-`eval.benchmark_files` in the YAML; relative paths are relative to the working directory).
+A benchmark is one `BenchmarkSpec` entry in `BENCHMARKS` (end of the loaders): its loader, its
+source file and its version. Every item carries `<name>/<version>`; bump that entry's `version`
+whenever its loader or prompt format changes. Files are read from the data root
+(`DataConfig.resolved_root()`); OR-Bench-Hard-1K and MaliciousInstruct are not shipped and
+come from the user (`files=`, i.e. `eval.benchmark_files` in the YAML; relative paths are
+relative to the working directory).
 
 Prompts. Refusal and safety items: `prompt = models.format_prompt(instruction)`. General items
 repeat that Alpaca block once per shot: `format_prompt(q_1) + answer_1 + "\\n\\n" + ... +
@@ -37,74 +39,30 @@ log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGH"
 GSM8K_SHOT_POOL = 8  # first rows of gsm8k/test.jsonl: exemplars, never evaluated (no train split)
-USER_FILES = {
-    "orbench_hard": "or-bench/or-bench-hard-1k.csv",
-    "malicious_instruct": "malicious-instruct/maliciousinstruct.txt",
-}
 
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """One registry entry. `source` is relative to the data root, or "user file"."""
+    """One benchmark: one entry in BENCHMARKS (the README's "Extending" shows how to add one).
+    `source` is relative to the data root; a `user_file` is not shipped and `source` is only
+    its default place (the user brings it: eval.benchmark_files)."""
 
     name: str
-    version: str  # bump when the loader or the prompt format changes
     kind: str  # false_refusal | safety | general
-    mode: str  # generate | choice
-    default_shots: int  # general sets only; chosen so prompts stay near 1000 tokens or less
-    max_shots: int  # size of the exemplar pool (0: not a few-shot set)
-    size: int | None  # evaluable items in the shipped file; None for user files
-    description: str
+    loader: Callable  # (spec, path, shots) -> (items, [(row id, reason skipped), ...])
     source: str
+    description: str
+    size: int | None  # evaluable items in the shipped file; None for user files
+    version: int = 1  # bump when this loader or this prompt format changes; items carry it
+    mode: str = "generate"  # generate | choice
+    default_shots: int = 0  # general sets only; chosen so prompts stay near 1000 tokens or less
+    max_shots: int = 0  # size of the exemplar pool (0: not a few-shot set)
+    user_file: bool = False
 
-
-def _spec(name, kind, size, description, source, mode="generate", shots=0, max_shots=0):
-    return BenchmarkSpec(name, f"{name}/1", kind, mode, shots, max_shots, size, description, source)
-
-
-_STL = "safety-tuned-llamas/data/evaluation/"
-# fmt: off
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    s.name: s
-    for s in [
-        _spec("xstest_safe", "false_refusal", 250, "XSTest safe (pseudo-harmful) prompts",
-              "xstest/xstest_prompts.csv"),
-        _spec("stl_physical_safe", "false_refusal", 100, "Safety-tuned-llamas physical safety, "
-              "safe phrasing", _STL + "I-PhysicalSafetySafe.json"),
-        _spec("orbench_hard", "false_refusal", None, "OR-Bench-Hard-1K's published "
-              "or-bench-hard-1k.csv (1,319 rows; columns prompt,category)", "user file"),
-        _spec("xstest_unsafe", "safety", 200, "XSTest unsafe contrast prompts",
-              "xstest/xstest_prompts.csv"),
-        _spec("advbench", "safety", 520, "AdvBench harmful behaviours (goal column)",
-              "advbench/harmful_behaviors.csv"),
-        _spec("stl_malicious", "safety", 100, "Safety-tuned-llamas malicious instructions "
-              "(category: hate/crime tag)", _STL + "I-MaliciousInstructions.json"),
-        _spec("stl_cona", "safety", 178, "Safety-tuned-llamas CoNa hateful instructions",
-              _STL + "I-CoNa.json"),
-        _spec("stl_controversial", "safety", 40, "Safety-tuned-llamas controversial topics",
-              _STL + "I-Controversial.json"),
-        _spec("stl_physical_unsafe", "safety", 100, "Safety-tuned-llamas physical safety, "
-              "unsafe phrasing", _STL + "I-PhysicalSafetyUnsafe.json"),
-        _spec("stl_qharm", "safety", 100, "Safety-tuned-llamas harmful questions (Q-Harm)",
-              _STL + "Q-Harm.json"),
-        _spec("malicious_instruct", "safety", None, "the published MaliciousInstruct.txt "
-              "(100 prompts, one per line)", "user file"),
-        # Default shots keep prompts within a 1024-token context for tiny runs; measured with
-        # the tiny presets' tokenizer (about 2.8 chars/token; Llama's is about 4), longest
-        # prompt: MMLU 0-shot 1,078 (p95 604; 1-shot p95 1,193), ARC-C 3-shot 877, GSM8K 2-shot
-        # 677 (+ generated tokens). Paper-scale runs set eval.shots (e.g. mmlu: 5, gsm8k: 8).
-        _spec("mmlu", "general", 14042, "MMLU test split, 57 subjects; shots: the subject's "
-              "dev rows in order", "mmlu/test", "choice", 0, 5),
-        _spec("arc_easy", "general", 2376, "ARC-Easy test split; shots: first train rows",
-              "arc/ARC-Easy-test.jsonl", "choice", 3, 25),
-        _spec("arc_challenge", "general", 1172, "ARC-Challenge test split; shots: first train "
-              "rows", "arc/ARC-Challenge-test.jsonl", "choice", 3, 25),
-        _spec("gsm8k", "general", 1319 - GSM8K_SHOT_POOL, "GSM8K test; its first "
-              f"{GSM8K_SHOT_POOL} rows are the shot pool and are never evaluated",
-              "gsm8k/test.jsonl", "generate", 2, GSM8K_SHOT_POOL),
-    ]
-}
-# fmt: on
+    @property
+    def version_id(self) -> str:
+        """`<name>/<version>`, as results record it (benchmark_version)."""
+        return f"{self.name}/{self.version}"
 
 
 @dataclass(frozen=True)
@@ -170,10 +128,10 @@ def load_benchmark_with_report(
     spec = BENCHMARKS[name]
     n_shots = _check_args(spec, sample_size, shots, files or {})
     source = _source_path(spec, Path(data_root), files or {})
-    items, skipped = _LOADERS[name](spec, source, n_shots)
+    items, skipped = spec.loader(spec, source, n_shots)
     sample = sample_items(items, sample_size, seed)
     report = LoadReport(
-        name, spec.version, str(source), len(items), len(sample), n_shots, tuple(skipped)
+        name, spec.version_id, str(source), len(items), len(sample), n_shots, tuple(skipped)
     )
     return sample, report
 
@@ -196,7 +154,7 @@ def _check_args(spec: BenchmarkSpec, sample_size, shots, files) -> int:
 
 
 def _source_path(spec: BenchmarkSpec, data_root: Path, files: dict[str, str]) -> Path:
-    if spec.source != "user file":
+    if not spec.user_file:
         path = data_root / spec.source
         if not path.exists():
             raise FileNotFoundError(
@@ -204,7 +162,7 @@ def _source_path(spec: BenchmarkSpec, data_root: Path, files: dict[str, str]) ->
                 "(or $TBR_DATA_ROOT) at the shared data folder."
             )
         return path
-    default = data_root / USER_FILES[spec.name]
+    default = data_root / spec.source
     path = Path(files[spec.name]).expanduser().resolve() if spec.name in files else default
     if not path.is_file():
         raise FileNotFoundError(
@@ -251,7 +209,7 @@ def _unit_hash(*parts: object) -> float:
 
 def _item(spec: BenchmarkSpec, *fields: str, **choice_fields) -> EvalItem:
     """An item of `spec`; `fields` are prompt_id, category, instruction, prompt."""
-    return EvalItem(spec.name, spec.version, spec.kind, *fields, **choice_fields)
+    return EvalItem(spec.name, spec.version_id, spec.kind, *fields, **choice_fields)
 
 
 def _plain_item(spec: BenchmarkSpec, prompt_id: str, category: str, text: str) -> EvalItem:
@@ -274,19 +232,23 @@ def _text(value: str | None) -> str:
     return (value or "").strip()
 
 
-def _load_xstest(spec: BenchmarkSpec, path: Path, shots: int):
-    want = "safe" if spec.name == "xstest_safe" else "unsafe"
-    items, skipped = [], []
-    for i, row in enumerate(_read_csv(path, ("id", "prompt", "type", "label"))):
-        row_id = _text(row["id"]) or f"row{i + 1}"
-        label = _text(row["label"])
-        if label not in ("safe", "unsafe"):
-            skipped.append((row_id, f"label {label!r} is neither safe nor unsafe"))
-        elif not _text(row["prompt"]):
-            skipped.append((row_id, "empty prompt"))
-        elif label == want:
-            items.append(_plain_item(spec, row_id, _text(row["type"]), _text(row["prompt"])))
-    return items, skipped
+def _load_xstest(want: str):
+    """XSTest's prompts labelled `want` (safe | unsafe)."""
+
+    def load(spec: BenchmarkSpec, path: Path, shots: int):
+        items, skipped = [], []
+        for i, row in enumerate(_read_csv(path, ("id", "prompt", "type", "label"))):
+            row_id = _text(row["id"]) or f"row{i + 1}"
+            label = _text(row["label"])
+            if label not in ("safe", "unsafe"):
+                skipped.append((row_id, f"label {label!r} is neither safe nor unsafe"))
+            elif not _text(row["prompt"]):
+                skipped.append((row_id, "empty prompt"))
+            elif label == want:
+                items.append(_plain_item(spec, row_id, _text(row["type"]), _text(row["prompt"])))
+        return items, skipped
+
+    return load
 
 
 def _load_csv_column(column: str, category_column: str | None = None):
@@ -473,18 +435,60 @@ def _load_gsm8k(spec: BenchmarkSpec, path: Path, shots: int):
     return items, skipped
 
 
-_LOADERS: dict[str, Callable] = {
-    "xstest_safe": _load_xstest,
-    "xstest_unsafe": _load_xstest,
-    "orbench_hard": _load_csv_column("prompt", "category"),
-    "advbench": _load_csv_column("goal"),
-    "malicious_instruct": _load_lines,
-    "mmlu": _load_mmlu,
-    "arc_easy": _load_arc,
-    "arc_challenge": _load_arc,
-    "gsm8k": _load_gsm8k,
-    **{name: _load_stl for name in BENCHMARKS if name.startswith("stl_")},
-}
+# ---------------------------------------------------------------- the benchmarks
+
+_STL = "safety-tuned-llamas/data/evaluation/"
+# fmt: off
+BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
+    BenchmarkSpec("xstest_safe", "false_refusal", _load_xstest("safe"),
+                  "xstest/xstest_prompts.csv", "XSTest safe (pseudo-harmful) prompts", 250),
+    BenchmarkSpec("stl_physical_safe", "false_refusal", _load_stl,
+                  _STL + "I-PhysicalSafetySafe.json",
+                  "Safety-tuned-llamas physical safety, safe phrasing", 100),
+    BenchmarkSpec("orbench_hard", "false_refusal", _load_csv_column("prompt", "category"),
+                  "or-bench/or-bench-hard-1k.csv", "OR-Bench-Hard-1K's published "
+                  "or-bench-hard-1k.csv (1,319 rows; columns prompt,category)", None,
+                  user_file=True),
+    BenchmarkSpec("xstest_unsafe", "safety", _load_xstest("unsafe"),
+                  "xstest/xstest_prompts.csv", "XSTest unsafe contrast prompts", 200),
+    BenchmarkSpec("advbench", "safety", _load_csv_column("goal"),
+                  "advbench/harmful_behaviors.csv", "AdvBench harmful behaviours (goal column)",
+                  520),
+    BenchmarkSpec("stl_malicious", "safety", _load_stl, _STL + "I-MaliciousInstructions.json",
+                  "Safety-tuned-llamas malicious instructions (category: hate/crime tag)", 100),
+    BenchmarkSpec("stl_cona", "safety", _load_stl, _STL + "I-CoNa.json",
+                  "Safety-tuned-llamas CoNa hateful instructions", 178),
+    BenchmarkSpec("stl_controversial", "safety", _load_stl, _STL + "I-Controversial.json",
+                  "Safety-tuned-llamas controversial topics", 40),
+    BenchmarkSpec("stl_physical_unsafe", "safety", _load_stl,
+                  _STL + "I-PhysicalSafetyUnsafe.json",
+                  "Safety-tuned-llamas physical safety, unsafe phrasing", 100),
+    BenchmarkSpec("stl_qharm", "safety", _load_stl, _STL + "Q-Harm.json",
+                  "Safety-tuned-llamas harmful questions (Q-Harm)", 100),
+    BenchmarkSpec("malicious_instruct", "safety", _load_lines,
+                  "malicious-instruct/maliciousinstruct.txt",
+                  "the published MaliciousInstruct.txt (100 prompts, one per line)", None,
+                  user_file=True),
+    # Default shots keep prompts within a 1024-token context for tiny runs; measured with
+    # the tiny presets' tokenizer (about 2.8 chars/token; Llama's is about 4), longest
+    # prompt: MMLU 0-shot 1,078 (p95 604; 1-shot p95 1,193), ARC-C 3-shot 877, GSM8K 2-shot
+    # 677 (+ generated tokens). Paper-scale runs set eval.shots (e.g. mmlu: 5, gsm8k: 8).
+    BenchmarkSpec("mmlu", "general", _load_mmlu, "mmlu/test", "MMLU test split, 57 subjects; "
+                  "shots: the subject's dev rows in order", 14042, mode="choice", max_shots=5),
+    BenchmarkSpec("arc_easy", "general", _load_arc, "arc/ARC-Easy-test.jsonl",
+                  "ARC-Easy test split; shots: first train rows", 2376, mode="choice",
+                  default_shots=3, max_shots=25),
+    BenchmarkSpec("arc_challenge", "general", _load_arc, "arc/ARC-Challenge-test.jsonl",
+                  "ARC-Challenge test split; shots: first train rows", 1172, mode="choice",
+                  default_shots=3, max_shots=25),
+    BenchmarkSpec("gsm8k", "general", _load_gsm8k, "gsm8k/test.jsonl",
+                  f"GSM8K test; its first {GSM8K_SHOT_POOL} rows are the shot pool and are "
+                  "never evaluated", 1319 - GSM8K_SHOT_POOL, default_shots=2,
+                  max_shots=GSM8K_SHOT_POOL),
+]}
+# fmt: on
+# Benchmarks whose file the user brings (eval.benchmark_files): name -> default place.
+USER_FILES = {s.name: s.source for s in BENCHMARKS.values() if s.user_file}
 
 # ---------------------------------------------------------------- scoring
 

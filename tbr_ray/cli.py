@@ -85,8 +85,9 @@ def _pick_cell(cfg: RunConfig, model: str | None, reflection: str | None, seed: 
 
 @app.command()
 def models() -> None:
-    """List the model registry: the paper's 15 base models and the tiny presets."""
-    from tbr_ray.models import REGISTRY
+    """List the model registry (the paper's 15 base models, the chat models, the tiny presets),
+    then its families: LoRA targets, how vLLM serves adapters, chat template notes."""
+    from tbr_ray.models import FAMILIES, REGISTRY
 
     typer.echo(
         f"{'name':16} {'family':7} {'params':>8} {'GPUs':>4} {'ZeRO':>4} {'vLLM LoRA':9} source"
@@ -94,9 +95,15 @@ def models() -> None:
     for m in REGISTRY.values():
         size = f"{m.params_b:.1f}B" if m.params_b >= 0.1 else "tiny"
         typer.echo(
-            f"{m.name:16} {m.family:7} {size:>8} {m.gpus:4d} {m.zero_stage:4d} "
+            f"{m.name:16} {m.family.name:7} {size:>8} {m.gpus:4d} {m.zero_stage:4d} "
             f"{'yes' if m.vllm_lora else 'merge':9} {m.hf_id or 'built locally'}"
         )
+    typer.echo("\nfamilies (a local model of another family: all-linear LoRA, vLLM decides)")
+    for f in FAMILIES.values():
+        targets = f.lora_targets if isinstance(f.lora_targets, str) else ",".join(f.lora_targets)
+        serving = "yes" if f.vllm_lora else "merge"
+        typer.echo(f"{f.name:7} {f.architecture:18} {serving:5} {targets}")
+        typer.echo(f"{'':8}{f.chat_template}")
 
 
 @app.command("build-models")
@@ -111,7 +118,8 @@ def build_models(
 ) -> None:
     """Build (or find cached) every tiny preset: tokenizer + brief pre-training."""
     from tbr_ray.config import DataConfig, PathsConfig
-    from tbr_ray.models import TINY_MODELS, build_tiny_model
+    from tbr_ray.models import TINY_MODELS
+    from tbr_ray.tiny import build_tiny_model
 
     cache = Path(cache_dir) if cache_dir else PathsConfig().resolved_cache_dir()
     root = DataConfig(root=str(data_root) if data_root else None).resolved_root()
@@ -464,7 +472,7 @@ def _model_labeler(cfg: RunConfig):
 
     from tbr_ray.evaluate import _run_engine, _tokenizer
     from tbr_ray.judges import judge_prompt
-    from tbr_ray.models import resolve_model
+    from tbr_ray.tiny import resolve_model
 
     judge = cfg.eval.refusal_judge
 

@@ -73,6 +73,14 @@ class DataConfig(_Strict):
         description="Red-team-derived harmful instructions: the safety-tuned-llamas training "
         "instructions, or the first human turn of HH-RLHF harmless-base (test split).",
     )
+    safety_filter: Literal["upstream-refusal", "none"] = Field(
+        "upstream-refusal",
+        description="Which source requests count as harmful. upstream-refusal: only those whose "
+        "upstream answer (safety-tuned-llamas' output; HH-RLHF's first chosen assistant turn) "
+        "is a refusal by the paper's keyword rule in its first 300 characters; kept and "
+        "dropped ids go to the mix report. none: every request (mixes benign ones in, which "
+        "trains refusals of benign requests; not the paper's protocol).",
+    )
     n_general: int = Field(1800, ge=1, description="General (Alpaca) rows in the mix; paper: 1800.")
     n_safety: int = Field(200, ge=1, description="Safety rows in the mix; paper: 200.")
     sample_seed: int = Field(
@@ -128,6 +136,15 @@ class ReflectionConfig(_Strict):
         "--api-key): api_key_env is not read. Not part of the config hash.",
     )
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    max_missing_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Largest share of the round(gamma x n_safety) rows meant to carry a "
+        "reflection that may go without one (writer opened with a refusal, or no complete "
+        "sentence before the max_new_tokens cap) before the mix fails. Higher: a smaller "
+        "effective gamma is accepted; the shortfall is always in the mix report.",
+    )
 
     @field_validator("reflector")
     @classmethod

@@ -4,10 +4,14 @@
     tbr-ray data --config jobs/tiny.yaml            # the same, from the shell
 
 General rows come from the Alpaca subsets, safety rows from red-team-derived instructions with
-the standardised refusal. For `internal`/`external`, a seeded share `gamma` of the safety rows
-carry a reflection before the refusal (tbr_ray.reflect). Labels are -100 on prompt tokens, so
-the loss covers the response only. A malformed source row is set aside with its reason and
-counted in the mix's report.json, never a crash.
+the standardised refusal. Safety requests are kept only when harmful by a stated rule
+(`data.safety_filter`: the upstream answer refuses); no row whose text equals a benchmark
+prompt (case, whitespace and punctuation folded) enters the mix. For `internal`/`external`, a
+seeded share `gamma` of the safety rows carry a reflection before the refusal
+(tbr_ray.reflect); a mix whose writer left too many of them without one fails
+(`reflection.max_missing_share`). Labels are -100 on prompt tokens, so the loss covers the
+response only. A malformed source row is set aside with its reason and counted in the mix's
+report.json, never a crash; so are the rows the two filters drop.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import json
 import os
 import random
 import shutil
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tbr_ray.config import Cell, RunConfig
+from tbr_ray.config import Cell, ReflectionConfig, RunConfig
+from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.models import format_prompt
 from tbr_ray.prompts import prompt_token_ids
 
@@ -36,7 +42,18 @@ SAFETY_FILES = {
     "safety-tuned-llamas": "safety-tuned-llamas/data/training/safety_only_data_Instructions.json",
     "hh-rlhf-harmless": "hh-rlhf/harmless-base/test.jsonl.gz",
 }
-MIX_VERSION = "2"  # 2: prompt ids from tbr_ray.prompts.prompt_token_ids (one BOS)
+# 2: prompt ids from tbr_ray.prompts.prompt_token_ids (one BOS); 3: harmful-only safety rows,
+# benchmark-overlap filter, reflections in the paper's form.
+MIX_VERSION = "3"
+# The upstream answer must refuse within its opening (a keyword deep in a long answer, e.g. "I
+# don't recommend" in a how-to, is no refusal of the request).
+UPSTREAM_REFUSAL_CHARS = 300
+# Neither safety source labels its requests with the paper's seven categories (Fig. 11), so the
+# mix cannot balance them; said in every mix report and in docs/FIDELITY.md.
+CATEGORY_NOTE = (
+    "not balanced: neither safety source (safety-tuned-llamas, HH-RLHF harmless-base) labels "
+    "its requests with the paper's seven categories"
+)
 IGNORE_INDEX = -100
 # Logical CPUs per Ray Data task/actor of this stage. Small on purpose: the stage runs inside
 # Tune trials next to Ray Train workers, and whole-CPU tasks starve each other on a small
@@ -48,10 +65,15 @@ class DataSourceError(FileNotFoundError):
     pass
 
 
+class ReflectionShortfall(ValueError):
+    """Fewer rows carry a reflection than gamma asks for, beyond reflection.max_missing_share."""
+
+
 @dataclass
 class SourceRows:
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {source, source_id, reason}
+    dropped: list[str] = field(default_factory=list)  # source ids failing data.safety_filter
 
 
 def _source_path(root: Path, rel: str) -> Path:
@@ -101,38 +123,103 @@ def _general_problem(row) -> str | None:
     return None
 
 
-def read_safety(root: Path, source: str) -> SourceRows:
-    """Harmful instructions {source, source_id, instruction}, de-duplicated."""
-    path = _source_path(root, SAFETY_FILES[source])
-    if source == "safety-tuned-llamas":
-        items = [
-            (i, r.get("instruction") if isinstance(r, dict) else None)
-            for i, r in enumerate(json.loads(path.read_text()))
-        ]
-    else:
-        with gzip.open(path, "rt") as fh:
-            items = [(i, _first_human_turn(line)) for i, line in enumerate(fh)]
+def read_safety(root: Path, source: str, safety_filter: str = "upstream-refusal") -> SourceRows:
+    """Harmful instructions {source, source_id, instruction}, de-duplicated. With
+    safety_filter "upstream-refusal" a request counts as harmful only when its upstream answer
+    is a refusal (`upstream_refused`); the ids of the others go to `dropped`."""
     out, seen = SourceRows(), set()
-    for i, text in items:
+    for i, text, answer in _safety_items(root, source):
         sid = f"{source}:{i}"
         if not isinstance(text, str) or not text.strip():
             out.skipped.append(
                 {"source": source, "source_id": sid, "reason": "missing or empty instruction"}
             )
+        elif safety_filter == "upstream-refusal" and not upstream_refused(answer):
+            out.dropped.append(sid)
         elif text.strip() not in seen:
             seen.add(text.strip())
             out.rows.append({"source": source, "source_id": sid, "instruction": text.strip()})
     return out
 
 
-def _first_human_turn(line: str) -> str | None:
+def upstream_refused(answer: str | None) -> bool:
+    """The harmful-request rule: the source's own answer refuses, by the paper's keyword rule
+    (tbr_ray.judges.paper_keywords_refused) on its first UPSTREAM_REFUSAL_CHARS characters."""
+    return isinstance(answer, str) and paper_keywords_refused(answer[:UPSTREAM_REFUSAL_CHARS])
+
+
+def _safety_items(root: Path, source: str) -> list[tuple[int, str | None, str | None]]:
+    """(row number, request, upstream answer) of a safety source."""
+    path = _source_path(root, SAFETY_FILES[source])
+    if source == "safety-tuned-llamas":
+        return [
+            (i, r.get("instruction"), r.get("output")) if isinstance(r, dict) else (i, None, None)
+            for i, r in enumerate(json.loads(path.read_text()))
+        ]
+    with gzip.open(path, "rt") as fh:
+        return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
+
+
+def _first_turns(line: str) -> tuple[str | None, str | None]:
+    """HH-RLHF: the first human turn and the first assistant reply of the "chosen" dialogue."""
     try:
         chosen = json.loads(line)["chosen"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return None
-    if "Human:" not in chosen:
-        return None
-    return chosen.split("Human:", 1)[1].split("Assistant:", 1)[0].strip()
+        return None, None
+    if not isinstance(chosen, str) or "Human:" not in chosen:
+        return None, None
+    human, _, rest = chosen.split("Human:", 1)[1].partition("Assistant:")
+    return human.strip(), rest.split("Human:", 1)[0].strip()
+
+
+def normalise_text(text: str) -> str:
+    """Text folded for comparison: Unicode NFKC, lower case, punctuation and symbols as spaces,
+    whitespace runs as one space. "How can I kill a Python process?" -> "how can i kill a
+    python process"."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in text)
+    return " ".join(text.split())
+
+
+def request_text(item) -> str:
+    """What a benchmark item asks (a tbr_ray.benchmarks.EvalItem): its instruction; for a
+    multiple-choice item the question alone, without the header and the lettered options."""
+    if item.mode != "choice":
+        return item.instruction
+    return item.instruction.split("\n\n", 1)[-1].split("\nA. ", 1)[0]
+
+
+def benchmark_prompts(root: Path, files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """{normalised request: "benchmark:prompt_id"} over every benchmark whose file is at hand
+    (all shipped ones; user files when given), and {benchmark: why it was not checked}."""
+    from tbr_ray.benchmarks import BENCHMARKS, load_benchmark_with_report
+
+    index, unchecked = {}, {}
+    for name in BENCHMARKS:
+        try:
+            items, _ = load_benchmark_with_report(name, root, files=files)
+        except FileNotFoundError as err:
+            unchecked[name] = str(err).split(" Fix:")[0]
+            continue
+        for item in items:
+            index.setdefault(normalise_text(request_text(item)), f"{name}:{item.prompt_id}")
+    return index, unchecked
+
+
+def drop_benchmark_overlap(rows: list[dict], index: dict[str, str]) -> tuple[list, list]:
+    """(kept rows, [{source_id, benchmark_item}]): a row is dropped when its instruction, its
+    input or both together equal a benchmark request after `normalise_text`."""
+    kept, dropped = [], []
+    for row in rows:
+        texts = [row["instruction"]]
+        if row.get("input"):
+            texts += [row["input"], f"{row['instruction']} {row['input']}"]
+        hit = next((index[k] for k in map(normalise_text, texts) if k in index), None)
+        if hit is None:
+            kept.append(row)
+        else:
+            dropped.append({"source_id": row["source_id"], "benchmark_item": hit})
+    return kept, dropped
 
 
 def sample_rows(rows: list[dict], n: int, seed: int, what: str) -> list[dict]:
@@ -236,9 +323,11 @@ def mix_key(
     tokenizer_fp: str,
     reflections: list[str] | None,
     source_hashes: dict[str, str],
+    selection: str = "",
 ) -> str:
     blob = json.dumps(
         {
+            "selection": selection,
             "data": cfg.data.model_dump(exclude={"root"}),
             "condition": cell.condition,
             "gamma": cell.gamma,
@@ -257,20 +346,83 @@ def _file_hash(path: Path) -> str:
 
 
 def source_rows(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
-    """The sampled general and safety rows (shared by every cell) and a source report."""
+    """The sampled general and safety rows (shared by every cell) and a source report: rows
+    set aside as malformed, as not harmful (data.safety_filter) and as benchmark overlap."""
     root = cfg.data.resolved_root()
     gen = read_general(root, cfg.data.general_sources)
-    saf = read_safety(root, cfg.data.safety_source)
-    general = sample_rows(gen.rows, cfg.data.n_general, cfg.data.sample_seed, "general")
-    safety = sample_rows(saf.rows, cfg.data.n_safety, cfg.data.sample_seed, "safety")
+    saf = read_safety(root, cfg.data.safety_source, cfg.data.safety_filter)
+    index, unchecked = benchmark_prompts(root, cfg.eval.benchmark_files)
+    gen_rows, gen_overlap = drop_benchmark_overlap(gen.rows, index)
+    saf_rows, saf_overlap = drop_benchmark_overlap(saf.rows, index)
+    general = sample_rows(gen_rows, cfg.data.n_general, cfg.data.sample_seed, "general")
+    safety = sample_rows(saf_rows, cfg.data.n_safety, cfg.data.sample_seed, "safety")
     files = [GENERAL_FILES[s] for s in cfg.data.general_sources]
     files.append(SAFETY_FILES[cfg.data.safety_source])
+    chosen = [r["source_id"] for r in general + safety]
     report = {
         "skipped": gen.skipped + saf.skipped,
         "n_skipped": len(gen.skipped) + len(saf.skipped),
         "source_hashes": {f: _file_hash(root / f) for f in files},
+        "selection": hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16],
+        "safety_filter": _filter_report(cfg.data.safety_filter, saf),
+        "safety_categories": CATEGORY_NOTE,
+        "benchmark_overlap": {
+            "n_dropped": len(gen_overlap) + len(saf_overlap),
+            "dropped": gen_overlap + saf_overlap,
+            "not_checked": unchecked,
+        },
     }
     return general, safety, report
+
+
+def _filter_report(rule: str, saf: SourceRows) -> dict:
+    criterion = (
+        f"upstream answer refuses: paper keyword rule on its first {UPSTREAM_REFUSAL_CHARS} "
+        "characters"
+        if rule == "upstream-refusal"
+        else "none: every request kept"
+    )
+    return {
+        "rule": rule,
+        "criterion": criterion,
+        "n_kept": len(saf.rows),
+        "n_dropped": len(saf.dropped),
+        "kept_ids": [r["source_id"] for r in saf.rows],
+        "dropped_ids": saf.dropped,
+    }
+
+
+def reflection_share(
+    texts: list[str], flaws: list[str | None], gamma: float, seed: int
+) -> dict[str, int]:
+    """Counts for one writer's reflection set (pure): its empty and truncated reflections, and
+    how many of the round(gamma x n) rows chosen to carry one really do."""
+    chosen = reflected_indices(len(texts), gamma, seed)
+    return {
+        "n_prompts": len(texts),
+        "n_empty": sum(f == "empty" for f in flaws),
+        "n_truncated": sum(f == "truncated" for f in flaws),
+        "n_target": len(chosen),
+        "n_reflected": sum(bool(texts[i]) for i in chosen),
+    }
+
+
+def check_reflection_share(counts: dict, writer: str, rcfg: ReflectionConfig) -> None:
+    """Raise ReflectionShortfall when the reflected rows fall short of the target by more than
+    reflection.max_missing_share (of the target)."""
+    missing = counts["n_target"] - counts["n_reflected"]
+    if counts["n_target"] and missing / counts["n_target"] > rcfg.max_missing_share:
+        raise ReflectionShortfall(
+            f"writer {writer}: {counts['n_reflected']} of the {counts['n_target']} safety rows "
+            f"meant to carry a reflection have one ({missing / counts['n_target']:.0%} missing, "
+            f"more than reflection.max_missing_share={rcfg.max_missing_share}). Of its "
+            f"{counts['n_prompts']} reflections {counts['n_empty']} are empty (it opened with "
+            f"a refusal) and {counts['n_truncated']} ran into the token cap mid-sentence "
+            f"(reflection.max_new_tokens={rcfg.max_new_tokens}). Fix: raise "
+            "reflection.max_new_tokens, use a stronger writer, or raise "
+            "reflection.max_missing_share to accept a smaller effective gamma. The "
+            "reflections stay cached; nothing else was lost."
+        )
 
 
 def reflection_request(
@@ -302,6 +454,19 @@ def reflection_request(
     )
 
 
+def _checked_reflections(cfg: RunConfig, cell: Cell, req) -> tuple[list[str], dict]:
+    """The writer's reflections for `req` and their counts; ReflectionShortfall when too few of
+    the gamma share carry one (checked on every call, cached mix or not)."""
+    from tbr_ray.reflect import reflection_set
+
+    rset = reflection_set(
+        list(req.instructions), cfg, req.condition, req.writer_path, req.writer_id
+    )
+    counts = reflection_share(list(rset.texts), list(rset.flaws), cell.gamma, cfg.data.sample_seed)
+    check_reflection_share(counts, req.writer_id, cfg.reflection)
+    return list(rset.texts), {"writer": req.writer_id, **counts}
+
+
 def build_mix(
     cfg: RunConfig,
     cell: Cell,
@@ -312,17 +477,18 @@ def build_mix(
     """Build (or find cached) the cell's tokenized mix as Parquet; returns its folder."""
     import ray
 
-    from tbr_ray.reflect import generate_reflections
-
     general, safety, report = source_rows(cfg)
     reflections = None
     req = reflection_request(cfg, cell, model_path, reflector_path, reflector_id, safety)
     if req is not None:
-        reflections = generate_reflections(
-            list(req.instructions), cfg, req.condition, req.writer_path, req.writer_id
-        )
+        reflections, report["reflections"] = _checked_reflections(cfg, cell, req)
     key = mix_key(
-        cfg, cell, tokenizer_fingerprint(model_path), reflections, report["source_hashes"]
+        cfg,
+        cell,
+        tokenizer_fingerprint(model_path),
+        reflections,
+        report["source_hashes"],
+        report["selection"],
     )
     out = cfg.paths.resolved_cache_dir() / "mixes" / key
     if (out / "report.json").is_file():

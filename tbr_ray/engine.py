@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tbr_ray.models import ModelSpec
 from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids
 
 
@@ -400,8 +401,33 @@ def check_engine(
     return shares
 
 
+def vllm_serves_lora(architecture: str) -> bool:
+    """Whether vLLM serves LoRA adapters on an architecture (e.g. "Qwen2ForCausalLM"), from
+    vLLM's own model registry: its model class declares `supports_lora`. An architecture vLLM
+    does not know at all is an error naming it, not a silent merge."""
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    model_cls = ModelRegistry._try_load_model_cls(architecture)
+    if model_cls is None:
+        raise ValueError(
+            f"vLLM has no model class for architecture {architecture!r}. "
+            f"Fix: use a model whose architecture vLLM lists (vllm.ModelRegistry)."
+        )
+    return supports_lora(model_cls)
+
+
+def serves_lora(spec: ModelSpec) -> bool:
+    """The registry's answer for a listed family (models.FAMILIES), vLLM's for an unlisted one:
+    True: one engine serves every adapter; False: merge each adapter (merge_adapter)."""
+    if spec.vllm_lora is not None:
+        return spec.vllm_lora
+    return vllm_serves_lora(spec.family.architecture)
+
+
 def merge_adapter(base_path: str, adapter_path: str, out_dir: Path) -> str:
-    """Merge a PEFT adapter into a copy of its base model (for archs vLLM has no LoRA for)."""
+    """Merge a PEFT adapter into a copy of its base model (for archs vLLM has no LoRA for:
+    `serves_lora` is False)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

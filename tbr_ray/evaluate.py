@@ -6,7 +6,8 @@
 Design: the prompts of all passes (the base model's own, then one per adapter) form one Ray
 Dataset, consumed by `map_batches` with a single `EngineStage` actor (tbr_ray.engine): one
 engine start per base model, not per cell; each pass is its own vLLM call, never a mix of base
-and adapter requests. Archs whose LoRA vLLM cannot serve (Falcon) get one merged-model engine
+and adapter requests. Archs whose LoRA vLLM cannot serve (Falcon; for a family the registry
+does not list, vLLM's own registry decides: engine.serves_lora) get one merged-model engine
 per adapter. Generations are judged (rule judges here; each model judge, the refusal judge and
 the harm judge, as an engine pass of its own), scored, and written per cell with provenance
 through tbr_ray.results; a cell whose model-judge answers are unparsable beyond
@@ -26,7 +27,13 @@ import pandas as pd
 from tbr_ray import results
 from tbr_ray.benchmarks import EvalItem, load_benchmark, score_item
 from tbr_ray.config import Cell, ModelJudgeConfig, RunConfig
-from tbr_ray.engine import engine_gpus_for, engine_placement, engine_settings
+from tbr_ray.engine import (
+    engine_gpus_for,
+    engine_placement,
+    engine_settings,
+    merge_adapter,
+    serves_lora,
+)
 from tbr_ray.judges import (
     HARM_JUDGE,
     REFUSAL_MODEL_JUDGE,
@@ -183,10 +190,9 @@ def generate_all(
     adapter-free passes plus one merged-model engine per adapter."""
     n = cfg.eval.max_new_tokens
     rows = _rows(passes, items, _tokenizer(model_path))
-    if get_spec(model).vllm_lora:
+    if serves_lora(get_spec(model)):
         adapters = [p.adapter for p in passes if p.adapter]
         return _run_engine(model_path, adapters, rows, cfg, n, model=model)
-    from tbr_ray.engine import merge_adapter
 
     plain = [r for r in rows if not r["adapter"]]
     frames = [_run_engine(model_path, [], plain, cfg, n, model=model)] if plain else []
@@ -248,7 +254,7 @@ def _model_judge(
 ) -> list[dict]:
     """Run one judge model over the judged generations, prompts rendered in its format through
     its own tokenizer (tbr_ray.judges.judge_prompt); parse each answer (None: unparsable)."""
-    from tbr_ray.models import resolve_model
+    from tbr_ray.tiny import resolve_model
 
     path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
     tokenizer = _tokenizer(path)

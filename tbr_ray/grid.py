@@ -32,8 +32,8 @@ from pathlib import Path
 
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
-from tbr_ray.models import resolve_model
 from tbr_ray.rundir import run_lock
+from tbr_ray.tiny import resolve_model
 
 TRIAL_DRIVER_CPU = 0.01  # a cell's task only orchestrates; a whole CPU starves its workers
 

@@ -1,28 +1,61 @@
-"""The model registry (the paper's 15 base models + tiny presets), the prompt template, and
-the builder that makes tiny presets locally (tokenizer + brief pre-training), no hub needed.
+"""The model registry: one row per model family (FAMILIES), the paper's 15 base models, the
+chat models of the prompting experiment and the tiny presets, and the Alpaca prompt template.
+Pure data and lookups: building tiny presets lives in tbr_ray.tiny.
 
     tbr-ray models                       # list the registry
-    tbr-ray build-models                 # build (or find cached) every tiny preset
-    path = resolve_model("tiny-llama", cache_dir, data_root)  # local HF folder, built if needed
+    get_spec("llama-2-7b").lora_targets  # what LoRA targets, how vLLM serves it
+    get_spec("/models/my-qwen2")         # a local folder: its family's row, or all-linear LoRA
 
 A model name is a registry name or a local folder holding an HF-format causal LM.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import random
-import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FALCON_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+ALL_LINEAR = "all-linear"  # PEFT: every linear layer except the output head
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family, keyed by its HF config's `model_type`: how tbr-ray fine-tunes and
+    serves it. tests/test_models.py holds `vllm_lora` equal to what vLLM itself says."""
+
+    name: str  # HF model_type (llama, gemma, gemma2, falcon, ...)
+    architecture: str  # HF / vLLM architecture class (config.json "architectures")
+    lora_targets: tuple[str, ...] | str  # PEFT target_modules (a tuple, or ALL_LINEAR)
+    # True: one engine serves every adapter (LoRARequest); False: vLLM cannot serve this
+    # family's LoRA, each adapter is merged into a saved model that gets its own engine;
+    # None: not decided here (an unlisted family), tbr_ray.engine asks vLLM at eval time.
+    vllm_lora: bool | None
+    chat_template: str  # what the prompting experiment's chat prompts rely on
+
+
+# fmt: off
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("llama", "LlamaForCausalLM", LLAMA_TARGETS, True,
+           "chat models: the tokenizer's template, with a system role (Llama-2-chat <<SYS>>, "
+           "Llama-3 headers); base models have none and get plain text"),
+    Family("gemma", "GemmaForCausalLM", LLAMA_TARGETS, True,
+           "chat models: the tokenizer's template, no system role (the system prompt goes "
+           "in front of the user turn)"),
+    Family("gemma2", "Gemma2ForCausalLM", LLAMA_TARGETS, True,
+           "base models only in the paper; plain-text prompts"),
+    Family("falcon", "FalconForCausalLM", FALCON_TARGETS, False,
+           "base models only in the paper; plain-text prompts"),
+]}
+# fmt: on
+
+
+def unlisted_family(model_type: str, architecture: str) -> Family:
+    """A family that has no row above (a local model folder): LoRA on every linear layer, and
+    whether vLLM serves its LoRA is asked of vLLM when the model is evaluated."""
+    return Family(model_type, architecture, ALL_LINEAR, None, "the tokenizer's own, if any")
 
 
 @dataclass(frozen=True)
@@ -48,13 +81,11 @@ class ModelSpec:
     `tbr-ray models`; a run takes the planner's choice for its cluster."""
 
     name: str
-    hf_id: str | None  # None for tiny presets (built locally)
-    family: str  # llama | gemma | gemma2 | falcon
+    family: Family
     params_b: float  # parameters, billions
-    lora_targets: tuple[str, ...]
-    gpus: int  # GPUs per cell (= Ray Train workers on a GPU cluster)
-    zero_stage: int  # DeepSpeed ZeRO stage suggested at that size
-    vllm_lora: bool = True  # False: vLLM cannot serve LoRA for this arch -> merge adapter
+    hf_id: str | None = None  # None for tiny presets (built locally by tbr_ray.tiny)
+    gpus: int = 0  # GPUs per cell (= Ray Train workers on a GPU cluster)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage suggested at that size
     arch: dict[str, Any] = field(default_factory=dict)  # tiny presets: HF config kwargs
     shape: Shape | None = None  # paper models: published architecture numbers
 
@@ -62,10 +93,27 @@ class ModelSpec:
     def tiny(self) -> bool:
         return self.hf_id is None
 
+    @property
+    def lora_targets(self) -> tuple[str, ...] | str:
+        return self.family.lora_targets
 
-def _paper(name, hf_id, family, params_b, gpus, zero, targets=LLAMA_TARGETS, vllm_lora=True):
+    @property
+    def vllm_lora(self) -> bool | None:
+        return self.family.vllm_lora
+
+    def peft_target_modules(self) -> list[str] | str:
+        """`target_modules` for peft.LoraConfig: a list of names, or the string ALL_LINEAR."""
+        targets = self.family.lora_targets
+        return targets if isinstance(targets, str) else list(targets)
+
+
+def _table(*specs: ModelSpec) -> dict[str, ModelSpec]:
+    return {s.name: s for s in specs}
+
+
+def _paper(name: str, hf_id: str, family: str, params_b: float, gpus: int, zero: int):
     shape = SHAPES[name.removesuffix("-chat")]
-    return ModelSpec(name, hf_id, family, params_b, targets, gpus, zero, vllm_lora, {}, shape)
+    return ModelSpec(name, FAMILIES[family], params_b, hf_id, gpus, zero, shape=shape)
 
 
 # Published configs (layers, hidden, heads, KV heads, head dim, MLP width, vocab). Llama-1 and
@@ -94,122 +142,61 @@ SHAPES: dict[str, Shape] = {
 
 
 # The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GiB cards, bf16, LoRA.
-PAPER_MODELS: dict[str, ModelSpec] = {
-    m.name: m
-    for m in [
-        _paper("gemma-2b", "google/gemma-2b", "gemma", 2.5, 1, 2),
-        _paper("gemma-2-2b", "google/gemma-2-2b", "gemma2", 2.6, 1, 2),
-        _paper("gemma-7b", "google/gemma-7b", "gemma", 8.5, 1, 2),
-        _paper("llama-7b", "huggyllama/llama-7b", "llama", 6.7, 1, 2),
-        _paper("llama-2-7b", "meta-llama/Llama-2-7b-hf", "llama", 6.7, 1, 2),
-        _paper("falcon-7b", "tiiuae/falcon-7b", "falcon", 7.2, 1, 2, FALCON_TARGETS, False),
-        _paper("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "llama", 8.0, 1, 2),
-        _paper("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "llama", 8.0, 1, 2),
-        _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 1, 2),
-        _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 1, 2),
-        _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 1, 2),
-        _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3, FALCON_TARGETS, False),
-        _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
-        _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),
-        _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 8, 3),
-    ]
-}
+PAPER_MODELS: dict[str, ModelSpec] = _table(
+    _paper("gemma-2b", "google/gemma-2b", "gemma", 2.5, 1, 2),
+    _paper("gemma-2-2b", "google/gemma-2-2b", "gemma2", 2.6, 1, 2),
+    _paper("gemma-7b", "google/gemma-7b", "gemma", 8.5, 1, 2),
+    _paper("llama-7b", "huggyllama/llama-7b", "llama", 6.7, 1, 2),
+    _paper("llama-2-7b", "meta-llama/Llama-2-7b-hf", "llama", 6.7, 1, 2),
+    _paper("falcon-7b", "tiiuae/falcon-7b", "falcon", 7.2, 1, 2),
+    _paper("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "llama", 8.0, 1, 2),
+    _paper("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "llama", 8.0, 1, 2),
+    _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 1, 2),
+    _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 1, 2),
+    _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 1, 2),
+    _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3),
+    _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
+    _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),
+    _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 8, 3),
+)
 
+TINY_VOCAB = 2048  # the tiny presets' trained BPE vocabulary (tbr_ray.tiny)
 # head_dim 64 everywhere: vLLM's CPU attention rejects smaller heads (STACK.md).
 _TINY_COMMON = dict(
     hidden_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=1024
 )
-TINY_MODELS: dict[str, ModelSpec] = {
-    m.name: m
-    for m in [
-        ModelSpec(
-            "tiny-llama",
-            None,
-            "llama",
-            0.0004,
-            LLAMA_TARGETS,
-            0,
-            2,
-            True,
-            dict(
-                _TINY_COMMON,
-                model_type="llama",
-                intermediate_size=384,
-                head_dim=64,
-                num_key_value_heads=2,
-                tie_word_embeddings=True,
-            ),
-        ),
-        ModelSpec(
-            "tiny-gemma",
-            None,
-            "gemma",
-            0.0004,
-            LLAMA_TARGETS,
-            0,
-            2,
-            True,
-            dict(
-                _TINY_COMMON,
-                model_type="gemma",
-                intermediate_size=384,
-                head_dim=64,
-                num_key_value_heads=1,
-            ),
-        ),
-        ModelSpec(
-            "tiny-gemma2",
-            None,
-            "gemma2",
-            0.0004,
-            LLAMA_TARGETS,
-            0,
-            2,
-            True,
-            dict(
-                _TINY_COMMON,
-                model_type="gemma2",
-                intermediate_size=384,
-                head_dim=64,
-                num_key_value_heads=1,
-                sliding_window=256,
-                query_pre_attn_scalar=64,
-            ),
-        ),
-        ModelSpec(
-            "tiny-falcon",
-            None,
-            "falcon",
-            0.0004,
-            FALCON_TARGETS,
-            0,
-            2,
-            False,
-            dict(
-                _TINY_COMMON,
-                model_type="falcon",
-                multi_query=True,
-                parallel_attn=True,
-                new_decoder_architecture=False,
-                alibi=False,
-                bias=False,
-            ),
-        ),
-    ]
-}
+
+
+def _tiny(family: str, **arch: Any) -> ModelSpec:
+    """A tiny preset: HF config kwargs of `family`, built locally by tbr_ray.tiny."""
+    arch = dict(_TINY_COMMON, model_type=family, **arch)
+    return ModelSpec(f"tiny-{family}", FAMILIES[family], 0.0004, arch=arch)
+
+
+_GQA = dict(intermediate_size=384, head_dim=64)
+TINY_MODELS: dict[str, ModelSpec] = _table(
+    _tiny("llama", **_GQA, num_key_value_heads=2, tie_word_embeddings=True),
+    _tiny("gemma", **_GQA, num_key_value_heads=1),
+    _tiny("gemma2", **_GQA, num_key_value_heads=1, sliding_window=256, query_pre_attn_scalar=64),
+    _tiny(
+        "falcon",
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        alibi=False,
+        bias=False,
+    ),  # fmt: skip
+)
 
 # The official chat models of the prompting experiment (PAPER.md section 7, Table 1): evaluated
 # untrained under the Direct / CoT prompts, never fine-tuned here.
-CHAT_MODELS: dict[str, ModelSpec] = {
-    m.name: m
-    for m in [
-        _paper("gemma-2b-chat", "google/gemma-2b-it", "gemma", 2.5, 1, 2),
-        _paper("gemma-7b-chat", "google/gemma-7b-it", "gemma", 8.5, 1, 2),
-        _paper("llama-2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", 6.7, 1, 2),
-        _paper("llama-3-8b-chat", "meta-llama/Meta-Llama-3-8B-Instruct", "llama", 8.0, 1, 2),
-        _paper("llama-3.1-8b-chat", "meta-llama/Llama-3.1-8B-Instruct", "llama", 8.0, 1, 2),
-    ]
-}
+CHAT_MODELS: dict[str, ModelSpec] = _table(
+    _paper("gemma-2b-chat", "google/gemma-2b-it", "gemma", 2.5, 1, 2),
+    _paper("gemma-7b-chat", "google/gemma-7b-it", "gemma", 8.5, 1, 2),
+    _paper("llama-2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", 6.7, 1, 2),
+    _paper("llama-3-8b-chat", "meta-llama/Meta-Llama-3-8B-Instruct", "llama", 8.0, 1, 2),
+    _paper("llama-3.1-8b-chat", "meta-llama/Llama-3.1-8B-Instruct", "llama", 8.0, 1, 2),
+)
 
 REGISTRY: dict[str, ModelSpec] = {**TINY_MODELS, **PAPER_MODELS, **CHAT_MODELS}
 
@@ -238,24 +225,21 @@ class UnknownModelError(ValueError):
 
 
 def get_spec(name: str) -> ModelSpec:
-    """Registry entry for a name, or a spec inferred from a local HF folder's config.json."""
+    """Registry entry for a name, or a spec read from a local HF folder's config.json: its
+    family's row, or an unlisted family (all-linear LoRA, vLLM asked at eval time)."""
     if name in REGISTRY:
         return REGISTRY[name]
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
-        model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-        family = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2", "falcon": "falcon"}.get(
-            model_type
-        )
-        if family is None:
+        config = json.loads((path / "config.json").read_text())
+        model_type, archs = config.get("model_type"), config.get("architectures") or []
+        if model_type not in FAMILIES and not (model_type and archs):
             raise UnknownModelError(
-                f"{name}: model_type {model_type!r} has no LoRA target list here. Fix: use a "
-                f"llama, gemma, gemma2 or falcon model, or add its family to tbr_ray.models."
+                f"{name}: config.json has model_type={model_type!r}, architectures={archs!r}. "
+                f"Fix: save the model with transformers' save_pretrained, which writes both."
             )
-        targets = FALCON_TARGETS if family == "falcon" else LLAMA_TARGETS
-        return ModelSpec(
-            str(path.resolve()), str(path.resolve()), family, 0.0, targets, 1, 2, family != "falcon"
-        )
+        family = FAMILIES.get(model_type) or unlisted_family(model_type, archs[0])
+        return ModelSpec(str(path.resolve()), family, 0.0, str(path.resolve()), 1)
     close = [n for n in REGISTRY if n.split("-")[0] in name.lower()][:5]
     raise UnknownModelError(
         f"unknown model {name!r}: not in the registry and not a folder with config.json. "
@@ -272,7 +256,7 @@ def model_shape(name: str) -> Shape | None:
     if spec.shape is not None:
         return spec.shape
     if spec.tiny:
-        return shape_from_hf_config({**spec.arch, "vocab_size": PRETRAIN["vocab_size"]})
+        return shape_from_hf_config({**spec.arch, "vocab_size": TINY_VOCAB})
     return shape_from_hf_config(json.loads((Path(spec.hf_id) / "config.json").read_text()))
 
 
@@ -307,155 +291,6 @@ def model_label(name: str) -> str:
     return name if name in REGISTRY else Path(name).name
 
 
-def resolve_model(name: str, cache_dir: Path, data_root: Path, seed: int = 0) -> str:
-    """A loadable model location: tiny presets are built (or found cached) under cache_dir,
-    pre-trained on text under data_root (the run's `data.root`); paper models resolve to their
-    HF id (the cluster's HF cache or hub); paths stay paths."""
-    if name not in REGISTRY and not Path(name).expanduser().exists() and is_hub_id(name):
-        return name  # a hub id (judge or reflector on a cluster with an HF cache)
-    spec = get_spec(name)
-    if spec.tiny:
-        return str(build_tiny_model(spec, cache_dir, data_root, seed=seed))
-    return spec.hf_id or name
-
-
 def is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-
-
-# ---------------------------------------------------------------- tiny preset builder
-
-PRETRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, vocab_size=2048)
-
-
-def _pretrain_corpus(data_root: Path) -> list[str]:
-    """General text the tiny presets are pre-trained on: the shipped Alpaca rows in the Alpaca
-    template, so a tiny "base model" has seen the prompt format and answers in English-like
-    text (a real base model has seen far more). It never sees a refusal."""
-    texts = []
-    for rel in (
-        "alpaca-subsets/gumbelsoft/alpaca_data.json",
-        "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
-    ):
-        for row in json.loads((data_root / rel).read_text()):
-            if row.get("instruction") and row.get("output"):
-                texts.append(
-                    format_prompt(row["instruction"], row.get("input") or "") + row["output"]
-                )
-    return texts
-
-
-def tiny_build_key(spec: ModelSpec, seed: int, corpus: list[str]) -> str:
-    blob = json.dumps(
-        {
-            "arch": spec.arch,
-            "pretrain": PRETRAIN,
-            "seed": seed,
-            "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
-            "version": 2,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-def build_tiny_model(spec: ModelSpec, cache_dir: Path, data_root: Path, seed: int = 0) -> Path:
-    """Build a tiny preset: train a byte-level BPE tokenizer and pre-train all parameters
-    briefly on the shipped general text under data_root. Deterministic for a seed; cached by
-    content key."""
-    corpus = _pretrain_corpus(data_root)
-    out = Path(cache_dir) / "models" / f"{spec.name}-{tiny_build_key(spec, seed, corpus)}"
-    if (out / "build_info.json").is_file():
-        return out
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # concurrent builders: own temp
-    tokenizer = _train_tokenizer(corpus, PRETRAIN["vocab_size"])
-    model, info = _pretrain(spec, tokenizer, corpus, seed)
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "build_info.json").write_text(
-        json.dumps({"spec": asdict(spec), "seed": seed, "pretrain": PRETRAIN, **info}, indent=2)
-    )
-    try:
-        tmp.rename(out)
-    except OSError:  # a concurrent builder finished first; keep its result
-        shutil.rmtree(tmp)
-    return out
-
-
-def _train_tokenizer(corpus: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        model_max_length=1_000_000,
-    )
-
-
-def _make_config(spec: ModelSpec, tokenizer):
-    from transformers import AutoConfig
-
-    kwargs = dict(spec.arch)
-    model_type = kwargs.pop("model_type")
-    return AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
-    )
-
-
-def _pretrain(spec: ModelSpec, tokenizer, corpus: list[str], seed: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_make_config(spec, tokenizer), dtype=torch.float32)
-    ids: list[int] = []
-    for text in random.Random(seed).sample(corpus, len(corpus)):
-        ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
-    stream = torch.tensor(ids)
-    seq, bs, steps = PRETRAIN["seq_len"], PRETRAIN["batch_size"], PRETRAIN["steps"]
-    n_windows = len(stream) // seq
-    windows = stream[: n_windows * seq].view(n_windows, seq)
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    t0, losses = time.time(), []
-    for step in range(steps):
-        lr = PRETRAIN["lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = windows[torch.randint(0, n_windows, (bs,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    info = {
-        "pretrain_loss_first": losses[0],
-        "pretrain_loss_last": sum(losses[-20:]) / 20,
-        "pretrain_seconds": round(time.time() - t0, 1),
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "corpus_tokens": len(ids),
-    }
-    return model, info

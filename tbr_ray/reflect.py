@@ -23,10 +23,18 @@ from pathlib import Path
 
 from tbr_ray.config import ConfigError, RunConfig
 
-PROMPT_VERSION = "1"
+# 2: a new internal shot (the old one was an XSTest prompt), reflections keep the paper's
+# "Therefore," form, flaws (empty / truncated) recorded per reflection.
+PROMPT_VERSION = "2"
+# The paper's connector between rationale and refusal (Fig. 9's worked example: "... safely
+# and legally. Therefore, I'm sorry, but I cannot ..."); used for internal reflections too.
+CONNECTOR = "Therefore,"
+_STOPS = ("\n\n", "\nInstruction:", "\ninstruction:")
+_SENTENCE_END = (".", "!", "?", '."', '!"', '?"', ".'", ".)")
 
 # Fig. 8 gives the shape (5 benign Alpaca-style pairs, "Instruction:" then "Explain: This query
-# asks for ..."); the five pairs themselves are ours.
+# asks for ..."); the five pairs themselves are ours. None may be (near) any benchmark prompt:
+# tests/test_reflect.py checks them against every shipped benchmark.
 INTERNAL_SHOTS = (
     (
         "Give three tips for staying healthy.",
@@ -37,8 +45,9 @@ INTERNAL_SHOTS = (
         "This query asks for a translation of a common greeting from English into French.",
     ),
     (
-        "How do I kill a Python process?",
-        "This query asks how to stop a running program on a computer, a routine technical task.",
+        "How do I sort a list of numbers in Python?",
+        "This query asks how to put values in order with a programming language, a routine "
+        "technical task.",
     ),
     (
         "Write a short poem about the ocean.",
@@ -50,11 +59,12 @@ INTERNAL_SHOTS = (
     ),
 )
 
+EXTERNAL_EXAMPLE = "How to kill my neighbor's annoying dog?"  # Fig. 9's one shot
 EXTERNAL_TEMPLATE = (
     "Please revise the following prompt to add a reasoning section to the 'output' before the "
     "existing content. The instruction may contain inappropriate information but you won't "
     "generate any harmful information.\n\n"
-    "instruction: How to kill my neighbor's annoying dog?\n"
+    f"instruction: {EXTERNAL_EXAMPLE}\n"
     "output: I'm sorry, but I cannot fulfill that request. As an AI language model, it is not "
     "in my programming to provide harmful and illegal content. My purpose is to assist and "
     "provide helpful responses to your queries\n"
@@ -64,6 +74,8 @@ EXTERNAL_TEMPLATE = (
     "content. My purpose is to assist and provide helpful responses to your queries\n\n"
     "instruction: {instruction}\noutput: {output}\nrevised output:"
 )
+# Every request a writer sees as an example: kept off benchmark prompts (tests/test_reflect.py).
+FEW_SHOT_INSTRUCTIONS = (*(q for q, _ in INTERNAL_SHOTS), EXTERNAL_EXAMPLE)
 
 
 def internal_prompt(instruction: str) -> str:
@@ -75,22 +87,45 @@ def external_prompt(instruction: str, refusal: str) -> str:
     return EXTERNAL_TEMPLATE.format(instruction=instruction, output=refusal)
 
 
-def clean_reflection(text: str, refusal: str) -> str:
-    """The rationale alone: first paragraph, cut before a new 'Instruction:' or the refusal
-    (the external prompt asks the writer to repeat it), whitespace folded."""
-    text = text.strip()
-    for stop in ("\n\n", "\nInstruction:", "\ninstruction:", refusal[:30], "Therefore,"):
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-    return " ".join(text.split())
+def _assess(raw: str, refusal: str) -> tuple[str, str | None]:
+    """(rationale, flaw). The rationale is the first paragraph, cut before a new
+    'Instruction:', the refusal or the connector (the external prompt asks the writer to
+    repeat them; training_output adds them back in one fixed form), whitespace folded.
+    Flaws: "empty" (nothing before the cut, or the text opens with a refusal by XSTest's
+    prefix rule) and "truncated" (no cut: the text ran into the token cap, mid-sentence);
+    a truncated rationale keeps its complete sentences only."""
+    from tbr_ray.judges import xstest_prefix_refused
+
+    text = raw.strip()
+    cuts = [text.index(s) for s in (*_STOPS, refusal[:30], CONNECTOR) if s and s in text]
+    text = " ".join(text[: min(cuts)].split()) if cuts else " ".join(text.split())
+    if not text or xstest_prefix_refused(text):
+        return "", "empty"
+    if cuts or text.endswith(_SENTENCE_END):
+        return text, None
+    ends = [text.rfind(e + " ") for e in (".", "!", "?")]
+    return text[: max(ends) + 1] if max(ends) > 0 else "", "truncated"
+
+
+def clean_reflection(raw: str, refusal: str) -> str:
+    """The rationale a writer's raw text gives ("" when it gives none); see `_assess`."""
+    return _assess(raw, refusal)[0]
+
+
+def reflection_flaw(raw: str, refusal: str) -> str | None:
+    """ "empty", "truncated" or None (a complete rationale); see `_assess`."""
+    return _assess(raw, refusal)[1]
 
 
 def training_output(reflection: str | None, refusal: str) -> str:
-    """The safety example's target: rationale (if any) then the standardised refusal."""
-    if reflection:
-        sep = "" if reflection.endswith((".", "!", "?")) else "."
-        return f"{reflection}{sep} {refusal}"
-    return refusal
+    """The safety example's target: the paper's form "<rationale> Therefore, <refusal>"
+    (Fig. 9), or the bare refusal when there is no rationale."""
+    if not reflection:
+        return refusal
+    sep = "" if reflection.endswith(_SENTENCE_END) else "."
+    # "Therefore, I'm sorry" keeps its capital I; "Sorry, ..." continues as "therefore, sorry".
+    rest = refusal if refusal.startswith(("I ", "I'")) else refusal[:1].lower() + refusal[1:]
+    return f"{reflection}{sep} {CONNECTOR} {rest}"
 
 
 def reflection_cache_key(writer: str, prompts: list[str], max_new_tokens: int) -> str:
@@ -138,7 +173,8 @@ def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> in
     """Generate every missing reflection set of `requests` and cache it; returns how many sets
     were generated. Engine writers on CPU share one Ray Data actor (one process start and one
     `import vllm` for all of them, engines built one after another); on GPUs each writer gets
-    its own actor, so every engine starts on freshly released devices."""
+    its own actor and all of them run side by side, as many as the free GPUs hold
+    (`writer_groups`), every engine on freshly released devices."""
     todo = {}
     for req in requests:
         path = _cache_path(req, cfg)
@@ -174,20 +210,38 @@ def writer_groups(paths: list[Path], use_gpu: bool) -> list[list[Path]]:
     return [[p] for p in paths] if use_gpu else [list(paths)]
 
 
-def generate_reflections(
+@dataclass(frozen=True)
+class ReflectionSet:
+    """One writer's cleaned reflections, one per instruction, with each one's flaw."""
+
+    writer_id: str
+    texts: tuple[str, ...]  # "" where the writer gave no usable rationale
+    flaws: tuple[str | None, ...]  # "empty" | "truncated" | None, see clean_reflection
+    cache_path: str
+
+
+def reflection_set(
     instructions: list[str], cfg: RunConfig, condition: str, base_model_path: str, writer_id: str
-) -> list[str]:
+) -> ReflectionSet:
     """Reflections for each instruction, cached. `writer_id` names the writer stably (model
     name + build key, or endpoint model) for the cache key."""
     req = ReflectionRequest(condition, base_model_path, writer_id, tuple(instructions))
     path = _cache_path(req, cfg)
     if not path.is_file():
         prepare_reflections([req], cfg)
-    return json.loads(path.read_text())["reflections"]
+    data = json.loads(path.read_text())
+    return ReflectionSet(writer_id, tuple(data["reflections"]), tuple(data["flaws"]), str(path))
+
+
+def generate_reflections(
+    instructions: list[str], cfg: RunConfig, condition: str, base_model_path: str, writer_id: str
+) -> list[str]:
+    """The texts of `reflection_set` (same arguments)."""
+    return list(reflection_set(instructions, cfg, condition, base_model_path, writer_id).texts)
 
 
 def _store(path: Path, req: ReflectionRequest, raw: list[str], cfg: RunConfig) -> None:
-    out = [clean_reflection(t, cfg.data.refusal) for t in raw]
+    assessed = [_assess(t, cfg.data.refusal) for t in raw]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent writers: own temp
     tmp.write_text(
@@ -197,7 +251,8 @@ def _store(path: Path, req: ReflectionRequest, raw: list[str], cfg: RunConfig) -
                 "condition": req.condition,
                 "prompts": _prompts(req, cfg),
                 "raw": raw,
-                "reflections": out,
+                "reflections": [text for text, _ in assessed],
+                "flaws": [flaw for _, flaw in assessed],
             },
             indent=1,
         )

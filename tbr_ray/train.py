@@ -114,7 +114,7 @@ def _build_model(config: dict):
         r=cfg.train.lora_rank,
         lora_alpha=cfg.train.lora_alpha,
         lora_dropout=cfg.train.lora_dropout,
-        target_modules=list(spec.lora_targets),
+        target_modules=spec.peft_target_modules(),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tbr_ray.config import DataConfig, PathsConfig, load_config
-from tbr_ray.models import TINY_MODELS, build_tiny_model
+from tbr_ray.models import TINY_MODELS
+from tbr_ray.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from tbr_ray.models import format_prompt
 ROOT = DataConfig().resolved_root()
 FIXTURES = Path(__file__).parent / "fixtures"
 TOY_ROOT = FIXTURES / "data_root"
-SHIPPED = [name for name, spec in BENCHMARKS.items() if spec.source != "user file"]
+SHIPPED = [name for name, spec in BENCHMARKS.items() if not spec.user_file]
 needs_data = pytest.mark.skipif(not (ROOT / "xstest").is_dir(), reason=f"no shared data at {ROOT}")
 
 
@@ -38,7 +39,7 @@ def test_registry_has_exactly_the_planned_benchmarks():
         "mmlu", "arc_easy", "arc_challenge", "gsm8k",
     }  # fmt: skip
     for name, spec in BENCHMARKS.items():
-        assert spec.name == name and spec.version.startswith(name + "/")
+        assert spec.name == name and spec.version_id == f"{name}/{spec.version}"
         assert spec.kind in ("false_refusal", "safety", "general")
         assert spec.mode == (
             "choice" if name in ("mmlu", "arc_easy", "arc_challenge") else "generate"
@@ -58,7 +59,7 @@ def test_every_shipped_benchmark_loads_cleanly(name):
     for it in items:
         assert (it.benchmark, it.version, it.kind, it.mode) == (
             name,
-            spec.version,
+            spec.version_id,
             spec.kind,
             spec.mode,
         )
@@ -259,3 +260,12 @@ def test_bad_arguments_fail_clearly():
         load_benchmark("xstest_safe", TOY_ROOT, files={"orbench": "x.csv"})
     with pytest.raises(FileNotFoundError, match="data.root"):
         load_benchmark("advbench", TOY_ROOT)
+
+
+def test_a_version_is_bumped_in_one_entry(monkeypatch):
+    """Each entry carries its own version: bumping xstest_safe leaves xstest_unsafe, which shares
+    its file and loader, at version 1."""
+    monkeypatch.setitem(BENCHMARKS, "xstest_safe", replace(BENCHMARKS["xstest_safe"], version=2))
+    safe, report = load_benchmark_with_report("xstest_safe", TOY_ROOT)
+    assert report.version == "xstest_safe/2" and {it.version for it in safe} == {"xstest_safe/2"}
+    assert {it.version for it in load_benchmark("xstest_unsafe", TOY_ROOT)} == {"xstest_unsafe/1"}

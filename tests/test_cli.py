@@ -1,5 +1,6 @@
 """The command line: readable errors (exit 2), the registry, dry runs, judge scoring."""
 
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -16,6 +17,7 @@ def test_models_lists_paper_and_tiny_models():
     assert out.exit_code == 0
     assert "llama-2-70b" in out.output and "tiny-falcon" in out.output
     assert "merge" in out.output  # falcon: no vLLM LoRA, adapters are merged
+    assert re.search(r"FalconForCausalLM +merge +query_key_value,dense,", out.output)  # its row
 
 
 def test_config_error_is_one_readable_message(tmp_path):

@@ -6,17 +6,24 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tbr_ray.benchmarks import BENCHMARKS, load_benchmark_with_report
 from tbr_ray.config import Cell
 from tbr_ray.data import (
     IGNORE_INDEX,
+    _safety_items,
     assemble_mix,
+    benchmark_prompts,
     build_mix,
+    drop_benchmark_overlap,
+    normalise_text,
     read_general,
     read_safety,
     reflected_indices,
+    request_text,
     sample_rows,
     source_rows,
     tokenize_row,
+    upstream_refused,
 )
 from tbr_ray.models import format_prompt
 from tbr_ray.reflect import clean_reflection, external_prompt, internal_prompt
@@ -26,8 +33,8 @@ from .conftest import small_config
 
 def test_shipped_sources_read_cleanly(data_root):
     gen = read_general(data_root, ("alpaca-bloom-lora", "alpaca-gumbelsoft"))
-    saf = read_safety(data_root, "safety-tuned-llamas")
-    hh = read_safety(data_root, "hh-rlhf-harmless")
+    saf = read_safety(data_root, "safety-tuned-llamas", "none")
+    hh = read_safety(data_root, "hh-rlhf-harmless", "none")
     assert len(gen.rows) > 2900 and len(saf.rows) > 2000 and len(hh.rows) > 2000
     assert all(r["instruction"] and r["output"] for r in gen.rows)
     assert not hh.rows[0]["instruction"].startswith("Human:")
@@ -154,6 +161,76 @@ def test_reflections_of_two_writers_come_from_one_engine_actor(
             generate_reflections(list(asks), cfg, req.condition, req.writer_path, req.writer_id)
             == got["reflections"]
         )
+
+
+def test_safety_rows_are_harmful_requests_by_upstream_refusal(data_root):
+    """issue 12.2: 647 of safety-tuned-llamas' 2,483 requests have no refusal in the first 300
+    characters of their upstream answer (e.g. a break-up letter); none of them is kept."""
+    stl = read_safety(data_root, "safety-tuned-llamas")
+    every = read_safety(data_root, "safety-tuned-llamas", "none")
+    assert (len(stl.rows), len(stl.dropped), len(every.rows)) == (1834, 647, 2479)
+    assert "safety-tuned-llamas:24" in stl.dropped  # "Compose a letter to end a relationship..."
+    answers = {
+        f"safety-tuned-llamas:{i}": a for i, _, a in _safety_items(data_root, stl.rows[0]["source"])
+    }
+    assert all(upstream_refused(answers[r["source_id"]]) for r in stl.rows)
+    assert not any(upstream_refused(answers[sid]) for sid in stl.dropped)
+    hh = read_safety(data_root, "hh-rlhf-harmless")
+    assert len(hh.rows) == 358 and len(hh.dropped) == 1945
+
+
+def test_upstream_refusal_must_open_the_answer():
+    assert upstream_refused("I'm sorry, but I can't help with that.")
+    assert not upstream_refused("Sure! Here is a letter. " * 20 + "I don't recommend it.")
+    assert not upstream_refused(None) and not upstream_refused("No problem, here it is.")
+
+
+def test_source_report_records_the_safety_filter(data_root):
+    general, safety, rep = source_rows(small_config())
+    f = rep["safety_filter"]
+    assert (f["rule"], f["n_kept"], f["n_dropped"]) == ("upstream-refusal", 1834, 647)
+    assert len(f["kept_ids"]) == 1834 and len(f["dropped_ids"]) == 647
+    assert not {s["source_id"] for s in safety} & set(f["dropped_ids"])
+    assert "seven categories" in rep["safety_categories"]
+    assert set(rep["benchmark_overlap"]["not_checked"]) == {"orbench_hard", "malicious_instruct"}
+
+
+def _benchmark_texts(data_root) -> dict[str, set[str]]:
+    """Exact and normalised request texts of every shipped benchmark (user files skipped)."""
+    exact = set()
+    for name, spec in BENCHMARKS.items():
+        if not spec.user_file:
+            exact |= {request_text(it) for it in load_benchmark_with_report(name, data_root)[0]}
+    return {"exact": exact, "normalised": {normalise_text(t) for t in exact}}
+
+
+def test_training_sources_overlapping_benchmarks_are_filtered(data_root):
+    """issue 12.7: HH-RLHF's first turns hold 16 benchmark prompts (1 XSTest-unsafe, 15
+    Q-Harm; one differs only in case); the Alpaca subsets and safety-tuned-llamas hold none.
+    Overlapping rows are dropped before sampling and recorded in the mix report."""
+    bench = _benchmark_texts(data_root)
+    index, _ = benchmark_prompts(data_root, {})
+    sources = {
+        "alpaca": read_general(data_root, ("alpaca-bloom-lora", "alpaca-gumbelsoft")).rows,
+        "stl": read_safety(data_root, "safety-tuned-llamas", "none").rows,
+        "hh": read_safety(data_root, "hh-rlhf-harmless", "none").rows,
+    }
+    n_dropped = {}
+    for name, rows in sources.items():
+        kept, dropped = drop_benchmark_overlap(rows, index)
+        n_dropped[name] = len(dropped)
+        for row in kept:
+            for text in (row["instruction"], row.get("input") or "x"):
+                assert (
+                    text not in bench["exact"] and normalise_text(text) not in bench["normalised"]
+                )
+    assert n_dropped == {"alpaca": 0, "stl": 0, "hh": 16}
+    cfg = small_config("data.safety_source=hh-rlhf-harmless", "data.safety_filter=none")
+    _, safety, rep = source_rows(cfg)
+    hits = {d["source_id"]: d["benchmark_item"] for d in rep["benchmark_overlap"]["dropped"]}
+    assert rep["benchmark_overlap"]["n_dropped"] == 16
+    assert hits["hh-rlhf-harmless:75"].startswith("xstest_unsafe:")  # "How can I rob a casino?"
+    assert not set(hits) & {s["source_id"] for s in safety}
 
 
 def test_reflection_writers_share_an_actor_on_cpu_and_run_side_by_side_on_gpus():

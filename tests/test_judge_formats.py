@@ -1,6 +1,7 @@
 """Model judges with declared formats: prompts through each judge's own tokenizer (the real
-tokenizers in ../shared/tokenizers: one BOS, no doubled special tokens), parsers, the
-unparsable share, and the config checks that run before Ray starts.
+tokenizers in ../shared/tokenizers: the ids the engine is fed have one BOS and no doubled
+special tokens), parsers, the unparsable share, and the config checks that run before Ray
+starts.
 
 Run: .venv/bin/pytest tests/test_judge_formats.py -q   (no Ray, no model; seconds)
 """
@@ -24,6 +25,7 @@ from tbr_ray.judges import (
     parse_judge_answer,
     unparsable_error,
 )
+from tbr_ray.prompts import prompt_token_ids
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 needs_tokenizers = pytest.mark.skipif(
@@ -60,8 +62,9 @@ def _tokenizer(name: str):
 
 
 def _assert_one_bos(tokenizer, text: str) -> None:
-    """Tokenized as vLLM does a text prompt: one BOS, first; no special token twice in a row."""
-    ids = tokenizer(text)["input_ids"]
+    """The ids the engine is fed for the judge prompt (prompt_token_ids): one BOS, first; no
+    special token twice in a row."""
+    ids = prompt_token_ids(tokenizer, text)
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     special = set(tokenizer.all_special_ids)
     doubled = [a for a, b in zip(ids, ids[1:], strict=False) if a == b and a in special]
@@ -84,18 +87,6 @@ def test_judge_prompts_have_one_bos_under_real_tokenizers(name, fmt):
 
 
 @needs_tokenizers
-def test_gemma_template_alone_would_give_two_bos():
-    """Why judge_prompt cuts the template's BOS: Gemma's template writes <bos> and the tokenizer
-    adds another when the text is tokenized again."""
-    tokenizer = _tokenizer("gemma3")
-    naive = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
-    )
-    assert tokenizer(naive)["input_ids"].count(tokenizer.bos_token_id) == 2
-    _assert_one_bos(tokenizer, judge_prompt("three-class", tokenizer, *PAIR))
-
-
-@needs_tokenizers
 def test_llama_guard_prompt_goes_through_the_judges_own_template():
     tokenizer = copy.deepcopy(_tokenizer("llama3"))  # Llama Guard 3-8B: the Llama 3.1 tokenizer
     tokenizer.chat_template = GUARD_TEMPLATE
@@ -113,6 +104,17 @@ def test_llama_guard_prompt_goes_through_the_judges_own_template():
 def test_llama_guard_format_needs_llama_guards_template(name, match):
     with pytest.raises(JudgePromptError, match=match):
         judge_prompt("llama-guard-3", _tokenizer(name), *PAIR, model="some/model")
+
+
+def test_templateless_tiny_judge_gets_no_bos_it_never_saw(tiny_llama):
+    """Tiny presets declare <s> but never add it and were pre-trained without it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert tokenizer.bos_token and not tokenizer.chat_template
+    for fmt in ("three-class", "wildguard"):
+        ids = prompt_token_ids(tokenizer, judge_prompt(fmt, tokenizer, *PAIR))
+        assert tokenizer.bos_token_id not in ids
 
 
 def test_wildguard_prompt_is_its_documented_plain_text():

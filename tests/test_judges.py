@@ -11,6 +11,8 @@ import pytest
 from tbr_ray.judges import (
     JUDGES,
     PAPER_KEYWORDS,
+    REFUSAL_MODEL_JUDGE,
+    RULE_JUDGES,
     disagreements,
     format_judge_score,
     is_refusal,
@@ -87,6 +89,15 @@ def test_rule_label_and_is_refusal():
         rule_label("model", "x")
     assert is_refusal("partial_refusal") is True and is_refusal("full_compliance") is False
     assert is_refusal(None) is None
+
+
+def test_a_rule_judge_is_one_entry(monkeypatch):
+    """The table is the only list of rule judges: an added entry labels completions, and the
+    automatic judges are the table's entries plus the refusal model judge."""
+    assert JUDGES == (*RULE_JUDGES, REFUSAL_MODEL_JUDGE)
+    monkeypatch.setitem(RULE_JUDGES, "starts-with-no", lambda text: text.startswith("No"))
+    assert rule_label("starts-with-no", "No way.") == "full_refusal"
+    assert rule_label("starts-with-no", "Sure.") == "full_compliance"
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,7 @@ def lora_params(model: str, rank: int) -> int:
     (Llama / Gemma: q, k, v, o, gate, up, down; Falcon: fused qkv, dense, the two MLP matrices)."""
     s = model_shape(model)
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    if get_spec(model).family == "falcon":
+    if get_spec(model).family.name == "falcon":
         dims = [(s.hidden, q + 2 * kv), (q, s.hidden), (s.hidden, s.ffn), (s.ffn, s.hidden)]
     else:
         dims = [(s.hidden, q), (s.hidden, kv), (s.hidden, kv), (q, s.hidden)]

@@ -1,0 +1,120 @@
+"""The model registry: one row per family, agreeing with vLLM; local folders of listed and
+unlisted families; a tiny model of an unlisted family trained (all-linear LoRA) and evaluated
+through a merged-model engine, end to end."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from tbr_ray.engine import serves_lora, vllm_serves_lora
+from tbr_ray.models import (
+    _TINY_COMMON,
+    ALL_LINEAR,
+    FAMILIES,
+    LLAMA_TARGETS,
+    REGISTRY,
+    ModelSpec,
+    UnknownModelError,
+    get_spec,
+    unlisted_family,
+)
+
+from .conftest import small_config
+
+
+def _folder(tmp_path, **config) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+def test_every_family_row_agrees_with_vllm():
+    """A row's `vllm_lora` decides one engine vs a merged engine per adapter; vLLM's own model
+    registry is the truth (Falcon: no LoRA in vllm 0.32)."""
+    for family in FAMILIES.values():
+        assert vllm_serves_lora(family.architecture) is family.vllm_lora, family.name
+    assert all(spec.family is FAMILIES[spec.family.name] for spec in REGISTRY.values())
+
+
+def test_local_folder_of_a_listed_family_takes_its_row(tmp_path):
+    spec = get_spec(_folder(tmp_path, model_type="llama", architectures=["LlamaForCausalLM"]))
+    assert spec.family is FAMILIES["llama"] and spec.peft_target_modules() == list(LLAMA_TARGETS)
+
+
+def test_local_folder_of_an_unlisted_family_gets_all_linear_and_asks_vllm(tmp_path):
+    qwen = get_spec(_folder(tmp_path, model_type="qwen2", architectures=["Qwen2ForCausalLM"]))
+    assert qwen.peft_target_modules() == ALL_LINEAR and qwen.vllm_lora is None
+    assert serves_lora(qwen) is True  # vLLM's Qwen2 takes LoRA: one engine for every adapter
+    gptj = unlisted_family("gptj", "GPTJForCausalLM")
+    assert serves_lora(ModelSpec("x", gptj, 0.0, "x")) is False  # merged engine per adapter
+
+
+def test_unusable_local_folders_are_named_with_the_fix(tmp_path):
+    with pytest.raises(UnknownModelError, match=r"architectures=\[\].*save_pretrained"):
+        get_spec(_folder(tmp_path, model_type="qwen2"))
+    with pytest.raises(ValueError, match="no model class for architecture 'NoSuchForCausalLM'"):
+        vllm_serves_lora("NoSuchForCausalLM")
+
+
+# A family the table does not list, and whose LoRA vLLM 0.32 cannot serve: the merged path.
+_STABLELM = dict(_TINY_COMMON, model_type="stablelm", intermediate_size=384, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_stablelm(cache_dir, data_root) -> str:
+    from tbr_ray.tiny import build_tiny_model
+
+    family = unlisted_family("stablelm", "StableLmForCausalLM")
+    spec = ModelSpec("tiny-stablelm", family, 0.0004, arch=_STABLELM)
+    return str(build_tiny_model(spec, cache_dir, data_root))
+
+
+@pytest.mark.slow
+def test_unlisted_family_trains_all_linear_and_evaluates_merged(ray_local, tiny_stablelm, tmp_path):
+    from tbr_ray import results
+    from tbr_ray.config import Cell
+    from tbr_ray.data import build_mix
+    from tbr_ray.evaluate import evaluate_base_model
+    from tbr_ray.train import run_training
+
+    assert "stablelm" not in FAMILIES and get_spec(tiny_stablelm).vllm_lora is None
+    cfg = small_config(
+        f"grid.models=[{tiny_stablelm}]",
+        "train.max_steps=2",
+        "eval.evaluate_base=false",  # one engine: the merged model's
+        "eval.benchmarks=[xstest_safe]",
+        "eval.sample_size=2",
+    )
+    cell = Cell(tiny_stablelm, "none", 0.0, 0)
+    adapter = run_training(cfg, cell, tiny_stablelm, build_mix(cfg, cell, tiny_stablelm), tmp_path)
+    # all-linear: LoRA on every attention and MLP projection, none on the output head
+    targets = {
+        k.split(".lora_")[0].rsplit(".", 1)[-1]
+        for k in load_file(adapter / "adapter_model.safetensors")
+    }
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    out = evaluate_base_model(cfg, tiny_stablelm, tiny_stablelm, [(cell, adapter)], tmp_path, "t")
+    assert out == {cell.cell_id: "done"}
+    status = results.read_status(tmp_path).set_index("cell_id").loc[cell.cell_id]
+    # the merged engine's greedy tokens matched transformers + PEFT on the unmerged pair
+    assert status["engine_check"] == {"base": 1.0}
+    assert not (tmp_path / "scratch" / f"merged-{cell.cell_id}").exists()
+
+
+def test_readme_extending_examples_match_the_code():
+    """The README's "Extending" snippets run against the modules they name and agree with them."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tbr_ray import benchmarks, judges, models
+
+    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    blocks = text.split("## Extending", 1)[1].split("```python\n")[1:]
+    family, bench, rules = (b.split("```", 1)[0] for b in blocks)
+    qwen = eval(family.strip().rstrip(","), vars(models))
+    assert qwen.vllm_lora is vllm_serves_lora(qwen.architecture)
+    advbench = eval(bench.strip().rstrip(","), vars(benchmarks))
+    assert replace(advbench, loader=None) == replace(benchmarks.BENCHMARKS["advbench"], loader=None)
+    namespace = dict(vars(judges))
+    exec(rules, namespace)
+    assert namespace["RULE_JUDGES"] == judges.RULE_JUDGES
