@@ -19,6 +19,7 @@ that write into a run folder hold its lock (tbr_ray.rundir): one driver per --ou
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -144,6 +145,11 @@ def validate(
     typer.echo(f"{config}: ok, config hash {cfg.config_hash()}, {len(cfg.cells())} cells")
 
 
+VerboseOpt = typer.Option(
+    False, "--verbose", "-v", help="Show Ray's own logs, Tune's table and Ray Data's bars."
+)
+
+
 @app.command()
 def ablate(
     config: Path = ConfigOpt,
@@ -163,9 +169,11 @@ def ablate(
         None, "--gpu-memory", min=1, help="GiB of one GPU (cluster.gpu_memory_gib)."
     ),
     config_only: bool = ConfigOnlyOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Run (or resume) the grid: models x conditions x gammas x seeds."""
-    from tbr_ray.grid import run_grid, summarize, wall_clock
+    """Run (or resume) the grid: models x conditions x gammas x seeds. Ctrl-C stops it cleanly
+    (cells marked interrupted, no evaluation) and prints the command that resumes it."""
+    from tbr_ray.grid import summarize, wall_clock
 
     sets = list(sets) + [f"cluster.gpus={gpus}"] * bool(gpus)
     sets += [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
@@ -177,22 +185,40 @@ def ablate(
     if not config_only:
         _ready(cfg, output)
     t0 = time.time()
-    try:
-        outcome = run_grid(cfg, output)
-    except ConfigError as exc:
-        _fail(str(exc))
+    command = ["ablate", "--config", str(config)] + ["--config-only"] * config_only
+    outcome = _run_grid_or_exit(cfg, output, command, sets, verbose)
     failed = {k: v for k, v in outcome.items() if v != "done"}
+    where = output.resolve()
     typer.echo(summarize(output))
     typer.echo(
         f"{len(outcome) - len(failed)}/{len(outcome)} cells done in "
-        f"{wall_clock(time.time() - t0)}; results in {output}"
+        f"{wall_clock(time.time() - t0)}; results in {where}"
     )
     for cell_id, state in failed.items():
         typer.secho(
-            f"  {cell_id}: {state} (see {output}/cells/{cell_id}/status.json)", fg=typer.colors.RED
+            f"  {cell_id}: {state} (see {where}/cells/{cell_id}/status.json)", fg=typer.colors.RED
         )
+    typer.echo(f"next: tbr-ray report {shlex.quote(str(where))}")
     if failed:
         raise typer.Exit(1)
+
+
+def _run_grid_or_exit(cfg: RunConfig, output: Path, command: list[str], sets, verbose, cells=None):
+    """run_grid; on Ctrl-C / SIGTERM print what was stopped and the command that resumes
+    (`command` + the --set values + the absolute --output), then exit 128 + signal."""
+    from tbr_ray.grid import run_grid
+    from tbr_ray.interrupt import Interrupted
+
+    try:
+        return run_grid(cfg, output, cells=cells, verbose=verbose)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except Interrupted as exc:
+        resume = ["tbr-ray", *command, "--output", str(output.resolve())]
+        resume += [arg for s in sets for arg in ("--set", s)]
+        typer.secho(f"{exc}: {', '.join(exc.cells) or 'none running'}", fg=typer.colors.YELLOW)
+        typer.echo(f"resume with: {shlex.join(resume)}")
+        raise typer.Exit(exc.exit_code) from None
 
 
 def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
@@ -247,18 +273,18 @@ def cell(
     model: str | None = typer.Option(None, help="Model of the cell (default: first)."),
     reflection: str | None = typer.Option(None, help="none | internal | external."),
     seed: int | None = typer.Option(None, help="Training seed."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run one cell end to end: data -> train -> eval -> Parquet."""
-    from tbr_ray.grid import run_grid, summarize
+    from tbr_ray.grid import summarize
 
     cfg = _config(config, sets)
     chosen = _pick_cell(cfg, model, reflection, seed)
     _refuse_unplannable(cfg)
     _ready(cfg, output)
-    try:
-        outcome = run_grid(cfg, output, cells=[chosen])
-    except ConfigError as exc:
-        _fail(str(exc))
+    picked = ["cell", "--config", str(config), "--model", chosen.model]
+    picked += ["--reflection", chosen.condition, "--seed", str(chosen.seed)]
+    outcome = _run_grid_or_exit(cfg, output, picked, sets, verbose, cells=[chosen])
     typer.echo(summarize(output))
     if outcome[chosen.cell_id] != "done":
         _fail(f"{chosen.cell_id}: {outcome[chosen.cell_id]}")

@@ -19,12 +19,18 @@ grid order; as many jobs run as the cluster's GPUs (CPUs on CPU runs) hold.
 Resume: rerunning the same command on the same output skips cells whose results are done,
 skips training for cells whose adapter is published, and resumes interrupted training from
 its last Ray Train checkpoint. Results land per cell, atomically, so there are no duplicates.
+
+Operating it: Ctrl-C / SIGTERM stop scheduling, mark running cells `interrupted` and skip
+evaluation (tbr_ray.interrupt; run_grid raises Interrupted). While it runs, a progress view
+reads the run folder (tbr_ray.progress) and keeps the dashboard gauges current; Ray's own
+logging stays out of the way unless `verbose`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,6 +38,8 @@ from pathlib import Path
 
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
+from tbr_ray.interrupt import RunInterrupt, mark_interrupted
+from tbr_ray.progress import ProgressView
 from tbr_ray.rundir import run_lock
 from tbr_ray.tiny import resolve_model
 
@@ -67,15 +75,27 @@ def plan_cells(cfg: RunConfig) -> list[CellPlan]:
 # ------------------------------------------------------------------ effects
 
 
-def _init_ray() -> None:
+def _init_ray(verbose: bool = False) -> None:
     """Join the cluster this process runs in (ray job submit / RAY_ADDRESS), else start a
-    local instance; either way leave Ray's token file readable by its owner only."""
+    local instance; either way leave Ray's token file readable by its owner only. Unless
+    `verbose`, the workers' logs and Ray Data's progress bars stay off the terminal (they are
+    still in Ray's session logs): the progress view speaks instead."""
+    import logging
+
     import ray
+    from ray.data import DataContext
 
     if not ray.is_initialized():
         secure_token_file(RAY_TOKEN_FILE)  # before: an existing token is not exposed meanwhile
-        ray.init(log_to_driver=True, logging_level="WARNING")
+        ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
         secure_token_file(RAY_TOKEN_FILE)  # after: a new local cluster writes it 0644
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = verbose
+    if not verbose:
+        for name in ("ray", "ray.data", "ray.tune"):  # ray.data keeps its own INFO handler
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # Tune's newer console output prints its experiment box even at verbose=0.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
@@ -326,7 +346,12 @@ class _Pipeline:
 
 
 def pipeline_phase(
-    cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path, metrics: GridMetrics
+    cfg: RunConfig,
+    cells: list[Cell],
+    paths: dict[str, str],
+    output: Path,
+    metrics: GridMetrics,
+    verbose: bool = False,
 ) -> dict[str, str]:
     """Train and evaluate on one Ray cluster, pipelined (`pick_jobs`): a base model's
     evaluation starts as soon as its cells are trained (or failed), while other cells still
@@ -341,7 +366,8 @@ def pipeline_phase(
     while state.queued or state.waiting or state.running:
         for job in state.next_jobs():
             state.running[_launch(job, cfg, cells, paths, output)] = (job, time.time())
-            print(f"grid: {job.kind} {job.key} started ({len(state.running)} jobs running)")
+            if verbose:
+                print(f"grid: {job.kind} {job.key} started ({len(state.running)} running)")
         if not state.running:
             break  # the evaluations left had nothing to do (their cells failed training)
         [ref], _ = ray.wait(list(state.running), num_returns=1)
@@ -358,7 +384,8 @@ def pipeline_phase(
             for cell_id in out:
                 results.record_phase(output, cell_id, "eval", start, time.time())
         state.finished(job)
-        print(f"grid: {job.kind} {job.key} ended after {time.time() - start:.0f} s")
+        if verbose:
+            print(f"grid: {job.kind} {job.key} ended after {time.time() - start:.0f} s")
     return errors
 
 
@@ -473,7 +500,7 @@ class GridMetrics:
 
     def record_status(self, output: Path) -> None:
         status = results.read_status(output)
-        for state in ("running", "done", "failed"):
+        for state in ("running", "done", "failed", "interrupted"):
             n = int((status["status"] == state).sum()) if len(status) else 0
             self.cells.set(n, tags={"run": self.run, "state": state})
 
@@ -486,26 +513,50 @@ class GridMetrics:
         self.record_status(output)
 
 
-def run_grid(cfg: RunConfig, output: Path, cells: list[Cell] | None = None) -> dict[str, str]:
-    """Run (or resume) the grid; returns {cell_id: 'done' | error} for every cell."""
+def run_grid(
+    cfg: RunConfig, output: Path, cells: list[Cell] | None = None, verbose: bool = False
+) -> dict[str, str]:
+    """Run (or resume) the grid; returns {cell_id: 'done' | error} for every cell. Raises
+    tbr_ray.interrupt.Interrupted on Ctrl-C / SIGTERM: running cells are then marked
+    `interrupted` and no evaluation starts; rerunning resumes."""
     output = Path(output).resolve()
     with run_lock(output, "ablate" if cells is None else "cell"):
         check_run_dir(cfg, output)
-        return _run_grid_locked(cfg, output, cells if cells is not None else cfg.cells())
+        cells = cells if cells is not None else cfg.cells()
+        return _run_grid_locked(cfg, output, cells, verbose)
 
 
-def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell]) -> dict[str, str]:
-    _init_ray()
+def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell], verbose: bool):
+    _init_ray(verbose)
+    # This driver holds the run lock: a cell still recorded `running` was left by one that died.
+    mark_interrupted(output, "its driver was gone (found by the next run)")
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
-    pending = [c for c in cells if not results.is_done(output, c.cell_id)]
-    paths = model_paths(cfg)
-    reflect_phase(cfg, pending, paths, output)
-    pipeline_phase(cfg, pending, paths, output, metrics)
+    ids = [c.cell_id for c in cells]
+    view = ProgressView(output, ids, on_poll=metrics.record_status, live=False if verbose else None)
+    with RunInterrupt(output) as stop, view:
+        try:
+            _run_phases(cfg, cells, output, metrics, stop, view, verbose)
+        except KeyboardInterrupt:
+            if stop.signum is None:
+                raise
+        stop.raise_if_stopped()
     metrics.record_status(output)
     status = results.read_status(output)
     by_id = dict(zip(status["cell_id"], status["status"], strict=True)) if len(status) else {}
     return {c.cell_id: by_id.get(c.cell_id, "missing") for c in cells}
+
+
+def _run_phases(cfg, cells, output, metrics, stop: RunInterrupt, view, verbose: bool) -> None:
+    pending = [c for c in cells if not results.is_done(output, c.cell_id)]
+    paths = model_paths(cfg)
+    view.phase = "reflections"
+    reflect_phase(cfg, pending, paths, output)
+    view.phase = "training and evaluation"
+    # Not graceful: a signal raises KeyboardInterrupt here; the driver's exit ends its tasks.
+    pipeline_phase(cfg, pending, paths, output, metrics, verbose)
+    stop.raise_if_stopped()
+    view.phase = "finished"
 
 
 def summarize(output: Path) -> str:

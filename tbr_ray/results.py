@@ -3,7 +3,8 @@
 Layout of a results directory (one run):
 
     DIR/run.json                          the resolved config, run id, provenance
-    DIR/cells/<cell_id>/status.json       "done" / "failed" / "running", error, timings
+    DIR/cells/<cell_id>/status.json       running / done / failed / interrupted, error, timings
+    DIR/cells/<cell_id>/progress.json     training progress: step, total_steps, epoch, loss
     DIR/cells/<cell_id>/generations.parquet   one row per generation (GENERATIONS)
     DIR/cells/<cell_id>/judgements.parquet    one row per generation x judge (JUDGEMENTS)
     DIR/cells/<cell_id>/metrics.parquet       one row per benchmark x judge x metric (METRICS)
@@ -21,6 +22,9 @@ without an adapter are stored as cells with condition "base" (cell id `<model>__
 Human labels are stored apart from the cells (a run is reviewed after it finished, by one or
 more people); `read_results` folds them into `judgements` as the judges `human` and
 `paper-reviewed` (see `tbr_ray.judges.human_judgements`).
+
+A cell recorded `running` in a run folder whose driver is gone (its run lock is free) is read
+as `interrupted`: a killed driver never leaves cells looking alive.
 """
 
 from __future__ import annotations
@@ -241,15 +245,18 @@ def write_cell_tables(
         )
 
 
+STATUSES = ("running", "done", "failed", "interrupted")
+
+
 def write_status(
     results_dir: str | Path, cell_id: str, status: str, traceback: str | None = None, **info: Any
 ) -> None:
-    """Record a cell's state: running | done | failed (with `error`). `started` is kept from
-    the attempt's first `running` record, and the cell's `phases` (`record_phase`) across
-    writes; a failure's full `traceback` goes to error.txt beside status.json (its path in
-    `error_file`), the status keeping the one-line `error`."""
-    if status not in ("running", "done", "failed"):
-        raise ValueError(f"unknown cell status {status!r}")
+    """Record a cell's state: running | done | failed (with `error`) | interrupted (with the
+    `reason`). `started` is kept from the attempt's first `running` record, and the cell's
+    `phases` (`record_phase`) across writes; a failure's full `traceback` goes to error.txt
+    beside status.json (its path in `error_file`), the status keeping the one-line `error`."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown cell status {status!r}; one of {', '.join(STATUSES)}")
     now, path = time.time(), cell_dir(results_dir, cell_id) / "status.json"
     before = json.loads(path.read_text()) if path.is_file() else {}
     same_attempt = before.get("status") == "running"
@@ -286,17 +293,44 @@ def record_phase(
     _atomic_write_bytes(path, lambda p: Path(p).write_text(text))
 
 
+def write_progress(results_dir: str | Path, cell_id: str, progress: dict[str, Any]) -> None:
+    """A training cell's live progress (written by its rank-0 worker, read by the progress
+    view): step, total_steps, epoch, loss."""
+    payload = json.dumps({**progress, "time": time.time()})
+    _atomic_write_bytes(
+        cell_dir(results_dir, cell_id) / "progress.json", lambda p: Path(p).write_text(payload)
+    )
+
+
+def read_progress(results_dir: str | Path, cell_id: str) -> dict[str, Any]:
+    f = cell_dir(results_dir, cell_id) / "progress.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 def read_status(results_dir: str | Path) -> pd.DataFrame:
     """One row per cell folder: cell_id, status, and whatever info the status recorded.
-    A folder without a status file is reported as `incomplete`."""
+    A folder without a status file is reported as `incomplete`; a `running` cell of a run
+    whose driver is gone (its run lock is free: tbr_ray.rundir) as `interrupted`."""
+    dead = _driver_gone(Path(results_dir))
     rows = []
     for d in sorted((Path(results_dir) / "cells").glob("*")):
         f = d / "status.json"
         if f.is_file():
-            rows.append(json.loads(f.read_text()))
+            row = json.loads(f.read_text())
+            if row["status"] == "running" and dead:
+                row.update(status="interrupted", reason="its driver is gone (run lock free)")
+            rows.append(row)
         elif d.is_dir():
             rows.append({"cell_id": d.name, "status": "incomplete"})
     return pd.DataFrame(rows, columns=None if rows else ["cell_id", "status"])
+
+
+def _driver_gone(results_dir: Path) -> bool:
+    """A driver ran here (the lock file exists) and none holds the lock now. The kernel frees
+    the lock however its holder ended (kill -9 too), so this needs no pid guesswork."""
+    from tbr_ray.rundir import LOCK_NAME, read_holder  # rundir builds on this module
+
+    return (results_dir / LOCK_NAME).is_file() and read_holder(results_dir) is None
 
 
 def is_done(results_dir: str | Path, cell_id: str) -> bool:

@@ -5,17 +5,23 @@
 
 gloo + fp32 on CPU, NCCL + bf16 on GPU. The tokenized mix (Parquet shards written by Ray Data)
 reaches the workers as one Arrow table in the object store; each takes every world-th row.
-Workers report loss and tokens/s, and checkpoint the LoRA adapter (safetensors) plus the
-resolved config and step counter. Rerunning with the same output resumes from the latest
-checkpoint (Ray Train restores a run by name + storage path); `FailureConfig` restarts a dead
-worker group. The finished adapter is copied to <output>/adapters/<cell_id>/ with
-train_result.json written last, which is what marks the stage done.
+Workers report loss and tokens/s, and checkpoint the LoRA adapter (safetensors), the resolved
+config, the step counter and, under resume/, everything an exact continuation needs: DeepSpeed's
+optimizer and LR-scheduler state (each rank its ZeRO partition, frozen base weights left out)
+and every rank's RNG state. Rerunning with the same output resumes from the latest checkpoint
+(Ray Train restores a run by name + storage path); `FailureConfig` restarts a dead worker
+group, which resumes the same way. Every resume is recorded (train_state.json `resumes`, then
+train_result.json). Rank 0 writes the cell's live progress (step, epoch, loss) to
+cells/<cell_id>/progress.json for `tbr-ray ablate`'s progress view. The finished adapter is
+copied to <output>/adapters/<cell_id>/ (without resume/) with train_result.json written last,
+which is what marks the stage done.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import tempfile
 import time
@@ -24,10 +30,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from tbr_ray import results
 from tbr_ray.config import Cell, RunConfig
 from tbr_ray.models import get_spec
 
 STATE_FILE = "train_state.json"
+RESUME_DIR = "resume"  # DeepSpeed optimizer/scheduler state + RNG state, per rank
+DS_TAG = "ds"
 
 
 def deepspeed_config(cfg: RunConfig, zero_stage: int, world_size: int) -> dict[str, Any]:
@@ -129,6 +138,44 @@ def _save_adapter(engine, model, cfg_dict: dict, state: dict, out_dir: str) -> N
             model.save_pretrained(out_dir, safe_serialization=True)
             Path(out_dir, "run_config.json").write_text(json.dumps(cfg_dict, indent=1))
             Path(out_dir, STATE_FILE).write_text(json.dumps(state))
+    _save_resume_state(engine, Path(out_dir) / RESUME_DIR)
+
+
+def _save_resume_state(engine, resume: Path) -> None:
+    """Optimizer + LR scheduler (DeepSpeed, every rank its own files, which Ray Train merges
+    into one checkpoint folder) and this rank's RNG state. Frozen base weights are left out:
+    the adapter is all that trains."""
+    import torch
+
+    # DeepSpeed creates the folder on rank 0 only; each worker here writes into its own
+    # temporary folder, so every rank makes its own.
+    (resume / DS_TAG).mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(
+        str(resume), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True
+    )
+    torch.save(_rng_state(), resume / f"rng_rank{engine.global_rank}.pt")
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state["numpy"] = np.random.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _load_adapter(model, ckpt_dir: str) -> dict:
@@ -137,6 +184,32 @@ def _load_adapter(model, ckpt_dir: str) -> dict:
 
     set_peft_model_state_dict(model, load_file(str(Path(ckpt_dir) / "adapter_model.safetensors")))
     return json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+
+
+def _restore_resume_state(engine, ckpt_dir: str, state: dict) -> dict:
+    """Load optimizer, scheduler and RNG state saved by _save_resume_state, and record the
+    resume in `state["resumes"]`. A checkpoint without them (written before they were
+    saved) resumes from the weights alone, and says so."""
+    import torch
+
+    resume = Path(ckpt_dir) / RESUME_DIR
+    rng = resume / f"rng_rank{engine.global_rank}.pt"
+    full = rng.is_file() and (resume / DS_TAG).is_dir()
+    if full:
+        engine.load_checkpoint(
+            str(resume),
+            tag=DS_TAG,
+            load_module_strict=False,  # frozen weights are not in it, by design
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        _set_rng_state(torch.load(rng, weights_only=False))
+    else:
+        for _ in range(state["step"]):  # the schedule is a function of the step alone
+            engine.lr_scheduler.step()
+    entry = {"from_step": state["step"], "time": time.time()}
+    entry["restored"] = "optimizer, scheduler, rng" if full else "weights only"
+    return {**state, "resumes": [*state.get("resumes", []), entry]}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -167,24 +240,35 @@ def train_loop_per_worker(config: dict) -> None:
     )
     t = time.time()
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=deepspeed_config(cfg, config["zero_stage"], world)
+        model=model,
+        optimizer=opt,
+        lr_scheduler=lambda o: _lr_scheduler(o, cfg),
+        config=deepspeed_config(cfg, config["zero_stage"], world),
     )
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = _restore_resume_state(engine, d, state)
     clock["deepspeed_init_s"] = time.time() - t
     pad_id = AutoTokenizer.from_pretrained(config["model_path"]).pad_token_id or 0
-    config = {**config, "worker_nodes": _worker_nodes(world)}
-    total = config["total_steps"]
-    step, t0, tokens = state["step"], time.time(), 0
+    config = {**config, "worker_nodes": _worker_nodes(world), "clock": clock, "world": world}
     t = time.time()
     rows = _worker_rows(ray.get(config["mix"]), ray.train.get_context().get_world_rank(), world)
     clock["data_s"] = time.time() - t
     clock["checkpoint_s"] = 0.0
-    config["clock"] = clock
     if len(rows) < cfg.train.micro_batch_size:
         raise ValueError(
             f"this worker holds {len(rows)} rows, fewer than train.micro_batch_size="
             f"{cfg.train.micro_batch_size}, so it would train on nothing. Fix: lower "
             f"train.micro_batch_size or train.num_workers, or raise data.n_general/n_safety."
         )
+    _train_epochs(engine, model, config, cfg, rows, pad_id, state, frozen_before)
+
+
+def _train_epochs(engine, model, config, cfg, rows, pad_id, state, frozen_before) -> None:
+    """The epochs from `state` on: micro-steps, checkpoints every N steps and per epoch."""
+    world = config["world"]
+    total, resumes = config["total_steps"], state.get("resumes", [])
+    step, t0, tokens = state["step"], time.time(), 0
     for epoch in range(state["epoch"], cfg.train.epochs):
         seen = 0
         for batch in _epoch_batches(
@@ -193,31 +277,36 @@ def train_loop_per_worker(config: dict) -> None:
             seen += 1
             if epoch == state["epoch"] and seen <= state.get("micro_in_epoch", 0):
                 continue  # resumed: skip micro-batches this epoch already trained on
-            _lr_schedule(opt, cfg, step)
             loss = engine(**batch).loss
             engine.backward(loss)
-            engine.step()
+            engine.step()  # at a gradient-accumulation boundary it also steps the LR schedule
             tokens += int(batch["attention_mask"].sum())
-            if engine.is_gradient_accumulation_boundary():
-                step += 1
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
             done = step >= total
+            _write_progress(engine, config, step, total, epoch, loss)
             every = cfg.train.checkpoint_every_steps
-            if done or (every and step % every == 0 and engine.is_gradient_accumulation_boundary()):
-                _report(
-                    engine,
-                    model,
-                    config,
-                    loss,
-                    step,
-                    epoch,
-                    seen,
-                    tokens * world,
-                    t0,
-                    frozen_before,
-                )
+            if done or (every and step % every == 0):
+                here = {"step": step, "epoch": epoch, "micro_in_epoch": seen, "resumes": resumes}
+                _report(engine, model, config, loss, here, tokens * world, t0, frozen_before)
             if done:
                 return
-        _report(engine, model, config, loss, step, epoch + 1, 0, tokens * world, t0, frozen_before)
+        here = {"step": step, "epoch": epoch + 1, "micro_in_epoch": 0, "resumes": resumes}
+        _report(engine, model, config, loss, here, tokens * world, t0, frozen_before)
+
+
+def _write_progress(engine, config: dict, step: int, total: int, epoch: int, loss) -> None:
+    """Rank 0 writes the cell's live progress, at most about once a second (and at the end):
+    the progress view and the dashboard gauges read it."""
+    now = time.time()
+    if engine.global_rank != 0 or not config.get("output"):
+        return
+    if step < total and now - config["clock"].get("progress_at", 0.0) < 1.0:
+        return
+    config["clock"]["progress_at"] = now
+    progress = {"step": step, "total_steps": total, "epoch": epoch, "loss": float(loss.detach())}
+    results.write_progress(config["output"], config["cell_id"], progress)
 
 
 def _worker_rows(table, rank: int, world: int) -> list[dict]:
@@ -252,35 +341,38 @@ def _worker_nodes(world: int) -> str:
     return ",".join(sorted(set(nodes)))
 
 
-def _lr_schedule(opt, cfg: RunConfig, step: int) -> None:
+def _lr_scheduler(optimizer, cfg: RunConfig):
+    """Linear warm-up over train.warmup_steps, then constant: a torch LambdaLR that DeepSpeed
+    steps at every optimizer step and saves in each checkpoint."""
+    import torch
+
     warm = cfg.train.warmup_steps
-    lr = cfg.train.learning_rate * (min(1.0, (step + 1) / warm) if warm else 1.0)
-    for group in opt.param_groups:
-        group["lr"] = lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0
+    )
 
 
-def _report(
-    engine, model, config, loss, step, epoch, micro_in_epoch, tokens, t0, frozen_before
-) -> None:
+def _report(engine, model, config, loss, state, tokens, t0, frozen_before) -> None:
     import ray.train
 
     metrics = {
         "loss": float(loss.detach()),
-        "step": step,
-        "epoch": epoch,
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "resumed": len(state["resumes"]),
         "train_tokens_per_s": tokens / max(time.time() - t0, 1e-9),
         "base_checksum_before": frozen_before,
         "base_checksum_after": _frozen_checksum(model),
         "worker_nodes": config["worker_nodes"],
     }
-    state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}
     clock = config["clock"]
-    metrics.update({k: round(v, 2) for k, v in clock.items()})
+    metrics.update({k: round(v, 2) for k, v in clock.items() if k != "progress_at"})
     t = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         _save_adapter(engine, model, config["run"], state, tmp)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if engine.global_rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # Every rank reports its folder (its optimizer partition and RNG state); Ray Train
+        # merges them into one checkpoint.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     clock["checkpoint_s"] += time.time() - t
 
 
@@ -337,6 +429,8 @@ def run_training(
         "zero_stage": zero,
         "total_steps": total_steps(cfg, n_rows, workers),
         "mix": mix,
+        "output": str(Path(output).resolve()),  # where rank 0 writes the cell's progress
+        "cell_id": cell.cell_id,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -367,9 +461,13 @@ def _publish_adapter(
     tmp = done.with_name(done.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp)
+        # resume/ (optimizer, scheduler, RNG) is for continuing training, not for serving.
+        shutil.copytree(d, tmp, ignore=shutil.ignore_patterns(RESUME_DIR))
     metrics = dict(result.metrics or {})
     metrics.update(
+        # provenance: every resume of this cell (worker-group restart or rerun), from which
+        # step and with what state
+        resumes=json.loads((tmp / STATE_FILE).read_text()).get("resumes", []),
         workers=workers,
         zero_stage=zero,
         grad_accum_steps=accum,

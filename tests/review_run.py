@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tbr_ray.judges import is_refusal, rule_label
+from tbr_ray.prompts import StopRule
 from tbr_ray.results import write_cell_tables, write_run_manifest, write_status
 
 CELLS = (("none", 0.0), ("external", 1.0))
@@ -72,10 +73,17 @@ def provenance(condition: str, gamma: float) -> dict:
     )
 
 
+# The rule an Alpaca pass stores (tbr_ray.prompts.stop_rule for a tokenizer whose EOS is 2).
+ALPACA_STOP = StopRule(
+    "alpaca", ("### Instruction:", "### Input:", "### Response:"), (2,)
+).to_json()
+
+
 def generation(prov, bench, kind, prompt_id, category, prompt, completion, **extra) -> dict:
     row = dict(prov, benchmark=bench, benchmark_version="1", benchmark_kind=kind)
     row |= dict(category=category, prompt_id=prompt_id, prompt=prompt, completion=completion)
-    return row | dict(n_new_tokens=len(completion.split()), reference=None, correct=None) | extra
+    row |= dict(n_new_tokens=len(completion.split()), reference=None, correct=None)
+    return row | dict(stop_rule=ALPACA_STOP) | extra
 
 
 def judged(prov, bench, prompt_id, completion, model_label) -> list[dict]:

@@ -5,6 +5,7 @@ adapter is published (a second driver started meanwhile on the same output is re
 rerun takes the dead driver's lock over and finishes only the missing work: the finished
 adapter is not retrained, and no result row is duplicated."""
 
+import json
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ SETS = [
 ]
 
 
-def _ablate(output: Path) -> subprocess.Popen:
+def _ablate(output: Path, *extra: str) -> subprocess.Popen:
     args = [
         sys.executable,
         "-m",
@@ -43,8 +44,12 @@ def _ablate(output: Path) -> subprocess.Popen:
         "--output",
         str(output),
     ]
-    for s in SETS:
+    for s in [*SETS, *extra]:
         args += ["--set", s]
+    return _popen(args)
+
+
+def _popen(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         args,
         cwd=REPO,
@@ -133,6 +138,54 @@ def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path):
     proc = _ablate(out)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "2/2 cells done" in log
+
+
+@pytest.mark.slow
+def test_sigint_during_training_skips_evaluation_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) once the cell has
+    checkpointed: exit 130, the cell marked interrupted, no evaluation started, the resume
+    command printed; that command finishes the run, resuming training from the checkpoint."""
+    import shlex
+
+    import ray
+
+    ray.shutdown()  # see test_killed_grid_resumes_without_redoing_or_duplicating
+    out = tmp_path / "run"
+    extra = ["grid.conditions=[none]", "train.epochs=5", "train.max_steps=20"]
+    extra.append("train.checkpoint_every_steps=1")
+    proc = _ablate(out, *extra)
+    t0 = time.time()
+    while len(list(out.glob("ray_train/train-*/checkpoint_*"))) < 2:
+        if proc.poll() is not None or time.time() - t0 > 600:
+            pytest.fail(f"no checkpoint before the end ({proc.poll()}):\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    log, _ = proc.communicate(timeout=120)
+    print(f"interrupted run printed:\n{log}")
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True
+    )
+    cell, base = "tiny-llama__none__g0.00__s0", "tiny-llama__base__g0.00__s0"
+    assert proc.returncode == 130, log[-4000:]
+    row = results.read_status(out).set_index("cell_id").loc[cell]
+    assert (row["status"], row["stage"]) == ("interrupted", "train")
+    assert not (out / "cells" / base).exists(), "evaluation started after Ctrl-C"
+    assert not list(out.glob("cells/*/generations.parquet"))
+    (resume,) = [line for line in log.splitlines() if line.startswith("resume with: ")]
+    args = shlex.split(resume.removeprefix("resume with: "))
+    assert args[:2] == ["tbr-ray", "ablate"] and str(out) in args
+
+    proc = _popen([sys.executable, "-m", "tbr_ray.cli", *args[1:]])
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log[-4000:]
+    status = results.read_status(out).set_index("cell_id")["status"].to_dict()
+    assert status == {cell: "done", base: "done"}
+    info = json.loads((out / "adapters" / cell / "train_result.json").read_text())
+    (resumed,) = info["resumes"]
+    # the last checkpoint Ray Train had registered (a later one may still have been uploading)
+    assert resumed["from_step"] >= 1 and info["step"] == 20
+    assert f"next: tbr-ray report {out}" in log
+    print(f"rerun printed {len(log.splitlines())} lines:\n{log}")
 
 
 def test_the_scheduler_puts_ready_evaluations_before_new_cells():
