@@ -223,16 +223,28 @@ def _run_grid_or_exit(cfg: RunConfig, output: Path, command: list[str], sets, ve
 
 def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
     """The plan (tbr_ray.plan), then the preflight of this machine unless `output` is None
-    (--config-only); exit 2 if either finds a problem."""
+    (--config-only). Exit 2 if the plan cannot place the grid, or if a run that would execute
+    here (a CPU config) fails the preflight. A GPU config is planned from a laptop before the
+    cluster exists: its preflight lines (files on the cluster's volume, secrets set on its
+    pods) are printed as what `tbr-ray validate` must pass *there*, and do not fail the plan."""
     from tbr_ray.plan import PlanError, format_plan, plan_grid
+    from tbr_ray.preflight import preflight
 
     try:
         plan = plan_grid(cfg, gpus or _cluster_devices(cfg))
     except PlanError as exc:
         _fail(str(exc))
     typer.echo(format_plan(plan))
-    if output is not None:
+    if output is not None and not cfg.train.use_gpu:
         _ready(cfg, output)
+    elif output is not None and (problems := preflight(cfg, output)):
+        typer.secho(
+            f"preflight on this machine: {len(problems)} problem(s) that would stop the run "
+            "here; run `tbr-ray validate` on the cluster before submitting:\n  - "
+            + "\n  - ".join(problems),
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     if plan.problems:
         raise typer.Exit(2)
 

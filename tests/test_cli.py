@@ -42,6 +42,17 @@ def test_dry_run_prints_cells_and_gpu_hours():
     )
 
 
+def test_paper_dry_run_plans_here_and_lists_what_the_cluster_must_have(tmp_path):
+    """The before-stop hook's command: a GPU config planned from a machine that lacks the
+    cluster's files and secrets still plans (exit 0); those lines are printed as the preflight
+    the cluster must pass, naming the missing benchmark file."""
+    paper = ["ablate", "--config", str(REPO / "jobs/paper.yaml"), "--dry-run"]
+    out = runner.invoke(app, [*paper, "--gpus", "8", "--output", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    assert "makespan" in out.output and "preflight on this machine" in out.output
+    assert "malicious_instruct" in out.output
+
+
 def test_dry_run_on_one_gpu_refuses_the_large_models_by_name():
     out = runner.invoke(
         app,
