@@ -528,7 +528,7 @@ def _model_labeler(cfg: RunConfig):
             }
             for i, (p, c) in enumerate(pairs)
         ]
-        out = _run_engine(path, [], rows, cfg, judge.budget())
+        out = _run_engine(path, [], rows, cfg, judge.budget(), model=judge.model)
         return list(out.sort_values("row")["completion"])
 
     return label

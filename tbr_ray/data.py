@@ -444,8 +444,13 @@ def reflection_request(
     writer = reflector_id or writer_identity(writer_path)
     if cell.condition == "external" and cfg.reflection.endpoint:
         writer = f"endpoint:{cfg.reflection.endpoint_model}"  # the model, not the URL
+    writer_model = cell.model if cell.condition == "internal" else cfg.reflection.reflector
     return ReflectionRequest(
-        cell.condition, writer_path, writer, tuple(s["instruction"] for s in safety)
+        cell.condition,
+        writer_path,
+        writer,
+        tuple(s["instruction"] for s in safety),
+        writer_model=writer_model or "",
     )
 
 

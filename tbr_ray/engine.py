@@ -27,7 +27,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tbr_ray.models import ModelSpec
@@ -49,6 +49,7 @@ class EngineSettings:
     max_lora_rank: int = 8
     seed: int = 0
     in_process: bool = True  # CPU only: engine core + worker in this process (see Engine)
+    tensor_parallel_size: int = 1  # GPUs of the engine (GPU); CPU workers, one core each (CPU)
     check_min_match: float = 1.0  # share of check prompts that must agree with transformers
     check_tie_tol: float = 0.0  # nats: a first differing token this close is a tie (agreement)
 
@@ -72,25 +73,43 @@ def _dtype() -> str:
 
 
 @contextmanager
-def _in_process_engine(enabled: bool):
-    """On CPU, run vLLM's engine core and worker in this process while the engine is built.
-    The default spawns two processes that import vLLM again, which makes a tiny model's engine
-    start several times slower for the same greedy tokens (docs/BENCHMARKS.md "Tiny ablation:
-    where the 15 minutes go"); our engines already live in their own Ray actor. vLLM reads
-    the variable only at construction; it is restored so a server started later from this
-    process (tests) gets vLLM's default."""
-    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    old = os.environ.get(key)
-    if enabled:
-        os.environ[key] = "0"
+def _engine_env(values: dict[str, str]):
+    """Set environment variables while an engine is built, then restore them. vLLM reads
+    them only at construction (and its spawned processes inherit them); restoring keeps a
+    server started later from this process (tests) on vLLM's defaults."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if enabled:
-            if old is None:
-                os.environ.pop(key, None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ[key] = old
+                os.environ[k] = v
+
+
+def engine_env(cpu: bool, in_process: bool, tensor_parallel: int) -> dict[str, str]:
+    """The environment vLLM needs while it builds an engine here (pure).
+
+    In-process (CPU, one worker): vLLM's engine core and worker run in this process. The
+    default spawns two processes that import vLLM again: engine start 23 s against 3 s for a
+    tiny model here, same greedy tokens (docs/BENCHMARKS.md); our engines already live in their
+    own Ray actor. Tensor parallel on CPU: vLLM binds each worker's threads to NUMA nodes and
+    refuses 2 workers on one node ("Not enough allowed NUMA nodes"); one core per worker
+    (`VLLM_CPU_OMP_THREADS_BIND="0|1"`) starts and gives TP=1's greedy tokens (STACK.md)."""
+    if in_process:
+        return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if cpu and tensor_parallel > 1:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < tensor_parallel:
+            raise ValueError(
+                f"a CPU engine with tensor_parallel_size={tensor_parallel} binds one core per "
+                f"worker, but this process may use {len(cores)} core(s). Fix: lower "
+                f"cluster.engine_gpus for this model to at most {len(cores)}."
+            )
+        return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, cores[:tensor_parallel]))}
+    return {}
 
 
 class Engine:
@@ -114,18 +133,25 @@ class Engine:
             max_model_len=settings.max_model_len,
             enforce_eager=settings.enforce_eager,
         )
-        in_process = cpu and settings.in_process
+        tp = settings.tensor_parallel_size
+        in_process = cpu and settings.in_process and tp == 1
         if in_process:
             kwargs["distributed_executor_backend"] = "uni"
+        elif tp > 1:
+            # Workers spawned by this actor on the devices it holds (an engine never spans
+            # nodes). Inside a placement group vLLM would pick its Ray executor, which vLLM
+            # refuses on CPU ("current platform cpu does not support ray", STACK.md).
+            kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
         if self.adapters:
             kwargs.update(
                 enable_lora=True,
                 max_lora_rank=settings.max_lora_rank,
                 max_loras=min(4, len(self.adapters)),
             )
-        with _in_process_engine(in_process):
+        with _engine_env(engine_env(cpu, in_process, tp)):
             self.llm = LLM(**kwargs)
         self.start_seconds = time.time() - t0
+        self.tensor_parallel_size = tp
         self.tokenizer = self.llm.get_tokenizer()
 
     def _lora(self, adapter: str | None):
@@ -209,34 +235,55 @@ class Reference:
     top: tuple[tuple[tuple[int, float], ...], ...]
 
 
+def _reference_model(model_path: str, gpus: int):
+    """The transformers model of the check: fp32 on CPU; on GPUs bf16 sharded over the
+    engine's `gpus` devices (the actor holds exactly those: Ray sets CUDA_VISIBLE_DEVICES), so
+    a model that needs a tensor-parallel engine (a 70B) is checked where it is served. No CPU
+    offload: a model that does not fit fails here, loudly, instead of crawling."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not on_gpu():
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16, device_map="auto", max_memory=memory
+    )
+
+
 def reference_greedy(
     model_path: str,
     prompts: list[str],
     max_new_tokens: int,
     adapters: list[str | None],
     stop: StopRule | None = None,
+    gpus: int = 1,
 ) -> dict[str | None, list[Reference]]:
     """transformers' own greedy decoding of each prompt, per adapter (None = base model), from
-    the same ids the engine is given (`prompt_token_ids`) and ending by the same `stop` rule."""
+    the same ids the engine is given (`prompt_token_ids`), ending by the same `stop` rule, on
+    the engine's `gpus` GPUs (`_reference_model`)."""
+    import gc
+
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    dtype = torch.bfloat16 if on_gpu() else torch.float32
-    device = "cuda" if on_gpu() else "cpu"
     out: dict[str | None, list[Reference]] = {}
     for adapter in adapters:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        model = _reference_model(model_path, gpus)
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter)
         model.eval()
         refs = []
         for prompt in prompts:
-            ids = torch.tensor([prompt_token_ids(tok, prompt)], device=device)
+            ids = torch.tensor([prompt_token_ids(tok, prompt)], device=model.device)
             refs.append(_reference_one(model, tok, ids, max_new_tokens, stop))
         out[adapter] = refs
         del model
+        gc.collect()
+        if on_gpu():
+            torch.cuda.empty_cache()  # the engine starts next, on the same GPUs
     return out
 
 
@@ -398,9 +445,13 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: Path) -> str:
     return str(out_dir)
 
 
-def engine_settings(eval_cfg, max_lora_rank: int, seed: int = 0) -> EngineSettings:
-    """EngineSettings from an EvalConfig (tbr_ray.config)."""
+def engine_settings(
+    eval_cfg, max_lora_rank: int, seed: int = 0, tensor_parallel_size: int = 1
+) -> EngineSettings:
+    """EngineSettings from an EvalConfig (tbr_ray.config); the tensor parallel size from
+    `engine_gpus_for`."""
     return EngineSettings(
+        tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=eval_cfg.gpu_memory_utilization,
         kv_cache_gib=eval_cfg.kv_cache_gib,
         max_model_len=eval_cfg.max_model_len,
@@ -440,11 +491,14 @@ class EngineStage:
     ):
         n_check = min(max_new_tokens, CHECK_NEW_TOKENS)
         stop = StopRule.from_json(check_stop)
+        tp = settings.tensor_parallel_size
         if merged_from:
             base, adapter = merged_from
-            ref = {None: reference_greedy(base, check_prompts, n_check, [adapter], stop)[adapter]}
+            ref = reference_greedy(base, check_prompts, n_check, [adapter], stop, gpus=tp)
+            ref = {None: ref[adapter]}
         else:
-            ref = reference_greedy(model_path, check_prompts, n_check, [None, *adapters], stop)
+            adapters_and_base = [None, *adapters]
+            ref = reference_greedy(model_path, check_prompts, n_check, adapters_and_base, stop, tp)
         self.engine = Engine(model_path, settings, adapters)
         self.check = check_engine(
             self.engine,
@@ -485,6 +539,8 @@ class EngineStage:
             batch.loc[group.index, "seconds"] = (time.time() - t0) / len(group)
         batch["engine_start_seconds"] = self.engine.start_seconds
         batch["engine_check"] = json.dumps(self.check)
+        batch["engine_tensor_parallel"] = self.engine.tensor_parallel_size
+        batch["engine_placement"] = _placement_bundles()
         return batch.drop(columns=["_mode", "_stop"])
 
 
@@ -493,11 +549,11 @@ class ModelsStage:
     engine at a time (EngineStage), rebuilt when a batch names another model.
 
     Row columns: `model` (model folder) plus EngineStage's. Pays one process start and one
-    `import vllm` for all models, which dominated the tiny grid's reflection writers when each
-    had its own actor (docs/BENCHMARKS.md "the same box, about 1.5x slower all day"). On
-    GPUs give each model its own actor instead
+    `import vllm` for all models: on the 2-core box the tiny grid's four reflection writers
+    took ~50 s each in their own actors. On GPUs give each model its own actor instead
     (tbr_ray.reflect.prepare_reflections does): vLLM does not promise to hand device memory
-    back to a process that built an engine.
+    back to a process that built an engine. `tensor_parallel` sizes each model's engine
+    (model folder -> workers; absent: 1); the actor must hold the largest.
     """
 
     def __init__(
@@ -505,8 +561,10 @@ class ModelsStage:
         settings: EngineSettings,
         check_prompts: dict[str, list[str]],
         max_new_tokens: int,
+        tensor_parallel: dict[str, int] | None = None,
     ):
         self.settings, self.check_prompts = settings, check_prompts
+        self.tensor_parallel = tensor_parallel or {}
         self.max_new_tokens = max_new_tokens
         self.model, self.stage = None, None
 
@@ -520,9 +578,10 @@ class ModelsStage:
             if model != self.model:
                 self.model, self.stage = None, None
                 gc.collect()
+                tp = self.tensor_parallel.get(model, 1)
                 self.stage = EngineStage(
                     model,
-                    self.settings,
+                    replace(self.settings, tensor_parallel_size=tp),
                     [],
                     self.check_prompts[model],
                     self.max_new_tokens,
@@ -532,9 +591,74 @@ class ModelsStage:
         return pd.concat(parts)
 
 
-def engine_resources(cfg) -> dict:
-    """Ray resources of one EngineStage actor: a GPU on GPU clusters; half a logical CPU on
-    CPU boxes (the engine's own threads do the work; a whole CPU starved Tune trials here)."""
+def engine_gpus_for(cfg, model: str) -> int:
+    """Tensor parallel size of `model`'s vLLM engines (evaluation, reflection writer, model
+    judge; `model` a registry name or path): GPUs on a GPU cluster, CPU workers of one core
+    each on CPU. The planner's choice from weights + KV cache against
+    `cluster.gpu_memory_gib`, or `cluster.engine_gpus[model]` (tbr_ray.plan.engine_gpus)."""
+    from tbr_ray.plan import engine_gpus
+
+    return engine_gpus(cfg, model)
+
+
+ENGINE_CPU_PER_WORKER = 0.5  # logical CPUs per CPU engine worker; a whole CPU starved trials
+
+
+def engine_bundle(cfg, tensor_parallel: int) -> dict[str, float]:
+    """The Ray resources one engine holds (pure): its GPUs and one CPU for the actor on GPU
+    clusters; half a logical CPU per worker on CPU boxes (vLLM's own threads do the work)."""
     if cfg.train.use_gpu:
-        return {"num_cpus": 1, "num_gpus": 1}
-    return {"num_cpus": 0.5}
+        return {"CPU": 1.0, "GPU": float(tensor_parallel)}
+    return {"CPU": ENGINE_CPU_PER_WORKER * tensor_parallel}
+
+
+def _placement_bundles() -> str:
+    """JSON of the bundles of the placement group this process runs in ("[]" if none)."""
+    import json
+
+    import ray
+
+    pg = ray.util.get_current_placement_group() if ray.is_initialized() else None
+    return json.dumps(pg.bundle_specs if pg else [])
+
+
+def _check_fits_a_node(bundle: dict[str, float], what: str) -> None:
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if not any(all(res.get(k, 0) >= v for k, v in bundle.items()) for res in nodes):
+        biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+        raise ValueError(
+            f"the engine for {what} needs {bundle} on one node, but the largest node has "
+            f"GPU={biggest.get('GPU', 0)}, CPU={biggest.get('CPU', 0)}. Fix: set "
+            f"cluster.engine_gpus[{what!r}] to what a node holds, or add larger nodes."
+        )
+
+
+@contextmanager
+def engine_placement(cfg, model: str, tensor_parallel: int):
+    """A placement group holding one engine's devices on one node (STRICT_PACK), reserved
+    until the block ends; yields the Ray Data `map_batches` options that put the engine's
+    actor in it.
+    The actor holds every device and vLLM spawns its tensor-parallel workers on them (its
+    multiprocessing executor: `Engine`), so the transformers check runs on the same devices.
+    An engine larger than every node is refused at once instead of waiting forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = engine_bundle(cfg, tensor_parallel)
+    _check_fits_a_node(bundle, model)
+    pg = placement_group([bundle], strategy="STRICT_PACK")
+    try:
+        ray.get(pg.ready())
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        yield {
+            "num_cpus": bundle["CPU"],
+            "num_gpus": bundle.get("GPU", 0),
+            # As Ray Data's own vLLM stage passes its placement group. Ray 2.60 marks this
+            # (and a bare scheduling_strategy=) deprecated for 2.64 without a replacement yet.
+            "ray_remote_args_fn": lambda: {"scheduling_strategy": strategy},
+        }
+    finally:
+        remove_placement_group(pg)

@@ -27,7 +27,13 @@ import pandas as pd
 from tbr_ray import results
 from tbr_ray.benchmarks import EvalItem, load_benchmark, score_item
 from tbr_ray.config import Cell, ModelJudgeConfig, RunConfig
-from tbr_ray.engine import engine_resources, engine_settings, merge_adapter, serves_lora
+from tbr_ray.engine import (
+    engine_gpus_for,
+    engine_placement,
+    engine_settings,
+    merge_adapter,
+    serves_lora,
+)
 from tbr_ray.judges import (
     HARM_JUDGE,
     REFUSAL_MODEL_JUDGE,
@@ -134,31 +140,42 @@ def _run_engine(
     cfg: RunConfig,
     max_new_tokens: int,
     merged_from=None,
+    model: str | None = None,
 ) -> pd.DataFrame:
+    """Rows through one checked EngineStage actor, sized for `model` (registry name or path;
+    default `model_path`): tensor parallel over `engine_gpus_for` devices, held in a placement
+    group for as long as the engine runs."""
     import ray
 
     from tbr_ray.engine import EngineStage
 
+    tp = engine_gpus_for(cfg, model or model_path)
     gen = [r for r in rows if r["mode"] == "generate"]
     stop = gen[0].get("stop", "") if gen else ""  # the check prompts share one stop rule
     check = [r["prompt"] for r in gen if r.get("stop", "") == stop][: cfg.eval.engine_check_prompts]
-    ds = ray.data.from_items(rows)
-    return ds.map_batches(
-        EngineStage,
-        batch_size=256,
-        batch_format="pandas",
-        concurrency=1,
-        **engine_resources(cfg),
-        fn_constructor_kwargs=dict(
-            model_path=model_path,
-            settings=engine_settings(cfg.eval, cfg.train.lora_rank),
-            adapters=adapters,
-            check_prompts=check or [rows[0]["prompt"]],
-            max_new_tokens=max_new_tokens,
-            merged_from=merged_from,
-            check_stop=stop,
-        ),
-    ).to_pandas()
+    with engine_placement(cfg, model or model_path, tp) as placement:
+        return (
+            ray.data.from_items(rows)
+            .map_batches(
+                EngineStage,
+                batch_size=256,
+                batch_format="pandas",
+                concurrency=1,
+                **placement,
+                fn_constructor_kwargs=dict(
+                    model_path=model_path,
+                    settings=engine_settings(
+                        cfg.eval, cfg.train.lora_rank, tensor_parallel_size=tp
+                    ),
+                    adapters=adapters,
+                    check_prompts=check or [rows[0]["prompt"]],
+                    max_new_tokens=max_new_tokens,
+                    merged_from=merged_from,
+                    check_stop=stop,
+                ),
+            )
+            .to_pandas()
+        )
 
 
 def generate_all(
@@ -175,14 +192,15 @@ def generate_all(
     rows = _rows(passes, items, _tokenizer(model_path))
     if serves_lora(get_spec(model)):
         adapters = [p.adapter for p in passes if p.adapter]
-        return _run_engine(model_path, adapters, rows, cfg, n)
+        return _run_engine(model_path, adapters, rows, cfg, n, model=model)
 
     plain = [r for r in rows if not r["adapter"]]
-    frames = [_run_engine(model_path, [], plain, cfg, n)] if plain else []
+    frames = [_run_engine(model_path, [], plain, cfg, n, model=model)] if plain else []
     for p in (p for p in passes if p.adapter):
         mine = [{**r, "adapter": ""} for r in rows if r["adapter"] == p.adapter]
         merged = merge_adapter(model_path, p.adapter, scratch / f"merged-{p.cell.cell_id}")
-        frames.append(_run_engine(merged, [], mine, cfg, n, merged_from=(model_path, p.adapter)))
+        # Sized as its base model: same weights, no LoRA.
+        frames.append(_run_engine(merged, [], mine, cfg, n, (model_path, p.adapter), model=model))
         shutil.rmtree(merged, ignore_errors=True)
     return pd.concat(frames, ignore_index=True)
 
@@ -258,7 +276,7 @@ def _model_judge(
         }
         for r in judged.itertuples()
     ]
-    out = _run_engine(path, [], rows, cfg, judge.budget())
+    out = _run_engine(path, [], rows, cfg, judge.budget(), model=judge.model)
     return [
         judgement(name, task, judge.format, r.pass_, r.item, r.completion) for r in out.itertuples()
     ]

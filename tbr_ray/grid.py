@@ -1,17 +1,20 @@
-"""The ablation grid: models x conditions x gammas x seeds on Ray Tune, then batched evaluation.
+"""The ablation grid: models x conditions x gammas x seeds, trained and evaluated pipelined.
 
     report = run_grid(cfg, Path("runs/tiny"))       # what `tbr-ray ablate` runs
     print(format_plan(plan_grid(cfg, 8)))           # `--dry-run --gpus 8` (tbr_ray.plan)
 
 Phase 0 (reflections): every reflection set the untrained cells need, written before any
-training in one Ray Data job (tbr_ray.reflect.prepare_reflections; on CPU one engine actor
-for all writers), so no trial holds training resources while a writer runs. Phase 1 (Ray
-Tune): one trial per cell that still needs an adapter; its driver builds the cell's data mix
-(Ray Data, cached and shared between cells with the same mix) and fine-tunes (Ray Train +
-DeepSpeed). Failed trials are retried `grid.max_retries` times, then reported failed while
-the other cells go on. Phase 2 (evaluation): per base model, one vLLM engine
-evaluates the base model and every new adapter of that model (tbr_ray.evaluate), so engine
-start-up is paid once per base model instead of once per cell.
+training (tbr_ray.reflect.prepare_reflections: on CPU one engine actor for all writers, on
+GPUs one per writer, side by side), so no cell holds training resources while a writer runs.
+Phase 1 (`pipeline_phase`): one Ray cluster trains and evaluates at once. Each cell that
+still needs an adapter trains in a Ray task: data mix (Ray Data, cached and shared between
+cells with the same mix), then Ray Train + DeepSpeed; a failed cell is retried
+`grid.max_retries` times, then reported failed while the others go on. A base model's
+evaluation (one vLLM engine, sized and placed by tbr_ray.engine, for the base model and
+every new adapter of that model: engine start-up paid once per base model) starts as soon
+as its cells are trained, while other cells still train. Policy (`pick_jobs`, simulated by
+the planner): ready evaluations take free resources before new training cells; cells go in
+grid order; as many jobs run as the cluster's GPUs (CPUs on CPU runs) hold.
 
 Resume: rerunning the same command on the same output skips cells whose results are done,
 skips training for cells whose adapter is published, and resumes interrupted training from
@@ -25,7 +28,6 @@ logging stays out of the way unless `verbose`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -41,7 +43,7 @@ from tbr_ray.progress import ProgressView
 from tbr_ray.rundir import run_lock
 from tbr_ray.tiny import resolve_model
 
-TRIAL_DRIVER_CPU = 0.01  # the Tune trial only orchestrates; 1 CPU would starve workers (STACK.md)
+TRIAL_DRIVER_CPU = 0.01  # a cell's task only orchestrates; a whole CPU starves its workers
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,9 @@ def model_paths(cfg: RunConfig) -> dict[str, str]:
     return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
 
 
-def cell_trainable(config: dict) -> None:
-    """Tune trial driver for one cell: data mix -> Ray Train. Runs in a Tune actor."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
+def train_cell(config: dict) -> dict:
+    """One cell's training, run as a Ray task (`pipeline_phase`): data mix -> Ray Train.
+    Returns the adapter's train_result.json."""
     from tbr_ray.data import build_mix
     from tbr_ray.train import run_training
 
@@ -169,48 +169,8 @@ def cell_trainable(config: dict) -> None:
     reflector = paths.get(cfg.reflection.reflector) if cfg.reflection.reflector else None
     mix = build_mix(cfg, cell, paths[cell.model], reflector_path=reflector)
     results.write_status(output, cell.cell_id, "running", stage="train", mix=str(mix))
-    adapter = run_training(
-        cfg, cell, paths[cell.model], mix, output, callbacks=[TuneReportCallback()]
-    )
-    info = json.loads((adapter / "train_result.json").read_text())
-    tune.report(
-        {
-            "trained": 1,
-            "train_tokens_per_s": info.get("train_tokens_per_s", 0.0),
-            "loss": info.get("loss", float("nan")),
-        }
-    )
-
-
-def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
-    """Cells Tune trains at once: `grid.max_concurrent` if set, else as many as the cluster's
-    GPUs (GPU runs) or CPUs (CPU runs) hold side by side. No extra trial "preparing ahead" on
-    CPU: on the 2-core box it saved nothing, and the waiting trial's Ray Train worker group hit
-    its start timeout and retried (docs/BENCHMARKS.md "Tiny ablation: where the 15 minutes
-    go")."""
-    import ray
-
-    if cfg.grid.max_concurrent:
-        return cfg.grid.max_concurrent
-    res = ray.cluster_resources()
-    if cfg.train.use_gpu:
-        need = max(p.gpus for p in plans)
-        return max(1, int(res.get("GPU", 0) // max(need, 1)))
-    need = max(p.workers for p in plans) * cfg.train.cpus_per_worker
-    # Tune drivers (TRIAL_DRIVER_CPU each) and Ray Data tasks take a sliver of the CPUs.
-    return max(1, int((res.get("CPU", 1) - 0.1) // need))
-
-
-def untrained(cells: list[Cell], output: Path) -> list[Cell]:
-    """The cells that train (not prompting-only) and have no finished adapter yet."""
-    from tbr_ray.train import adapter_dir
-
-    return [
-        c
-        for c in cells
-        if c.condition not in PROMPTING
-        and not (adapter_dir(output, c) / "train_result.json").is_file()
-    ]
+    adapter = run_training(cfg, cell, paths[cell.model], mix, output)
+    return json.loads((adapter / "train_result.json").read_text())
 
 
 def reflect_phase(cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path) -> None:
@@ -232,106 +192,295 @@ def reflect_phase(cfg: RunConfig, cells: list[Cell], paths: dict[str, str], outp
         print(f"reflections before training failed ({exc}); cells will retry them one by one")
 
 
-def train_phase(
+def untrained(cells: list[Cell], output: Path) -> list[Cell]:
+    """The cells that train (not prompting-only) and have no finished adapter yet."""
+    from tbr_ray.train import adapter_dir
+
+    return [
+        c
+        for c in cells
+        if c.condition not in PROMPTING
+        and not (adapter_dir(output, c) / "train_result.json").is_file()
+    ]
+
+
+def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
+    """Cells trained at once at most: `grid.max_concurrent` if set, else as many as the
+    cluster's GPUs (GPU runs) or CPUs (CPU runs) hold side by side. No extra cell "preparing
+    ahead" on CPU: on the 2-core box 2 cells at once took 794 s against 803 s for 1
+    (docs/BENCHMARKS.md), and the waiting cell's Ray Train worker group hit its 60 s start
+    timeout and retried."""
+    if cfg.grid.max_concurrent:
+        return cfg.grid.max_concurrent
+    need = max(train_need(cfg, p) for p in plans)
+    return max(1, int(resource_capacity(cfg) // need))
+
+
+# ------------------------------------------------------------------ the pipelined scheduler
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the scheduler launches: one cell's training, or one base model's evaluation."""
+
+    kind: str  # "train" | "eval"
+    key: str  # the cell id (train) or the base model (eval)
+    need: float  # units of the run's resource (GPUs; CPUs on CPU runs) held while it runs
+
+
+def pick_jobs(
+    ready_evals: list[Job], queued_cells: list[Job], free: float, train_slots: int
+) -> list[Job]:
+    """The jobs to launch now, by the grid's policy (pure; tbr_ray.plan simulates the same):
+    ready evaluations first, in grid order, then training cells in grid order (at most
+    `train_slots`), each only while its need fits in `free`. Nothing overtakes a job that
+    does not fit, so a large engine is not starved by a stream of small cells."""
+    picked = []
+    for job in ready_evals:
+        if job.need > free + 1e-9:
+            return picked
+        free -= job.need
+        picked.append(job)
+    for job in queued_cells[: max(train_slots, 0)]:
+        if job.need > free + 1e-9:
+            break
+        free -= job.need
+        picked.append(job)
+    return picked
+
+
+def _resource(cfg: RunConfig) -> str:
+    return "GPU" if cfg.train.use_gpu else "CPU"
+
+
+def resource_capacity(cfg: RunConfig) -> float:
+    """The cluster's GPUs (GPU runs) or CPUs (CPU runs) the scheduler hands out. On CPU 0.1
+    stays free: Ray Data tasks and the task drivers take slivers outside the accounting."""
+    import ray
+
+    total = ray.cluster_resources().get(_resource(cfg), 0.0)
+    return total if cfg.train.use_gpu else max(total - 0.1, 0.0)
+
+
+def train_need(cfg: RunConfig, plan: CellPlan) -> float:
+    """A training cell's share of the resource: its GPUs, or its workers' CPUs + its driver."""
+    if cfg.train.use_gpu:
+        return float(plan.gpus)
+    return TRIAL_DRIVER_CPU + plan.workers * cfg.train.cpus_per_worker
+
+
+def eval_need(cfg: RunConfig, model: str) -> float:
+    """A base model's evaluation holds one engine at a time: its own, then each model
+    judge's; it reserves the largest."""
+    from tbr_ray.engine import engine_bundle, engine_gpus_for
+
+    judges = [judge.model for _, judge in cfg.eval.model_judges()]
+    tp = max(engine_gpus_for(cfg, m) for m in [model, *judges])
+    return engine_bundle(cfg, tp).get(_resource(cfg), 0.0)
+
+
+def _launch(job: Job, cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path):
+    import ray
+
+    base = {"run": cfg.model_dump(mode="json"), "output": str(output), "paths": paths}
+    if job.kind == "train":
+        cell = next(c for c in cells if c.cell_id == job.key)
+        task = ray.remote(train_cell).options(
+            num_cpus=TRIAL_DRIVER_CPU,
+            max_retries=cfg.grid.max_retries,
+            retry_exceptions=True,  # a failed cell retries (and resumes its checkpoint)
+            name=f"train:{job.key}",
+        )
+        return task.remote({**base, "cell": cell.__dict__})
+    mine = [c.__dict__ for c in cells if c.model == job.key]
+    task = ray.remote(evaluate_model_task).options(num_cpus=0, name=f"eval:{Path(job.key).name}")
+    return task.remote({**base, "model": job.key, "cells": mine})
+
+
+def _error_text(exc: BaseException) -> tuple[str, str]:
+    """(one line, full traceback) of a task's failure; a RayTaskError carries the task's
+    exception as `cause` and the remote traceback in its text."""
+    cause = getattr(exc, "cause", None) or exc
+    return "".join(traceback.format_exception_only(cause)).strip(), str(exc)
+
+
+class _Pipeline:
+    """The scheduler's bookkeeping on the driver while `pipeline_phase` runs."""
+
+    def __init__(self, cfg: RunConfig, cells: list[Cell], output: Path):
+        plans = {p.cell.cell_id: p for p in plan_cells(cfg)}
+        todo = untrained(cells, output)
+        models = list(dict.fromkeys(c.model for c in cells))
+        self.cfg, self.cells, self.output = cfg, cells, output
+        self.queued = [Job("train", c.cell_id, train_need(cfg, plans[c.cell_id])) for c in todo]
+        self.untrained_of = {m: {c.cell_id for c in todo if c.model == m} for m in models}
+        self.waiting = [Job("eval", m, eval_need(cfg, m)) for m in models]
+        self.running: dict = {}  # ObjectRef -> (Job, start time)
+        self.slots = max_concurrent_cells(cfg, [plans[j.key] for j in self.queued]) if todo else 0
+        self.capacity = resource_capacity(cfg)
+
+    def _ready_evals(self) -> list[Job]:
+        ready = [j for j in self.waiting if not self.untrained_of[j.key]]
+        idle = [j for j in ready if not any(eval_todo(self.cfg, j.key, self.cells, self.output))]
+        self.waiting = [j for j in self.waiting if j not in idle]
+        return [j for j in ready if j not in idle]
+
+    def next_jobs(self) -> list[Job]:
+        evals = self._ready_evals()
+        busy = [j for j, _ in self.running.values()]
+        free = self.capacity - sum(j.need for j in busy)
+        slots = self.slots - sum(j.kind == "train" for j in busy)
+        picked = pick_jobs(evals, self.queued, free, slots)
+        if not picked and not busy and (evals or self.queued):
+            # Larger than the whole cluster by our accounting: Ray decides (an engine that
+            # fits no node is refused by tbr_ray.engine.engine_placement).
+            picked = [(evals or self.queued)[0]]
+        for job in picked:
+            (self.waiting if job.kind == "eval" else self.queued).remove(job)
+        return picked
+
+    def finished(self, job: Job) -> None:
+        if job.kind == "train":
+            model = next(c.model for c in self.cells if c.cell_id == job.key)
+            self.untrained_of[model].discard(job.key)
+
+
+def pipeline_phase(
     cfg: RunConfig,
     cells: list[Cell],
     paths: dict[str, str],
     output: Path,
     metrics: GridMetrics,
-    stop: RunInterrupt | None = None,
     verbose: bool = False,
 ) -> dict[str, str]:
-    """Tune over cells lacking an adapter. Returns {cell_id: (error, traceback)} for cells
-    that failed. A signal caught by `stop` ends the experiment (its Stopper); the caller
-    checks it."""
-    from ray import tune
+    """Train and evaluate on one Ray cluster, pipelined (`pick_jobs`): a base model's
+    evaluation starts as soon as its cells are trained (or failed), while other cells still
+    train, and as many jobs run at once as the cluster's resources hold. Each cell trains in a
+    Ray task (retried `grid.max_retries` times, resuming its checkpoint); each evaluation is a
+    Ray task whose engines wait in their placement groups. Start and end of every phase go to
+    the cells' status.json (`phases`). Returns {cell_id: error} for cells whose training
+    failed; the other cells go on."""
+    import ray
 
-    todo = untrained(cells, output)
-    if not todo:
-        return {}
-    plans = [p for p in plan_cells(cfg) if p.cell in todo]
-    space = {
-        "run": cfg.model_dump(mode="json"),
-        "output": str(output),
-        "paths": paths,
-        "cell": tune.grid_search([c.__dict__ for c in todo]),
-    }
-    tuner = tune.Tuner(
-        tune.with_resources(cell_trainable, {"CPU": TRIAL_DRIVER_CPU}),
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent_cells(cfg, plans),
-            # A finished trial's driver process takes the next cell: no new actor, no
-            # re-import of Ray Data / tbr_ray per cell (every trial asks the same resources).
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=f"grid-{int(time.time())}",
-            storage_path=str(output / "ray_tune"),
-            failure_config=tune.FailureConfig(max_failures=cfg.grid.max_retries),
-            callbacks=[metrics.tune_callback()],
-            stop=stop.stopper() if stop else None,
-            verbose=1 if verbose else 0,
-        ),
-    )
-    with stop.graceful() if stop else contextlib.nullcontext():
-        grid = tuner.fit()
-    errors = {}
-    for res in grid:
-        cell = Cell(**res.config["cell"])
-        if res.error is not None:
-            errors[cell.cell_id] = (
-                "".join(traceback.format_exception_only(res.error)).strip(),
-                "".join(traceback.format_exception(res.error)),
-            )
+    state, errors = _Pipeline(cfg, cells, output), {}
+    while state.queued or state.waiting or state.running:
+        for job in state.next_jobs():
+            state.running[_launch(job, cfg, cells, paths, output)] = (job, time.time())
+            if verbose:
+                print(f"grid: {job.kind} {job.key} started ({len(state.running)} running)")
+        if not state.running:
+            break  # the evaluations left had nothing to do (their cells failed training)
+        [ref], _ = ray.wait(list(state.running), num_returns=1)
+        job, start = state.running.pop(ref)
+        try:
+            out = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
+            out = dict(zip(("error", "traceback"), _error_text(exc), strict=True))
+        if job.kind == "train":
+            _train_finished(job.key, out, output, metrics, errors)
+            results.record_phase(output, job.key, "train", start, time.time())
+        else:
+            _eval_finished(cfg, job.key, cells, out, output, metrics)
+            for cell_id in out:
+                results.record_phase(output, cell_id, "eval", start, time.time())
+        state.finished(job)
+        if verbose:
+            print(f"grid: {job.kind} {job.key} ended after {time.time() - start:.0f} s")
     return errors
+
+
+def _train_finished(
+    cell_id: str, out: dict, output: Path, metrics: GridMetrics, errors: dict
+) -> None:
+    if "error" in out:
+        errors[cell_id] = out["error"]
+        results.write_status(
+            output, cell_id, "failed", stage="train", error=out["error"], traceback=out["traceback"]
+        )
+    elif "train_tokens_per_s" in out:
+        metrics.train_tps.set(float(out["train_tokens_per_s"]), tags={"run": metrics.run})
+    metrics.record_status(output)
+
+
+def _eval_finished(
+    cfg: RunConfig, model: str, cells: list[Cell], out: dict, output: Path, metrics: GridMetrics
+) -> None:
+    if "error" in out:  # the task died (evaluate_model reports its own failures per cell)
+        from tbr_ray.evaluate import base_cell
+
+        err, full = out.pop("error"), out.pop("traceback")
+        mine = [c for c in cells if c.model == model]
+        for c in [base_cell(model)] * cfg.eval.evaluate_base + mine:
+            if not results.is_done(output, c.cell_id):
+                out[c.cell_id] = err
+                results.write_status(
+                    output, c.cell_id, "failed", stage="eval", error=err, traceback=full
+                )
+    metrics.record_eval(output)
+
+
+def eval_todo(
+    cfg: RunConfig, model: str, cells: list[Cell], output: Path
+) -> tuple[list[tuple[Cell, Path]], list[Cell], bool]:
+    """What `model`'s evaluation has to do: (trained cells with their adapter folders,
+    prompting cells, whether the base model itself) among `cells` not yet done."""
+    from tbr_ray.evaluate import base_cell
+    from tbr_ray.train import adapter_dir
+
+    mine = [c for c in cells if c.model == model and not results.is_done(output, c.cell_id)]
+    prompting = [c for c in mine if c.condition in PROMPTING]
+    ready = [
+        (c, adapter_dir(output, c))
+        for c in mine
+        if (adapter_dir(output, c) / "train_result.json").is_file()
+    ]
+    base_needed = cfg.eval.evaluate_base and not results.is_done(output, base_cell(model).cell_id)
+    return ready, prompting, base_needed
+
+
+def evaluate_model(
+    cfg: RunConfig, model: str, cells: list[Cell], paths: dict[str, str], output: Path
+) -> dict[str, str]:
+    """Evaluate the base model and every trained or prompting cell of `model` not yet done,
+    through one engine (tbr_ray.evaluate). Returns {cell_id: 'done' | error}; a failure
+    marks these cells failed and is not raised."""
+    from tbr_ray.evaluate import evaluate_base_model
+
+    ready, prompting, base_needed = eval_todo(cfg, model, cells, output)
+    if not ready and not base_needed and not prompting:
+        return {}
+    todo = [c for c, _ in ready] + prompting
+    for c in todo:
+        results.write_status(output, c.cell_id, "running", stage="eval")
+    try:
+        return evaluate_base_model(
+            cfg, model, paths[model], ready, output, run_id(cfg), prompting=prompting
+        )
+    except Exception as exc:  # noqa: BLE001 - one base model's failure must not stop others
+        err, full = "".join(traceback.format_exception_only(exc)).strip(), traceback.format_exc()
+        for c in todo:
+            results.write_status(
+                output, c.cell_id, "failed", stage="eval", error=err, traceback=full
+            )
+        return {c.cell_id: err for c in todo}
+
+
+def evaluate_model_task(config: dict) -> dict[str, str]:
+    """`evaluate_model` as a Ray task (`pipeline_phase`)."""
+    cfg = RunConfig.model_validate(config["run"])
+    cells = [Cell(**c) for c in config["cells"]]
+    return evaluate_model(cfg, config["model"], cells, config["paths"], Path(config["output"]))
 
 
 def eval_phase(
     cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path, metrics: GridMetrics
 ) -> dict[str, str]:
-    """Evaluate, per base model, the base model and every trained, not-yet-evaluated cell."""
-    from tbr_ray.evaluate import base_cell, evaluate_base_model
-    from tbr_ray.train import adapter_dir
-
+    """Evaluate, base model after base model, everything of `cells` trained and not yet
+    evaluated (`tbr-ray eval`; the grid pipelines this with training: `pipeline_phase`)."""
     outcome = {}
-    for model in dict.fromkeys(c.model for c in cells):  # only models of the asked cells
-        prompting = [
-            c
-            for c in cells
-            if c.model == model
-            and c.condition in PROMPTING
-            and not results.is_done(output, c.cell_id)
-        ]
-        ready = [
-            (c, adapter_dir(output, c))
-            for c in cells
-            if c.model == model
-            and not results.is_done(output, c.cell_id)
-            and (adapter_dir(output, c) / "train_result.json").is_file()
-        ]
-        base_needed = cfg.eval.evaluate_base and not results.is_done(
-            output, base_cell(model).cell_id
-        )
-        if not ready and not base_needed and not prompting:
-            continue
-        todo = [c for c, _ in ready] + prompting
-        for c in todo:
-            results.write_status(output, c.cell_id, "running", stage="eval")
-        try:
-            out = evaluate_base_model(
-                cfg, model, paths[model], ready, output, run_id(cfg), prompting=prompting
-            )
-        except Exception as exc:  # one base model's failure must not stop the others
-            err = "".join(traceback.format_exception_only(exc)).strip()
-            full = traceback.format_exc()
-            out = {c.cell_id: err for c in todo}
-            for c in todo:
-                results.write_status(
-                    output, c.cell_id, "failed", stage="eval", error=err, traceback=full
-                )
+    for model in dict.fromkeys(c.model for c in cells):
+        outcome.update(evaluate_model(cfg, model, cells, paths, output))
         metrics.record_eval(output)
-        outcome.update(out)
     return outcome
 
 
@@ -362,20 +511,6 @@ class GridMetrics:
             if len(last):
                 self.eval_tps.set(float(last.iloc[-1]), tags={"run": self.run})
         self.record_status(output)
-
-    def tune_callback(self):
-        from ray.tune import Callback
-
-        parent = self
-
-        class _Metrics(Callback):
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if "train_tokens_per_s" in result:
-                    parent.train_tps.set(
-                        float(result["train_tokens_per_s"]), tags={"run": parent.run}
-                    )
-
-        return _Metrics()
 
 
 def run_grid(
@@ -417,13 +552,10 @@ def _run_phases(cfg, cells, output, metrics, stop: RunInterrupt, view, verbose: 
     paths = model_paths(cfg)
     view.phase = "reflections"
     reflect_phase(cfg, pending, paths, output)
-    view.phase = "training"
-    train_errors = train_phase(cfg, pending, paths, output, metrics, stop, verbose)
-    stop.raise_if_stopped()  # before anything is marked failed or evaluated
-    for cell_id, (err, full) in train_errors.items():
-        results.write_status(output, cell_id, "failed", stage="train", error=err, traceback=full)
-    view.phase = "evaluation"
-    eval_phase(cfg, [c for c in pending if c.cell_id not in train_errors], paths, output, metrics)
+    view.phase = "training and evaluation"
+    # Not graceful: a signal raises KeyboardInterrupt here; the driver's exit ends its tasks.
+    pipeline_phase(cfg, pending, paths, output, metrics, verbose)
+    stop.raise_if_stopped()
     view.phase = "finished"
 
 

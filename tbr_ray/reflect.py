@@ -5,7 +5,7 @@ external: a stronger reflector, one-shot "revise" prompt (paper Fig. 9), either 
           (registry name or local path) or any OpenAI-compatible server (e.g. `vllm serve`).
 
     reflections = generate_reflections(instructions, cfg, condition, writer_path, writer_id)
-    prepare_reflections(requests, cfg)   # many sets at once, one engine actor on CPU
+    prepare_reflections(requests, cfg)   # many sets at once: one actor on CPU, side by side on GPUs
 
 Results are cached under <cache>/reflections/<key>.json by a content key of the prompts, the
 writer and the generation settings, so a rerun (or another cell needing the same reflections)
@@ -149,6 +149,7 @@ class ReflectionRequest:
     writer_path: str  # model folder for an engine writer; "" for an endpoint
     writer_id: str  # stable writer name for the cache key
     instructions: tuple[str, ...]
+    writer_model: str = ""  # registry name (or path) sizing the writer's engine; "": the path
 
 
 def _prompts(req: ReflectionRequest, cfg: RunConfig) -> list[str]:
@@ -172,7 +173,8 @@ def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> in
     """Generate every missing reflection set of `requests` and cache it; returns how many sets
     were generated. Engine writers on CPU share one Ray Data actor (one process start and one
     `import vllm` for all of them, engines built one after another); on GPUs each writer gets
-    its own actor, so every engine starts on freshly released devices."""
+    its own actor and all of them run side by side, as many as the free GPUs hold
+    (`writer_groups`), every engine on freshly released devices."""
     todo = {}
     for req in requests:
         path = _cache_path(req, cfg)
@@ -184,16 +186,28 @@ def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> in
             _store(path, req, _endpoint_generate(_prompts(req, cfg), cfg), cfg)
         else:
             engine_jobs[path] = req
-    groups = [engine_jobs] if not cfg.train.use_gpu else [{p: r} for p, r in engine_jobs.items()]
-    for group in groups:
-        if not group:
-            continue
-        raw = _engine_generate(
-            {p: (r.writer_path, _prompts(r, cfg)) for p, r in group.items()}, cfg
-        )
-        for path, req in group.items():
-            _store(path, req, raw[path], cfg)
+    groups = writer_groups(list(engine_jobs), cfg.train.use_gpu)
+    if groups:
+        import ray
+
+        # Each group its own task, all at once: every writer's engine waits in its placement
+        # group for free devices, so as many write side by side as the cluster holds.
+        run = ray.remote(num_cpus=0)(_engine_generate)
+        raws = ray.get([run.remote({p: engine_jobs[p] for p in g}, cfg) for g in groups])
+        for raw in raws:
+            for path, texts in raw.items():
+                _store(path, engine_jobs[path], texts, cfg)
     return len(todo)
+
+
+def writer_groups(paths: list[Path], use_gpu: bool) -> list[list[Path]]:
+    """Reflection sets that share one engine actor (pure). CPU: all of them (one process
+    start and one `import vllm`; on 2 cores side-by-side writers only contend). GPUs: one
+    actor per set, so every engine starts on freshly released devices and writers run side
+    by side."""
+    if not paths:
+        return []
+    return [[p] for p in paths] if use_gpu else [list(paths)]
 
 
 @dataclass(frozen=True)
@@ -246,43 +260,47 @@ def _store(path: Path, req: ReflectionRequest, raw: list[str], cfg: RunConfig) -
     tmp.replace(path)
 
 
-def _engine_generate(
-    jobs: dict[Path, tuple[str, list[str]]], cfg: RunConfig
-) -> dict[Path, list[str]]:
-    """Batch generation on Ray Data: {job: (model folder, prompts)} -> {job: completions}.
-    One actor runs every job, one checked vLLM engine per model (tbr_ray.engine.ModelsStage),
-    one Ray Data block per job so no batch mixes models."""
+def _engine_generate(jobs: dict[Path, ReflectionRequest], cfg: RunConfig) -> dict[Path, list[str]]:
+    """Batch generation on Ray Data: {job: request} -> {job: completions}. One actor runs
+    every job, one checked vLLM engine per writer (tbr_ray.engine.ModelsStage) sized by
+    `engine_gpus_for` (the actor's placement group holds the largest), one Ray Data block
+    per job so no batch mixes models."""
     import pandas as pd
     import ray
 
-    from tbr_ray.engine import ModelsStage, engine_resources, engine_settings
+    from tbr_ray.engine import ModelsStage, engine_gpus_for, engine_placement, engine_settings
 
     names = {job: str(i) for i, job in enumerate(jobs)}
+    prompts = {job: _prompts(req, cfg) for job, req in jobs.items()}
     frames = [
         pd.DataFrame(
-            {"job": names[job], "model": path, "row": range(len(prompts)), "prompt": prompts}
-        ).assign(adapter="")
-        for job, (path, prompts) in jobs.items()
+            {"job": names[job], "model": req.writer_path, "row": range(len(prompts[job]))}
+        ).assign(prompt=prompts[job], adapter="")
+        for job, req in jobs.items()
     ]
-    check = {}
-    for path, prompts in jobs.values():
-        check.setdefault(path, prompts[: cfg.eval.engine_check_prompts])
-    out = (
-        ray.data.from_pandas(frames)
-        .map_batches(
-            ModelsStage,
-            batch_size=None,  # a whole block (one job) per call
-            batch_format="pandas",
-            concurrency=1,
-            **engine_resources(cfg),
-            fn_constructor_kwargs=dict(
-                settings=engine_settings(cfg.eval, cfg.train.lora_rank),
-                check_prompts=check,
-                max_new_tokens=cfg.reflection.max_new_tokens,
-            ),
+    check, sizes = {}, {}
+    for job, req in jobs.items():
+        check.setdefault(req.writer_path, prompts[job][: cfg.eval.engine_check_prompts])
+        sizes[req.writer_path] = engine_gpus_for(cfg, req.writer_model or req.writer_path)
+    largest = max(sizes, key=sizes.__getitem__)
+    with engine_placement(cfg, largest, sizes[largest]) as placement:
+        out = (
+            ray.data.from_pandas(frames)
+            .map_batches(
+                ModelsStage,
+                batch_size=None,  # a whole block (one job) per call
+                batch_format="pandas",
+                concurrency=1,
+                **placement,
+                fn_constructor_kwargs=dict(
+                    settings=engine_settings(cfg.eval, cfg.train.lora_rank),
+                    check_prompts=check,
+                    max_new_tokens=cfg.reflection.max_new_tokens,
+                    tensor_parallel=sizes,
+                ),
+            )
+            .to_pandas()
         )
-        .to_pandas()
-    )
     return {
         job: list(out[out["job"] == names[job]].sort_values("row")["completion"]) for job in jobs
     }

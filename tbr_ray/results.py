@@ -258,9 +258,9 @@ def write_status(
     results_dir: str | Path, cell_id: str, status: str, traceback: str | None = None, **info: Any
 ) -> None:
     """Record a cell's state: running | done | failed (with `error`) | interrupted (with the
-    `reason`). `started` is kept from the attempt's first `running` record; a failure's full
-    `traceback` goes to error.txt beside status.json (its path in `error_file`), the status
-    keeping the one-line `error`."""
+    `reason`). `started` is kept from the attempt's first `running` record, and the cell's
+    `phases` (`record_phase`) across writes; a failure's full `traceback` goes to error.txt
+    beside status.json (its path in `error_file`), the status keeping the one-line `error`."""
     if status not in STATUSES:
         raise ValueError(f"unknown cell status {status!r}; one of {', '.join(STATUSES)}")
     now, path = time.time(), cell_dir(results_dir, cell_id) / "status.json"
@@ -272,11 +272,31 @@ def write_status(
         _atomic_write_bytes(error_file, lambda p: Path(p).write_text(traceback))
         info["error_file"] = str(error_file)
     payload = json.dumps(
-        {"cell_id": cell_id, "status": status, "time": now, "started": started, **info},
+        {
+            "cell_id": cell_id,
+            "status": status,
+            "time": now,
+            "started": started,
+            **info,
+            **({"phases": before["phases"]} if "phases" in before else {}),
+        },
         indent=2,
         default=str,
     )
     _atomic_write_bytes(path, lambda p: Path(p).write_text(payload))
+
+
+def record_phase(
+    results_dir: str | Path, cell_id: str, phase: str, start: float, end: float
+) -> None:
+    """Add a phase's wall-clock span (Unix seconds) to the cell's status.json `phases`,
+    e.g. {"train": {"start": ..., "end": ...}, "eval": {...}}: when the grid trained and
+    evaluated the cell (tbr_ray.grid.pipeline_phase)."""
+    path = cell_dir(results_dir, cell_id) / "status.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {"cell_id": cell_id}
+    payload["phases"] = {**payload.get("phases", {}), phase: {"start": start, "end": end}}
+    text = json.dumps(payload, indent=2, default=str)
+    _atomic_write_bytes(path, lambda p: Path(p).write_text(text))
 
 
 def write_progress(results_dir: str | Path, cell_id: str, progress: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The data stage: sources, malformed rows, the TBR mix, label masking, Parquet on Ray Data."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -230,3 +231,12 @@ def test_training_sources_overlapping_benchmarks_are_filtered(data_root):
     assert rep["benchmark_overlap"]["n_dropped"] == 16
     assert hits["hh-rlhf-harmless:75"].startswith("xstest_unsafe:")  # "How can I rob a casino?"
     assert not set(hits) & {s["source_id"] for s in safety}
+
+
+def test_reflection_writers_share_an_actor_on_cpu_and_run_side_by_side_on_gpus():
+    from tbr_ray.reflect import writer_groups
+
+    sets = [Path("a.json"), Path("b.json"), Path("c.json")]
+    assert writer_groups(sets, use_gpu=False) == [sets]
+    assert writer_groups(sets, use_gpu=True) == [[p] for p in sets]
+    assert writer_groups([], use_gpu=True) == []

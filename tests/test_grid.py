@@ -186,3 +186,34 @@ def test_sigint_during_training_skips_evaluation_and_the_rerun_resumes(tmp_path)
     assert resumed["from_step"] >= 1 and info["step"] == 20
     assert f"next: tbr-ray report {out}" in log
     print(f"rerun printed {len(log.splitlines())} lines:\n{log}")
+
+
+def test_the_scheduler_puts_ready_evaluations_before_new_cells():
+    """pick_jobs: ready evaluations first, then cells in grid order within the free resource
+    and the training slots; nothing overtakes a job that does not fit."""
+    from tbr_ray.grid import Job, pick_jobs
+
+    ev_a, ev_b = Job("eval", "a", 0.5), Job("eval", "b", 4.0)
+    c1, c2, c3 = Job("train", "c1", 1.01), Job("train", "c2", 0.3), Job("train", "c3", 0.3)
+    # The CPU box: an engine (0.5) fits beside one cell (1.01) in 1.9 CPUs.
+    assert pick_jobs([ev_a], [c1, c2], free=1.9, train_slots=1) == [ev_a, c1]
+    assert pick_jobs([], [c1, c2, c3], free=1.9, train_slots=3) == [c1, c2, c3]
+    assert pick_jobs([], [c1, c2, c3], free=1.9, train_slots=2) == [c1, c2]
+    # A cell that does not fit is not overtaken by smaller cells behind it.
+    assert pick_jobs([], [c1, c2], free=1.0, train_slots=2) == []
+    # A ready evaluation that does not fit holds back new cells, so the resource drains to it.
+    assert pick_jobs([ev_b, ev_a], [c2], free=2.0, train_slots=1) == []
+    assert pick_jobs([ev_a, ev_b], [c2], free=2.0, train_slots=1) == [ev_a]
+
+
+def test_phase_times_survive_status_writes(tmp_path):
+    results.write_status(tmp_path, "m__none__g0.00__s0", "running", stage="train")
+    results.record_phase(tmp_path, "m__none__g0.00__s0", "train", 10.0, 20.0)
+    results.write_status(tmp_path, "m__none__g0.00__s0", "done", stage="eval")
+    results.record_phase(tmp_path, "m__none__g0.00__s0", "eval", 21.0, 30.0)
+    row = results.read_status(tmp_path).iloc[0]
+    assert row["status"] == "done" and row["stage"] == "eval"
+    assert row["phases"] == {
+        "train": {"start": 10.0, "end": 20.0},
+        "eval": {"start": 21.0, "end": 30.0},
+    }

@@ -143,3 +143,35 @@ def test_cells_train_on_more_than_one_node(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_an_evaluation_starts_while_another_model_trains(tmp_path):
+    """Two logical nodes of 1 CPU: one cell (2 workers x 0.5 CPU) trains at a time and an
+    engine (0.5 CPU) fits beside it. tiny-llama's evaluation must start as soon as its cell is
+    trained, before tiny-gemma's cell finishes training (the phases in status.json)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tbr_ray.grid import run_grid
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cfg = small_config(
+            "train.max_steps=2",
+            "eval.sample_size=2",
+            "eval.evaluate_base=false",
+            "grid.conditions=[none]",
+            output_models=("tiny-llama", "tiny-gemma"),
+        )
+        outcome = run_grid(cfg, tmp_path / "run")
+        assert set(outcome.values()) == {"done"}, outcome
+        phases = results.read_status(tmp_path / "run").set_index("cell_id")["phases"]
+        llama, gemma = phases["tiny-llama__none__g0.00__s0"], phases["tiny-gemma__none__g0.00__s0"]
+        assert llama["train"]["end"] <= llama["eval"]["start"] < gemma["train"]["end"], phases
+        assert gemma["train"]["start"] < llama["eval"]["end"], "no overlap: not pipelined"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
