@@ -93,11 +93,12 @@ def engine_env(cpu: bool, in_process: bool, tensor_parallel: int) -> dict[str, s
     """The environment vLLM needs while it builds an engine here (pure).
 
     In-process (CPU, one worker): vLLM's engine core and worker run in this process. The
-    default spawns two processes that import vLLM again: engine start 23 s against 3 s for a
-    tiny model here, same greedy tokens (docs/BENCHMARKS.md); our engines already live in their
-    own Ray actor. Tensor parallel on CPU: vLLM binds each worker's threads to NUMA nodes and
-    refuses 2 workers on one node ("Not enough allowed NUMA nodes"); one core per worker
-    (`VLLM_CPU_OMP_THREADS_BIND="0|1"`) starts and gives TP=1's greedy tokens (STACK.md)."""
+    default spawns two processes that import vLLM again, which makes a tiny model's engine start
+    several times slower for the same greedy tokens (docs/BENCHMARKS.md "Tiny ablation: where
+    the 15 minutes go"); our engines already live in their own Ray actor. Tensor parallel on
+    CPU: vLLM binds each worker's threads to NUMA nodes and refuses 2 workers on one node ("Not
+    enough allowed NUMA nodes"); one core per worker (`VLLM_CPU_OMP_THREADS_BIND="0|1"`)
+    starts and gives TP=1's greedy tokens (STACK.md)."""
     if in_process:
         return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if cpu and tensor_parallel > 1:
@@ -549,11 +550,12 @@ class ModelsStage:
     engine at a time (EngineStage), rebuilt when a batch names another model.
 
     Row columns: `model` (model folder) plus EngineStage's. Pays one process start and one
-    `import vllm` for all models: on the 2-core box the tiny grid's four reflection writers
-    took ~50 s each in their own actors. On GPUs give each model its own actor instead
-    (tbr_ray.reflect.prepare_reflections does): vLLM does not promise to hand device memory
-    back to a process that built an engine. `tensor_parallel` sizes each model's engine
-    (model folder -> workers; absent: 1); the actor must hold the largest.
+    `import vllm` for all models, which dominated the tiny grid's reflection writers when each
+    had its own actor (docs/BENCHMARKS.md "the same box, about 1.5x slower all day"). On GPUs
+    give each model its own actor instead (tbr_ray.reflect.prepare_reflections does): vLLM does
+    not promise to hand device memory back to a process that built an engine. `tensor_parallel`
+    sizes each model's engine (model folder -> workers; absent: 1); the actor must hold the
+    largest.
     """
 
     def __init__(

@@ -207,9 +207,9 @@ def untrained(cells: list[Cell], output: Path) -> list[Cell]:
 def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
     """Cells trained at once at most: `grid.max_concurrent` if set, else as many as the
     cluster's GPUs (GPU runs) or CPUs (CPU runs) hold side by side. No extra cell "preparing
-    ahead" on CPU: on the 2-core box 2 cells at once took 794 s against 803 s for 1
-    (docs/BENCHMARKS.md), and the waiting cell's Ray Train worker group hit its 60 s start
-    timeout and retried."""
+    ahead" on CPU: on the 2-core box it saved nothing, and the waiting cell's Ray Train worker
+    group hit its start timeout and retried (docs/BENCHMARKS.md "Tiny ablation: where the 15
+    minutes go")."""
     if cfg.grid.max_concurrent:
         return cfg.grid.max_concurrent
     need = max(train_need(cfg, p) for p in plans)
