@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Names are validated against the vocabulary, never the stage registries (README "Layers").
+# Names are validated against the vocabulary, never the stage registries (README "Layout").
 from tbr_ray import vocab
 from tbr_ray.keys import content_key
 from tbr_ray.vocab import ALL_CONDITIONS, CONDITIONS, PROMPTING  # noqa: F401 (re-exported)

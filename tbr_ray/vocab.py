@@ -1,6 +1,6 @@
 """The platform's vocabulary: names of reflection conditions, judges, judge formats and
 benchmarks, as pure data. It imports nothing of tbr_ray, so the core (config, registry, results
-schema) validates names against it without loading a stage module (README "Layers").
+schema) validates names against it without loading a stage module (README "Layout").
 
 The stage registries (tbr_ray.judges.RULE_JUDGES, tbr_ray.benchmarks.BENCHMARKS) are keyed by
 these names; tests/test_layers.py asserts their keys equal the names here, so a name added in
