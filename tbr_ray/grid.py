@@ -519,7 +519,21 @@ def _tune_training(cfg: RunConfig, state: _Pipeline, verbose: bool):
 
 
 def _tracking_callbacks(cfg: RunConfig, output: Path) -> list:
-    return []
+    """MLflow through Tune's own callback when `tracking.mlflow` is on: one MLflow run per
+    training trial (the cell), its config as params, Ray Train's per-epoch reports as metrics,
+    tagged with the tbr-ray run id and code version."""
+    if not cfg.tracking.mlflow:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = cfg.tracking.mlflow_uri or (output / "mlruns").as_uri()
+    if uri.startswith("file:"):
+        # mlflow 3 keeps its file store in maintenance mode and refuses it unless told: a local
+        # store needs no server and no database, which is what an opt-in default should be.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    sha, dirty = results.git_state()
+    tags = {"tbr_run_id": run_id(cfg), "git_sha": str(sha), "git_dirty": str(dirty)}
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.name, tags=tags)]
 
 
 def _train_finished(
