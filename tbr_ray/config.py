@@ -603,7 +603,8 @@ class RunConfig(_Strict):
     def _one_batch_setting(self) -> RunConfig:
         """train.global_batch_size and train.grad_accum_steps are not both set. Whether the
         global batch splits on every grid model's workers needs the planner's worker counts:
-        tbr_ray.plan.global_batch_problems, run by the plan and the preflight."""
+        tbr_ray.plan.global_batch_problems, run by the plan and by every command as it loads
+        the config (tbr_ray.cli), before Ray starts."""
         t = self.train
         if t.global_batch_size is not None and "grad_accum_steps" in t.model_fields_set:
             raise ValueError(

@@ -61,7 +61,8 @@ def planned_steps(cfg: RunConfig, model: str) -> int:
 def global_batch_problems(cfg: RunConfig) -> list[str]:
     """train.global_batch_size must split into whole micro-batches on every grid model's
     workers: one line naming the value, the models it fails and the fix, else []. The plan
-    (`plan_grid`) and the preflight report it, before Ray starts."""
+    (`plan_grid`) refuses it, and every command stops on it as it loads the config
+    (tbr_ray.cli), --config-only too, before Ray starts."""
     t = cfg.train
     if t.global_batch_size is None:
         return []
