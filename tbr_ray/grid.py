@@ -62,7 +62,7 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def plan_cells(cfg: RunConfig) -> list[CellPlan]:
-    from tbr_ray.train import resolved_train_settings
+    from tbr_ray.plan import resolved_train_settings
 
     plans = []
     for cell in cfg.cells():
