@@ -6,22 +6,28 @@
 Phase 0 (reflections): every reflection set the untrained cells need, written before any
 training (tbr_ray.reflect.prepare_reflections: on CPU one engine actor for all writers, on
 GPUs one per writer, side by side), so no cell holds training resources while a writer runs.
-Phase 1 (`pipeline_phase`): one Ray cluster trains and evaluates at once. Each cell that
-still needs an adapter trains in a Ray task: data mix (Ray Data, cached and shared between
-cells with the same mix), then Ray Train + DeepSpeed; a failed cell is retried
-`grid.max_retries` times, then reported failed while the others go on. A base model's
-evaluation (one vLLM engine, sized and placed by tbr_ray.engine, for the base model and
-every new adapter of that model: engine start-up paid once per base model) starts as soon
-as its cells are trained, while other cells still train. Policy (`pick_jobs`, simulated by
-the planner): ready evaluations take free resources before new training cells; cells go in
-grid order; as many jobs run as the cluster's GPUs (CPUs on CPU runs) hold.
+Phase 1 (`pipeline_phase`): one Ray cluster trains and evaluates at once. Ray Tune schedules
+the training: one trial per cell that still needs an adapter, whose driver builds the data mix
+(Ray Data, cached and shared between cells with the same mix) and fine-tunes (Ray Train +
+DeepSpeed); a failed trial is retried `grid.max_retries` times, then reported failed while the
+others go on. Tune gets each cell from a Searcher (`CellQueue`) only when the grid's policy
+admits it, and a Tune callback launches each base model's evaluation (one vLLM engine, sized
+and placed by tbr_ray.engine, for the base model and every new adapter of that model: engine
+start-up paid once per base model) as a Ray task as soon as its cells are trained, while other
+cells still train. Policy (`pick_jobs`, simulated by the planner): ready evaluations take free
+resources before new training cells; cells go in grid order; as many jobs run as the
+cluster's GPUs (CPUs on CPU runs) hold. Why not evaluations as Tune trials too: one
+evaluation serves several cells (trials) and must wait for all of them, which Tune's
+independent trials cannot express. With `tracking.mlflow` each trial also goes to MLflow
+through Tune's MLflowLoggerCallback.
 
 Resume: rerunning the same command on the same output skips cells whose results are done,
 skips training for cells whose adapter is published, and resumes interrupted training from
 its last Ray Train checkpoint. Results land per cell, atomically, so there are no duplicates.
 
-Operating it: Ctrl-C / SIGTERM stop scheduling, mark running cells `interrupted` and skip
-evaluation (tbr_ray.interrupt; run_grid raises Interrupted). While it runs, a progress view
+Operating it: Ctrl-C / SIGTERM stop scheduling, mark running cells `interrupted`, wind Tune's
+trials down (their Ray Train checkpoints kept for the rerun) and skip evaluation
+(tbr_ray.interrupt; run_grid raises Interrupted). While it runs, a progress view
 reads the run folder (tbr_ray.progress) and keeps the dashboard gauges current; Ray's own
 logging stays out of the way unless `verbose`.
 """
