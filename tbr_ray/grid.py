@@ -458,11 +458,24 @@ def _tune_parts(state: _Pipeline):
             state.trial_ended(trial.trial_id, dict(trial.last_result or {}))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            exc = trial.get_pickled_error() or trial.get_error()
-            out = dict(zip(("error", "traceback"), _error_text(exc), strict=True))
+            out = dict(zip(("error", "traceback"), _trial_error(trial), strict=True))
             state.trial_ended(trial.trial_id, out)
 
     return CellQueue(), Pipeline()
+
+
+def _trial_error(trial) -> tuple[str, str]:
+    """(one line, full text) of a failed trial's last error, from the files Tune has just
+    written in the trial's local folder (its storage copy is synced later)."""
+    import cloudpickle
+
+    pickled, text = trial.pickled_error_file, trial.error_file
+    if pickled and Path(pickled).is_file():
+        return _error_text(cloudpickle.loads(Path(pickled).read_bytes()))
+    if text and Path(text).is_file():
+        full = Path(text).read_text().strip()
+        return full.splitlines()[-1], full
+    return "the trial failed and Tune recorded no error", ""
 
 
 def _cell_name(trial) -> str:

@@ -147,8 +147,11 @@ def test_cells_train_on_more_than_one_node(tmp_path):
 
 def test_an_evaluation_starts_while_another_model_trains(tmp_path):
     """Two logical nodes of 1 CPU: one cell (2 workers x 0.5 CPU) trains at a time and an
-    engine (0.5 CPU) fits beside it. tiny-llama's evaluation must start as soon as its cell is
-    trained, before tiny-gemma's cell finishes training (the phases in status.json)."""
+    engine (0.5 CPU) fits beside it. tiny-llama's evaluation must start as soon as its cells
+    are trained or failed, before tiny-gemma's cell finishes training (the phases in
+    status.json). Each model's `external` cell fails in its Tune trial (its reflection
+    endpoint refuses connections): it is reported failed with the error, and the other cells
+    go on."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -163,13 +166,21 @@ def test_an_evaluation_starts_while_another_model_trains(tmp_path):
             "train.max_steps=2",
             "eval.sample_size=2",
             "eval.evaluate_base=false",
-            "grid.conditions=[none]",
+            "grid.conditions=[none, external]",
+            "grid.max_retries=0",
+            "reflection.endpoint=http://127.0.0.1:9/v1",  # nothing listens on port 9
+            "reflection.endpoint_model=refuser",
+            "reflection.endpoint_keyless=true",
             "tracking.mlflow=true",
             output_models=("tiny-llama", "tiny-gemma"),
         )
         outcome = run_grid(cfg, tmp_path / "run")
-        assert set(outcome.values()) == {"done"}, outcome
-        phases = results.read_status(tmp_path / "run").set_index("cell_id")["phases"]
+        failed = {c for c, state in outcome.items() if "external" in c}
+        assert {outcome[c] for c in failed} == {"failed"} and len(failed) == 2, outcome
+        assert {s for c, s in outcome.items() if c not in failed} == {"done"}, outcome
+        status = results.read_status(tmp_path / "run").set_index("cell_id")
+        assert status.loc[sorted(failed), "error"].str.contains("Connection").all(), status
+        phases = status["phases"]
         llama, gemma = phases["tiny-llama__none__g0.00__s0"], phases["tiny-gemma__none__g0.00__s0"]
         assert llama["train"]["end"] <= llama["eval"]["start"] < gemma["train"]["end"], phases
         assert gemma["train"]["start"] < llama["eval"]["end"], "no overlap: not pipelined"
@@ -185,6 +196,7 @@ def _assert_mlflow_has_one_run_per_cell(store: Path, experiment: str) -> None:
     mlflow = pytest.importorskip("mlflow")
     mlflow.set_tracking_uri(store.as_uri())
     runs = mlflow.search_runs(experiment_names=[experiment])
-    names = set(runs["tags.trial_name"])
-    assert names == {"tiny-llama__none__g0.00__s0", "tiny-gemma__none__g0.00__s0"}, runs
-    assert runs["metrics.loss"].notna().all() and runs["tags.tbr_run_id"].notna().all()
+    trained = runs.set_index("tags.trial_name").loc[
+        ["tiny-llama__none__g0.00__s0", "tiny-gemma__none__g0.00__s0"]
+    ]
+    assert trained["metrics.loss"].notna().all() and trained["tags.tbr_run_id"].notna().all()
