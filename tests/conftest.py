@@ -21,8 +21,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    """`cluster` tests run last (they shut down the session's Ray instance); `gpu` tests are
+    skipped on a machine without CUDA."""
     import torch
 
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
@@ -76,3 +79,70 @@ def small_config(*extra: str, output_models=("tiny-llama",)):
         *extra,
     ]
     return load_config(REPO / "jobs" / "tiny.yaml", sets)
+
+
+def random_adapter(base: str, targets, path: Path, seed: int) -> str:
+    """A random (non-zero) LoRA adapter of rank 8 on `base`, saved at `path`: its outputs differ
+    from the base model's, so a test can tell whether an adapter was applied."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=8, lora_alpha=32, init_lora_weights=False, target_modules=list(targets))
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(path)
+    return str(path)
+
+
+def ray_processes_under(temp_dir: Path) -> list:
+    """The Ray processes started with `temp_dir` as their Ray temp folder (gcs_server, raylet,
+    dashboard, workers all carry it on their command line), with their descendants (e.g. a
+    vLLM engine a worker spawned)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(temp_dir) in arg for arg in proc.info["cmdline"] or ()):
+            found[proc.pid] = proc
+            for child in _children(proc):
+                found[child.pid] = child
+    return list(found.values())
+
+
+def _children(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def stop_ray_under(temp_dir: Path, grace_s: float = 30.0) -> int:
+    """Stop exactly the Ray processes started under `temp_dir`; returns how many there were.
+    Unlike `ray stop` (which ends every Ray process on the machine, another user's run too),
+    this leaves every other Ray instance alone."""
+    import psutil
+
+    procs = ray_processes_under(temp_dir)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
+def short_temp_dir(prefix: str) -> Path:
+    """A new folder under /tmp with a short path: Ray's socket paths inside its temp folder must
+    stay under the 107-byte Unix socket limit, which pytest's tmp_path can exceed."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
