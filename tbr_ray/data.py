@@ -33,7 +33,7 @@ from tbr_ray.config import Cell, ReflectionConfig, RunConfig
 from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.keys import content_key
 from tbr_ray.models import format_prompt
-from tbr_ray.prompts import prompt_token_ids
+from tbr_ray.prompts import prompt_token_ids_batch
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -267,12 +267,24 @@ def assemble_mix(
     return [{**rows[j], "example_id": n} for n, j in enumerate(order)]
 
 
+def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int) -> list[dict]:
+    """input_ids/labels for each row, in two batched tokenizer calls (prompts, responses);
+    labels mask the prompt with -100. The prompt's ids are the ones the eval engine is fed for
+    the same text (`prompt_token_ids`: one BOS)."""
+    prompts = [format_prompt(r["instruction"], r["input"]) for r in rows]
+    prompt_ids = prompt_token_ids_batch(tokenizer, prompts)
+    outputs = [r["output"] for r in rows]
+    resp_ids = tokenizer(outputs, add_special_tokens=False)["input_ids"] if rows else []
+    eos = [tokenizer.eos_token_id]
+    return [_example(p, r + eos, max_seq_len) for p, r in zip(prompt_ids, resp_ids, strict=True)]
+
+
 def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
-    """input_ids/labels for one row; labels mask the prompt with -100. The prompt's ids are
-    the ones the eval engine is fed for the same text (`prompt_token_ids`: one BOS)."""
-    prompt_ids = prompt_token_ids(tokenizer, format_prompt(row["instruction"], row["input"]))
-    resp_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-    resp_ids = resp_ids + [tokenizer.eos_token_id]
+    """`tokenize_rows` of one row."""
+    return tokenize_rows([row], tokenizer, max_seq_len)[0]
+
+
+def _example(prompt_ids: list[int], resp_ids: list[int], max_seq_len: int) -> dict:
     ids = (prompt_ids + resp_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + resp_ids)[:max_seq_len]
     return {
@@ -283,7 +295,7 @@ def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
 
 
 class Tokenize:
-    """Ray Data callable class: loads the tokenizer once per actor."""
+    """Ray Data callable class: loads the tokenizer once per actor, tokenizes a batch at once."""
 
     def __init__(self, model_path: str, max_seq_len: int):
         from transformers import AutoTokenizer
@@ -294,7 +306,7 @@ class Tokenize:
     def __call__(self, batch: dict) -> dict:
         keys = list(batch)
         rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
-        toks = [tokenize_row(r, self.tok, self.max_seq_len) for r in rows]
+        toks = tokenize_rows(rows, self.tok, self.max_seq_len)
         return {**batch, **{k: [t[k] for t in toks] for k in ("input_ids", "labels", "truncated")}}
 
 

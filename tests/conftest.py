@@ -14,6 +14,12 @@ from tbr_ray.models import TINY_MODELS
 from tbr_ray.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
+# Real tokenizers of the paper's families (../shared/tokenizers/ATTRIBUTION.md); tests that use
+# them skip without the folder.
+SHARED_TOKENIZERS = REPO.parent / "shared" / "tokenizers"
+needs_shared_tokenizers = pytest.mark.skipif(
+    not SHARED_TOKENIZERS.is_dir(), reason=f"no shared tokenizers at {SHARED_TOKENIZERS}"
+)
 
 
 def pytest_configure(config):

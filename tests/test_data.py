@@ -23,12 +23,14 @@ from tbr_ray.data import (
     sample_rows,
     source_rows,
     tokenize_row,
+    tokenize_rows,
     upstream_refused,
 )
 from tbr_ray.models import format_prompt
+from tbr_ray.prompts import prompt_token_ids
 from tbr_ray.reflect import clean_reflection, external_prompt, internal_prompt
 
-from .conftest import small_config
+from .conftest import SHARED_TOKENIZERS, needs_shared_tokenizers, small_config
 
 
 def test_shipped_sources_read_cleanly(data_root):
@@ -96,6 +98,42 @@ def test_labels_mask_the_prompt(tiny_llama):
     assert tok.decode(out["input_ids"][n_prompt:-1]) == "Blue."
     short = tokenize_row(row, tok, max_seq_len=5)
     assert len(short["input_ids"]) == 5 and short["truncated"]
+
+
+def _one_row_at_a_time(row: dict, tok, max_seq_len: int) -> dict:
+    """The reference: one tokenizer call per prompt and per response (the code before batching)."""
+    prompt = prompt_token_ids(tok, format_prompt(row["instruction"], row["input"]))
+    resp = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = prompt + resp
+    labels = [IGNORE_INDEX] * len(prompt) + resp
+    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny",
+        *(pytest.param(n, marks=needs_shared_tokenizers) for n in ("mistral", "llama3", "gemma3")),
+    ],
+)
+def test_batched_tokenization_gives_the_row_by_row_ids(name, data_root, request):
+    """Real mix rows (Alpaca with and without input, refusals with reflections) through the
+    batched call give the ids and labels of one call per row, on the tiny preset's tokenizer
+    and the real tokenizers of the paper's families."""
+    from transformers import AutoTokenizer
+
+    path = request.getfixturevalue("tiny_llama") if name == "tiny" else SHARED_TOKENIZERS / name
+    tok = AutoTokenizer.from_pretrained(path)
+    gen = read_general(data_root, ("alpaca-bloom-lora",)).rows[:200]
+    saf = read_safety(data_root, "safety-tuned-llamas").rows[:40]
+    reflections = [f"This asks about {s['instruction'][:30]}, which is harmful." for s in saf]
+    rows = assemble_mix(gen, saf, reflections, 0.5, "I'm sorry, but I cannot help.", 0)
+    assert any(r["input"] for r in rows) and any(r["reflection"] for r in rows)
+    batched = tokenize_rows(rows, tok, max_seq_len=96)
+    assert any(b["truncated"] for b in batched) and not all(b["truncated"] for b in batched)
+    for row, got in zip(rows, batched, strict=True):
+        assert {k: got[k] for k in ("input_ids", "labels")} == _one_row_at_a_time(row, tok, 96)
+    assert tokenize_rows([], tok, 96) == []
 
 
 def test_reflection_prompts_follow_the_paper():
