@@ -7,11 +7,12 @@
     paired_tests(outcomes, judge="paper-keywords")     # each condition vs `none`, same prompts
 
 Bootstrap scheme. One seed: `scipy.stats.bootstrap`'s percentile interval of the mean over
-prompts (resampled with replacement, n_boot times). Several seeds (no library has this one): a two-stage bootstrap. Each replicate draws S seeds with replacement, then for
-each drawn seed an independent prompt resample, and averages the S means. This keeps both
-seed-to-seed (training) variance and prompt sampling variance in the interval. There, for 0/1
-outcomes, the mean of a prompt resample is Binomial(n, p_hat) / n, so it is drawn directly (same
-distribution, no n x n_boot index matrix).
+prompts (resampled with replacement, n_boot times). Several seeds (no library has this one): a
+two-stage bootstrap. Each replicate draws S seeds with replacement, then for each drawn seed an
+independent prompt resample, and averages the S means. This keeps both seed-to-seed (training)
+variance and prompt sampling variance in the interval. There, for 0/1 outcomes, the mean of a
+prompt resample is Binomial(n, p_hat) / n, so it is drawn directly (same distribution, no
+n x n_boot index matrix).
 
 McNemar. For a condition against `none` on the same prompts, b = prompts with outcome 1 under
 `none` and 0 under the condition, c = the reverse. With b + c < `exact_below` (default 25) the

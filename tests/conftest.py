@@ -4,6 +4,7 @@ Heavy parts (Ray, DeepSpeed, vLLM) are real; they start once here, not once per 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -17,9 +18,17 @@ REPO = Path(__file__).resolve().parent.parent
 # Real tokenizers of the paper's families (../shared/tokenizers/ATTRIBUTION.md); tests that use
 # them skip without the folder.
 SHARED_TOKENIZERS = REPO.parent / "shared" / "tokenizers"
-needs_shared_tokenizers = pytest.mark.skipif(
+needs_tokenizers = pytest.mark.skipif(
     not SHARED_TOKENIZERS.is_dir(), reason=f"no shared tokenizers at {SHARED_TOKENIZERS}"
 )
+
+
+@functools.cache
+def shared_tokenizer(name: str):
+    """The real tokenizer in SHARED_TOKENIZERS/<name> (mistral, llama3, gemma3), loaded once."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SHARED_TOKENIZERS / name)
 
 
 def pytest_configure(config):
@@ -70,20 +79,23 @@ def ray_local():
     ray.shutdown()
 
 
+# jobs/tiny.yaml shrunk for tests: few rows, one short epoch, 4 prompts per benchmark. As
+# `--set` strings, so a test that runs the command line (`tbr-ray ablate --set ...`) uses them too.
+SMALL_SETS = (
+    "data.n_general=24",
+    "data.n_safety=8",
+    "train.epochs=1",
+    "train.max_steps=3",
+    "train.micro_batch_size=4",
+    "eval.sample_size=4",
+    "eval.max_new_tokens=8",
+    "reflection.max_new_tokens=8",
+)
+
+
 def small_config(*extra: str, output_models=("tiny-llama",)):
-    """jobs/tiny.yaml shrunk for tests: few rows, one short epoch, 4 prompts per benchmark."""
-    sets = [
-        "data.n_general=24",
-        "data.n_safety=8",
-        "train.epochs=1",
-        "train.max_steps=3",
-        "train.micro_batch_size=4",
-        "eval.sample_size=4",
-        "eval.max_new_tokens=8",
-        "reflection.max_new_tokens=8",
-        f"grid.models={list(output_models)}",
-        *extra,
-    ]
+    """jobs/tiny.yaml with SMALL_SETS, `output_models` as the grid's models, then `extra`."""
+    sets = [*SMALL_SETS, f"grid.models={list(output_models)}", *extra]
     return load_config(REPO / "jobs" / "tiny.yaml", sets)
 
 

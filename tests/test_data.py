@@ -30,7 +30,7 @@ from tbr_ray.models import format_prompt
 from tbr_ray.prompts import prompt_token_ids
 from tbr_ray.reflect import clean_reflection, external_prompt, internal_prompt
 
-from .conftest import SHARED_TOKENIZERS, needs_shared_tokenizers, small_config
+from .conftest import needs_tokenizers, shared_tokenizer, small_config
 
 
 def test_shipped_sources_read_cleanly(data_root):
@@ -113,7 +113,7 @@ def _one_row_at_a_time(row: dict, tok, max_seq_len: int) -> dict:
     "name",
     [
         "tiny",
-        *(pytest.param(n, marks=needs_shared_tokenizers) for n in ("mistral", "llama3", "gemma3")),
+        *(pytest.param(n, marks=needs_tokenizers) for n in ("mistral", "llama3", "gemma3")),
     ],
 )
 def test_batched_tokenization_gives_the_row_by_row_ids(name, data_root, request):
@@ -122,8 +122,10 @@ def test_batched_tokenization_gives_the_row_by_row_ids(name, data_root, request)
     and the real tokenizers of the paper's families."""
     from transformers import AutoTokenizer
 
-    path = request.getfixturevalue("tiny_llama") if name == "tiny" else SHARED_TOKENIZERS / name
-    tok = AutoTokenizer.from_pretrained(path)
+    if name == "tiny":
+        tok = AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_llama"))
+    else:
+        tok = shared_tokenizer(name)
     gen = read_general(data_root, ("alpaca-bloom-lora",)).rows[:200]
     saf = read_safety(data_root, "safety-tuned-llamas").rows[:40]
     reflections = [f"This asks about {s['instruction'][:30]}, which is harmful." for s in saf]
