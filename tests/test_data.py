@@ -126,8 +126,8 @@ def test_batched_tokenization_gives_the_row_by_row_ids(name, data_root, request)
         tok = AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_llama"))
     else:
         tok = shared_tokenizer(name)
-    gen = read_general(data_root, ("alpaca-bloom-lora",)).rows[:200]
-    saf = read_safety(data_root, "safety-tuned-llamas").rows[:40]
+    gen = read_general(data_root, ("alpaca-bloom-lora",)).rows[:80]
+    saf = read_safety(data_root, "safety-tuned-llamas").rows[:20]
     reflections = [f"This asks about {s['instruction'][:30]}, which is harmful." for s in saf]
     rows = assemble_mix(gen, saf, reflections, 0.5, "I'm sorry, but I cannot help.", 0)
     assert any(r["input"] for r in rows) and any(r["reflection"] for r in rows)
