@@ -136,10 +136,11 @@ def _children(proc) -> list:
         return []
 
 
-def stop_ray_under(temp_dir: Path, grace_s: float = 30.0) -> int:
+def stop_ray_under(temp_dir: Path, grace_s: float = 5.0) -> int:
     """Stop exactly the Ray processes started under `temp_dir`; returns how many there were.
     Unlike `ray stop` (which ends every Ray process on the machine, another user's run too),
-    this leaves every other Ray instance alone."""
+    this leaves every other Ray instance alone. SIGTERM, then SIGKILL after `grace_s`: gcs_server
+    and the autoscaler monitor were seen ignoring SIGTERM for 30 s once the raylet was gone."""
     import psutil
 
     procs = ray_processes_under(temp_dir)
