@@ -139,7 +139,7 @@ def test_snapshot_shows_the_planned_eta_and_its_correction(tmp_path):
 
 
 def test_view_plans_on_the_ray_cluster_it_runs_in(tmp_path, ray_local):
-    cfg = small_config()
+    cfg = small_config("grid.conditions=[none]")
     (cell,) = cfg.cells()
     with ProgressView(tmp_path, [cell.cell_id], cfg=cfg, interval_s=60) as view:
         snap = view.snapshot()
