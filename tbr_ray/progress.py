@@ -23,12 +23,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tbr_ray import results
 from tbr_ray.config import RunConfig
-from tbr_ray.plan import GridPlan, plan_grid
+from tbr_ray.plan import GridPlan, Job, plan_grid, simulate
 
 STATES = ("done", "failed", "interrupted", "running", "waiting")
 
@@ -72,26 +72,31 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class PlannedJob:
-    """One job of the plan (tbr_ray.plan.Job) and the cells whose state tells how far it is."""
+    """One job of the plan (tbr_ray.plan.Job: name, kind, devices, planned seconds, the jobs
+    it waits for) and the cells whose state tells how far it is."""
 
-    kind: str  # write | train | eval
+    job: Job
     cells: tuple[str, ...]  # train: its cell; eval: the base model's cells; write: none
-    devices: int  # GPUs (GPU runs) or busy CPU cores (CPU runs), as planned
-    seconds: float  # planned wall seconds on those devices
+
+    @property
+    def kind(self) -> str:
+        return self.job.kind
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What the view needs of the plan: the jobs of this run's cells and the devices."""
+    """What the view needs of the plan: the jobs of this run's cells, the devices, and
+    grid.max_concurrent (the schedule's cap on training cells at once)."""
 
     jobs: tuple[PlannedJob, ...]
     capacity: int
+    max_train: int | None = None
 
 
-def run_plan(plan: GridPlan, cell_ids: Iterable[str]) -> RunPlan | None:
+def run_plan(plan: GridPlan, cell_ids: Iterable[str], max_train: int | None = None):
     """The plan's jobs that concern `cell_ids` (plan jobs are named "write <model>",
-    "train <cell id>", "eval <model>"); None when the plan has no schedule (no capacity, or
-    problems: the view then falls back on the rate seen)."""
+    "train <cell id>", "eval <model>"), as a RunPlan; None when the plan has no schedule (no
+    capacity, or problems: the view then falls back on the rate seen)."""
     if not plan.slots or not plan.capacity:
         return None
     ids = list(cell_ids)
@@ -106,8 +111,8 @@ def run_plan(plan: GridPlan, cell_ids: Iterable[str]) -> RunPlan | None:
         else:
             cells = ()
         if cells or kind == "write":
-            jobs.append(PlannedJob(kind, cells, slot.job.devices, slot.job.seconds))
-    return RunPlan(tuple(jobs), plan.capacity)
+            jobs.append(PlannedJob(slot.job, cells))
+    return RunPlan(tuple(jobs), plan.capacity, max_train)
 
 
 def _phase_span(row: dict, phase: str) -> dict:
@@ -140,7 +145,7 @@ def plan_ratio(plan: RunPlan, rows: dict[str, dict]) -> float:
     for job in plan.jobs:
         took = _measured_s(job, rows) if job.kind != "write" and _finished(job, rows) else None
         if took is not None:
-            measured, planned = measured + took, planned + job.seconds
+            measured, planned = measured + took, planned + job.job.seconds
     return measured / planned if planned > 0 else 1.0
 
 
@@ -148,30 +153,36 @@ def _left_s(job: PlannedJob, rows: dict, fractions: dict, phase: str, now: float
     """Seconds `job` still needs at the measured pace (`ratio` x planned): none when finished;
     a training cell less its steps done; a running evaluation less the time since it started
     (its cells' last status write); a writer while the reflections phase is still ahead."""
+    planned = job.job.seconds * ratio
     if job.kind == "write":
-        return job.seconds * ratio if phase in ("starting", "reflections") else 0.0
+        return planned if phase in ("starting", "reflections") else 0.0
     if _finished(job, rows):
         return 0.0
     if job.kind == "train":
-        return job.seconds * ratio * (1.0 - fractions.get(job.cells[0], 0.0))
+        return planned * (1.0 - fractions.get(job.cells[0], 0.0))
     evaluating = [rows[c] for c in job.cells if rows.get(c, {}).get("stage") == "eval"]
     running = [r["time"] for r in evaluating if r.get("status") == "running"]
-    return max(0.0, job.seconds * ratio - (now - min(running))) if running else job.seconds * ratio
+    return max(0.0, planned - (now - min(running))) if running else planned
 
 
 def planned_eta_s(
     plan: RunPlan, rows: dict[str, dict], fractions: dict[str, float], phase: str, now: float
 ) -> tuple[float, float]:
-    """(ETA seconds, ratio). The work left (each job's seconds left, `_left_s`, times the
-    devices it holds) spread over the cluster's devices as if they stayed busy, but never
-    less than the longest job left (a job's seconds cannot be split across slots). The
-    planned seconds are scaled by `plan_ratio`, so after the first finished cells the ETA
-    runs at this cluster's measured pace. `rows`: status rows by cell id; `fractions`: the
-    running training cells' share of steps done."""
+    """(ETA seconds, ratio). The planner's own schedule (tbr_ray.plan.simulate, the policy
+    that gives `--dry-run` its makespan) run over the work left: each job's seconds left
+    (`_left_s`) on the devices it holds, its dependencies on finished jobs dropped, spread
+    over the cluster's slots. Planned seconds are scaled by `plan_ratio`, so after the first
+    finished jobs the ETA runs at this cluster's measured pace. `rows`: status rows by cell
+    id; `fractions`: the running training cells' share of steps done."""
     ratio = plan_ratio(plan, rows)
-    left = [(_left_s(j, rows, fractions, phase, now, ratio), j.devices) for j in plan.jobs]
-    work = sum(s * min(d, plan.capacity) for s, d in left) / plan.capacity
-    return max([work, *(s for s, _ in left)]), ratio
+    left = {j.job.name: _left_s(j, rows, fractions, phase, now, ratio) for j in plan.jobs}
+    todo = [
+        replace(j.job, seconds=left[j.job.name], after=tuple(a for a in j.job.after if left.get(a)))
+        for j in plan.jobs
+        if left[j.job.name] > 0
+    ]
+    slots = simulate(todo, plan.capacity, 0.0, plan.max_train)
+    return max((slot.end_s for slot in slots), default=0.0), ratio
 
 
 # ------------------------------------------------------------------ the run folder now
@@ -255,7 +266,9 @@ def cluster_plan(cfg: RunConfig, cell_ids: Iterable[str]) -> RunPlan | None:
     if not ray.is_initialized():
         return None
     devices = int(ray.cluster_resources().get("GPU" if cfg.train.use_gpu else "CPU", 0))
-    return run_plan(plan_grid(cfg, devices), cell_ids) if devices else None
+    if not devices:
+        return None
+    return run_plan(plan_grid(cfg, devices), cell_ids, cfg.grid.max_concurrent)
 
 
 class ProgressView:

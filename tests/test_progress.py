@@ -3,7 +3,8 @@
 import time
 
 from tbr_ray import results
-from tbr_ray.plan import plan_grid
+from tbr_ray.plan import Job, plan_grid
+from tbr_ray.plan.cost import cost_model
 from tbr_ray.progress import (
     PlannedJob,
     ProgressView,
@@ -69,15 +70,13 @@ def test_view_logs_changes_and_feeds_the_gauges(tmp_path, capsys):
 # ------------------------------------------------------------------ the planner's ETA
 
 A, B = "m__none", "m__internal"
-# Two training cells of 100 planned seconds and their model's evaluation of 50, each holding
-# both of the cluster's 2 devices: 250 planned seconds in all.
+# Two training cells of 100 planned seconds and their model's evaluation of 50 (after both),
+# each job holding 2 devices: on a 2-device cluster 250 planned seconds in a row.
+TRAIN_A = Job(f"train {A}", "train", 2, 100.0)
+TRAIN_B = Job(f"train {B}", "train", 2, 100.0)
+EVAL = Job("eval m", "eval", 2, 50.0, after=(TRAIN_A.name, TRAIN_B.name))
 PLAN = RunPlan(
-    (
-        PlannedJob("train", (A,), 2, 100.0),
-        PlannedJob("train", (B,), 2, 100.0),
-        PlannedJob("eval", (A, B), 2, 50.0),
-    ),
-    capacity=2,
+    (PlannedJob(TRAIN_A, (A,)), PlannedJob(TRAIN_B, (B,)), PlannedJob(EVAL, (A, B))), capacity=2
 )
 
 
@@ -100,13 +99,25 @@ def test_planned_eta_is_the_work_left_over_the_slots_at_the_measured_pace():
     assert planned_eta_s(PLAN, {A: done, B: done}, {}, "finished", now)[0] == 0.0
 
 
-def test_planned_eta_ignores_failures_and_never_splits_one_job():
+def test_planned_eta_follows_the_schedule_and_ignores_failed_time():
     # A failed after 5 s: finished, but its time says nothing about the cluster's pace.
     rows = {A: _trained(5.0, status="failed")}
     assert planned_eta_s(PLAN, rows, {}, "training", 0.0) == (150.0, 1.0)
-    # On 8 devices the work (250 x 2 / 8) would take 62.5 s, but B alone needs its 100.
+    # On 8 devices both cells train side by side, then the evaluation: 150 s, not 250.
     wide = RunPlan(PLAN.jobs, capacity=8)
-    assert planned_eta_s(wide, {A: _trained(100.0)}, {}, "training", 0.0) == (100.0, 1.0)
+    assert planned_eta_s(wide, {}, {}, "training", 0.0) == (150.0, 1.0)
+    # ... unless grid.max_concurrent keeps one training cell at a time.
+    one_at_a_time = RunPlan(PLAN.jobs, capacity=8, max_train=1)
+    assert planned_eta_s(one_at_a_time, {}, {}, "training", 0.0) == (250.0, 1.0)
+
+
+def test_the_eta_at_the_start_is_the_dry_runs_makespan():
+    cfg = small_config("grid.conditions=[none, internal]")
+    grid_plan = plan_grid(cfg, 2)
+    plan = run_plan(grid_plan, [c.cell_id for c in cfg.cells()])
+    eta, _ = planned_eta_s(plan, {}, {}, "starting", 0.0)
+    cost = cost_model(cfg)
+    assert abs(eta - (grid_plan.makespan_s - cost.phase_fixed_s)) < 1e-6
 
 
 def test_run_plan_maps_the_planners_jobs_onto_the_run_cells():
@@ -119,7 +130,7 @@ def test_run_plan_maps_the_planners_jobs_onto_the_run_cells():
         ("train", (internal,)),
         ("eval", (none, internal)),
     ]
-    assert plan.capacity == 2 and all(j.seconds > 0 for j in plan.jobs)
+    assert plan.capacity == 2 and all(j.job.seconds > 0 for j in plan.jobs)
     # `tbr-ray cell`: one cell of the grid, so one training job and its evaluation.
     assert [(j.kind, j.cells) for j in run_plan(plan_grid(cfg, 2), [none]).jobs][1:] == [
         ("train", (none,)),
@@ -145,4 +156,4 @@ def test_view_plans_on_the_ray_cluster_it_runs_in(tmp_path, ray_local):
         snap = view.snapshot()
     assert view.plan.capacity == int(ray_local.cluster_resources()["CPU"])
     assert [j.kind for j in view.plan.jobs] == ["train", "eval"]
-    assert snap.plan_ratio == 1.0 and snap.eta_s == sum(j.seconds for j in view.plan.jobs)
+    assert snap.plan_ratio == 1.0 and snap.eta_s == sum(j.job.seconds for j in view.plan.jobs)
