@@ -12,9 +12,9 @@ logs`) it prints a line when the picture changes, at most every `log_every_s`. `
 called on every poll, so dashboard gauges follow cell state as it changes.
 
 The ETA, given the run's config, comes from the planner (tbr_ray.plan: each training cell's and
-each base model's evaluation seconds on this cluster), corrected by what this cluster really
-took (`planned_eta_s`); without a config (or a plan) it is the rate seen so far carried over
-what is left.
+each base model's evaluation seconds on this cluster, its schedule simulated over the work
+left), corrected by what this cluster really took (`planned_eta_s`); without a config (or a
+plan) it is the rate seen so far carried over what is left.
 """
 
 from __future__ import annotations
