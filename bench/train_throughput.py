@@ -6,7 +6,7 @@ loop, same model, data, batch and thread count. Steady-state tokens/s and start-
 
 Both sides train the same cell's tokenized mix (jobs/tiny.yaml, `none` condition, built by
 Ray Data once) with the same seeded micro-batches (tbr_ray.train._epoch_batches), the same
-LoRA model (tbr_ray.train._build_model), AdamW and gradient clipping 1.0, on 2 threads:
+LoRA model (tbr_ray.train.build_lora_model), AdamW and gradient clipping 1.0, on 2 threads:
 Ray Train runs 1 worker holding both CPUs; the bare loop calls torch.set_num_threads(2).
 tokens/s on both sides is tbr_ray.train's figure: real (unpadded) tokens over the wall time from
 the first step to the last, start-up (process/worker start, imports, model build, DeepSpeed or
@@ -60,28 +60,23 @@ def bare_side(cfg, model_path: str, mix: Path, steps: int, deepspeed: bool = Fal
     import torch
     from transformers import AutoTokenizer
 
-    from tbr_ray.train import _build_model, _epoch_batches, _worker_rows
+    from tbr_ray.train import _epoch_batches, _worker_rows, build_lora_model
 
     torch.set_num_threads(2)
     import_s = time.time() - t0
     cell = cfg.cells()[0]
     torch.manual_seed(cell.seed)
-    model = _build_model(
-        {"run": cfg.model_dump(mode="json"), "model": cell.model, "model_path": model_path}
-    )
+    model = build_lora_model(cfg, cell.model, model_path)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate)
-    step_fn = _plain_step(model, opt, trainable)
-    if deepspeed:
-        step_fn = _deepspeed_step(cfg, model, opt)
+    step_fn = _deepspeed_step(cfg, model) if deepspeed else _plain_step(model, opt, trainable)
     pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
     table = pq.read_table(mix / "shards", columns=["input_ids", "labels"])
     rows = _worker_rows(table, 0, 1)
     startup_s = time.time() - t0
     step, tokens, t_loop = 0, 0, time.time()
     for epoch in range(cfg.train.epochs):
-        seed = cell.seed * 1000 + epoch
-        for batch in _epoch_batches(rows, cfg.train.micro_batch_size, pad_id, seed=seed):
+        for batch in _epoch_batches(rows, cfg.train.micro_batch_size, pad_id, cell.seed, epoch):
             loss = step_fn(batch)
             tokens += int(batch["attention_mask"].sum())
             step += 1
@@ -112,27 +107,19 @@ def _plain_step(model, opt, trainable):
     return step
 
 
-def _deepspeed_step(cfg, model, opt):
+def _deepspeed_step(cfg, model):
     import deepspeed
 
-    from tbr_ray.train import deepspeed_config, resolved_train_settings
+    from tbr_ray.plan import resolved_train_settings
+    from tbr_ray.train import build_engine, train_micro_step
 
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT="29547").items():  # fmt: skip
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="gloo")
     zero = resolved_train_settings(cfg, cfg.cells()[0].model)[1]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=deepspeed_config(cfg, zero, 1)
-    )
-
-    def step(batch):
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    return step
+    engine = build_engine(cfg, model, zero, world=1)  # the workers' optimizer and schedule
+    return lambda batch: train_micro_step(engine, batch)
 
 
 def main() -> None:

@@ -52,10 +52,17 @@ def _fail(message: str) -> None:
 
 
 def _config(path: Path, sets: list[str]) -> RunConfig:
+    """The validated config, and the checks that need the planner's worker counts (the config
+    module imports no stage), for every command, --config-only too, before Ray starts."""
+    from tbr_ray.plan import global_batch_problems
+
     try:
-        return load_config(path, sets)
+        cfg = load_config(path, sets)
     except ConfigError as exc:
         _fail(str(exc))
+    if problems := global_batch_problems(cfg):
+        _fail("\n".join(problems))
+    return cfg
 
 
 def _ready(cfg: RunConfig, output: Path | None) -> None:

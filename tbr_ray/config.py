@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -200,7 +199,9 @@ class TrainConfig(_Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then constant.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warm-up steps, then constant (tbr_ray.train.lr_schedule)."
+    )
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
     grad_accum_steps: int = Field(
@@ -214,7 +215,7 @@ class TrainConfig(_Strict):
         ge=1,
         description="Examples per optimizer step across all workers. Set: each cell's "
         "accumulation is global_batch_size / (micro_batch_size x its workers), so models on "
-        "1 or 8 GPUs take the same optimizer steps (tbr_ray.train.planned_steps); it must "
+        "1 or 8 GPUs take the same optimizer steps (tbr_ray.plan.planned_steps); it must "
         "divide for every grid model. None: grad_accum_steps as given.",
     )
     max_steps: int | None = Field(
@@ -599,33 +600,17 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _global_batch_divides(self) -> RunConfig:
-        """train.global_batch_size must split into whole micro-batches on every grid model's
-        workers (checked here, before Ray starts)."""
+    def _one_batch_setting(self) -> RunConfig:
+        """train.global_batch_size and train.grad_accum_steps are not both set. Whether the
+        global batch splits on every grid model's workers needs the planner's worker counts:
+        tbr_ray.plan.global_batch_problems, run by the plan and by every command as it loads
+        the config (tbr_ray.cli), before Ray starts."""
         t = self.train
-        if t.global_batch_size is None:
-            return self
-        if "grad_accum_steps" in t.model_fields_set:
+        if t.global_batch_size is not None and "grad_accum_steps" in t.model_fields_set:
             raise ValueError(
                 f"train.global_batch_size={t.global_batch_size} and train.grad_accum_steps="
                 f"{t.grad_accum_steps} are both set, but accumulation is derived from the "
                 f"global batch. Fix: remove train.grad_accum_steps."
-            )
-        from tbr_ray.train import resolved_train_settings
-
-        rounds = {
-            m: self.train.micro_batch_size * resolved_train_settings(self, m)[0]
-            for m in self.grid.models
-        }
-        bad = {m: r for m, r in rounds.items() if self.train.global_batch_size % r}
-        if bad:
-            need = math.lcm(*rounds.values())
-            raise ValueError(
-                f"train.global_batch_size={self.train.global_batch_size} does not split into "
-                f"whole micro-batches for "
-                + ", ".join(f"{m} ({r} = micro_batch_size x workers)" for m, r in bad.items())
-                + f". Fix: a multiple of {need} (every grid model), or change "
-                f"train.micro_batch_size / train.num_workers."
             )
         return self
 

@@ -20,11 +20,11 @@ which is what marks the stage done.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from tbr_ray import results
 from tbr_ray.config import Cell, RunConfig
 from tbr_ray.models import get_spec
+from tbr_ray.plan import accumulation_steps, resolved_train_settings, total_steps
 
 STATE_FILE = "train_state.json"
 RESUME_DIR = "resume"  # DeepSpeed optimizer/scheduler state + RNG state, per rank
@@ -40,8 +41,9 @@ DS_TAG = "ds"
 
 
 def deepspeed_config(cfg: RunConfig, zero_stage: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for a run (pure). The optimizer is a torch AdamW passed to
-    deepspeed.initialize, so no DeepSpeed optimizer op has to be compiled on CPU."""
+    """The DeepSpeed config for a run (pure), learning-rate schedule included. The optimizer is
+    a torch AdamW passed to deepspeed.initialize (`build_engine`), so no DeepSpeed optimizer op
+    has to be compiled on CPU."""
     t = cfg.train
     accum = accumulation_steps(cfg, world_size)
     return {
@@ -52,35 +54,31 @@ def deepspeed_config(cfg: RunConfig, zero_stage: int, world_size: int) -> dict[s
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.use_gpu},
+        "scheduler": lr_schedule(cfg),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
-    """Micro-batches each worker accumulates per optimizer step (pure): derived from
-    train.global_batch_size = micro_batch_size x accumulation x workers when it is set, so the
-    global batch is the same on 1 or 8 workers; else train.grad_accum_steps."""
-    t = cfg.train
-    if t.global_batch_size is None:
-        return t.grad_accum_steps
-    per_round = t.micro_batch_size * world_size
-    if t.global_batch_size % per_round:
-        raise ValueError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"micro_batch_size x workers = {t.micro_batch_size} x {world_size} = {per_round}. "
-            f"Fix: set train.global_batch_size to a multiple of {per_round}."
-        )
-    return t.global_batch_size // per_round
-
-
-def resolved_train_settings(cfg: RunConfig, model: str) -> tuple[int, int]:
-    """(num_workers, zero_stage): config values, else the planner's choice (tbr_ray.plan:
-    the fewest GPUs that hold the cell at ZeRO-2, else ZeRO-3; on CPU 2 workers, ZeRO-2)."""
-    from tbr_ray.plan import train_layout
-
-    layout = train_layout(cfg, model)
-    return layout.gpus, layout.zero_stage
+def lr_schedule(cfg: RunConfig) -> dict[str, Any]:
+    """DeepSpeed's WarmupLR (pure): optimizer step s runs at learning_rate x (s + 1) /
+    warmup_steps while s < warmup_steps, then at learning_rate. DeepSpeed steps it at every
+    optimizer step and saves it in each checkpoint. (DeepSpeed warms up over at least 2
+    steps: warmup_steps=2 runs lr/2, 3lr/4, then lr; docs/FIDELITY.md.)"""
+    lr, warm = cfg.train.learning_rate, cfg.train.warmup_steps
+    params = {
+        # WarmupLR runs step s at min + (max - min) x s / warmup_num_steps: starting at lr/warm
+        # over warm - 1 steps is lr x (s + 1) / warm. warm <= 1: min = max, a constant rate.
+        "warmup_min_lr": lr / warm if warm > 1 else lr,
+        "warmup_max_lr": lr,
+        "warmup_num_steps": max(1, warm - 1),
+        "warmup_type": "linear",
+        # WarmupLR counts from -1 and sets the rate only when stepped, so step 0 and step 1
+        # would both run at min. Starting at 0 (the optimizer made at warmup_min_lr,
+        # `build_engine`) runs step 0 at the first warm-up rate, as torch's LambdaLR did.
+        "last_batch_iteration": 0,
+    }
+    return {"type": "WarmupLR", "params": params}
 
 
 def pad_collate(batch: dict, pad_id: int):
@@ -99,46 +97,246 @@ def pad_collate(batch: dict, pad_id: int):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
 
 
-def _frozen_checksum(model) -> float:
-    """Sum of |w| over frozen (base) parameters: equal before/after iff base is untouched
-    (to float64 rounding, exact here since nothing writes them)."""
-    import torch
-
-    with torch.no_grad():
-        return float(
-            sum(p.detach().double().abs().sum() for p in model.parameters() if not p.requires_grad)
-        )
-
-
-def _build_model(config: dict):
+def build_lora_model(cfg: RunConfig, model: str, model_path: str):
+    """The base model at `model_path` (bf16 on GPU, fp32 on CPU) with LoRA adapters on the
+    registry's target modules of `model`; only the adapters train."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    cfg = RunConfig.model_validate(config["run"])
-    spec = get_spec(config["model"])
     dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     lora = LoraConfig(
         r=cfg.train.lora_rank,
         lora_alpha=cfg.train.lora_alpha,
         lora_dropout=cfg.train.lora_dropout,
-        target_modules=spec.peft_target_modules(),
+        target_modules=get_spec(model).peft_target_modules(),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora)
 
 
-def _save_adapter(engine, model, cfg_dict: dict, state: dict, out_dir: str) -> None:
+def build_engine(cfg: RunConfig, model, zero_stage: int, world: int):
+    """DeepSpeed engine over `model`: torch AdamW on the trainable (LoRA) parameters only, the
+    schedule of `lr_schedule`. Needs torch.distributed initialised (Ray Train does it)."""
+    import deepspeed
+    import torch
+
+    ds = deepspeed_config(cfg, zero_stage, world)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=ds["scheduler"]["params"]["warmup_min_lr"],  # the rate of step 0 (lr_schedule)
+        weight_decay=cfg.train.weight_decay,
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return engine
+
+
+def train_micro_step(engine, batch: dict):
+    """Forward and backward of one micro-batch; at a gradient-accumulation boundary
+    engine.step() also steps the optimizer and the LR schedule. Returns the loss."""
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+# ------------------------------------------------------------------ the worker's state
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: what a checkpoint records (train_state.json) and a resume
+    starts from. `micro_in_epoch`: micro-batches of `epoch` already trained."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    resumes: tuple[dict, ...] = ()  # provenance: every resume of this cell
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What one worker set up (`_set_up`) and every epoch and checkpoint reads."""
+
+    cfg: RunConfig
+    run: dict  # the config as the driver sent it, saved beside each adapter
+    model: Any  # the PEFT model (saves the adapter)
+    engine: Any  # DeepSpeed's engine around it
+    rows: list[dict]  # this worker's rows of the mix (`_worker_rows`)
+    pad_id: int
+    seed: int
+    total_steps: int
+    world: int
+    worker_nodes: str  # where this cell trained (evidence)
+    output: str | None  # run folder rank 0 writes the cell's progress into
+    cell_id: str
+    setup_s: dict[str, float]  # entered_at and the set-up phases' seconds
+
+
+@dataclass
+class Meter:
+    """What the loop measures as it goes (the only mutable state of a worker)."""
+
+    started_at: float
+    tokens: int = 0  # this worker's non-padding tokens trained on
+    checkpoint_s: float = 0.0
+    progress_at: float = 0.0  # when rank 0 last wrote progress.json
+
+
+# ------------------------------------------------------------------ the worker's phases
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: set up, then epochs (each checkpointing as it goes). Everything it
+    needs comes in `config` (the run config is re-validated here)."""
+    entered_at = time.time()
+    worker, position = _set_up(config, entered_at)
+    meter = Meter(started_at=time.time())
+    done = False
+    while not done and position.epoch < worker.cfg.train.epochs:
+        position, done = _run_epoch(worker, position, meter)
+
+
+def _set_up(config: dict, entered_at: float) -> tuple[Worker, Position]:
+    """Set-up phase: model, engine and position (restored from Ray Train's checkpoint when
+    there is one), then this worker's rows of the mix, each timed."""
+    import ray
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
+
+    cfg = RunConfig.model_validate(config["run"])
+    clock = {"entered_at": entered_at, "import_s": time.time() - entered_at}
+    ctx = ray.train.get_context()
+    world = ctx.get_world_size()
+    torch.manual_seed(config["seed"])
+    model, engine, position = _model_engine_position(cfg, config, world, clock)
+    t = time.time()
+    rows = _worker_rows(ray.get(config["mix"]), ctx.get_world_rank(), world)
+    clock["data_s"] = time.time() - t
+    if len(rows) < cfg.train.micro_batch_size:
+        raise ValueError(
+            f"this worker holds {len(rows)} rows, fewer than train.micro_batch_size="
+            f"{cfg.train.micro_batch_size}, so it would train on nothing. Fix: lower "
+            f"train.micro_batch_size or train.num_workers, or raise data.n_general/n_safety."
+        )
+    worker = Worker(
+        cfg=cfg,
+        run=config["run"],
+        model=model,
+        engine=engine,
+        rows=rows,
+        pad_id=AutoTokenizer.from_pretrained(config["model_path"]).pad_token_id or 0,
+        seed=config["seed"],
+        total_steps=config["total_steps"],
+        world=world,
+        worker_nodes=_worker_nodes(world),
+        output=config.get("output"),
+        cell_id=config["cell_id"],
+        setup_s=clock,
+    )
+    return worker, position
+
+
+def _model_engine_position(cfg: RunConfig, config: dict, world: int, clock: dict):
+    """The LoRA model, its engine and the position, from Ray Train's checkpoint when there is
+    one: adapter weights before the engine is built, its optimizer, schedule and RNG after."""
+    import ray.train
+
+    t = time.time()
+    model = build_lora_model(cfg, config["model"], config["model_path"])
+    clock["model_s"] = time.time() - t
+    ckpt = ray.train.get_checkpoint()
+    position = Position()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            position = _load_adapter(model, d)
+    t = time.time()
+    engine = build_engine(cfg, model, config["zero_stage"], world)
+    if ckpt:
+        with ckpt.as_directory() as d:
+            position = _restore_resume_state(engine, d, position)
+    clock["deepspeed_init_s"] = time.time() - t
+    return model, engine, position
+
+
+def _run_epoch(w: Worker, start: Position, meter: Meter) -> tuple[Position, bool]:
+    """Epoch phase: the micro-batches of epoch `start.epoch` from `start` on, checkpointing
+    every train.checkpoint_every_steps steps and at the end. Returns the position after it
+    and whether training is done (train.max_steps / the planned steps reached)."""
+    epoch, step, loss = start.epoch, start.step, None
+    batches = _epoch_batches(w.rows, w.cfg.train.micro_batch_size, w.pad_id, w.seed, epoch)
+    for seen, batch in enumerate(batches, start=1):
+        if seen <= start.micro_in_epoch:
+            continue  # resumed: this epoch already trained on these micro-batches
+        loss = train_micro_step(w.engine, batch)
+        meter.tokens += int(batch["attention_mask"].sum())
+        if not w.engine.is_gradient_accumulation_boundary():
+            continue
+        step += 1
+        here = Position(step, epoch, seen, start.resumes)
+        _write_progress(w, here, loss, meter)
+        every = w.cfg.train.checkpoint_every_steps
+        if step >= w.total_steps or (every and step % every == 0):
+            _checkpoint(w, here, loss, meter)
+        if step >= w.total_steps:
+            return here, True
+    end = Position(step, epoch + 1, 0, start.resumes)
+    if loss is not None:  # None: resumed after the epoch's last micro-batch, nothing new
+        _checkpoint(w, end, loss, meter)
+    return end, False
+
+
+def _checkpoint(w: Worker, position: Position, loss, meter: Meter) -> None:
+    """Checkpoint phase: every rank saves the adapter (rank 0) and its optimizer partition and
+    RNG state into its own folder and reports it with the metrics; Ray Train merges them."""
+    import ray.train
+
+    elapsed = max(time.time() - meter.started_at, 1e-9)
+    metrics = {
+        "loss": float(loss.detach()),
+        "step": position.step,
+        "epoch": position.epoch,
+        "resumed": len(position.resumes),
+        "train_tokens_per_s": meter.tokens * w.world / elapsed,
+        "worker_nodes": w.worker_nodes,
+        **{k: round(v, 2) for k, v in w.setup_s.items()},
+        "checkpoint_s": round(meter.checkpoint_s, 2),
+    }
+    t = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_adapter(w, position, tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    meter.checkpoint_s += time.time() - t
+
+
+def _write_progress(w: Worker, position: Position, loss, meter: Meter) -> None:
+    """Rank 0 writes the cell's live progress, at most about once a second (and at the end):
+    the progress view and the dashboard gauges read it."""
+    now = time.time()
+    if w.engine.global_rank != 0 or not w.output:
+        return
+    if position.step < w.total_steps and now - meter.progress_at < 1.0:
+        return
+    meter.progress_at = now
+    progress = {"step": position.step, "total_steps": w.total_steps, "epoch": position.epoch}
+    results.write_progress(w.output, w.cell_id, {**progress, "loss": float(loss.detach())})
+
+
+# ------------------------------------------------------------------ checkpoint files
+
+
+def _save_adapter(w: Worker, position: Position, out_dir: str) -> None:
     import deepspeed
 
-    lora_params = [p for p in model.parameters() if p.requires_grad]
+    lora_params = [p for p in w.model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
-        if engine.global_rank == 0:
-            model.save_pretrained(out_dir, safe_serialization=True)
-            Path(out_dir, "run_config.json").write_text(json.dumps(cfg_dict, indent=1))
-            Path(out_dir, STATE_FILE).write_text(json.dumps(state))
-    _save_resume_state(engine, Path(out_dir) / RESUME_DIR)
+        if w.engine.global_rank == 0:
+            w.model.save_pretrained(out_dir, safe_serialization=True)
+            Path(out_dir, "run_config.json").write_text(json.dumps(w.run, indent=1))
+            Path(out_dir, STATE_FILE).write_text(json.dumps(asdict(position)))
+    _save_resume_state(w.engine, Path(out_dir) / RESUME_DIR)
 
 
 def _save_resume_state(engine, resume: Path) -> None:
@@ -178,18 +376,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _load_adapter(model, ckpt_dir: str) -> dict:
+def _load_adapter(model, ckpt_dir: str) -> Position:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(str(Path(ckpt_dir) / "adapter_model.safetensors")))
-    return json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+    state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+    return Position(**{**state, "resumes": tuple(state.get("resumes", ()))})
 
 
-def _restore_resume_state(engine, ckpt_dir: str, state: dict) -> dict:
+def _restore_resume_state(engine, ckpt_dir: str, position: Position) -> Position:
     """Load optimizer, scheduler and RNG state saved by _save_resume_state, and record the
-    resume in `state["resumes"]`. A checkpoint without them (written before they were
-    saved) resumes from the weights alone, and says so."""
+    resume in `resumes`. A checkpoint without them (written before they were saved) resumes
+    from the weights alone, and says so."""
     import torch
 
     resume = Path(ckpt_dir) / RESUME_DIR
@@ -205,108 +404,17 @@ def _restore_resume_state(engine, ckpt_dir: str, state: dict) -> dict:
         )
         _set_rng_state(torch.load(rng, weights_only=False))
     else:
-        for _ in range(state["step"]):  # the schedule is a function of the step alone
+        for _ in range(position.step):  # the schedule is a function of the step alone
             engine.lr_scheduler.step()
-    entry = {"from_step": state["step"], "time": time.time()}
+    # WarmupLR's state is its step count alone: set the optimizer's rate from it, whatever
+    # the ZeRO stage restored of the optimizer's parameter groups.
+    engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)
+    entry = {"from_step": position.step, "time": time.time()}
     entry["restored"] = "optimizer, scheduler, rng" if full else "weights only"
-    return {**state, "resumes": [*state.get("resumes", []), entry]}
+    return replace(position, resumes=(*position.resumes, entry))
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: everything it needs comes in `config` (re-validated here)."""
-    t_enter = time.time()
-    import deepspeed
-    import ray.train
-    import torch
-    from transformers import AutoTokenizer
-
-    cfg = RunConfig.model_validate(config["run"])
-    clock = {"entered_at": t_enter, "import_s": time.time() - t_enter}
-    torch.manual_seed(config["seed"])
-    t = time.time()
-    model = _build_model(config)
-    clock["model_s"] = time.time() - t
-    state = {"step": 0, "epoch": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = _load_adapter(model, d)
-    frozen_before = _frozen_checksum(model)
-    world = ray.train.get_context().get_world_size()
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.train.learning_rate,
-        weight_decay=cfg.train.weight_decay,
-    )
-    t = time.time()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=opt,
-        lr_scheduler=lambda o: _lr_scheduler(o, cfg),
-        config=deepspeed_config(cfg, config["zero_stage"], world),
-    )
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = _restore_resume_state(engine, d, state)
-    clock["deepspeed_init_s"] = time.time() - t
-    pad_id = AutoTokenizer.from_pretrained(config["model_path"]).pad_token_id or 0
-    config = {**config, "worker_nodes": _worker_nodes(world), "clock": clock, "world": world}
-    t = time.time()
-    rows = _worker_rows(ray.get(config["mix"]), ray.train.get_context().get_world_rank(), world)
-    clock["data_s"] = time.time() - t
-    clock["checkpoint_s"] = 0.0
-    if len(rows) < cfg.train.micro_batch_size:
-        raise ValueError(
-            f"this worker holds {len(rows)} rows, fewer than train.micro_batch_size="
-            f"{cfg.train.micro_batch_size}, so it would train on nothing. Fix: lower "
-            f"train.micro_batch_size or train.num_workers, or raise data.n_general/n_safety."
-        )
-    _train_epochs(engine, model, config, cfg, rows, pad_id, state, frozen_before)
-
-
-def _train_epochs(engine, model, config, cfg, rows, pad_id, state, frozen_before) -> None:
-    """The epochs from `state` on: micro-steps, checkpoints every N steps and per epoch."""
-    world = config["world"]
-    total, resumes = config["total_steps"], state.get("resumes", [])
-    step, t0, tokens = state["step"], time.time(), 0
-    for epoch in range(state["epoch"], cfg.train.epochs):
-        seen = 0
-        for batch in _epoch_batches(
-            rows, cfg.train.micro_batch_size, pad_id, seed=config["seed"] * 1000 + epoch
-        ):
-            seen += 1
-            if epoch == state["epoch"] and seen <= state.get("micro_in_epoch", 0):
-                continue  # resumed: skip micro-batches this epoch already trained on
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()  # at a gradient-accumulation boundary it also steps the LR schedule
-            tokens += int(batch["attention_mask"].sum())
-            if not engine.is_gradient_accumulation_boundary():
-                continue
-            step += 1
-            done = step >= total
-            _write_progress(engine, config, step, total, epoch, loss)
-            every = cfg.train.checkpoint_every_steps
-            if done or (every and step % every == 0):
-                here = {"step": step, "epoch": epoch, "micro_in_epoch": seen, "resumes": resumes}
-                _report(engine, model, config, loss, here, tokens * world, t0, frozen_before)
-            if done:
-                return
-        here = {"step": step, "epoch": epoch + 1, "micro_in_epoch": 0, "resumes": resumes}
-        _report(engine, model, config, loss, here, tokens * world, t0, frozen_before)
-
-
-def _write_progress(engine, config: dict, step: int, total: int, epoch: int, loss) -> None:
-    """Rank 0 writes the cell's live progress, at most about once a second (and at the end):
-    the progress view and the dashboard gauges read it."""
-    now = time.time()
-    if engine.global_rank != 0 or not config.get("output"):
-        return
-    if step < total and now - config["clock"].get("progress_at", 0.0) < 1.0:
-        return
-    config["clock"]["progress_at"] = now
-    progress = {"step": step, "total_steps": total, "epoch": epoch, "loss": float(loss.detach())}
-    results.write_progress(config["output"], config["cell_id"], progress)
+# ------------------------------------------------------------------ data on a worker
 
 
 def _worker_rows(table, rank: int, world: int) -> list[dict]:
@@ -316,13 +424,11 @@ def _worker_rows(table, rank: int, world: int) -> list[dict]:
     return [{"input_ids": ids[i], "labels": labels[i]} for i in range(rank, table.num_rows, world)]
 
 
-def _epoch_batches(rows: list[dict], micro: int, pad_id: int, seed: int):
+def _epoch_batches(rows: list[dict], micro: int, pad_id: int, seed: int, epoch: int):
     """Seeded shuffle per epoch, padded micro-batches, last partial batch dropped.
     (Length-grouped batches padded 26% less here but, with Adam, bunched the few safety rows
     into fewer steps and the tiny models stopped learning to refuse: kept random.)"""
-    import random
-
-    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    order = random.Random(seed * 1000 + epoch).sample(range(len(rows)), len(rows))
     for i in range(0, len(order) - micro + 1, micro):
         chunk = [rows[j] for j in order[i : i + micro]]
         yield pad_collate(
@@ -339,58 +445,6 @@ def _worker_nodes(world: int) -> str:
     nodes: list = [None] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     return ",".join(sorted(set(nodes)))
-
-
-def _lr_scheduler(optimizer, cfg: RunConfig):
-    """Linear warm-up over train.warmup_steps, then constant: a torch LambdaLR that DeepSpeed
-    steps at every optimizer step and saves in each checkpoint."""
-    import torch
-
-    warm = cfg.train.warmup_steps
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0
-    )
-
-
-def _report(engine, model, config, loss, state, tokens, t0, frozen_before) -> None:
-    import ray.train
-
-    metrics = {
-        "loss": float(loss.detach()),
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "resumed": len(state["resumes"]),
-        "train_tokens_per_s": tokens / max(time.time() - t0, 1e-9),
-        "base_checksum_before": frozen_before,
-        "base_checksum_after": _frozen_checksum(model),
-        "worker_nodes": config["worker_nodes"],
-    }
-    clock = config["clock"]
-    metrics.update({k: round(v, 2) for k, v in clock.items() if k != "progress_at"})
-    t = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        _save_adapter(engine, model, config["run"], state, tmp)
-        # Every rank reports its folder (its optimizer partition and RNG state); Ray Train
-        # merges them into one checkpoint.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    clock["checkpoint_s"] += time.time() - t
-
-
-def total_steps(cfg: RunConfig, n_rows: int, world: int) -> int:
-    """Optimizer steps over a mix of `n_rows` on `world` workers (pure): whole micro-batches
-    per worker and epoch, over the accumulation, times epochs, capped by train.max_steps."""
-    micro_per_worker = n_rows // world // cfg.train.micro_batch_size
-    per_epoch = micro_per_worker // accumulation_steps(cfg, world)
-    steps = max(1, per_epoch) * cfg.train.epochs
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
-
-
-def planned_steps(cfg: RunConfig, model: str) -> int:
-    """Optimizer steps a cell of `model` takes (pure): its mix of data.n_general + n_safety
-    rows on the model's workers (`resolved_train_settings`). With train.global_batch_size set
-    it is the same for every model; `tbr-ray ablate --dry-run` shows it per cell."""
-    workers, _ = resolved_train_settings(cfg, model)
-    return total_steps(cfg, cfg.data.n_general + cfg.data.n_safety, workers)
 
 
 def adapter_dir(output: Path, cell: Cell) -> Path:
@@ -474,12 +528,6 @@ def _publish_adapter(
         train_seconds=round(time.time() - fit_start, 1),
         # Ray Train start-up: fit() called -> worker function entered (last report's worker)
         startup_s=round(metrics.pop("entered_at", fit_start) - fit_start, 1),
-        base_unchanged=math.isclose(
-            metrics.get("base_checksum_before", 0.0),
-            metrics.get("base_checksum_after", 1.0),
-            rel_tol=0,
-            abs_tol=0,
-        ),
     )
     (tmp / "train_result.json").write_text(json.dumps(metrics, indent=1, default=str))
     shutil.rmtree(done, ignore_errors=True)

@@ -15,11 +15,11 @@ from tbr_ray.plan import (
     engine_layout,
     plan_grid,
     refused_models,
+    resolved_train_settings,
     simulate,
     tp_divides,
     train_layout,
 )
-from tbr_ray.train import resolved_train_settings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,12 @@
-"""Ray Train + DeepSpeed ZeRO-2 + PEFT LoRA on 2 CPU workers: LoRA weights move, base does not."""
+"""The train stage: DeepSpeed's config and schedule (pure); one DeepSpeed ZeRO-2 + PEFT LoRA
+engine in this process (loss falls, base tensors bitwise unchanged); Ray Train on 2 CPU workers
+(checkpoints, a killed worker's exact resume).
+
+    flock /work/heavy.lock pytest tests/test_train.py -q
+"""
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -8,18 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from tbr_ray.cli import app
 from tbr_ray.config import Cell, ConfigError, load_config
 from tbr_ray.data import build_mix
-from tbr_ray.train import (
-    _worker_rows,
+from tbr_ray.plan import (
     accumulation_steps,
-    deepspeed_config,
-    pad_collate,
+    global_batch_problems,
+    plan_grid,
     planned_steps,
     resolved_train_settings,
-    run_training,
     total_steps,
+)
+from tbr_ray.train import (
+    _worker_rows,
+    build_engine,
+    build_lora_model,
+    deepspeed_config,
+    pad_collate,
+    run_training,
+    train_micro_step,
 )
 
 from .conftest import REPO, small_config
@@ -51,8 +66,14 @@ def test_global_batch_size_gives_every_paper_model_the_same_steps():
 
 def test_a_global_batch_that_does_not_divide_is_a_config_error():
     paper = REPO / "jobs" / "paper.yaml"
-    with pytest.raises(ConfigError, match=r"=48 does not split .*llama-2-70b.* multiple of 32"):
-        load_config(paper, ["train.global_batch_size=48"])
+    problem = r"=48 does not split .*llama-2-70b.* multiple of 32"
+    (line,) = global_batch_problems(load_config(paper, ["train.global_batch_size=48"]))
+    assert re.search(problem, line)
+    # The plan refuses it, and every command stops on it before Ray starts, --config-only too.
+    assert plan_grid(load_config(paper, ["train.global_batch_size=48"]), 8).problems == [line]
+    args = ["validate", str(paper), "--config-only", "--set", "train.global_batch_size=48"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2 and re.search(problem, out.output)
     with pytest.raises(ConfigError, match="Fix: remove train.grad_accum_steps"):
         load_config(paper, ["train.grad_accum_steps=4"])
     cfg = small_config("train.global_batch_size=16")  # tiny: 2 workers x micro 4
@@ -78,6 +99,84 @@ def test_workers_split_the_mix_evenly_and_the_same_way_every_time():
     assert parts[1] == _worker_rows(table, 1, 2)
 
 
+def _rates_run(cfg, steps: int) -> list[float]:
+    """The learning rate of each of the first `steps` optimizer steps, with the scheduler
+    DeepSpeed builds from deepspeed_config (its `_scheduler_from_config`) on a torch AdamW
+    made as build_engine makes it."""
+    from deepspeed.runtime import lr_schedules
+
+    sched = deepspeed_config(cfg, zero_stage=2, world_size=2)["scheduler"]
+    first = sched["params"]["warmup_min_lr"]
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=first)
+    scheduler = getattr(lr_schedules, sched["type"])(opt, **sched["params"])
+    rates = []
+    for _ in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
+        scheduler.step()  # what engine.step() does at each accumulation boundary
+    return rates
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 3, 4, 10])
+def test_deepspeed_schedule_is_the_linear_warm_up_then_constant(warmup):
+    """Step s runs at lr x min(1, (s + 1) / warmup_steps): the schedule the trainer had as a
+    torch LambdaLR, now from DeepSpeed's config."""
+    cfg = small_config(f"train.warmup_steps={warmup}", "train.learning_rate=0.001")
+    expected = [0.001 * (min(1.0, (s + 1) / warmup) if warmup else 1.0) for s in range(14)]
+    assert _rates_run(cfg, 14) == pytest.approx(expected, rel=1e-12)
+
+
+def test_two_warm_up_steps_take_three_in_deepspeed():
+    """DeepSpeed's WarmupLR warms up over at least 2 steps (docs/FIDELITY.md)."""
+    cfg = small_config("train.warmup_steps=2", "train.learning_rate=0.001")
+    assert _rates_run(cfg, 4) == pytest.approx([0.0005, 0.00075, 0.001, 0.001], rel=1e-12)
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """torch.distributed with this process as its only rank (gloo), as DeepSpeed needs;
+    destroyed afterwards so no other test sees it."""
+    import deepspeed
+    import torch.distributed as dist
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**env, "MASTER_PORT": "29561"}.items():
+        monkeypatch.setenv(key, value)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+
+
+def test_lora_training_lowers_the_loss_and_leaves_base_tensors_bitwise_unchanged(
+    tiny_llama, one_process_group
+):
+    """The worker's model, engine and micro-step (ZeRO-2, one rank) on one fixed batch: the
+    loss falls, and every base tensor equals the file's, compared tensor by tensor."""
+    from transformers import AutoTokenizer
+
+    cfg = small_config("train.learning_rate=0.01", "train.micro_batch_size=2")
+    ids = AutoTokenizer.from_pretrained(tiny_llama)(
+        ["How do I bake bread at home?", "I cannot help with making a weapon."]
+    )["input_ids"]
+    batch = pad_collate({"input_ids": ids, "labels": ids}, pad_id=0)
+    before = load_file(str(Path(tiny_llama) / "model.safetensors"))
+    torch.manual_seed(0)
+    model = build_lora_model(cfg, "tiny-llama", tiny_llama)
+    engine = build_engine(cfg, model, zero_stage=2, world=1)
+    losses = [float(train_micro_step(engine, batch).detach()) for _ in range(6)]
+    print(f"loss over 6 steps: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.8 * losses[0]
+    after = {
+        name.replace(".base_layer", ""): tensor
+        for name, tensor in model.get_base_model().state_dict().items()
+        if "lora_" not in name
+    }
+    assert set(before) <= set(after)
+    changed = [name for name, tensor in before.items() if not torch.equal(after[name], tensor)]
+    assert changed == []
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)  # the adapter trained
+
+
 def test_two_worker_zero2_lora_run(ray_local, tiny_llama, tmp_path):
     cfg = small_config("train.max_steps=4", "train.checkpoint_every_steps=2")
     cell = Cell("tiny-llama", "none", 0.0, 0)
@@ -86,9 +185,7 @@ def test_two_worker_zero2_lora_run(ray_local, tiny_llama, tmp_path):
     info = json.loads((adapter / "train_result.json").read_text())
     assert info["workers"] == 2 and info["zero_stage"] == 2 and info["step"] == 4
     assert info["train_tokens_per_s"] > 0
-    # Base weights: the checksum of frozen parameters is unchanged inside the workers ...
-    assert info["base_unchanged"] is True
-    # ... and the adapter holds only LoRA tensors, with B moved away from PEFT's zero init.
+    # The adapter holds only LoRA tensors, with B moved away from PEFT's zero init.
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert weights and all("lora_" in k for k in weights)
     lora_b = [v for k, v in weights.items() if "lora_B" in k]

@@ -10,7 +10,8 @@ model, then GPU-hours and the makespan of the grid on a given cluster.
 Memory is estimated from the model's published shape (tbr_ray.models.SHAPES) in bf16; the
 constants of `sizing` say what each estimate counts. Nothing here talks to a cluster.
 
-The package: `sizing` (memory and layouts), `cost` (throughput assumptions and job seconds),
+The package: `sizing` (memory and layouts), `steps` (workers, accumulation and optimizer
+steps of a cell, the trainer's too), `cost` (throughput assumptions and job seconds),
 `schedule` (the policy's simulation, GridPlan and the dry-run report).
 """
 
@@ -36,6 +37,13 @@ from tbr_ray.plan.sizing import (
     train_gib_per_gpu,
     train_layout,
 )
+from tbr_ray.plan.steps import (
+    accumulation_steps,
+    global_batch_problems,
+    planned_steps,
+    resolved_train_settings,
+    total_steps,
+)
 
 __all__ = [
     "CPU_COST",
@@ -47,14 +55,19 @@ __all__ = [
     "PlanError",
     "Slot",
     "TrainLayout",
+    "accumulation_steps",
     "engine_gpus",
     "engine_layout",
     "format_plan",
+    "global_batch_problems",
     "lora_params",
     "model_params",
     "plan_grid",
+    "planned_steps",
     "refused_models",
+    "resolved_train_settings",
     "simulate",
+    "total_steps",
     "tp_divides",
     "train_flops_per_token",
     "train_gib_per_gpu",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tbr_ray.config import RunConfig
 from tbr_ray.models import model_shape
 from tbr_ray.plan.sizing import BF16, known_shape, lora_params, model_params
+from tbr_ray.plan.steps import accumulation_steps
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,6 @@ def writer_s(cfg: RunConfig, cost: CostModel, writer: str, devices: int) -> floa
 def train_s(cfg: RunConfig, cost: CostModel, model: str, devices: int, steps: int, workers: int):
     """One cell: fixed start-up, the base weights read, and every example of every optimizer
     step (micro x accumulation x workers) at example_tokens tokens."""
-    from tbr_ray.train import accumulation_steps
-
     t = cfg.train
     per_step = t.micro_batch_size * accumulation_steps(cfg, workers) * workers
     tokens = steps * per_step * cost.example_tokens

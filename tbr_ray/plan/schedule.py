@@ -24,6 +24,7 @@ from tbr_ray.plan.sizing import (
     engine_layout,
     train_layout,
 )
+from tbr_ray.plan.steps import global_batch_problems, planned_steps
 
 # ------------------------------------------------------------------ simulation
 
@@ -118,8 +119,6 @@ def _writers(cfg: RunConfig) -> list[str]:
 
 
 def _cell_plans(cfg: RunConfig, cost: CostModel, capacity: int | None) -> list[CellPlan]:
-    from tbr_ray.train import planned_steps
-
     out = []
     for cell in cfg.cells():
         if cell.condition in PROMPTING:
@@ -185,6 +184,8 @@ def plan_grid(cfg: RunConfig, capacity: int | None) -> GridPlan:
     """Size every cell and engine of `cfg` for `capacity` devices (GPUs on a GPU run, CPU cores
     on a CPU run; None: sizes only), list every problem, and simulate the schedule when none."""
     cost = cost_model(cfg)
+    if batch := global_batch_problems(cfg):  # steps and costs need whole micro-batches
+        return GridPlan(cost.device, capacity, [], [], batch, [])
     cells = _cell_plans(cfg, cost, capacity)
     names = list(cfg.grid.models) + _writers(cfg)
     names += [judge.model for _, judge in cfg.eval.model_judges()]
