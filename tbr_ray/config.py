@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
 # Sections that say *on what* a run executes, not *what* it computes: kept out of the hash, so
 # the same grid resumes on a cluster of another shape.
-_PLACEMENT_SECTIONS = {"cluster"}
+_PLACEMENT_SECTIONS = {"cluster", "tracking"}
 # Fields that say how to reach a service, not what is computed: kept out of the hash too.
 _ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
 # Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
@@ -569,6 +569,19 @@ def model_id(model: str) -> str:
     return f"{Path(model).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}"
 
 
+class TrackingConfig(_Strict):
+    """Optional experiment tracking: every training trial's config and per-epoch metrics go to
+    MLflow through Ray Tune's MLflowLoggerCallback. Not hashed: it copies metrics elsewhere,
+    it does not change them. Needs `pip install 'tbr-ray[tracking]'` (mlflow-skinny)."""
+
+    mlflow: bool = Field(False, description="Log training trials to MLflow (off by default).")
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (a server, or file:/path); None: a local file store "
+        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it).",
+    )
+
+
 class RunConfig(_Strict):
     """One experiment. `name` plus the config hash identify the run."""
 
@@ -580,6 +593,7 @@ class RunConfig(_Strict):
     grid: GridConfig
     paths: PathsConfig = PathsConfig()
     cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:

@@ -6,22 +6,28 @@
 Phase 0 (reflections): every reflection set the untrained cells need, written before any
 training (tbr_ray.reflect.prepare_reflections: on CPU one engine actor for all writers, on
 GPUs one per writer, side by side), so no cell holds training resources while a writer runs.
-Phase 1 (`pipeline_phase`): one Ray cluster trains and evaluates at once. Each cell that
-still needs an adapter trains in a Ray task: data mix (Ray Data, cached and shared between
-cells with the same mix), then Ray Train + DeepSpeed; a failed cell is retried
-`grid.max_retries` times, then reported failed while the others go on. A base model's
-evaluation (one vLLM engine, sized and placed by tbr_ray.engine, for the base model and
-every new adapter of that model: engine start-up paid once per base model) starts as soon
-as its cells are trained, while other cells still train. Policy (`pick_jobs`, simulated by
-the planner): ready evaluations take free resources before new training cells; cells go in
-grid order; as many jobs run as the cluster's GPUs (CPUs on CPU runs) hold.
+Phase 1 (`pipeline_phase`): one Ray cluster trains and evaluates at once. Ray Tune schedules
+the training: one trial per cell that still needs an adapter, whose driver builds the data mix
+(Ray Data, cached and shared between cells with the same mix) and fine-tunes (Ray Train +
+DeepSpeed); a failed trial is retried `grid.max_retries` times, then reported failed while the
+others go on. Tune gets each cell from a Searcher (`CellQueue`) only when the grid's policy
+admits it, and a Tune callback launches each base model's evaluation (one vLLM engine, sized
+and placed by tbr_ray.engine, for the base model and every new adapter of that model: engine
+start-up paid once per base model) as a Ray task as soon as its cells are trained, while other
+cells still train. Policy (`pick_jobs`, simulated by the planner): ready evaluations take free
+resources before new training cells; cells go in grid order; as many jobs run as the
+cluster's GPUs (CPUs on CPU runs) hold. Why not evaluations as Tune trials too: one
+evaluation serves several cells (trials) and must wait for all of them, which Tune's
+independent trials cannot express. With `tracking.mlflow` each trial also goes to MLflow
+through Tune's MLflowLoggerCallback.
 
 Resume: rerunning the same command on the same output skips cells whose results are done,
 skips training for cells whose adapter is published, and resumes interrupted training from
 its last Ray Train checkpoint. Results land per cell, atomically, so there are no duplicates.
 
-Operating it: Ctrl-C / SIGTERM stop scheduling, mark running cells `interrupted` and skip
-evaluation (tbr_ray.interrupt; run_grid raises Interrupted). While it runs, a progress view
+Operating it: Ctrl-C / SIGTERM stop scheduling, mark running cells `interrupted`, wind Tune's
+trials down (their Ray Train checkpoints kept for the rerun) and skip evaluation
+(tbr_ray.interrupt; run_grid raises Interrupted). While it runs, a progress view
 reads the run folder (tbr_ray.progress) and keeps the dashboard gauges current; Ray's own
 logging stays out of the way unless `verbose`.
 """
@@ -62,7 +68,7 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def plan_cells(cfg: RunConfig) -> list[CellPlan]:
-    from tbr_ray.train import resolved_train_settings
+    from tbr_ray.plan import resolved_train_settings
 
     plans = []
     for cell in cfg.cells():
@@ -156,9 +162,9 @@ def model_paths(cfg: RunConfig) -> dict[str, str]:
     return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
 
 
-def train_cell(config: dict) -> dict:
-    """One cell's training, run as a Ray task (`pipeline_phase`): data mix -> Ray Train.
-    Returns the adapter's train_result.json."""
+def train_cell(config: dict, callbacks: list | None = None) -> dict:
+    """One cell's training (a Tune trial: `cell_trainable`): data mix -> Ray Train. Returns
+    the adapter's train_result.json."""
     from tbr_ray.data import build_mix
     from tbr_ray.train import run_training
 
@@ -169,7 +175,7 @@ def train_cell(config: dict) -> dict:
     reflector = paths.get(cfg.reflection.reflector) if cfg.reflection.reflector else None
     mix = build_mix(cfg, cell, paths[cell.model], reflector_path=reflector)
     results.write_status(output, cell.cell_id, "running", stage="train", mix=str(mix))
-    adapter = run_training(cfg, cell, paths[cell.model], mix, output)
+    adapter = run_training(cfg, cell, paths[cell.model], mix, output, callbacks=callbacks)
     return json.loads((adapter / "train_result.json").read_text())
 
 
@@ -279,24 +285,6 @@ def eval_need(cfg: RunConfig, model: str) -> float:
     return engine_bundle(cfg, tp).get(_resource(cfg), 0.0)
 
 
-def _launch(job: Job, cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path):
-    import ray
-
-    base = {"run": cfg.model_dump(mode="json"), "output": str(output), "paths": paths}
-    if job.kind == "train":
-        cell = next(c for c in cells if c.cell_id == job.key)
-        task = ray.remote(train_cell).options(
-            num_cpus=TRIAL_DRIVER_CPU,
-            max_retries=cfg.grid.max_retries,
-            retry_exceptions=True,  # a failed cell retries (and resumes its checkpoint)
-            name=f"train:{job.key}",
-        )
-        return task.remote({**base, "cell": cell.__dict__})
-    mine = [c.__dict__ for c in cells if c.model == job.key]
-    task = ray.remote(evaluate_model_task).options(num_cpus=0, name=f"eval:{Path(job.key).name}")
-    return task.remote({**base, "model": job.key, "cells": mine})
-
-
 def _error_text(exc: BaseException) -> tuple[str, str]:
     """(one line, full traceback) of a task's failure; a RayTaskError carries the task's
     exception as `cause` and the remote traceback in its text."""
@@ -305,19 +293,33 @@ def _error_text(exc: BaseException) -> tuple[str, str]:
 
 
 class _Pipeline:
-    """The scheduler's bookkeeping on the driver while `pipeline_phase` runs."""
+    """The scheduler's bookkeeping on the driver while `pipeline_phase` runs: what is queued,
+    admitted, training (Tune trials) and evaluating (Ray tasks). `schedule` applies
+    `pick_jobs`: evaluations launch at once, training cells are admitted for `CellQueue` to
+    hand to Tune."""
 
-    def __init__(self, cfg: RunConfig, cells: list[Cell], output: Path):
+    def __init__(self, cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path):
         plans = {p.cell.cell_id: p for p in plan_cells(cfg)}
         todo = untrained(cells, output)
         models = list(dict.fromkeys(c.model for c in cells))
-        self.cfg, self.cells, self.output = cfg, cells, output
+        self.cfg, self.cells, self.paths, self.output = cfg, cells, paths, output
+        self.by_id = {c.cell_id: c for c in cells}
         self.queued = [Job("train", c.cell_id, train_need(cfg, plans[c.cell_id])) for c in todo]
+        self.admitted: list[Job] = []  # picked for training, not yet a Tune trial
         self.untrained_of = {m: {c.cell_id for c in todo if c.model == m} for m in models}
         self.waiting = [Job("eval", m, eval_need(cfg, m)) for m in models]
-        self.running: dict = {}  # ObjectRef -> (Job, start time)
+        self.training: dict[str, tuple[Job, float]] = {}  # Tune trial id -> (job, start)
+        self.evals: dict = {}  # ObjectRef -> (job, start)
+        self.errors: dict[str, str] = {}
         self.slots = max_concurrent_cells(cfg, [plans[j.key] for j in self.queued]) if todo else 0
         self.capacity = resource_capacity(cfg)
+        self.stop: RunInterrupt | None = None  # its signal ends scheduling
+        self.metrics: GridMetrics | None = None
+        self.verbose = False
+
+    @property
+    def halted(self) -> bool:
+        return self.stop is not None and self.stop.signum is not None
 
     def _ready_evals(self) -> list[Job]:
         ready = [j for j in self.waiting if not self.untrained_of[j.key]]
@@ -325,9 +327,16 @@ class _Pipeline:
         self.waiting = [j for j in self.waiting if j not in idle]
         return [j for j in ready if j not in idle]
 
-    def next_jobs(self) -> list[Job]:
-        evals = self._ready_evals()
-        busy = [j for j, _ in self.running.values()]
+    def _busy(self) -> list[Job]:
+        return [*self.admitted, *(j for j, _ in self.training.values())] + [
+            j for j, _ in self.evals.values()
+        ]
+
+    def schedule(self) -> None:
+        """Launch the evaluations and admit the training cells that `pick_jobs` picks now."""
+        if self.halted:
+            return
+        evals, busy = self._ready_evals(), self._busy()
         free = self.capacity - sum(j.need for j in busy)
         slots = self.slots - sum(j.kind == "train" for j in busy)
         picked = pick_jobs(evals, self.queued, free, slots)
@@ -336,13 +345,122 @@ class _Pipeline:
             # fits no node is refused by tbr_ray.engine.engine_placement).
             picked = [(evals or self.queued)[0]]
         for job in picked:
-            (self.waiting if job.kind == "eval" else self.queued).remove(job)
-        return picked
+            if job.kind == "eval":
+                self.waiting.remove(job)
+                self.evals[_launch_eval(job, self)] = (job, time.time())
+                self._say(f"eval {job.key} started")
+            else:
+                self.queued.remove(job)
+                self.admitted.append(job)
 
-    def finished(self, job: Job) -> None:
-        if job.kind == "train":
-            model = next(c.model for c in self.cells if c.cell_id == job.key)
-            self.untrained_of[model].discard(job.key)
+    def poll(self, timeout: float = 0.0) -> None:
+        """Record the evaluations that ended (waiting up to `timeout` for the first)."""
+        import ray
+
+        if not self.evals:
+            return
+        done, _ = ray.wait(list(self.evals), num_returns=len(self.evals), timeout=timeout)
+        for ref in done:
+            job, start = self.evals.pop(ref)
+            try:
+                out = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - one job's failure must not stop others
+                out = dict(zip(("error", "traceback"), _error_text(exc), strict=True))
+            _eval_finished(self.cfg, job.key, self.cells, out, self.output, self.metrics)
+            for cell_id in out:
+                results.record_phase(self.output, cell_id, "eval", start, time.time())
+            self._say(f"eval {job.key} ended after {time.time() - start:.0f} s")
+
+    def trial_started(self, trial_id: str) -> dict | None:
+        """The next admitted cell, now Tune trial `trial_id`: its part of the trial config."""
+        if not self.admitted:
+            return None
+        job = self.admitted.pop(0)
+        self.training[trial_id] = (job, time.time())
+        self._say(f"train {job.key} started")
+        return {"cell": self.by_id[job.key].__dict__}
+
+    def trial_ended(self, trial_id: str, out: dict) -> None:
+        """A training trial ended (`out`: its last result, or its error)."""
+        job, start = self.training.pop(trial_id)
+        _train_finished(job.key, out, self.output, self.metrics, self.errors)
+        results.record_phase(self.output, job.key, "train", start, time.time())
+        self.untrained_of[self.by_id[job.key].model].discard(job.key)
+        self._say(f"train {job.key} ended after {time.time() - start:.0f} s")
+
+    def training_left(self) -> bool:
+        return bool(self.queued or self.admitted) and not self.halted
+
+    def _say(self, what: str) -> None:
+        if self.verbose:
+            print(f"grid: {what} ({len(self.training) + len(self.evals)} running)", flush=True)
+
+
+def _launch_eval(job: Job, state: _Pipeline):
+    import ray
+
+    cfg = state.cfg
+    mine = [c.__dict__ for c in state.cells if c.model == job.key]
+    config = {**_trial_base(cfg, state.paths, state.output), "model": job.key, "cells": mine}
+    task = ray.remote(evaluate_model_task).options(num_cpus=0, name=f"eval:{Path(job.key).name}")
+    return task.remote(config)
+
+
+def _trial_base(cfg: RunConfig, paths: dict[str, str], output: Path) -> dict:
+    return {"run": cfg.model_dump(mode="json"), "output": str(output), "paths": paths}
+
+
+def cell_trainable(config: dict) -> None:
+    """Tune trial driver for one cell: `train_cell`, Ray Train's reports forwarded to Tune (so
+    trial results, and MLflow when configured, follow each epoch)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    info = train_cell(config, callbacks=[TuneReportCallback()])
+    tune.report(
+        {
+            "trained": 1,
+            "train_tokens_per_s": info.get("train_tokens_per_s", 0.0),
+            "loss": info.get("loss", float("nan")),
+        }
+    )
+
+
+def _tune_parts(state: _Pipeline):
+    """The Searcher that hands Tune the admitted cells, and the Callback that drives the rest
+    of the pipeline (evaluations) from Tune's own loop."""
+    from ray.tune import Callback
+    from ray.tune.search import Searcher
+
+    class CellQueue(Searcher):
+        """Cells in grid order, each only once `pick_jobs` admitted it (None: wait)."""
+
+        def suggest(self, trial_id: str):
+            if not state.training_left():
+                return Searcher.FINISHED
+            return state.trial_started(trial_id)
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass  # the Pipeline callback records it (it sees the trial's error)
+
+    class Pipeline(Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            state.poll()
+            state.schedule()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            state.trial_ended(trial.trial_id, dict(trial.last_result or {}))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            exc = trial.get_pickled_error() or trial.get_error()
+            out = dict(zip(("error", "traceback"), _error_text(exc), strict=True))
+            state.trial_ended(trial.trial_id, out)
+
+    return CellQueue(), Pipeline()
+
+
+def _cell_name(trial) -> str:
+    return Cell(**trial.config["cell"]).cell_id
 
 
 def pipeline_phase(
@@ -351,42 +469,77 @@ def pipeline_phase(
     paths: dict[str, str],
     output: Path,
     metrics: GridMetrics,
+    stop: RunInterrupt | None = None,
     verbose: bool = False,
 ) -> dict[str, str]:
-    """Train and evaluate on one Ray cluster, pipelined (`pick_jobs`): a base model's
-    evaluation starts as soon as its cells are trained (or failed), while other cells still
-    train, and as many jobs run at once as the cluster's resources hold. Each cell trains in a
-    Ray task (retried `grid.max_retries` times, resuming its checkpoint); each evaluation is a
-    Ray task whose engines wait in their placement groups. Start and end of every phase go to
-    the cells' status.json (`phases`). Returns {cell_id: error} for cells whose training
-    failed; the other cells go on."""
-    import ray
-
-    state, errors = _Pipeline(cfg, cells, output), {}
-    while state.queued or state.waiting or state.running:
-        for job in state.next_jobs():
-            state.running[_launch(job, cfg, cells, paths, output)] = (job, time.time())
-            if verbose:
-                print(f"grid: {job.kind} {job.key} started ({len(state.running)} running)")
-        if not state.running:
+    """Train and evaluate on one Ray cluster, pipelined (`pick_jobs`). Ray Tune schedules the
+    training cells: one trial per cell still lacking an adapter (retried `grid.max_retries`
+    times, resuming its Ray Train checkpoint), handed over by `CellQueue` only when the policy
+    admits it. From Tune's loop a callback launches each base model's evaluation (a Ray task
+    whose engines wait in their placement groups) as soon as its cells are trained, while
+    other cells still train. After Tune's last trial the evaluations left are drained. Start
+    and end of every phase go to the cells' status.json (`phases`). A signal (`stop`) ends
+    Tune's trials gracefully (their checkpoints kept) and nothing more starts. Returns
+    {cell_id: error} for cells whose training failed; the other cells go on."""
+    state = _Pipeline(cfg, cells, paths, output)
+    state.metrics, state.stop, state.verbose = metrics, stop, verbose
+    if state.queued:
+        _tune_training(cfg, state, verbose)
+    while (state.waiting or state.evals) and not state.halted:
+        state.schedule()
+        if not state.evals:
             break  # the evaluations left had nothing to do (their cells failed training)
-        [ref], _ = ray.wait(list(state.running), num_returns=1)
-        job, start = state.running.pop(ref)
-        try:
-            out = ray.get(ref)
-        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
-            out = dict(zip(("error", "traceback"), _error_text(exc), strict=True))
-        if job.kind == "train":
-            _train_finished(job.key, out, output, metrics, errors)
-            results.record_phase(output, job.key, "train", start, time.time())
-        else:
-            _eval_finished(cfg, job.key, cells, out, output, metrics)
-            for cell_id in out:
-                results.record_phase(output, cell_id, "eval", start, time.time())
-        state.finished(job)
-        if verbose:
-            print(f"grid: {job.kind} {job.key} ended after {time.time() - start:.0f} s")
-    return errors
+        state.poll(timeout=1.0)
+    return state.errors
+
+
+def _tune_training(cfg: RunConfig, state: _Pipeline, verbose: bool):
+    import contextlib
+
+    from ray import tune
+
+    searcher, callback = _tune_parts(state)
+    tuner = tune.Tuner(
+        tune.with_resources(cell_trainable, {"CPU": TRIAL_DRIVER_CPU}),
+        param_space=_trial_base(cfg, state.paths, state.output),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=-1,  # as many trials as CellQueue hands out
+            # A finished trial's driver process takes the next cell: no new actor, no
+            # re-import of Ray Data / tbr_ray per cell (every trial asks the same resources).
+            reuse_actors=True,
+            trial_name_creator=_cell_name,
+            trial_dirname_creator=_cell_name,
+        ),
+        run_config=tune.RunConfig(
+            name=f"grid-{int(time.time())}",
+            storage_path=str(state.output / "ray_tune"),
+            failure_config=tune.FailureConfig(max_failures=cfg.grid.max_retries),
+            callbacks=[callback, *_tracking_callbacks(cfg, state.output)],
+            stop=state.stop.stopper() if state.stop is not None else None,
+            verbose=1 if verbose else 0,
+        ),
+    )
+    with state.stop.graceful() if state.stop is not None else contextlib.nullcontext():
+        tuner.fit()
+
+
+def _tracking_callbacks(cfg: RunConfig, output: Path) -> list:
+    """MLflow through Tune's own callback when `tracking.mlflow` is on: one MLflow run per
+    training trial (the cell), its config as params, Ray Train's per-epoch reports as metrics,
+    tagged with the tbr-ray run id and code version."""
+    if not cfg.tracking.mlflow:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = cfg.tracking.mlflow_uri or (output / "mlruns").as_uri()
+    if uri.startswith("file:"):
+        # mlflow 3 keeps its file store in maintenance mode and refuses it unless told: a local
+        # store needs no server and no database, which is what an opt-in default should be.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    sha, dirty = results.git_state()
+    tags = {"tbr_run_id": run_id(cfg), "git_sha": str(sha), "git_dirty": str(dirty)}
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.name, tags=tags)]
 
 
 def _train_finished(
@@ -555,8 +708,7 @@ def _run_phases(cfg, cells, output, metrics, stop: RunInterrupt, view, verbose: 
     view.phase = "reflections"
     reflect_phase(cfg, pending, paths, output)
     view.phase = "training and evaluation"
-    # Not graceful: a signal raises KeyboardInterrupt here; the driver's exit ends its tasks.
-    pipeline_phase(cfg, pending, paths, output, metrics, verbose)
+    pipeline_phase(cfg, pending, paths, output, metrics, stop, verbose)
     stop.raise_if_stopped()
     view.phase = "finished"
 

@@ -34,6 +34,7 @@ def preflight(cfg: RunConfig, output: Path | None = None) -> list[str]:
         *check_tokenizers(cfg),
         *check_secrets(cfg),
         *check_job_roots(cfg),
+        *check_tracking(cfg),
     ]
     if output is not None:
         problems += check_output(Path(output))
@@ -133,6 +134,18 @@ def check_secrets(cfg: RunConfig) -> list[str]:
     except ConfigError as exc:
         return [str(exc)]
     return []
+
+
+def check_tracking(cfg: RunConfig) -> list[str]:
+    """MLflow tracking asked for needs the mlflow package."""
+    import importlib.util
+
+    if not cfg.tracking.mlflow or importlib.util.find_spec("mlflow") is not None:
+        return []
+    return [
+        "tracking.mlflow: true, but the mlflow package is not installed. Fix: "
+        "`pip install 'tbr-ray[tracking]'`, or set tracking.mlflow=false."
+    ]
 
 
 def ray_job_id() -> str | None:

@@ -28,3 +28,32 @@ def test_gpu_lora_mfu_tiny_dry_run_counts_flops_from_the_model():
     assert res["n_lora"] == layers * r * (4 * (h + h) + 3 * (h + ffn))
     assert res["flops_per_token"] == 4 * res["n_base"] + 6 * res["n_lora"] + 12 * layers * h * 32
     assert res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1 and res["dtype"] == "float32"
+
+
+def test_grid_makespan_counts_each_job_once_and_the_busy_time_as_a_union(tmp_path):
+    """bench/grid_makespan.py: an evaluation recorded on each of its cells is one job; busy
+    time is the union of job spans (an evaluation beside training is not counted twice)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from grid_makespan import busy_seconds, jobs, report
+
+    phases = {
+        "m__none__g0.00__s0": {"train": (0, 40), "eval": (40, 60)},
+        "m__base__g0.00__s0": {"eval": (40, 61)},  # same evaluation, ended a moment later
+        "n__none__g0.00__s0": {"train": (40, 90)},  # trains beside m's evaluation
+    }
+    for cell, spans in phases.items():
+        (tmp_path / "cells" / cell).mkdir(parents=True)
+        rec = {k: {"start": s, "end": e} for k, (s, e) in spans.items()}
+        (tmp_path / "cells" / cell / "status.json").write_text(
+            json.dumps({"cell_id": cell, "phases": rec})
+        )
+    found = jobs(tmp_path)
+    assert [k for k, _, _ in found] == [
+        "train:m__none__g0.00__s0",
+        "eval:m",
+        "train:n__none__g0.00__s0",
+    ]
+    assert busy_seconds(found) == 90
+    text = report(tmp_path, wall_s=100, slots=1)
+    assert "work 110 s" in text and "efficiency (ideal / wall): 1.10" in text
+    assert "busy (a job running / wall): 0.90" in text

@@ -164,6 +164,7 @@ def test_an_evaluation_starts_while_another_model_trains(tmp_path):
             "eval.sample_size=2",
             "eval.evaluate_base=false",
             "grid.conditions=[none]",
+            "tracking.mlflow=true",
             output_models=("tiny-llama", "tiny-gemma"),
         )
         outcome = run_grid(cfg, tmp_path / "run")
@@ -172,6 +173,18 @@ def test_an_evaluation_starts_while_another_model_trains(tmp_path):
         llama, gemma = phases["tiny-llama__none__g0.00__s0"], phases["tiny-gemma__none__g0.00__s0"]
         assert llama["train"]["end"] <= llama["eval"]["start"] < gemma["train"]["end"], phases
         assert gemma["train"]["start"] < llama["eval"]["end"], "no overlap: not pipelined"
+        _assert_mlflow_has_one_run_per_cell(tmp_path / "run" / "mlruns", cfg.name)
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _assert_mlflow_has_one_run_per_cell(store: Path, experiment: str) -> None:
+    """tracking.mlflow: Tune's MLflow callback logged each training trial, named by its cell,
+    with the trainer's loss and the tbr-ray run id."""
+    mlflow = pytest.importorskip("mlflow")
+    mlflow.set_tracking_uri(store.as_uri())
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    names = set(runs["tags.trial_name"])
+    assert names == {"tiny-llama__none__g0.00__s0", "tiny-gemma__none__g0.00__s0"}, runs
+    assert runs["metrics.loss"].notna().all() and runs["tags.tbr_run_id"].notna().all()
