@@ -443,6 +443,12 @@ def _tune_parts(state: _Pipeline):
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
             pass  # the Pipeline callback records it (it sees the trial's error)
 
+        def save(self, checkpoint_path: str) -> None:
+            pass  # nothing to save: a rerun resumes from the run folder, not Tune's state
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
     class Pipeline(Callback):
         def on_step_begin(self, iteration, trials, **info):
             state.poll()
