@@ -129,12 +129,10 @@ def read_safety(root: Path, source: str, safety_filter: str = "upstream-refusal"
     safety_filter "upstream-refusal" a request counts as harmful only when its upstream answer
     is a refusal (`upstream_refused`); the ids of the others go to `dropped`."""
     out, seen = SourceRows(), set()
-    for i, text, answer in _safety_items(root, source):
+    for i, text, answer, problem in _safety_items(root, source):
         sid = f"{source}:{i}"
-        if not isinstance(text, str) or not text.strip():
-            out.skipped.append(
-                {"source": source, "source_id": sid, "reason": "missing or empty instruction"}
-            )
+        if problem:
+            out.skipped.append({"source": source, "source_id": sid, "reason": problem})
         elif safety_filter == "upstream-refusal" and not upstream_refused(answer):
             out.dropped.append(sid)
         elif text.strip() not in seen:
@@ -149,28 +147,49 @@ def upstream_refused(answer: str | None) -> bool:
     return isinstance(answer, str) and paper_keywords_refused(answer[:UPSTREAM_REFUSAL_CHARS])
 
 
-def _safety_items(root: Path, source: str) -> list[tuple[int, str | None, str | None]]:
-    """(row number, request, upstream answer) of a safety source."""
+SafetyItem = tuple[int, str | None, str | None, str | None]
+
+
+def _safety_items(root: Path, source: str) -> list[SafetyItem]:
+    """(row number, request, upstream answer, why the row is malformed: None if it is not)
+    of a safety source."""
     path = _source_path(root, SAFETY_FILES[source])
     if source == "safety-tuned-llamas":
-        return [
-            (i, r.get("instruction"), r.get("output")) if isinstance(r, dict) else (i, None, None)
-            for i, r in enumerate(json.loads(path.read_text()))
-        ]
+        return [_instruction_item(i, r) for i, r in enumerate(json.loads(path.read_text()))]
     with gzip.open(path, "rt") as fh:
         return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
 
 
-def _first_turns(line: str) -> tuple[str | None, str | None]:
-    """HH-RLHF: the first human turn and the first assistant reply of the "chosen" dialogue."""
+def _text_problem(row, key: str) -> str | None:
+    """Why row[key] is no usable text (naming the key), or None."""
+    if not isinstance(row, dict):
+        return f"row is {type(row).__name__}, not an object"
+    if key not in row:
+        return f"missing '{key}'"
+    if not isinstance(row[key], str):
+        return f"'{key}' is {type(row[key]).__name__}, not a string"
+    return f"empty '{key}'" if not row[key].strip() else None
+
+
+def _instruction_item(i: int, row) -> SafetyItem:
+    problem = _text_problem(row, "instruction")
+    return (i, None, None, problem) if problem else (i, row["instruction"], row.get("output"), None)
+
+
+def _first_turns(line: str) -> tuple[str | None, str | None, str | None]:
+    """HH-RLHF: the first human turn and the first assistant reply of the "chosen" dialogue,
+    or why the line holds none."""
     try:
-        chosen = json.loads(line)["chosen"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None, None
-    if not isinstance(chosen, str) or "Human:" not in chosen:
-        return None, None
-    human, _, rest = chosen.split("Human:", 1)[1].partition("Assistant:")
-    return human.strip(), rest.split("Human:", 1)[0].strip()
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, None, f"not valid JSON ({exc})"
+    problem = _text_problem(row, "chosen")
+    if problem or "Human:" not in row["chosen"]:
+        return None, None, problem or "'chosen' has no 'Human:' turn"
+    human, _, rest = row["chosen"].split("Human:", 1)[1].partition("Assistant:")
+    if not human.strip():
+        return None, None, "empty first 'Human:' turn"
+    return human.strip(), rest.split("Human:", 1)[0].strip(), None
 
 
 def normalise_text(text: str) -> str:

@@ -443,6 +443,12 @@ def _tune_parts(state: _Pipeline):
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
             pass  # the Pipeline callback records it (it sees the trial's error)
 
+        def save(self, checkpoint_path: str) -> None:
+            pass  # nothing to save: a rerun resumes from the run folder, not Tune's state
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
     class Pipeline(Callback):
         def on_step_begin(self, iteration, trials, **info):
             state.poll()
@@ -686,7 +692,9 @@ def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell], verbose: b
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
     ids = [c.cell_id for c in cells]
-    view = ProgressView(output, ids, on_poll=metrics.record_status, live=False if verbose else None)
+    view = ProgressView(
+        output, ids, on_poll=metrics.record_status, live=False if verbose else None, cfg=cfg
+    )
     with RunInterrupt(output) as stop, view:
         try:
             _run_phases(cfg, cells, output, metrics, stop, view, verbose)

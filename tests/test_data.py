@@ -1,5 +1,6 @@
 """The data stage: sources, malformed rows, the TBR mix, label masking, Parquet on Ray Data."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -61,6 +62,49 @@ def test_malformed_rows_are_set_aside_with_reason(tmp_path):
         "row is str, not an object",
         "missing or empty 'output'",
         "'input' is not a string",
+    ]
+
+
+# HH-RLHF lines, one per kind of malformed row, then a good one: (line, reason set aside).
+BROKEN_HH_LINES = [
+    (
+        '{"chosen": "\\n\\nHuman: How do I',
+        "not valid JSON (Invalid control character at: line 1 column 32 (char 31))",
+    ),
+    ('{"rejected": "Human: hi"}', "missing 'chosen'"),
+    ('{"chosen": 42}', "'chosen' is int, not a string"),
+    ('{"chosen": "\\n\\nHuman:  \\n\\nAssistant: ok"}', "empty first 'Human:' turn"),
+    ('["chosen"]', "row is list, not an object"),
+    ('{"chosen": "Assistant: no human turn"}', "'chosen' has no 'Human:' turn"),
+]
+GOOD_HH_LINE = '{"chosen": "\\n\\nHuman: Pick a lock?\\n\\nAssistant: I\'m sorry, I can\'t."}'
+
+
+def write_hh(root: Path, lines: list[str]) -> None:
+    path = root / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as fh:
+        fh.write("".join(line + "\n" for line in lines))
+
+
+def test_malformed_safety_rows_are_set_aside_naming_what_is_wrong(tmp_path):
+    write_hh(tmp_path, [line for line, _ in BROKEN_HH_LINES] + [GOOD_HH_LINE])
+    out = read_safety(tmp_path, "hh-rlhf-harmless")
+    assert [r["instruction"] for r in out.rows] == ["Pick a lock?"]
+    assert [(s["source_id"], s["reason"]) for s in out.skipped] == [
+        (f"hh-rlhf-harmless:{i}", reason) for i, (_, reason) in enumerate(BROKEN_HH_LINES)
+    ]
+    folder = tmp_path / "safety-tuned-llamas" / "data" / "training"
+    folder.mkdir(parents=True)
+    rows = [{"instruction": ""}, {"output": "x"}, {"instruction": ["a"]}, 7, {"instruction": "ok"}]
+    (folder / "safety_only_data_Instructions.json").write_text(json.dumps(rows))
+    out = read_safety(tmp_path, "safety-tuned-llamas", "none")
+    assert [r["instruction"] for r in out.rows] == ["ok"]
+    assert [s["reason"] for s in out.skipped] == [
+        "empty 'instruction'",
+        "missing 'instruction'",
+        "'instruction' is list, not a string",
+        "row is int, not an object",
     ]
 
 
@@ -211,7 +255,8 @@ def test_safety_rows_are_harmful_requests_by_upstream_refusal(data_root):
     assert (len(stl.rows), len(stl.dropped), len(every.rows)) == (1834, 647, 2479)
     assert "safety-tuned-llamas:24" in stl.dropped  # "Compose a letter to end a relationship..."
     answers = {
-        f"safety-tuned-llamas:{i}": a for i, _, a in _safety_items(data_root, stl.rows[0]["source"])
+        f"safety-tuned-llamas:{i}": a
+        for i, _, a, _ in _safety_items(data_root, stl.rows[0]["source"])
     }
     assert all(upstream_refused(answers[r["source_id"]]) for r in stl.rows)
     assert not any(upstream_refused(answers[sid]) for sid in stl.dropped)
