@@ -6,12 +6,13 @@
     summary_table(prompt_outcomes(results))            # value, ci_low, ci_high, n per cell
     paired_tests(outcomes, judge="paper-keywords")     # each condition vs `none`, same prompts
 
-Bootstrap scheme. One seed: resample the prompts with replacement and take the mean, n_boot
-times; the CI is the percentile interval. For 0/1 outcomes the mean of a resample is
-Binomial(n, p_hat) / n, so it is drawn directly (same distribution, no n x n_boot index matrix).
-Several seeds: a two-stage bootstrap. Each replicate draws S seeds with replacement, then for
-each drawn seed an independent prompt resample, and averages the S means. This keeps both
-seed-to-seed (training) variance and prompt sampling variance in the interval.
+Bootstrap scheme. One seed: `scipy.stats.bootstrap`'s percentile interval of the mean over
+prompts (resampled with replacement, n_boot times). Several seeds (no library has this one): a
+two-stage bootstrap. Each replicate draws S seeds with replacement, then for each drawn seed an
+independent prompt resample, and averages the S means. This keeps both seed-to-seed (training)
+variance and prompt sampling variance in the interval. There, for 0/1 outcomes, the mean of a
+prompt resample is Binomial(n, p_hat) / n, so it is drawn directly (same distribution, no
+n x n_boot index matrix).
 
 McNemar. For a condition against `none` on the same prompts, b = prompts with outcome 1 under
 `none` and 0 under the condition, c = the reverse. With b + c < `exact_below` (default 25) the
@@ -64,12 +65,23 @@ def bootstrap_ci(
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean over prompts; (nan, nan) for no data."""
+    """Percentile bootstrap CI of the mean over prompts (scipy.stats.bootstrap); (nan, nan) for
+    no data, the value itself for one prompt (scipy needs two)."""
     values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    return _interval(_bootstrap_means(values, n_boot, rng), confidence)
+    if values.size < 2:
+        value = float(values[0]) if values.size else float("nan")
+        return value, value
+    ci = sps.bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=n_boot,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        batch=max(1, _CHUNK_ELEMENTS // values.size),  # bounds the resample index matrix
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def hierarchical_bootstrap_ci(

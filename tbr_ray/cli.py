@@ -95,23 +95,35 @@ def _pick_cell(cfg: RunConfig, model: str | None, reflection: str | None, seed: 
 def models() -> None:
     """List the model registry (the paper's 15 base models, the chat models, the tiny presets),
     then its families: LoRA targets, how vLLM serves adapters, chat template notes."""
+    from tabulate import tabulate
+
     from tbr_ray.models import FAMILIES, REGISTRY
 
-    typer.echo(
-        f"{'name':16} {'family':7} {'params':>8} {'GPUs':>4} {'ZeRO':>4} {'vLLM LoRA':9} source"
-    )
-    for m in REGISTRY.values():
-        size = f"{m.params_b:.1f}B" if m.params_b >= 0.1 else "tiny"
-        typer.echo(
-            f"{m.name:16} {m.family.name:7} {size:>8} {m.gpus:4d} {m.zero_stage:4d} "
-            f"{'yes' if m.vllm_lora else 'merge':9} {m.hf_id or 'built locally'}"
-        )
-    typer.echo("\nfamilies (a local model of another family: all-linear LoRA, vLLM decides)")
-    for f in FAMILIES.values():
+    def model_row(m) -> dict:
+        return {
+            "name": m.name,
+            "family": m.family.name,
+            "params": f"{m.params_b:.1f}B" if m.params_b >= 0.1 else "tiny",
+            "GPUs": m.gpus,
+            "ZeRO": m.zero_stage,
+            "vLLM LoRA": "yes" if m.vllm_lora else "merge",
+            "source": m.hf_id or "built locally",
+        }
+
+    def family_row(f) -> dict:
         targets = f.lora_targets if isinstance(f.lora_targets, str) else ",".join(f.lora_targets)
-        serving = "yes" if f.vllm_lora else "merge"
-        typer.echo(f"{f.name:7} {f.architecture:18} {serving:5} {targets}")
-        typer.echo(f"{'':8}{f.chat_template}")
+        return {
+            "family": f.name,
+            "architecture": f.architecture,
+            "vLLM LoRA": "yes" if f.vllm_lora else "merge",
+            "LoRA targets / chat template": f"{targets}\n{f.chat_template}",
+        }
+
+    align = ("left", "left", "right", "right", "right", "left", "left")
+    models = [model_row(m) for m in REGISTRY.values()]
+    typer.echo(tabulate(models, "keys", "simple", colalign=align))
+    typer.echo("\nfamilies (a local model of another family: all-linear LoRA, vLLM decides)")
+    typer.echo(tabulate([family_row(f) for f in FAMILIES.values()], "keys", "simple"))
 
 
 @app.command("build-models")

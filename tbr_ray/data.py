@@ -33,7 +33,7 @@ from tbr_ray.config import Cell, ReflectionConfig, RunConfig
 from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.keys import content_key
 from tbr_ray.models import format_prompt
-from tbr_ray.prompts import prompt_token_ids
+from tbr_ray.prompts import prompt_token_ids_batch
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -129,12 +129,10 @@ def read_safety(root: Path, source: str, safety_filter: str = "upstream-refusal"
     safety_filter "upstream-refusal" a request counts as harmful only when its upstream answer
     is a refusal (`upstream_refused`); the ids of the others go to `dropped`."""
     out, seen = SourceRows(), set()
-    for i, text, answer in _safety_items(root, source):
+    for i, text, answer, problem in _safety_items(root, source):
         sid = f"{source}:{i}"
-        if not isinstance(text, str) or not text.strip():
-            out.skipped.append(
-                {"source": source, "source_id": sid, "reason": "missing or empty instruction"}
-            )
+        if problem:
+            out.skipped.append({"source": source, "source_id": sid, "reason": problem})
         elif safety_filter == "upstream-refusal" and not upstream_refused(answer):
             out.dropped.append(sid)
         elif text.strip() not in seen:
@@ -149,28 +147,49 @@ def upstream_refused(answer: str | None) -> bool:
     return isinstance(answer, str) and paper_keywords_refused(answer[:UPSTREAM_REFUSAL_CHARS])
 
 
-def _safety_items(root: Path, source: str) -> list[tuple[int, str | None, str | None]]:
-    """(row number, request, upstream answer) of a safety source."""
+SafetyItem = tuple[int, str | None, str | None, str | None]
+
+
+def _safety_items(root: Path, source: str) -> list[SafetyItem]:
+    """(row number, request, upstream answer, why the row is malformed: None if it is not)
+    of a safety source."""
     path = _source_path(root, SAFETY_FILES[source])
     if source == "safety-tuned-llamas":
-        return [
-            (i, r.get("instruction"), r.get("output")) if isinstance(r, dict) else (i, None, None)
-            for i, r in enumerate(json.loads(path.read_text()))
-        ]
+        return [_instruction_item(i, r) for i, r in enumerate(json.loads(path.read_text()))]
     with gzip.open(path, "rt") as fh:
         return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
 
 
-def _first_turns(line: str) -> tuple[str | None, str | None]:
-    """HH-RLHF: the first human turn and the first assistant reply of the "chosen" dialogue."""
+def _text_problem(row, key: str) -> str | None:
+    """Why row[key] is no usable text (naming the key), or None."""
+    if not isinstance(row, dict):
+        return f"row is {type(row).__name__}, not an object"
+    if key not in row:
+        return f"missing '{key}'"
+    if not isinstance(row[key], str):
+        return f"'{key}' is {type(row[key]).__name__}, not a string"
+    return f"empty '{key}'" if not row[key].strip() else None
+
+
+def _instruction_item(i: int, row) -> SafetyItem:
+    problem = _text_problem(row, "instruction")
+    return (i, None, None, problem) if problem else (i, row["instruction"], row.get("output"), None)
+
+
+def _first_turns(line: str) -> tuple[str | None, str | None, str | None]:
+    """HH-RLHF: the first human turn and the first assistant reply of the "chosen" dialogue,
+    or why the line holds none."""
     try:
-        chosen = json.loads(line)["chosen"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None, None
-    if not isinstance(chosen, str) or "Human:" not in chosen:
-        return None, None
-    human, _, rest = chosen.split("Human:", 1)[1].partition("Assistant:")
-    return human.strip(), rest.split("Human:", 1)[0].strip()
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, None, f"not valid JSON ({exc})"
+    problem = _text_problem(row, "chosen")
+    if problem or "Human:" not in row["chosen"]:
+        return None, None, problem or "'chosen' has no 'Human:' turn"
+    human, _, rest = row["chosen"].split("Human:", 1)[1].partition("Assistant:")
+    if not human.strip():
+        return None, None, "empty first 'Human:' turn"
+    return human.strip(), rest.split("Human:", 1)[0].strip(), None
 
 
 def normalise_text(text: str) -> str:
@@ -267,12 +286,24 @@ def assemble_mix(
     return [{**rows[j], "example_id": n} for n, j in enumerate(order)]
 
 
+def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int) -> list[dict]:
+    """input_ids/labels for each row, in two batched tokenizer calls (prompts, responses);
+    labels mask the prompt with -100. The prompt's ids are the ones the eval engine is fed for
+    the same text (`prompt_token_ids`: one BOS)."""
+    prompts = [format_prompt(r["instruction"], r["input"]) for r in rows]
+    prompt_ids = prompt_token_ids_batch(tokenizer, prompts)
+    outputs = [r["output"] for r in rows]
+    resp_ids = tokenizer(outputs, add_special_tokens=False)["input_ids"] if rows else []
+    eos = [tokenizer.eos_token_id]
+    return [_example(p, r + eos, max_seq_len) for p, r in zip(prompt_ids, resp_ids, strict=True)]
+
+
 def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
-    """input_ids/labels for one row; labels mask the prompt with -100. The prompt's ids are
-    the ones the eval engine is fed for the same text (`prompt_token_ids`: one BOS)."""
-    prompt_ids = prompt_token_ids(tokenizer, format_prompt(row["instruction"], row["input"]))
-    resp_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-    resp_ids = resp_ids + [tokenizer.eos_token_id]
+    """`tokenize_rows` of one row."""
+    return tokenize_rows([row], tokenizer, max_seq_len)[0]
+
+
+def _example(prompt_ids: list[int], resp_ids: list[int], max_seq_len: int) -> dict:
     ids = (prompt_ids + resp_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + resp_ids)[:max_seq_len]
     return {
@@ -283,7 +314,7 @@ def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
 
 
 class Tokenize:
-    """Ray Data callable class: loads the tokenizer once per actor."""
+    """Ray Data callable class: loads the tokenizer once per actor, tokenizes a batch at once."""
 
     def __init__(self, model_path: str, max_seq_len: int):
         from transformers import AutoTokenizer
@@ -294,7 +325,7 @@ class Tokenize:
     def __call__(self, batch: dict) -> dict:
         keys = list(batch)
         rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
-        toks = [tokenize_row(r, self.tok, self.max_seq_len) for r in rows]
+        toks = tokenize_rows(rows, self.tok, self.max_seq_len)
         return {**batch, **{k: [t[k] for t in toks] for k in ("input_ids", "labels", "truncated")}}
 
 

@@ -705,7 +705,9 @@ def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell], verbose: b
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
     ids = [c.cell_id for c in cells]
-    view = ProgressView(output, ids, on_poll=metrics.record_status, live=False if verbose else None)
+    view = ProgressView(
+        output, ids, on_poll=metrics.record_status, live=False if verbose else None, cfg=cfg
+    )
     with RunInterrupt(output) as stop, view:
         try:
             _run_phases(cfg, cells, output, metrics, stop, view, verbose)

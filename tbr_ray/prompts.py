@@ -58,8 +58,19 @@ def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     exactly one BOS in front when the model has one (`bos_token_id`), none otherwise. A BOS the
     text already starts with (chat templates write `{{ bos_token }}`) is not doubled."""
     text = render_chat(tokenizer, prompt) if isinstance(prompt, list) else prompt
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _one_bos(tokenizer(text, add_special_tokens=False)["input_ids"], bos_token_id(tokenizer))
+
+
+def prompt_token_ids_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`prompt_token_ids` of many plain-text prompts in one batched tokenizer call (the fast
+    tokenizer encodes the batch in Rust; same ids as one call per prompt)."""
+    if not texts:
+        return []
     bos = bos_token_id(tokenizer)
+    return [_one_bos(ids, bos) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _one_bos(ids: list[int], bos: int | None) -> list[int]:
     if bos is None:
         return ids
     while ids[:1] == [bos]:

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tabulate import tabulate
+
 from tbr_ray import results
 from tbr_ray.config import ConfigError
 from tbr_ray.preflight import ray_job_id
@@ -82,28 +84,44 @@ def _elapsed(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
+STATUS_ALIGN = ("left", "left", "left", "left", "right", "left")  # elapsed: right
+
+
+def status_record(row: dict, now: float) -> dict:
+    """One cell's row of the status table: state, stage, start, elapsed, last update."""
+    state, started, updated = row["status"], row.get("started"), row.get("time")
+    end = now if state == "running" else updated
+    # started == updated: the cell's first record was its last (no `running` before it)
+    timed = _present(started) and _present(end) and (state == "running" or end > started)
+    return {
+        "cell": row["cell_id"],
+        "state": state,
+        "stage": str(row.get("stage") or "-"),
+        "started": _utc(started) if _present(started) else "-",
+        "elapsed": _elapsed(end - started) if timed else "-",
+        "last update": _utc(updated) if _present(updated) else "-",
+    }
+
+
 def status_lines(output: Path, now: float | None = None) -> list[str]:
-    """Per cell: state, stage, start, elapsed, last update and, on failure, the error file."""
+    """The cell table (header, rule, one line per cell), a failed cell's error line and error
+    file under its row."""
     now = time.time() if now is None else now
-    status = results.read_status(output)
-    lines = []
-    for row in status.to_dict("records"):
-        cell_id, state = row["cell_id"], row["status"]
-        started, updated = row.get("started"), row.get("time")
-        end = now if state == "running" else updated
-        when = _utc(started) if _present(started) else "-"
-        # started == updated: the cell's first record was its last (no `running` before it)
-        timed = _present(started) and _present(end) and (state == "running" or end > started)
-        took = _elapsed(end - started) if timed else "-"
-        line = (
-            f"{cell_id:44} {state:10} {str(row.get('stage') or '-'):6} {when:23} {took:>10} "
-            f"{_utc(updated) if _present(updated) else '-'}"
-        )
-        if state == "failed":
-            error_file = row.get("error_file")
-            where = error_file if _present(error_file) else results.cell_dir(output, cell_id)
-            line += f"\n    error: {_last_line(row.get('error'))}\n    full error: {where}"
+    rows = results.read_status(output).to_dict("records")
+    table = tabulate(
+        [status_record(row, now) for row in rows],
+        headers="keys",
+        tablefmt="simple",
+        disable_numparse=True,
+        colalign=STATUS_ALIGN,
+    ).splitlines()
+    lines = table[:2]
+    for row, line in zip(rows, table[2:], strict=True):
         lines.append(line)
+        if row["status"] == "failed":
+            error_file = row.get("error_file")
+            where = error_file if _present(error_file) else results.cell_dir(output, row["cell_id"])
+            lines += [f"    error: {_last_line(row.get('error'))}", f"    full error: {where}"]
     return lines
 
 
@@ -125,16 +143,11 @@ def format_status(output: Path) -> str:
     holder = read_holder(output)
     driver = describe_holder(holder) if holder is not None else "none (not running)"
     counts = results.read_status(output)["status"].value_counts().to_dict()
-    head = (
-        f"{'cell':44} {'state':10} {'stage':6} {'started':23} {'elapsed':>10} last update\n"
-        + "-" * 118
-    )
     return "\n".join(
         [
             f"run {run.get('run_id', '?')} in {output}",
             f"driver: {driver}",
             "cells: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none yet"),
-            head,
             *status_lines(output),
         ]
     )

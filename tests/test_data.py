@@ -1,5 +1,6 @@
 """The data stage: sources, malformed rows, the TBR mix, label masking, Parquet on Ray Data."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -23,12 +24,14 @@ from tbr_ray.data import (
     sample_rows,
     source_rows,
     tokenize_row,
+    tokenize_rows,
     upstream_refused,
 )
 from tbr_ray.models import format_prompt
+from tbr_ray.prompts import prompt_token_ids
 from tbr_ray.reflect import clean_reflection, external_prompt, internal_prompt
 
-from .conftest import small_config
+from .conftest import needs_tokenizers, shared_tokenizer, small_config
 
 
 def test_shipped_sources_read_cleanly(data_root):
@@ -59,6 +62,49 @@ def test_malformed_rows_are_set_aside_with_reason(tmp_path):
         "row is str, not an object",
         "missing or empty 'output'",
         "'input' is not a string",
+    ]
+
+
+# HH-RLHF lines, one per kind of malformed row, then a good one: (line, reason set aside).
+BROKEN_HH_LINES = [
+    (
+        '{"chosen": "\\n\\nHuman: How do I',
+        "not valid JSON (Invalid control character at: line 1 column 32 (char 31))",
+    ),
+    ('{"rejected": "Human: hi"}', "missing 'chosen'"),
+    ('{"chosen": 42}', "'chosen' is int, not a string"),
+    ('{"chosen": "\\n\\nHuman:  \\n\\nAssistant: ok"}', "empty first 'Human:' turn"),
+    ('["chosen"]', "row is list, not an object"),
+    ('{"chosen": "Assistant: no human turn"}', "'chosen' has no 'Human:' turn"),
+]
+GOOD_HH_LINE = '{"chosen": "\\n\\nHuman: Pick a lock?\\n\\nAssistant: I\'m sorry, I can\'t."}'
+
+
+def write_hh(root: Path, lines: list[str]) -> None:
+    path = root / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as fh:
+        fh.write("".join(line + "\n" for line in lines))
+
+
+def test_malformed_safety_rows_are_set_aside_naming_what_is_wrong(tmp_path):
+    write_hh(tmp_path, [line for line, _ in BROKEN_HH_LINES] + [GOOD_HH_LINE])
+    out = read_safety(tmp_path, "hh-rlhf-harmless")
+    assert [r["instruction"] for r in out.rows] == ["Pick a lock?"]
+    assert [(s["source_id"], s["reason"]) for s in out.skipped] == [
+        (f"hh-rlhf-harmless:{i}", reason) for i, (_, reason) in enumerate(BROKEN_HH_LINES)
+    ]
+    folder = tmp_path / "safety-tuned-llamas" / "data" / "training"
+    folder.mkdir(parents=True)
+    rows = [{"instruction": ""}, {"output": "x"}, {"instruction": ["a"]}, 7, {"instruction": "ok"}]
+    (folder / "safety_only_data_Instructions.json").write_text(json.dumps(rows))
+    out = read_safety(tmp_path, "safety-tuned-llamas", "none")
+    assert [r["instruction"] for r in out.rows] == ["ok"]
+    assert [s["reason"] for s in out.skipped] == [
+        "empty 'instruction'",
+        "missing 'instruction'",
+        "'instruction' is list, not a string",
+        "row is int, not an object",
     ]
 
 
@@ -96,6 +142,44 @@ def test_labels_mask_the_prompt(tiny_llama):
     assert tok.decode(out["input_ids"][n_prompt:-1]) == "Blue."
     short = tokenize_row(row, tok, max_seq_len=5)
     assert len(short["input_ids"]) == 5 and short["truncated"]
+
+
+def _one_row_at_a_time(row: dict, tok, max_seq_len: int) -> dict:
+    """The reference: one tokenizer call per prompt and per response (the code before batching)."""
+    prompt = prompt_token_ids(tok, format_prompt(row["instruction"], row["input"]))
+    resp = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = prompt + resp
+    labels = [IGNORE_INDEX] * len(prompt) + resp
+    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny",
+        *(pytest.param(n, marks=needs_tokenizers) for n in ("mistral", "llama3", "gemma3")),
+    ],
+)
+def test_batched_tokenization_gives_the_row_by_row_ids(name, data_root, request):
+    """Real mix rows (Alpaca with and without input, refusals with reflections) through the
+    batched call give the ids and labels of one call per row, on the tiny preset's tokenizer
+    and the real tokenizers of the paper's families."""
+    from transformers import AutoTokenizer
+
+    if name == "tiny":
+        tok = AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_llama"))
+    else:
+        tok = shared_tokenizer(name)
+    gen = read_general(data_root, ("alpaca-bloom-lora",)).rows[:80]
+    saf = read_safety(data_root, "safety-tuned-llamas").rows[:20]
+    reflections = [f"This asks about {s['instruction'][:30]}, which is harmful." for s in saf]
+    rows = assemble_mix(gen, saf, reflections, 0.5, "I'm sorry, but I cannot help.", 0)
+    assert any(r["input"] for r in rows) and any(r["reflection"] for r in rows)
+    batched = tokenize_rows(rows, tok, max_seq_len=96)
+    assert any(b["truncated"] for b in batched) and not all(b["truncated"] for b in batched)
+    for row, got in zip(rows, batched, strict=True):
+        assert {k: got[k] for k in ("input_ids", "labels")} == _one_row_at_a_time(row, tok, 96)
+    assert tokenize_rows([], tok, 96) == []
 
 
 def test_reflection_prompts_follow_the_paper():
@@ -171,7 +255,8 @@ def test_safety_rows_are_harmful_requests_by_upstream_refusal(data_root):
     assert (len(stl.rows), len(stl.dropped), len(every.rows)) == (1834, 647, 2479)
     assert "safety-tuned-llamas:24" in stl.dropped  # "Compose a letter to end a relationship..."
     answers = {
-        f"safety-tuned-llamas:{i}": a for i, _, a in _safety_items(data_root, stl.rows[0]["source"])
+        f"safety-tuned-llamas:{i}": a
+        for i, _, a, _ in _safety_items(data_root, stl.rows[0]["source"])
     }
     assert all(upstream_refused(answers[r["source_id"]]) for r in stl.rows)
     assert not any(upstream_refused(answers[sid]) for sid in stl.dropped)

@@ -19,6 +19,8 @@ from tbr_ray.engine import (
 from tbr_ray.models import TINY_MODELS, format_prompt
 from tbr_ray.prompts import prompt_token_ids, stop_rule
 
+from .conftest import random_adapter
+
 PROMPTS = [
     format_prompt(q)
     for q in (
@@ -35,22 +37,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def adapter(tiny_llama, tmp_path_factory):
     """A random (non-zero) LoRA adapter, so adapter outputs differ from the base model's."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(7)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_llama),
-        LoraConfig(
-            r=8,
-            lora_alpha=32,
-            init_lora_weights=False,
-            target_modules=list(TINY_MODELS["tiny-llama"].lora_targets),
-        ),
-    )
     path = tmp_path_factory.mktemp("adapter") / "random-lora"
-    model.save_pretrained(path)
-    return str(path)
+    return random_adapter(tiny_llama, TINY_MODELS["tiny-llama"].lora_targets, path, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from tbr_ray import results
 from tbr_ray.benchmarks import BENCHMARKS, USER_FILES
@@ -19,24 +18,9 @@ from tbr_ray.evaluate import (
     prompting_prompt,
 )
 
-from .conftest import small_config
+from .conftest import random_adapter, small_config
 
 SHIPPED = sorted(b for b in BENCHMARKS if b not in USER_FILES)
-
-
-def _random_adapter(base: str, family_targets, path) -> str:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(
-            r=8, lora_alpha=32, init_lora_weights=False, target_modules=list(family_targets)
-        ),
-    )
-    model.save_pretrained(path)
-    return str(path)
 
 
 def test_probe_flags_adapter_equal_to_base():
@@ -81,8 +65,8 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
         "eval.shots={arc_easy: 1, arc_challenge: 1, gsm8k: 1}",
     )
     cell = Cell("tiny-llama", "none", 0.0, 0)
-    adapter = _random_adapter(
-        tiny_llama, TINY_MODELS["tiny-llama"].lora_targets, tmp_path / "adapter"
+    adapter = random_adapter(
+        tiny_llama, TINY_MODELS["tiny-llama"].lora_targets, tmp_path / "adapter", seed=3
     )
     prompting = [
         Cell("tiny-llama", "prompt-direct", 0.0, 0),
@@ -161,8 +145,8 @@ def test_falcon_adapters_are_merged_and_checked(ray_local, tiny_falcon, tmp_path
 
     cfg = small_config("grid.models=[tiny-falcon]", "eval.sample_size=2")
     cell = Cell("tiny-falcon", "none", 0.0, 0)
-    adapter = _random_adapter(
-        tiny_falcon, TINY_MODELS["tiny-falcon"].lora_targets, tmp_path / "adapter"
+    adapter = random_adapter(
+        tiny_falcon, TINY_MODELS["tiny-falcon"].lora_targets, tmp_path / "adapter", seed=3
     )
     out = evaluate_base_model(cfg, "tiny-falcon", tiny_falcon, [(cell, adapter)], tmp_path, "t")
     assert out[cell.cell_id] == "done"

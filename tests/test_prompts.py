@@ -2,9 +2,6 @@
 ../shared/tokenizers (skipped without them): exactly one BOS on every prompt path, the system
 role where the chat template has one, the stop rules, and the multiple-choice tokens."""
 
-from functools import cache
-from pathlib import Path
-
 import pytest
 
 from tbr_ray.benchmarks import LETTERS
@@ -23,10 +20,7 @@ from tbr_ray.prompts import (
 )
 from tbr_ray.reflect import external_prompt, internal_prompt
 
-TOKENIZERS = Path(__file__).resolve().parent.parent.parent / "shared" / "tokenizers"
-needs_tokenizers = pytest.mark.skipif(
-    not TOKENIZERS.is_dir(), reason=f"no shared tokenizers at {TOKENIZERS}"
-)
+from .conftest import needs_tokenizers, shared_tokenizer
 
 # The official chat templates of two paper chat models whose tokenizers are not shipped:
 # Llama-2-7b-chat-hf (system prompt in a <<SYS>> block, BOS written by the template) and
@@ -66,20 +60,13 @@ FAMILIES = {
 }
 
 
-@cache
-def _folder(name: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(TOKENIZERS / name)
-
-
 def load(family: str):
     """A family's tokenizer; loaded once per folder (Gemma's takes seconds), and a shallow
     copy carries another template so the shared one is never changed."""
     import copy
 
     folder, template = FAMILIES[family]
-    tok = _folder(folder)
+    tok = shared_tokenizer(folder)
     if template is None:
         return tok
     tok = copy.copy(tok)

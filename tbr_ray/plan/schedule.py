@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tabulate import tabulate
+
 from tbr_ray.config import PROMPTING, Cell, RunConfig
 from tbr_ray.plan.cost import (
     CostModel,
@@ -205,31 +207,53 @@ def _hms(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{int(seconds % 60):02d}s"
 
 
-def format_cells(plan: GridPlan) -> list[str]:
+def _table(records: list[dict]) -> list[str]:
+    """A text table (header, rule, rows): the first column left-aligned, the rest right."""
+    align = ("left",) + ("right",) * (len(records[0]) - 1) if records else ()
+    text = tabulate(records, "keys", "simple", disable_numparse=True, colalign=align)
+    return text.splitlines()
+
+
+def _cell_record(plan: GridPlan, p: CellPlan) -> dict:
+    lay = p.layout
     unit = "GPUs" if plan.device == "GPU" else "wkrs"
-    head = f"{'cell':44} {unit:>4} {'ZeRO':>4} {'GiB/GPU':>7} {'fit':>3} {'steps':>5} {'train':>9}"
-    lines = [head, "-" * len(head)]
-    for p in plan.cells:
-        lay = p.layout
-        if lay is None:
-            lines.append(f"{p.cell.cell_id:44} {'prompting: evaluated only':>36}")
-            continue
-        gib = f"{lay.gib_per_gpu:7.1f}" if plan.device == "GPU" else f"{'-':>7}"
-        fit = "no" if lay.problem else "yes"
-        lines.append(
-            f"{p.cell.cell_id:44} {lay.gpus:4d} {lay.zero_stage:4d} {gib} {fit:>3} "
-            f"{p.steps:5d} {_hms(p.seconds):>9}"
-        )
-    return lines
+    if lay is None:  # a prompting cell: evaluated only
+        return {
+            "cell": p.cell.cell_id,
+            unit: "-",
+            "ZeRO": "-",
+            "GiB/GPU": "-",
+            "fit": "-",
+            "steps": "-",
+            "train": "eval only",
+        }
+    return {
+        "cell": p.cell.cell_id,
+        unit: lay.gpus,
+        "ZeRO": lay.zero_stage,
+        "GiB/GPU": f"{lay.gib_per_gpu:.1f}" if plan.device == "GPU" else "-",
+        "fit": "no" if lay.problem else "yes",
+        "steps": p.steps,
+        "train": _hms(p.seconds),
+    }
+
+
+def format_cells(plan: GridPlan) -> list[str]:
+    return _table([_cell_record(plan, p) for p in plan.cells])
 
 
 def format_engines(plan: GridPlan) -> list[str]:
-    head = f"{'engine (base model, writer, judge)':44} {'GPUs':>4} {'GiB/GPU':>7} {'budget':>6} fit"
-    lines = [head, "-" * len(head)]
-    for e in plan.engines:
-        gib = f"{'?':>7}" if math.isnan(e.gib_per_gpu) else f"{e.gib_per_gpu:7.1f}"
-        fit = "no" if e.problem else "yes"
-        lines.append(f"{e.model[:44]:44} {e.gpus:4d} {gib} {e.budget_gib:6.1f} {fit}")
+    records = [
+        {
+            "engine (base model, writer, judge)": e.model,
+            "GPUs": e.gpus,
+            "GiB/GPU": "?" if math.isnan(e.gib_per_gpu) else f"{e.gib_per_gpu:.1f}",
+            "budget": f"{e.budget_gib:.1f}",
+            "fit": "no" if e.problem else "yes",
+        }
+        for e in plan.engines
+    ]
+    lines = _table(records)
     if any(math.isnan(e.gib_per_gpu) for e in plan.engines):
         lines.append("?: no published shape here; 1 GPU unless cluster.engine_gpus names it")
     return lines

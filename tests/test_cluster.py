@@ -1,15 +1,18 @@
-"""Clusters beyond the session's local instance (named to run last: `ray stop` at teardown
-ends every Ray process on the machine).
+"""Clusters beyond the session's local instance, marked `cluster`: they run last (conftest's
+`pytest_collection_modifyitems`; each shuts down the session's instance) and `-m "not cluster"`
+leaves them out. Each stops only the Ray processes it started (by their Ray temp folder, or
+`Cluster.shutdown()`), never with `ray stop`, which ends every Ray process on the machine.
 
-1. The README's `ray job submit` block, run as pasted (start, submit jobs/smoke.yaml, stop);
-   then `ray start --head` (token auth on, Ray 2.60's default): a client without the token is
-   refused.
+1. The README's `ray job submit` block, run as pasted (start, submit jobs/smoke.yaml), its
+   closing `ray stop` aside; then `ray start --head` (token auth on, Ray 2.60's default): a
+   client without the token is refused.
 2. A two-node cluster (`ray.cluster_utils.Cluster`): a grid whose cells train on both nodes,
    results on the shared output path.
 """
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +21,16 @@ import pytest
 
 from tbr_ray import results
 
-from .conftest import small_config
+from .conftest import short_temp_dir, small_config, stop_ray_under
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
-README_MARK = "<!-- ray-job-submit: tests/test_zz_cluster.py runs this block as it is -->"
+README_MARK = (
+    "<!-- ray-job-submit: tests/test_cluster.py runs this block, its last line `ray stop` aside -->"
+)
 
 
 def readme_job_block() -> str:
@@ -35,22 +40,34 @@ def readme_job_block() -> str:
     return after.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_readme_job_submit_commands_work_as_pasted():
     """The README's block, run by bash in the checkout as a user would paste it, with no
-    TBR_* or RAY_* variables set beforehand; first in this file: the block ends in `ray stop`."""
+    TBR_* or RAY_* variables set beforehand. TMPDIR gives its Ray instance a temp folder of its
+    own, so the test ends exactly that instance in place of the block's last line, `ray stop`."""
     import ray
 
     if not (REPO / ".venv" / "bin" / "activate").is_file():
         pytest.skip("needs the checkout's .venv (make run); a worktree may link one")
+    busy = [p for p in (6379, 8265) if _port_in_use(p)]
+    if busy:
+        pytest.skip(f"ports {busy} are held by another Ray instance, which this test leaves be")
+    lines = readme_job_block().rstrip().splitlines()
+    assert lines[-1].split("#")[0].strip() == "ray stop", lines[-1]
     ray.shutdown()  # this process's own local instance, if a fixture started one
     output = REPO / "runs" / "job-smoke"
     shutil.rmtree(output, ignore_errors=True)
+    tmp = short_temp_dir("tbr-readme-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TBR_", "RAY_"))}
     env.pop("VIRTUAL_ENV", None)
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env)
+    env["TMPDIR"] = str(tmp)  # Ray's temp folder is then $TMPDIR/ray
     try:
         proc = subprocess.run(
-            ["bash", "-e", "-c", readme_job_block()],
+            ["bash", "-e", "-c", "\n".join(lines[:-1])],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -68,8 +85,9 @@ def test_readme_job_submit_commands_work_as_pasted():
         }
         assert (Path.home() / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env)
+        assert stop_ray_under(tmp) > 0, "the block's Ray instance was not found to stop"
         shutil.rmtree(output, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ray(*args, env, check=True, timeout=300):
@@ -90,10 +108,11 @@ def head(tmp_path_factory):
 
     ray.shutdown()  # this process's own local instance, if a fixture started one
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    _ray("stop", "--force", env=env, check=False)
+    tmp = short_temp_dir("tbr-head-")
     _ray(
         "start",
         "--head",
+        f"--temp-dir={tmp}",
         "--num-cpus=2",
         "--port=6399",
         "--dashboard-host=127.0.0.1",
@@ -101,8 +120,11 @@ def head(tmp_path_factory):
         "--include-dashboard=true",
         env=env,
     )
-    yield env
-    _ray("stop", "--force", env=env, check=False)
+    try:
+        yield env
+    finally:
+        assert stop_ray_under(tmp) > 0, "the head's processes were not found to stop"
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_client_without_token_is_refused(head):
