@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import pytest
 
 from tbr_ray import results
 from tbr_ray.config import load_config
+
+from .conftest import short_temp_dir, stop_ray_under
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = [
@@ -65,25 +66,13 @@ def _popen(args: list[str], ray_tmp: str) -> subprocess.Popen:
 
 @pytest.fixture
 def ray_tmp():
-    """A Ray temp root of this test's own (short: Ray's socket paths must fit 107 bytes). The
-    drivers it runs start their local Ray there; at the end exactly the processes of that Ray
-    are stopped (by their command line naming this root), never the session's or a user's."""
-    root = tempfile.mkdtemp(prefix="tbr-ray-", dir="/tmp")
-    yield root
-    _stop_ray_under(root)
+    """A Ray temp root of this test's own: the drivers it runs start their local Ray there,
+    and at the end exactly the processes of that Ray are stopped, never the session's or a
+    user's (conftest.stop_ray_under)."""
+    root = short_temp_dir("tbr-ray-")
+    yield str(root)
+    stop_ray_under(root)
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _stop_ray_under(root: str) -> None:
-    import psutil
-
-    mine = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(root in part for part in proc.info["cmdline"] or []):
-            mine.append(proc)
-    for proc in mine:
-        proc.kill()
-    psutil.wait_procs(mine, timeout=30)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -131,7 +120,7 @@ def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path, ray_tmp):
     assert second.returncode == 2 and f"is in use by pid {proc.pid}" in log, log[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
-    _stop_ray_under(ray_tmp)  # what outlived its process group (Ray's own daemons)
+    stop_ray_under(Path(ray_tmp))  # what outlived its process group (Ray's own daemons)
     mtime = first.stat().st_mtime
     assert not results.is_done(out, "tiny-llama__internal__g1.00__s0")
 
@@ -176,7 +165,7 @@ def test_sigint_during_training_skips_evaluation_and_the_rerun_resumes(tmp_path,
     os.killpg(proc.pid, signal.SIGINT)
     log, _ = proc.communicate(timeout=120)
     print(f"interrupted run printed:\n{log}")
-    _stop_ray_under(ray_tmp)
+    stop_ray_under(Path(ray_tmp))
     cell, base = "tiny-llama__none__g0.00__s0", "tiny-llama__base__g0.00__s0"
     assert proc.returncode == 130, log[-4000:]
     row = results.read_status(out).set_index("cell_id").loc[cell]
