@@ -34,7 +34,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from tbr_ray.models import format_prompt
-from tbr_ray.vocab import GSM8K_SHOT_POOL, SHOT_POOLS
+from tbr_ray.vocab import GSM8K_SHOT_POOL, SHOT_POOLS, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,10 @@ def load_benchmark_with_report(
 ) -> tuple[list[EvalItem], LoadReport]:
     """Like `load_benchmark`, plus a `LoadReport` listing every skipped row and why."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}. Fix: use one of {', '.join(BENCHMARKS)}.")
+        raise ValueError(
+            f"unknown benchmark {name!r}{did_you_mean(name, BENCHMARKS)}. "
+            f"Fix: use one of {', '.join(BENCHMARKS)}."
+        )
     spec = BENCHMARKS[name]
     n_shots = _check_args(spec, sample_size, shots, files or {})
     source = _source_path(spec, Path(data_root), files or {})

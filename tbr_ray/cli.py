@@ -500,9 +500,11 @@ def judge_score(
 ) -> None:
     """Score a judge against human labels: agreement, confusion matrix, per-group figures."""
     from tbr_ray.judges import JUDGES, format_judge_score, score_judge
+    from tbr_ray.vocab import did_you_mean
 
     if judge not in JUDGES:
-        _fail(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
+        hint = did_you_mean(judge, JUDGES)
+        _fail(f"unknown judge {judge!r}{hint}; choose one of {', '.join(JUDGES)}")
     if not labels.is_file():
         _fail(f"{labels}: no such file. Fix: a CSV with columns prompt, completion, label.")
     labeler, fmt = None, "three-class"

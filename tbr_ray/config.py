@@ -427,7 +427,8 @@ class EvalConfig(_Strict):
 def _check_names(kind: str, given: tuple[str, ...], known) -> tuple[str, ...]:
     bad = [g for g in given if g not in known]
     if bad:
-        raise ValueError(f"unknown {kind} {bad}. Fix: use one of {', '.join(sorted(known))}")
+        hint = "".join(vocab.did_you_mean(b, known) for b in bad)
+        raise ValueError(f"unknown {kind} {bad}{hint}. Fix: use one of {', '.join(sorted(known))}")
     return given
 
 

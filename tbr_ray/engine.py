@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tbr_ray.models import ModelSpec
-from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids
+from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids, prompt_token_ids_batch
 
 
 class EngineMismatchError(RuntimeError):
@@ -195,7 +195,8 @@ class Engine:
         ]
 
     def _token_prompts(self, prompts: list[str]) -> list[dict]:
-        return [{"prompt_token_ids": prompt_token_ids(self.tokenizer, p)} for p in prompts]
+        ids = prompt_token_ids_batch(self.tokenizer, prompts)
+        return [{"prompt_token_ids": one} for one in ids]
 
     def choice_logprobs(
         self, prompts: list[str], choices: list[list[str]], adapter: str | None = None

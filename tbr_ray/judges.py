@@ -40,6 +40,7 @@ from tbr_ray.vocab import (  # noqa: F401 (names and formats re-exported for the
     RULE_JUDGE_NAMES,
     TASKS,
     JudgeFormat,
+    did_you_mean,
     expected_format,
 )
 
@@ -382,7 +383,10 @@ def _judge_labels(
     judge: str, pairs: list[tuple[str, str]], model_labeler, model_format: str
 ) -> list[str | None]:
     if judge not in JUDGES:
-        raise ValueError(f"unknown judge {judge!r}. Fix: use one of {', '.join(JUDGES)}.")
+        raise ValueError(
+            f"unknown judge {judge!r}{did_you_mean(judge, JUDGES)}. "
+            f"Fix: use one of {', '.join(JUDGES)}."
+        )
     if judge != "model":
         return [rule_label(judge, completion) for _, completion in pairs]
     if model_labeler is None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tbr_ray.vocab import did_you_mean
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FALCON_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 ALL_LINEAR = "all-linear"  # PEFT: every linear layer except the output head
@@ -240,12 +242,10 @@ def get_spec(name: str) -> ModelSpec:
             )
         family = FAMILIES.get(model_type) or unlisted_family(model_type, archs[0])
         return ModelSpec(str(path.resolve()), family, 0.0, str(path.resolve()), 1)
-    close = [n for n in REGISTRY if n.split("-")[0] in name.lower()][:5]
     raise UnknownModelError(
-        f"unknown model {name!r}: not in the registry and not a folder with config.json. "
-        f"Fix: run `tbr-ray models` to list names"
-        + (f" (close: {', '.join(close)})" if close else "")
-        + ", or pass a local model path."
+        f"unknown model {name!r}{did_you_mean(name, REGISTRY)}: not in the registry and not a "
+        f"folder with config.json. Fix: run `tbr-ray models` to list names, or pass a local "
+        f"model path."
     )
 
 

@@ -9,7 +9,17 @@ one place and not the other fails a test. Run `pytest tests/test_layers.py`.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" for the closest known names (difflib), or "" when none is close:
+    for the errors that name an unknown model, judge, benchmark or condition."""
+    close = difflib.get_close_matches(str(given), list(known), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
 
 # ---------------------------------------------------------------- conditions
 

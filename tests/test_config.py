@@ -97,3 +97,16 @@ def test_tiny_job_is_the_embedded_default():
         "external",
     }
     assert cfg.train.num_workers == 2 and cfg.train.zero_stage == 2
+
+
+def test_a_misspelt_name_gets_the_closest_known_names():
+    """difflib's suggestions in the errors for unknown models, judges and benchmarks."""
+    from tbr_ray.benchmarks import load_benchmark
+    from tbr_ray.models import UnknownModelError, get_spec
+
+    with pytest.raises(UnknownModelError, match=r"did you mean 'llama-2-7b'"):
+        get_spec("llama-2-7")
+    with pytest.raises(ConfigError, match=r"did you mean 'paper-keywords'\?"):
+        load_config(REPO / "jobs" / "tiny.yaml", ["eval.judges=[paper-keyword]"])
+    with pytest.raises(ValueError, match=r"did you mean 'xstest_safe'"):
+        load_benchmark("xstest-safe", REPO)
