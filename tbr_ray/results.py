@@ -254,13 +254,19 @@ def write_cell_tables(
 STATUSES = ("running", "done", "failed", "interrupted")
 
 
+# Kept from earlier writes unless given again: the data mix the cell trained on (its
+# report.json lists every source row set aside as malformed, with the reason).
+KEPT_STATUS_KEYS = ("mix",)
+
+
 def write_status(
     results_dir: str | Path, cell_id: str, status: str, traceback: str | None = None, **info: Any
 ) -> None:
     """Record a cell's state: running | done | failed (with `error`) | interrupted (with the
     `reason`). `started` is kept from the attempt's first `running` record, and the cell's
-    `phases` (`record_phase`) across writes; a failure's full `traceback` goes to error.txt
-    beside status.json (its path in `error_file`), the status keeping the one-line `error`."""
+    `phases` (`record_phase`) and KEPT_STATUS_KEYS across writes; a failure's full
+    `traceback` goes to error.txt beside status.json (its path in `error_file`), the status
+    keeping the one-line `error`."""
     if status not in STATUSES:
         raise ValueError(f"unknown cell status {status!r}; one of {', '.join(STATUSES)}")
     now, path = time.time(), cell_dir(results_dir, cell_id) / "status.json"
@@ -277,6 +283,7 @@ def write_status(
             "status": status,
             "time": now,
             "started": started,
+            **{k: before[k] for k in KEPT_STATUS_KEYS if k in before},
             **info,
             **({"phases": before["phases"]} if "phases" in before else {}),
         },

@@ -116,6 +116,16 @@ def test_statuses_include_interrupted_and_refuse_unknown_ones(tmp_path):
         results.write_status(tmp_path, "c1", "paused")
 
 
+def test_a_finished_cell_still_names_its_mix(tmp_path):
+    """The mix (whose report lists the rows set aside as malformed) outlives the `running`
+    write that recorded it; the stage does not."""
+    results.write_status(tmp_path, "c1", "running", stage="train", mix="/cache/mixes/m1")
+    results.write_status(tmp_path, "c1", "done")
+    row = results.read_status(tmp_path).set_index("cell_id").loc["c1"]
+    assert row["mix"] == "/cache/mixes/m1" and row["status"] == "done"
+    assert "stage" not in row or row.isna()["stage"]
+
+
 def _cells(tmp_path):
     results.write_status(tmp_path, "c1", "running", stage="train")
     results.write_status(tmp_path, "c2", "done")
