@@ -34,6 +34,7 @@ logging stays out of the way unless `verbose`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -426,22 +427,49 @@ def cell_trainable(config: dict) -> None:
     )
 
 
+class _Detached:
+    """Tune pickles its run and tune configs (callbacks, searcher, stopper) into the
+    experiment's tuner.pkl. These objects hold the live pipeline (Ray object refs, the signal
+    handlers saved by RunInterrupt), which must not be pickled: an actor handle of an earlier
+    Ray session reachable from there aborted the driver (Ray's "Cannot find an actor handle"
+    check). A rerun resumes from the run folder, never from tuner.pkl, so the pickled copy
+    keeps nothing."""
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.state = None
+
+
 def _tune_parts(state: _Pipeline):
     """The Searcher that hands Tune the admitted cells, and the Callback that drives the rest
     of the pipeline (evaluations) from Tune's own loop."""
+    cell_queue, pipeline_callback = _tune_classes()
+    return cell_queue(state), pipeline_callback(state)
+
+
+@functools.cache
+def _tune_classes():
+    """Built on first use: importing Ray Tune costs a second, which commands that never
+    schedule a grid (`status`, `validate`) should not pay."""
     from ray.tune import Callback
     from ray.tune.search import Searcher
 
-    class CellQueue(Searcher):
+    class CellQueue(_Detached, Searcher):
         """Cells in grid order, each only once `pick_jobs` admitted it (None: wait)."""
 
+        def __init__(self, state: _Pipeline):
+            super().__init__()
+            self.state = state
+
         def suggest(self, trial_id: str):
-            if not state.training_left():
-                return Searcher.FINISHED
-            return state.trial_started(trial_id)
+            if not self.state.training_left():
+                return self.FINISHED
+            return self.state.trial_started(trial_id)
 
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-            pass  # the Pipeline callback records it (it sees the trial's error)
+            pass  # the callback records it (it sees the trial's error)
 
         def save(self, checkpoint_path: str) -> None:
             pass  # nothing to save: a rerun resumes from the run folder, not Tune's state
@@ -449,19 +477,24 @@ def _tune_parts(state: _Pipeline):
         def restore(self, checkpoint_path: str) -> None:
             pass
 
-    class Pipeline(Callback):
+    class PipelineCallback(_Detached, Callback):
+        """Runs the evaluations from Tune's loop and records the training trials' ends."""
+
+        def __init__(self, state: _Pipeline):
+            self.state = state
+
         def on_step_begin(self, iteration, trials, **info):
-            state.poll()
-            state.schedule()
+            self.state.poll()
+            self.state.schedule()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            state.trial_ended(trial.trial_id, dict(trial.last_result or {}))
+            self.state.trial_ended(trial.trial_id, dict(trial.last_result or {}))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             out = dict(zip(("error", "traceback"), _trial_error(trial), strict=True))
-            state.trial_ended(trial.trial_id, out)
+            self.state.trial_ended(trial.trial_id, out)
 
-    return CellQueue(), Pipeline()
+    return CellQueue, PipelineCallback
 
 
 def _trial_error(trial) -> tuple[str, str]:

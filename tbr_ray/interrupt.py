@@ -16,6 +16,7 @@ signal always raises at once. Reruns resume: interrupted cells are not done.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -105,21 +106,35 @@ class RunInterrupt:
 
     def stopper(self):
         """A Tune Stopper that ends the whole experiment once a signal came."""
-        from ray.tune import Stopper
-
-        parent = self
-
-        class _SignalStopper(Stopper):
-            def __call__(self, trial_id, result) -> bool:
-                return False
-
-            def stop_all(self) -> bool:
-                return parent.signum is not None
-
-        return _SignalStopper()
+        return _stopper_class()(self)
 
     def raise_if_stopped(self) -> None:
         """After a graceful section: mark what still runs, and raise Interrupted."""
         if self.signum is not None:
             late = mark_interrupted(self.output, f"{signal.Signals(self.signum).name} received")
             raise Interrupted(self.signum, sorted(set(self.cells) | set(late)))
+
+
+@functools.cache
+def _stopper_class():
+    """Built on first use (importing Ray Tune costs a second)."""
+    from ray.tune import Stopper
+
+    class SignalStopper(Stopper):
+        """Ends Tune's experiment once `interrupt` caught a signal. Tune pickles its stopper
+        into the experiment state: the pickled copy drops the RunInterrupt (its saved signal
+        handlers are not state to pickle) and never stops anything."""
+
+        def __init__(self, interrupt: RunInterrupt):
+            self.interrupt = interrupt
+
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return self.interrupt is not None and self.interrupt.signum is not None
+
+        def __getstate__(self) -> dict:
+            return {"interrupt": None}
+
+    return SignalStopper

@@ -102,8 +102,10 @@ def _ray(*args, env, check=True, timeout=300):
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def head(tmp_path_factory):
+    """A `ray start --head` of its own, stopped when its one test ends (before the next test
+    starts a cluster of its own)."""
     import ray
 
     ray.shutdown()  # this process's own local instance, if a fixture started one

@@ -219,3 +219,24 @@ def test_phase_times_survive_status_writes(tmp_path):
         "train": {"start": 10.0, "end": 20.0},
         "eval": {"start": 21.0, "end": 30.0},
     }
+
+
+def test_what_tune_pickles_of_the_pipeline_holds_no_live_state(tmp_path):
+    """Tune pickles its callbacks, searcher and stopper into tuner.pkl. Pickled, they must
+    drop the live pipeline (object refs, saved signal handlers): in the full suite an actor
+    handle of an earlier Ray session reachable from there aborted the driver."""
+    import ray.cloudpickle as pickle
+
+    from tbr_ray.grid import _tune_classes
+    from tbr_ray.interrupt import RunInterrupt
+
+    class Live:
+        def __reduce__(self):
+            raise AssertionError("live pipeline state was pickled")
+
+    cell_queue, callback = _tune_classes()
+    with RunInterrupt(tmp_path) as stop:
+        stopper = stop.stopper()
+        for part in (cell_queue(Live()), callback(Live()), stopper):
+            assert pickle.loads(pickle.dumps(part)) is not None
+        assert stopper.stop_all() is False
