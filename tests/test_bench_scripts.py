@@ -57,3 +57,19 @@ def test_grid_makespan_counts_each_job_once_and_the_busy_time_as_a_union(tmp_pat
     text = report(tmp_path, wall_s=100, slots=1)
     assert "work 110 s" in text and "efficiency (ideal / wall): 1.10" in text
     assert "busy (a job running / wall): 0.90" in text
+
+
+def test_plan_calibration_scales_the_cost_model_to_the_boxs_measured_speed(tmp_path):
+    """bench/plan_calibration.py --run: the run's mean training tokens/s over the fitted 16k
+    is the box's speed; a slower box gets a longer predicted makespan."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from plan_calibration import box_speed, phases
+
+    for cell, tps in (("a", 8_000.0), ("b", 12_000.0)):
+        (tmp_path / "adapters" / cell).mkdir(parents=True)
+        (tmp_path / "adapters" / cell / "train_result.json").write_text(
+            json.dumps({"train_tokens_per_s": tps})
+        )
+    assert box_speed(tmp_path) == 10_000 / 16_000
+    fitted, slow = phases([], 2), phases([], 2, speed=0.5)
+    assert slow["train"] > fitted["train"] and slow["makespan"] > fitted["makespan"]

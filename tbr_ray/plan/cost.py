@@ -49,6 +49,9 @@ GPU_COST = CostModel(
 # grid's per-phase timings of 2026-11-29 (docs/BENCHMARKS.md "the tiny grid in 7 min 41 s"):
 # 16k training tokens/s on 2 cores, ~1,500 new tokens/s decoding, 17 s fixed per cell, 3.2 s per
 # in-process engine, 154 tokens an example with the tiny presets' 2,048-token vocabulary.
+# The training throughput CPU_COST was fitted at (tiny presets, 2 cores, 2026-11-29), to scale
+# it to a day's measured throughput (bench/plan_calibration.py --run).
+CPU_FITTED_TRAIN_TOKENS_PER_S = 16_000.0
 CPU_COST = CostModel(
     device="CPU core",
     peak_flops=96e9,

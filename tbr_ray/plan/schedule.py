@@ -182,10 +182,11 @@ def _jobs(cfg: RunConfig, cost: CostModel, cells: list[CellPlan], capacity: int)
     return jobs
 
 
-def plan_grid(cfg: RunConfig, capacity: int | None) -> GridPlan:
+def plan_grid(cfg: RunConfig, capacity: int | None, cost: CostModel | None = None) -> GridPlan:
     """Size every cell and engine of `cfg` for `capacity` devices (GPUs on a GPU run, CPU cores
-    on a CPU run; None: sizes only), list every problem, and simulate the schedule when none."""
-    cost = cost_model(cfg)
+    on a CPU run; None: sizes only), list every problem, and simulate the schedule when none.
+    `cost`: the cost model (default: the device's, `cost_model(cfg)`)."""
+    cost = cost or cost_model(cfg)
     if batch := global_batch_problems(cfg):  # steps and costs need whole micro-batches
         return GridPlan(cost.device, capacity, [], [], batch, [])
     cells = _cell_plans(cfg, cost, capacity)
