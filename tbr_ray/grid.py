@@ -355,7 +355,7 @@ class _Pipeline:
                 self.admitted.append(job)
 
     def poll(self, timeout: float = 0.0) -> None:
-        """Record the evaluations that ended (waiting up to `timeout` for the first)."""
+        """Record the evaluations that have ended (waiting at most `timeout` seconds)."""
         import ray
 
         if not self.evals:
