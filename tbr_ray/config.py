@@ -197,6 +197,12 @@ class TrainConfig(_Strict):
     lora_rank: int = Field(8, ge=1, description="Higher: more capacity, more memory.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scale numerator (scale = alpha/rank).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of "
+        "keeping them: about a third more compute, activation memory of one layer instead of "
+        "all (tbr_ray.plan.sizing counts both). The paper grid needs it for 70B on 4 GPUs.",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(
