@@ -549,6 +549,18 @@ class ClusterConfig(_Strict):
         description="Per model (registry name or path): GPUs (tensor parallel size) of its "
         "vLLM engines, overriding the planner's choice from weights and KV cache.",
     )
+    engine_replicas: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per model (registry name or path): vLLM engine replicas of its evaluation "
+        "(data parallel over its passes: base model, adapters, prompting cells), each in a "
+        "placement group of its own engine_gpus GPUs; overrides max_engine_replicas.",
+    )
+    max_engine_replicas: int = Field(
+        1,
+        ge=1,
+        description="Most engine replicas one base model's evaluation runs at once, never more "
+        "than its passes (tbr_ray.engine.engine_replicas_for). 1: one engine per base model.",
+    )
 
 
 @dataclass(frozen=True, order=True)

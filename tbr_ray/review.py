@@ -33,14 +33,8 @@ from urllib.parse import parse_qs, urlparse
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from tbr_ray.judges import (
-    JUDGES,
-    _read_labels,
-    disagreements,
-    is_refusal,
-    label_table,
-    normalise_human_label,
-)
+from tbr_ray.judges import JUDGES, _read_labels, is_refusal, normalise_human_label
+from tbr_ray.labels import disagreements, label_table
 from tbr_ray.results import (
     REVIEW_KEYS,
     SCHEMA_VERSION,

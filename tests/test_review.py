@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tbr_ray.cli import app
-from tbr_ray.judges import judge_agreement, reviewer_agreement
+from tbr_ray.labels import judge_agreement, reviewer_agreement
 from tbr_ray.results import read_results, read_reviews
 from tbr_ray.review import (
     ReviewConfig,
@@ -386,7 +386,7 @@ def test_results_doc_names_every_review_column():
 
 
 def test_label_table_shows_label_then_flag_then_harm():
-    from tbr_ray.judges import label_table
+    from tbr_ray.labels import label_table
 
     base = {"cell_id": "c", "benchmark": "b", "prompt_id": "p"}
     rows = pd.DataFrame(
