@@ -153,8 +153,11 @@ def test_bad_reviewer_name_is_refused(run_dir, name):
         ValueError, match=rf"reviewer name {re.escape(repr(name))} is not allowed.*Fix"
     ):
         ReviewStore(run_dir, name, "r")
-    out = CliRunner().invoke(app, ["review", str(run_dir), "--reviewer", name, "--export", "x"])
-    assert out.exit_code == 2 and "is not allowed" in out.output and not (run_dir / "x").exists()
+    sheet = run_dir / "q.csv"
+    out = CliRunner().invoke(
+        app, ["review", str(run_dir), "--reviewer", name, "--export", str(sheet)]
+    )
+    assert out.exit_code == 2 and "is not allowed" in out.output and not sheet.exists()
 
 
 def test_bad_label_names_the_value_and_the_fix(run_dir):
