@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tbr_ray.models import ModelSpec
+from tbr_ray.models import ModelSpec, attention_implementation
 from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids, prompt_token_ids_batch
 
 
@@ -243,13 +243,21 @@ def _reference_model(model_path: str, gpus: int):
     a model that needs a tensor-parallel engine (a 70B) is checked where it is served. No CPU
     offload: a model that does not fit fails here, loudly, instead of crawling."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    # The attention the model family needs (Gemma-2: eager, the one that applies its softcap).
+    attention = attention_implementation(AutoConfig.from_pretrained(model_path).model_type)
     if not on_gpu():
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, attn_implementation=attention
+        )
     memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}
     return AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16, device_map="auto", max_memory=memory
+        model_path,
+        dtype=torch.bfloat16,
+        device_map="auto",
+        max_memory=memory,
+        attn_implementation=attention,
     )
 
 

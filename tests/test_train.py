@@ -164,8 +164,9 @@ def test_lora_training_lowers_the_loss_and_leaves_base_tensors_bitwise_unchanged
     batch = pad_collate({"input_ids": ids, "labels": ids}, pad_id=0)
     before = load_file(str(Path(tiny_llama) / "model.safetensors"))
     torch.manual_seed(0)
-    model = build_lora_model(cfg, "tiny-llama", tiny_llama)
-    engine = build_engine(cfg, model, zero_stage=2, world=1)
+    ds_config = deepspeed_config(cfg, zero_stage=2, world_size=1)
+    model = build_lora_model(cfg, "tiny-llama", tiny_llama, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     losses = [float(train_micro_step(engine, batch).detach()) for _ in range(6)]
     print(f"loss over 6 steps: {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.8 * losses[0]
@@ -192,8 +193,9 @@ def test_every_batch_reaches_the_engine_on_the_engines_device(tiny_llama, one_pr
     cfg = small_config("train.micro_batch_size=2")
     texts = ["How do I bake bread?", "I cannot help with that.", "Name a colour.", "Blue."]
     ids = AutoTokenizer.from_pretrained(tiny_llama)(texts)["input_ids"]
-    model = build_lora_model(cfg, "tiny-llama", tiny_llama)
-    engine = build_engine(cfg, model, zero_stage=2, world=1)
+    ds_config = deepspeed_config(cfg, zero_stage=2, world_size=1)
+    model = build_lora_model(cfg, "tiny-llama", tiny_llama, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     worker = Worker(cfg, {}, model, engine, [{"input_ids": x, "labels": x} for x in ids], 0, 0,
                     total_steps=2, world=1, worker_nodes="local", output=None, cell_id="c",
                     setup_s={})  # fmt: skip
@@ -208,6 +210,53 @@ def test_every_batch_reaches_the_engine_on_the_engines_device(tiny_llama, one_pr
         )
     assert (end.step, done, saved) == (2, True, [2])
     assert seen == [{engine.device}] * 2  # both micro-batches, on the engine's device
+
+
+@pytest.fixture
+def forget_hf_deepspeed_config():
+    """transformers keeps the last HfDeepSpeedConfig in a module global (a weakref): drop it
+    after the test, so that no later from_pretrained in this process builds under zero.Init
+    (transformers' own advice for tests)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    yield
+    unset_hf_deepspeed_config()
+
+
+def _losses(cfg, model_path: str, zero: int, batch: dict, steps: int) -> tuple[list[float], bool]:
+    """Losses of `steps` micro-steps of the worker's model and engine on one batch, and whether
+    any decoder layer checkpoints."""
+    torch.manual_seed(0)
+    ds_config = deepspeed_config(cfg, zero_stage=zero, world_size=1)
+    model = build_lora_model(cfg, "tiny-llama", model_path, ds_config)
+    engine = build_engine(cfg, model, ds_config)
+    losses = [float(train_micro_step(engine, batch).detach()) for _ in range(steps)]
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    engine.destroy()
+    return losses, checkpointing
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_activation_checkpointing_trains_the_same_losses(
+    tiny_llama, one_process_group, forget_hf_deepspeed_config, zero
+):
+    """train.gradient_checkpointing recomputes each layer's activations in the backward pass:
+    the same losses, step after step, within fp32 tolerance, with LoRA dropout on (the
+    recompute replays the forward's RNG state), at ZeRO-2 and at ZeRO-3 (frozen partitioned
+    weights inside a recompute: DeepSpeed PR 8130). The memory it saves:
+    bench/checkpointing_memory.py (docs/BENCHMARKS.md)."""
+    from transformers import AutoTokenizer
+
+    texts = ["How do I bake bread at home?", "I cannot help with making a weapon."]
+    ids = AutoTokenizer.from_pretrained(tiny_llama)(texts)["input_ids"]
+    batch = pad_collate({"input_ids": ids, "labels": ids}, pad_id=0)
+    sets = ["train.learning_rate=0.01", "train.micro_batch_size=2", "train.lora_dropout=0.05"]
+    cfgs = [small_config(*sets, f"train.gradient_checkpointing={c}") for c in (False, True)]
+    off, on = (_losses(cfg, tiny_llama, zero, batch, steps=4) for cfg in cfgs)
+    print(f"ZeRO-{zero} losses without / with checkpointing: {off[0]} / {on[0]}")
+    assert (off[1], on[1]) == (False, True)
+    assert on[0] == pytest.approx(off[0], rel=1e-5)
+    assert on[0][-1] < on[0][0]  # it trained
 
 
 def test_two_worker_zero2_lora_run(ray_local, tiny_llama, tmp_path):
