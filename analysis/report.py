@@ -460,16 +460,50 @@ def judges_sections(
     if unparsable.empty:
         text, unparsable = "No model judge ran in the included cells.", None
     else:
-        unparsable = tables.sort_rows(unparsable).pivot_table(
-            index=["model", "condition", "gamma", "seed"],
-            columns=["benchmark", "judge"],
-            values="value",
-            sort=False,
-        )
+        unparsable = _per_cell(unparsable)
     return [
         Section("Judges of the Table 3 columns", "Where each column's numbers come from.", sources),
         Section("Unparsable judge answers", text, unparsable),
+        judge_cut_section(metrics),
     ]
+
+
+def _per_cell(metric: pd.DataFrame) -> pd.DataFrame:
+    """One metric's values: a row per cell, a column per benchmark x judge."""
+    return tables.sort_rows(metric).pivot_table(
+        index=["model", "condition", "gamma", "seed"],
+        columns=["benchmark", "judge"],
+        values="value",
+        sort=False,
+    )
+
+
+def judge_cut_section(metrics: pd.DataFrame) -> Section:
+    """Per cell, the share of each model judge's prompts whose instruction or completion was
+    cut to fit the judge's context (tbr_ray.judges.fitted_judge_prompt); cells with none cut
+    are not listed."""
+    title = "Judge inputs cut to fit the judge's context"
+    cut = metrics[metrics["metric"] == "judge_input_cut_share"]
+    judged = metrics[metrics["metric"] == "unparsable_share"]
+    if judged.empty:
+        return Section(title, "No model judge ran in the included cells.")
+    if cut.empty:
+        return Section(title, "Not recorded: these cells were judged before cuts were counted.")
+    n_cells = cut["cell_id"].nunique()
+    some = cut[cut["value"] > 0]
+    if some.empty:
+        text = (
+            f"None: in all {n_cells} cells every model judge read the whole instruction and "
+            "completion (eval.max_model_len less the judge's answer budget)."
+        )
+        return Section(title, text)
+    text = (
+        f"Share of prompts whose judge saw the instruction or completion cut (its end left "
+        f"out) to fit eval.max_model_len less the judge's answer budget; "
+        f"{some['cell_id'].nunique()} of {n_cells} cells have some. Fix: raise "
+        "eval.max_model_len."
+    )
+    return Section(title, text, _per_cell(cut[cut["cell_id"].isin(set(some["cell_id"]))]))
 
 
 def _judge_kind(judge: str) -> str:

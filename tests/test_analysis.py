@@ -659,6 +659,24 @@ def test_report_files_and_contents(results_dir, tmp_path):
     assert not summary["seed"].isin([2]).any()  # unfinished cells never enter
 
 
+def test_report_counts_judge_inputs_cut_per_cell():
+    """issue 22.3: a judge reads the whole instruction and completion up to its context; the
+    report says, per cell, where anything was cut."""
+    base = metric_rows(
+        provenance("llama-2-7b", "none", 0.0, 0), "xstest_unsafe", "safety", 10, 9, 0
+    )
+    unparsable = [r for r in base if r["metric"] == "unparsable_share"]
+    cut = [dict(r, metric="judge_input_cut_share", value=0.0) for r in unparsable]
+    assert "Not recorded" in report.judge_cut_section(pd.DataFrame(unparsable)).text
+    none_cut = report.judge_cut_section(pd.DataFrame(unparsable + cut))
+    assert none_cut.text.startswith("None: in all 1 cells") and none_cut.table is None
+    other = [dict(r, cell_id="c2", seed=1, value=0.3) for r in cut]
+    some = report.judge_cut_section(pd.DataFrame(unparsable + cut + other))
+    assert "1 of 2 cells have some" in some.text
+    assert some.table.loc[("llama-2-7b", "none", 0.0, 1), ("xstest_unsafe", "harm")] == 0.3
+    assert len(some.table) == 1
+
+
 def test_report_on_a_sparse_run(tmp_path):
     """One condition, one gamma, no XSTest-H, a cell that failed: no crash, plots noted."""
     root = tmp_path / "sparse"
