@@ -99,8 +99,7 @@ def write_report(
 
 
 def header_section(results_dir: str | Path, results: Results, options: ReportOptions) -> Section:
-    manifest_path = Path(results_dir) / "run.json"
-    manifest = read_run_manifest(results_dir) if manifest_path.is_file() else {}
+    manifest = read_run_manifest(results_dir) or {}
     status = results.status
     n_done = int((status["status"] == "done").sum()) if len(status) else 0
     lines = [
@@ -411,8 +410,7 @@ def judges_sections(
 ) -> list[Section]:
     """Which judge made every Table 3 column (model and format of the model judges, from the
     run's config), and the share of each model judge's answers that could not be parsed."""
-    manifest_path = Path(results_dir) / "run.json"
-    manifest = read_run_manifest(results_dir) if manifest_path.is_file() else {}
+    manifest = read_run_manifest(results_dir) or {}
     named = judge_models(manifest)
     sources = tables.table3_column_sources(rates, options.judge)
     present = {label for label, _, _ in tables.table3_columns(rates, options.judge)}

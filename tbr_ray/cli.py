@@ -28,6 +28,7 @@ from pathlib import Path
 import typer
 
 from tbr_ray.config import Cell, ConfigError, RunConfig, load_config
+from tbr_ray.rundir import DamagedFile, RunDir
 
 app = typer.Typer(
     add_completion=False,
@@ -425,7 +426,12 @@ def report(
         _fail(
             f"{results_dir}: no such results directory. Fix: pass the --output of `tbr-ray ablate`."
         )
-    paths = write_report(results_dir, output or results_dir / "report", judge=judge, gamma=gamma)
+    try:
+        paths = write_report(
+            results_dir, output or RunDir(results_dir).report, judge=judge, gamma=gamma
+        )
+    except DamagedFile as exc:
+        _fail(f"{exc}. Fix: rerun the run's command to redo what it held, or restore the file.")
     for key, path in paths.items():
         typer.echo(f"{key}: {path}")
 
@@ -590,9 +596,10 @@ def fetch_data_cmd(
 def status(run_dir: Path = typer.Argument(..., help="A results directory (--output of a run).")):
     """Where a run stands: its driver (if one holds the folder), then per cell its state,
     stage, start, elapsed time, last update and, for a failure, the file with its full error."""
-    from tbr_ray.rundir import format_status
+    from tbr_ray.status import format_status
 
-    if not (run_dir / "run.json").is_file() and not (run_dir / "cells").is_dir():
+    run = RunDir(run_dir)
+    if not run.manifest.is_file() and not run.cells.is_dir():
         _fail(f"{run_dir}: not a results directory. Fix: pass the --output of a run.")
     typer.echo(format_status(run_dir))
 

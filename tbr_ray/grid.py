@@ -47,7 +47,7 @@ from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.interrupt import RunInterrupt, mark_interrupted
 from tbr_ray.progress import ProgressView
-from tbr_ray.rundir import run_lock
+from tbr_ray.rundir import DamagedFile, RunDir, run_lock, sweep_temp_files
 from tbr_ray.tiny import resolve_model
 
 TRIAL_DRIVER_CPU = 0.01  # a cell's task only orchestrates; a whole CPU starves its workers
@@ -124,9 +124,15 @@ def secure_token_file(path: Path) -> None:
 
 def check_run_dir(cfg: RunConfig, output: Path) -> None:
     """Refuse to mix two different configs in one results directory."""
-    manifest = output / "run.json"
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
+    try:
+        old = results.read_run_manifest(output)
+    except DamagedFile as err:
+        raise ConfigError(
+            f"{err}: which config's run this folder holds is unknown. Fix: if it holds this "
+            f"config's run, delete {RunDir(output).manifest} and rerun to resume; else use "
+            "another --output."
+        ) from None
+    if old is not None:
         if old.get("config_hash") != cfg.config_hash():
             raise ConfigError(
                 f"{output} holds run {old.get('run_id')} (config hash {old.get('config_hash')}),"
@@ -565,7 +571,7 @@ def _tune_training(cfg: RunConfig, state: _Pipeline, verbose: bool):
         ),
         run_config=tune.RunConfig(
             name=f"grid-{int(time.time())}",
-            storage_path=str(state.output / "ray_tune"),
+            storage_path=str(RunDir(state.output).ray_tune),
             failure_config=tune.FailureConfig(max_failures=cfg.grid.max_retries),
             callbacks=[callback, *_tracking_callbacks(cfg, state.output)],
             stop=state.stop.stopper() if state.stop is not None else None,
@@ -584,7 +590,7 @@ def _tracking_callbacks(cfg: RunConfig, output: Path) -> list:
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    uri = cfg.tracking.mlflow_uri or (output / "mlruns").as_uri()
+    uri = cfg.tracking.mlflow_uri or RunDir(output).mlruns.as_uri()
     if uri.startswith("file:"):
         # mlflow 3 keeps its file store in maintenance mode and refuses it unless told: a local
         # store needs no server and no database, which is what an opt-in default should be.
@@ -735,6 +741,7 @@ def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell], verbose: b
     _init_ray(verbose)
     # This driver holds the run lock: a cell still recorded `running` was left by one that died.
     mark_interrupted(output, "its driver was gone (found by the next run)")
+    sweep_temp_files(output)  # what writers killed with the last driver left
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
     ids = [c.cell_id for c in cells]

@@ -30,10 +30,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tbr_ray import results
+from tbr_ray import results, rundir
 from tbr_ray.config import Cell, RunConfig
 from tbr_ray.models import get_spec
 from tbr_ray.plan import accumulation_steps, resolved_train_settings, total_steps
+from tbr_ray.rundir import RunDir
 
 STATE_FILE = "train_state.json"
 RESUME_DIR = "resume"  # DeepSpeed optimizer/scheduler state + RNG state, per rank
@@ -448,7 +449,7 @@ def _worker_nodes(world: int) -> str:
 
 
 def adapter_dir(output: Path, cell: Cell) -> Path:
-    return Path(output) / "adapters" / cell.cell_id
+    return RunDir(output).adapter(cell.cell_id)
 
 
 def run_training(
@@ -498,7 +499,7 @@ def run_training(
         ),
         run_config=RayRunConfig(
             name=f"train-{cell.cell_id}",
-            storage_path=str(Path(output).resolve() / "ray_train"),
+            storage_path=str(RunDir(Path(output).resolve()).ray_train),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
@@ -529,7 +530,6 @@ def _publish_adapter(
         # Ray Train start-up: fit() called -> worker function entered (last report's worker)
         startup_s=round(metrics.pop("entered_at", fit_start) - fit_start, 1),
     )
-    (tmp / "train_result.json").write_text(json.dumps(metrics, indent=1, default=str))
-    shutil.rmtree(done, ignore_errors=True)
-    tmp.rename(done)
+    rundir.write_json(tmp / "train_result.json", metrics, indent=1, default=str)
+    rundir.publish_dir(tmp, done)
     return done

@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Core: what every stage may read; it imports no stage and no scheduler.
 CORE = {"tbr_ray", "tbr_ray.config", "tbr_ray.models", "tbr_ray.results", "tbr_ray.vocab"}
 CORE |= {"tbr_ray.keys", "tbr_ray.prompts"}
+# The run folder's layout, writes and locks: every stage writes through it, so it is core (it
+# once imported tbr_ray.preflight for the Ray job id, issue 22 point 9).
+CORE |= {"tbr_ray.rundir"}
 # Leaves: pure data and helpers that import nothing of tbr_ray at all.
 LEAVES = {"tbr_ray.vocab", "tbr_ray.keys", "tbr_ray.prompts"}
 # What analysis/ may import of tbr_ray: the results schema and reader, the vocabulary, the
