@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import paper, plots, stats, tables
-from tbr_ray import judges
-from tbr_ray.judges import HARM_JUDGE, REFUSAL_MODEL_JUDGE
-from tbr_ray.results import Results, read_results, read_run_manifest
+from tbr_ray import labels
+from tbr_ray.results import Results, human_consensus, read_results, read_run_manifest
+from tbr_ray.vocab import HARM_JUDGE, JUDGES, REFUSAL_MODEL_JUDGE, REVIEW_JUDGES
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
                 "judge equals `paper-keywords`. Label some with `tbr-ray review RESULTS_DIR`.",
             )
         ]
-    agreement = judges.judge_agreement(results.judgements)
+    agreement = labels.judge_agreement(results.judgements)
     return [
         Section(
             "Human review",
@@ -263,7 +263,7 @@ def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
         Section(
             "Agreement between reviewers",
             "Generations labelled by both reviewers of each pair.",
-            judges.reviewer_agreement(results.reviews),
+            labels.reviewer_agreement(results.reviews),
         ),
     ]
 
@@ -272,8 +272,8 @@ def reviewed_counts(results: Results, numbers: pd.DataFrame) -> pd.DataFrame:
     """column, benchmark, judged, reviewed, unsettled, reviewers, per Table 3 compliance column
     (human labels are refusal labels: harm and accuracy columns are not reviewed)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
-    auto = results.judgements[results.judgements["judge"].isin(judges.JUDGES)]
-    consensus = judges.human_consensus(results.reviews)
+    auto = results.judgements[results.judgements["judge"].isin(JUDGES)]
+    consensus = human_consensus(results.reviews)
     rows = []
     judged_numbers = tables.sort_rows(numbers[numbers["metric"] == "compliance_rate"])
     columns = judged_numbers[["column", "benchmark"]]
@@ -314,21 +314,21 @@ def generations_section(results: Results, numbers: pd.DataFrame, options: Report
 
 
 def generation_labels(results: Results) -> pd.DataFrame:
-    """Generations with a column `judge:<name>` per judge (judges.label_table) and
+    """Generations with a column `judge:<name>` per judge (labels.label_table) and
     `disagree` (the automatic judges differ on refusal)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
     j = results.judgements
     names = (*_JUDGE_ORDER, *sorted(set(j["judge"]) - set(_JUDGE_ORDER)))  # e.g. a harm judge
-    wide = judges.label_table(j, names)
-    auto = j[j["judge"].isin(judges.JUDGES)]
-    differ = judges.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
+    wide = labels.label_table(j, names)
+    auto = j[j["judge"].isin(JUDGES)]
+    differ = labels.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
     out = results.generations.merge(wide, on=keys, how="left")
     out = out.merge(differ, on=keys, how="left")
     out["disagree"] = out["disagree"].eq(True)
     return out.sort_values(["disagree", "seed", "prompt_id"], ascending=[False, True, True])
 
 
-_JUDGE_ORDER = (*judges.JUDGES, *judges.REVIEW_JUDGES)
+_JUDGE_ORDER = (*JUDGES, *REVIEW_JUDGES)
 
 
 def _generations_html(row, gens: pd.DataFrame, limit: int) -> str:
