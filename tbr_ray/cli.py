@@ -533,8 +533,7 @@ def judge_score(
 def _model_labeler(cfg: RunConfig):
     """A labeler that runs the configured refusal judge on vLLM (Ray Data + EngineStage),
     its prompts rendered in its declared format through its own tokenizer."""
-    import ray
-
+    from tbr_ray import grid
     from tbr_ray.evaluate import _run_engine, _tokenizer
     from tbr_ray.judges import judge_prompt
     from tbr_ray.tiny import resolve_model
@@ -542,7 +541,7 @@ def _model_labeler(cfg: RunConfig):
     judge = cfg.eval.refusal_judge
 
     def label(pairs):
-        ray.init(logging_level="WARNING", ignore_reinit_error=True)
+        grid.init_ray(logging_level="WARNING")  # Ray's token file private, as for a run
         path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
         tokenizer = _tokenizer(path)
         rows = [

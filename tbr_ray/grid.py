@@ -38,6 +38,8 @@ import functools
 import json
 import math
 import os
+import re
+import secrets
 import time
 import traceback
 from dataclasses import dataclass
@@ -89,13 +91,9 @@ def _init_ray(verbose: bool = False) -> None:
     still in Ray's session logs): the progress view speaks instead."""
     import logging
 
-    import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        secure_token_file(RAY_TOKEN_FILE)  # before: an existing token is not exposed meanwhile
-        ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
-        secure_token_file(RAY_TOKEN_FILE)  # after: a new local cluster writes it 0644
+    init_ray(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = verbose
     if not verbose:
@@ -105,7 +103,44 @@ def _init_ray(verbose: bool = False) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+def init_ray(**kwargs) -> None:
+    """`ray.init(**kwargs)` unless connected, with Ray's token file owner-only throughout: an
+    existing one is made 0600 first; for a new local cluster, which would write a new token
+    with open(path, "w") (0644 under the usual umask, ray._private.authentication.
+    authentication_token_setup.generate_and_save_token), the token is written 0600 first and
+    Ray finds and keeps it. A umask around ray.init would also tighten every file the Ray
+    processes it starts write, results included."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    token = Path.home() / ".ray" / "auth_token"
+    secure_token_file(token)
+    if _ray_would_write_a_token(token):
+        write_private_token(token)
+    ray.init(**kwargs)
+    secure_token_file(token)
+
+
+def _ray_would_write_a_token(token: Path) -> bool:
+    """Ray's own decision in ray.init (ray/_private/worker.py, 2.60): no address found means a
+    new local cluster, whose token mode is on unless RAY_AUTH_MODE says otherwise, and a token
+    is generated when none is given (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, the default file)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return False
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return False
+    return not token.exists() and canonicalize_bootstrap_address(None) is None
+
+
+def write_private_token(token: Path) -> None:
+    """A new Ray token (Ray's recipe: 32 random bytes in hex) in a file created 0600."""
+    token.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
 
 
 def secure_token_file(path: Path) -> None:
@@ -504,17 +539,28 @@ def _tune_classes():
 
 
 def _trial_error(trial) -> tuple[str, str]:
-    """(one line, full text) of a failed trial's last error, from the files Tune has just
-    written in the trial's local folder (its storage copy is synced later)."""
-    import cloudpickle
-
-    pickled, text = trial.pickled_error_file, trial.error_file
-    if pickled and Path(pickled).is_file():
-        return _error_text(cloudpickle.loads(Path(pickled).read_bytes()))
+    """(exception text, full text) of a failed trial's last error, from the text file Tune
+    has just written in the trial's local folder (its storage copy is synced later). Tune's
+    pickled copy beside it is never loaded: unpickling a file of the run folder would run
+    whatever code its writer put in it."""
+    text = trial.error_file
     if text and Path(text).is_file():
-        full = Path(text).read_text().strip()
-        return full.splitlines()[-1], full
+        return _last_failure(Path(text).read_text())
     return "the trial failed and Tune recorded no error", ""
+
+
+def _last_failure(text: str) -> tuple[str, str]:
+    """Tune appends each failure as "Failure # N (occurred at ...)" + str(error); for a task's
+    error that is Ray's header line, the remote traceback, then the exception. Returns (the
+    exception: what follows the last traceback frame, full text of the last failure)."""
+    block = re.split(r"^Failure # \d+ \(occurred at [^)]*\)\n", text, flags=re.M)[-1]
+    block = re.sub(r"\x1b\[[0-9;]*m", "", block).strip()  # Ray colours its header line
+    lines = block.splitlines()
+    frames = [i for i, x in enumerate(lines) if x.startswith('  File "')]
+    after = frames[-1] + 1 if frames else 1 if len(lines) > 1 else 0
+    while after < len(lines) and lines[after].startswith("    "):
+        after += 1  # the frame's source line(s)
+    return "\n".join(lines[after:]).strip() or block, block
 
 
 def _cell_name(trial) -> str:

@@ -376,6 +376,25 @@ def _rng_state() -> dict:
     return state
 
 
+def _load_rng_state(path: Path) -> dict:
+    """A rank's RNG state file, loaded without running code: `weights_only=True` admits
+    tensors and plain containers, plus numpy's array constructors for numpy's state
+    (torch.serialization.safe_globals, as PyTorch's docs suggest). Whoever can write the run
+    folder cannot get code run at the next resume; such a file is refused, naming it."""
+    import numpy as np
+    import torch
+
+    safe = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
+        raise RuntimeError(
+            f"{path}: not an RNG state file ({str(err).splitlines()[0]}). Fix: delete the "
+            f"checkpoint folder that holds it (the cell then restarts from an earlier one)."
+        ) from None
+
+
 def _set_rng_state(state: dict) -> None:
     import numpy as np
     import torch
@@ -400,7 +419,6 @@ def _restore_resume_state(engine, ckpt_dir: str, position: Position) -> Position
     """Load optimizer, scheduler and RNG state saved by _save_resume_state, and record the
     resume in `resumes`. A checkpoint without them (written before they were saved) resumes
     from the weights alone, and says so."""
-    import torch
 
     resume = Path(ckpt_dir) / RESUME_DIR
     rng = resume / f"rng_rank{engine.global_rank}.pt"
@@ -413,7 +431,7 @@ def _restore_resume_state(engine, ckpt_dir: str, position: Position) -> Position
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_load_rng_state(rng))
     else:
         for _ in range(position.step):  # the schedule is a function of the step alone
             engine.lr_scheduler.step()
