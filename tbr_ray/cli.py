@@ -254,6 +254,7 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
     except PlanError as exc:
         _fail(str(exc))
     typer.echo(format_plan(plan))
+    typer.echo("\n" + _power_section(cfg))
     if output is not None and not cfg.train.use_gpu:
         _ready(cfg, output)
     elif output is not None and (problems := preflight(cfg, output)):
@@ -266,6 +267,17 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
         )
     if plan.problems:
         raise typer.Exit(2)
+
+
+def _power_section(cfg: RunConfig) -> str:
+    """The dry run's power statement (tbr_ray.plan.power_plan), with the paper's Table 3 as
+    analysis/ holds it (its layout and published values)."""
+    from analysis.paper import published_pairs
+    from analysis.tables import TABLE3_LAYOUT
+    from tbr_ray.plan.power_plan import format_power, power_rows
+
+    rows = power_rows(cfg, TABLE3_LAYOUT, published_pairs(cfg.grid.models))
+    return format_power(cfg, rows)
 
 
 def _refuse_unplannable(cfg: RunConfig) -> None:
