@@ -39,7 +39,7 @@ _PLANNING_SECTIONS = {"power"}
 _ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
 # Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
 _SECRET_FIELDS = {("reflection", "api_key_env")}
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets a trailing "\n" pass
 
 PAPER_REFUSAL = (
     "I'm sorry, but I cannot fulfill that request. As an AI language model, it is not in my "
@@ -154,7 +154,7 @@ class ReflectionConfig(_Strict):
     @field_validator("api_key_env")
     @classmethod
     def _api_key_env_is_a_name(cls, v: str) -> str:
-        if not ENV_NAME.match(v):
+        if not ENV_NAME.fullmatch(v):
             raise ValueError(
                 "not an environment-variable name (it looks like a value, perhaps the key "
                 "itself). Fix: `export TBR_REFLECTOR_API_KEY=<key>` in the shell and set "
