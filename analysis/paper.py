@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import TABLE3_LAYOUT
+from analysis.tables import HARM_METRICS, TABLE3_LAYOUT
 
 DATA_DIR = Path(__file__).resolve().parent
 TABLE3_CSV = DATA_DIR / "paper_table3.csv"
@@ -89,13 +89,13 @@ def paper_means(published: pd.DataFrame | None = None) -> pd.DataFrame:
     return table.pivot_table(index="benchmark", columns="condition", values="value", aggfunc="mean")
 
 
-def paper_column(benchmark: str) -> str | None:
-    """The Table 3 column (TABLE3_LAYOUT's label) that holds the paper's number for a benchmark:
-    its harmful-rate column on the two safety sets (Llama Guard's rate in the paper), else its
-    only column; None for a benchmark Table 3 does not have."""
+def paper_columns(benchmark: str) -> list[str]:
+    """The Table 3 columns (TABLE3_LAYOUT's labels) that read the paper's number for a
+    benchmark: on the two safety sets both readings of its CR (HARM_METRICS: harmful; unsafe or
+    complying), else the benchmark's only column; [] for a benchmark Table 3 does not have."""
     mine = [(label, metric) for label, bench, metric in TABLE3_LAYOUT if bench == benchmark]
-    harm = [label for label, metric in mine if metric == "harmful_rate"]
-    return (harm or [label for label, _ in mine] or [None])[0]
+    harm = [label for label, metric in mine if metric in HARM_METRICS]
+    return harm or [label for label, _ in mine]
 
 
 def published_pairs(
@@ -111,8 +111,9 @@ def published_pairs(
     wide = table.pivot_table(index=["model", "benchmark"], columns="condition", values="value")
     out: dict[str, list[tuple[float, float]]] = {}
     for (_, benchmark), row in wide.iterrows():
-        column = paper_column(benchmark)
         for condition in (c for c in wide.columns if c != baseline):
-            if column and pd.notna(row[baseline]) and pd.notna(row[condition]):
-                out.setdefault(column, []).append((float(row[baseline]), float(row[condition])))
+            if pd.notna(row[baseline]) and pd.notna(row[condition]):
+                for column in paper_columns(benchmark):
+                    pair = (float(row[baseline]), float(row[condition]))
+                    out.setdefault(column, []).append(pair)
     return out

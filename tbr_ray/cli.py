@@ -178,8 +178,8 @@ def ablate(
         False,
         "--dry-run",
         help="Plan, train nothing: per cell GPUs, ZeRO, memory fit, steps; per base model "
-        "engine GPUs; GPU-hours and makespan (tbr_ray.plan), then the preflight. Exit 2 if "
-        "it cannot fit.",
+        "engine GPUs; GPU-hours and makespan (tbr_ray.plan); per Table 3 column the smallest "
+        "difference the grid resolves; then the preflight. Exit 2 if it cannot fit.",
     ),
     gpus: int | None = typer.Option(
         None, "--gpus", min=1, help="GPUs of the cluster (cluster.gpus); default: Ray's."
@@ -273,10 +273,11 @@ def _power_section(cfg: RunConfig) -> str:
     """The dry run's power statement (tbr_ray.plan.power_plan), with the paper's Table 3 as
     analysis/ holds it (its layout and published values)."""
     from analysis.paper import published_pairs
-    from analysis.tables import TABLE3_LAYOUT
+    from analysis.tables import planned_columns
     from tbr_ray.plan.power_plan import format_power, power_rows
 
-    rows = power_rows(cfg, TABLE3_LAYOUT, published_pairs(cfg.grid.models))
+    columns = planned_columns(cfg.eval.benchmarks, cfg.eval.harm_judge is not None)
+    rows = power_rows(cfg, columns, published_pairs(cfg.grid.models))
     return format_power(cfg, rows)
 
 

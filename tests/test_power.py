@@ -16,7 +16,7 @@ from scipy import stats as sps
 
 from analysis.paper import published_pairs
 from analysis.stats import mcnemar
-from analysis.tables import TABLE3_LAYOUT
+from analysis.tables import TABLE3_LAYOUT, planned_columns
 from tbr_ray.config import load_config
 from tbr_ray.plan.power import (
     _tail_edge,
@@ -122,9 +122,8 @@ def test_resolvable_difference_needs_discordant_pairs():
 
 def paper_rows(*sets: str):
     cfg = load_config(REPO / "jobs" / "paper.yaml", list(sets))
-    return cfg, {
-        r.column: r for r in power_rows(cfg, TABLE3_LAYOUT, published_pairs(cfg.grid.models))
-    }
+    columns = planned_columns(cfg.eval.benchmarks, cfg.eval.harm_judge is not None)
+    return cfg, {r.column: r for r in power_rows(cfg, columns, published_pairs(cfg.grid.models))}
 
 
 def test_paper_grid_power_per_table3_column():
@@ -155,6 +154,15 @@ def test_more_seeds_resolve_smaller_differences_and_more_paper_gaps():
         sum(s is not None and s <= r.seeds for s in r.seeds_needed) for r in three.values()
     ]
     assert all(x <= y for x, y in zip(resolved, resolved3, strict=True)) and resolved != resolved3
+
+
+def test_columns_that_need_a_harm_judge_are_planned_only_with_one():
+    _, rows = paper_rows("eval.harm_judge=null")
+    assert "XSTest-H compliance" in rows and "XSTest-H harmful" not in rows
+    assert not any("unsafe or complying" in column for column in rows)
+    # Both readings of the paper's CR take its published XSTest-H values.
+    _, rows = paper_rows()
+    assert rows["XSTest-H harmful"].gaps == rows["XSTest-H unsafe or complying"].gaps != ()
 
 
 def test_a_grid_without_none_has_no_comparison():

@@ -2,7 +2,9 @@
 difference from `none` that its prompts and seeds resolve, and the seeds the paper's own gaps
 would need.
 
-    rows = power_rows(cfg, TABLE3_LAYOUT, published_pairs(cfg.grid.models))
+    # the paper's Table 3 as analysis/ holds it, passed in by the command line (tbr_ray.cli):
+    columns = planned_columns(cfg.eval.benchmarks, cfg.eval.harm_judge is not None)
+    rows = power_rows(cfg, columns, published_pairs(cfg.grid.models))
     print(format_power(cfg, rows))
     tbr-ray ablate --config jobs/paper.yaml --dry-run --config-only --gpus 8 --gpu-memory 80
 
@@ -18,6 +20,7 @@ tbr_ray.plan.power's.
 from __future__ import annotations
 
 import functools
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,21 +68,17 @@ def compared(cfg: RunConfig) -> list[str]:
 
 def power_rows(
     cfg: RunConfig,
-    layout: Sequence[tuple[str, str, str]],
+    columns: Sequence[tuple[str, str, str]],
     published: Mapping[str, Sequence[tuple[float, float]]],
 ) -> list[ColumnPower]:
-    """One row per Table 3 column the config evaluates. `layout`: (column, benchmark, metric)
-    (analysis.tables.TABLE3_LAYOUT); harmful-rate columns need eval.harm_judge. `published`:
-    column -> the paper's (none, condition) values per model x condition."""
+    """One row per Table 3 column the config fills. `columns`: (column, benchmark, metric) of
+    those (analysis.tables.planned_columns). `published`: column -> the paper's (none,
+    condition) values per model x condition (analysis.paper.published_pairs)."""
     if not compared(cfg):
         return []
     rho, seeds = cfg.power.outcome_correlation, len(cfg.grid.seeds)
     rows = []
-    for column, benchmark, metric in layout:
-        if benchmark not in cfg.eval.benchmarks:
-            continue
-        if metric == "harmful_rate" and cfg.eval.harm_judge is None:
-            continue
+    for column, benchmark, _ in columns:
         pairs = tuple(published.get(column, ()))
         rate = sum(p for p, _ in pairs) / len(pairs) if pairs else UNKNOWN_RATE
         prompts = eval_prompts(cfg, benchmark)
@@ -170,4 +169,4 @@ def format_power(cfg: RunConfig, rows: Sequence[ColumnPower]) -> str:
         "models (for all 15 where the grid has none of them); seeds it needs: the seeds the "
         "median gap needs at its own rates; resolved here: the gaps this grid's seeds resolve."
     )
-    return "\n".join([head, table, notes])
+    return "\n".join([textwrap.fill(head, 100), table, textwrap.fill(notes, 100)])
