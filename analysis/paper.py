@@ -25,6 +25,7 @@ ROUNDING_TOLERANCE = 0.005
 SIDE_BY_SIDE_COLUMNS = [
     "model",
     "benchmark",
+    "metric",  # kept when the reproduced rows carry it (safety sets are compared two ways)
     "condition",
     "reproduced",
     "ci_low",
@@ -75,7 +76,7 @@ def side_by_side(
     below = merged["published"] < merged["ci_low"] - tolerance
     above = merged["published"] > merged["ci_high"] + tolerance
     merged["outside_ci"] = np.where(merged["ci_low"].isna(), False, below | above)
-    return merged[SIDE_BY_SIDE_COLUMNS].reset_index(drop=True)
+    return merged[[c for c in SIDE_BY_SIDE_COLUMNS if c in merged]].reset_index(drop=True)
 
 
 def paper_means(published: pd.DataFrame | None = None) -> pd.DataFrame:

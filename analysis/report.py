@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import paper, plots, stats, tables
-from tbr_ray import judges
-from tbr_ray.judges import HARM_JUDGE, REFUSAL_MODEL_JUDGE
-from tbr_ray.results import Results, read_results, read_run_manifest
+from tbr_ray import labels
+from tbr_ray.results import Results, human_consensus, read_results, read_run_manifest
+from tbr_ray.vocab import HARM_JUDGE, HUMAN, JUDGES, REFUSAL_MODEL_JUDGE, REVIEW_JUDGES
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ def write_report(
     figures, figure_notes = build_figures(rates, outcomes, options)
     pngs = plots.save_figures(figures, output_dir)
     numbers = table3_numbers(summary, options)
-    sections = [header_section(results_dir, results, options)]
+    sections = [
+        header_section(results_dir, results, options, review_note(results, numbers, options))
+    ]
     sections += table_sections(results, outcomes, rates, summary, numbers, options)
     sections += judges_sections(results_dir, rates, results.metrics, options)
     sections += review_sections(results, numbers)
@@ -98,7 +100,9 @@ def write_report(
 # ------------------------------------------------------------------ sections
 
 
-def header_section(results_dir: str | Path, results: Results, options: ReportOptions) -> Section:
+def header_section(
+    results_dir: str | Path, results: Results, options: ReportOptions, review: str = ""
+) -> Section:
     manifest_path = Path(results_dir) / "run.json"
     manifest = read_run_manifest(results_dir) if manifest_path.is_file() else {}
     status = results.status
@@ -108,7 +112,7 @@ def header_section(results_dir: str | Path, results: Results, options: ReportOpt
         f"Run id: `{manifest.get('run_id', 'unknown (no run.json)')}`; config hash: "
         f"`{manifest.get('config_hash', 'unknown')}`",
         f"Cells: {len(status)} found, {n_done} finished and included.",
-        f"Refusal judge: `{options.judge}`; gamma: "
+        f"Refusal judge: `{options.judge}` ({review}); gamma: "
         f"{'largest run per model x condition' if options.gamma is None else options.gamma}"
         f"; bootstrap: {options.n_boot} replicates, seed {options.seed}.",
     ]
@@ -134,11 +138,15 @@ def table_sections(
         stats.paired_tests(at_gamma, judge, "prompt-direct", ["prompt-cot"]),
     ]
     tests = pd.concat([t for t in tests if len(t)] or tests[:1], ignore_index=True)
+    review = review_note(results, numbers, options)
     return [
         Section(
             "Table 3 layout",
+            f"Compliance columns: {review}.\n\n"
             "Mean over seeds, with its 95% interval (see Methods). Each number links to the "
-            "generations behind it (report.html). Columns: " + column_note + ".",
+            "generations behind it (report.html). XSTest-H and Malicious are shown two ways, "
+            f"each labelled: the harm judge's rate alone (`harmful`) and the paper's definition "
+            f"(`unsafe or complying`), {tables.PAPER_SAFETY_CR} Columns: " + column_note + ".",
             table3_with_intervals(wide, numbers),
             html=table3_html(wide, numbers),
         ),
@@ -152,7 +160,8 @@ def table_sections(
         ),
         Section(
             "Paired tests (McNemar)",
-            "internal/external against `none`; prompt-cot against prompt-direct. b: prompts "
+            "internal/external against `none`; prompt-cot against prompt-direct; every Table 3 "
+            "metric, each from its own judge (harmful rate: the harm judge). b: prompts "
             "with outcome 1 under the baseline and 0 under the condition; c: the reverse. "
             "Pairs are the same seed and prompt. q_value: Benjamini-Hochberg adjusted over the "
             "tests against the same baseline.",
@@ -164,6 +173,27 @@ def table_sections(
 
 
 # ------------------------------------------------------------------ Table 3: intervals, links
+
+
+def review_note(results: Results, numbers: pd.DataFrame, options: ReportOptions) -> str:
+    """Whether the compliance numbers are before or after human review, said where they are
+    (the paper's XS-S and OR-B are after review: keyword matching, then human review)."""
+    judge = options.judge
+    fix = "label generations with `tbr-ray review`, then report with `--judge paper-reviewed`"
+    if judge not in REVIEW_JUDGES:
+        return (
+            f"`{judge}` alone, BEFORE human review; the paper's XS-S and OR-B are after review "
+            f"(keyword matching, then human review of the responses): {fix}"
+        )
+    counts = reviewed_counts(results, numbers) if not results.reviews.empty else None
+    reviewed = 0 if counts is None else int(counts["reviewed"].sum())
+    judged = 0 if counts is None else int(counts["judged"].sum())
+    if judge == HUMAN:
+        return f"human labels only ({reviewed} of {judged} judged generations carry one)"
+    return (
+        f"`{judge}`: the keyword rule, overridden by human labels on {reviewed} of {judged} "
+        f"judged generations (the rest are keyword-only, before review); to review more, {fix}"
+    )
 
 
 def table3_numbers(summary: pd.DataFrame, options: ReportOptions) -> pd.DataFrame:
@@ -246,7 +276,7 @@ def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
                 "judge equals `paper-keywords`. Label some with `tbr-ray review RESULTS_DIR`.",
             )
         ]
-    agreement = judges.judge_agreement(results.judgements)
+    agreement = labels.judge_agreement(results.judgements)
     return [
         Section(
             "Human review",
@@ -264,7 +294,7 @@ def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
         Section(
             "Agreement between reviewers",
             "Generations labelled by both reviewers of each pair.",
-            judges.reviewer_agreement(results.reviews),
+            labels.reviewer_agreement(results.reviews),
         ),
     ]
 
@@ -273,8 +303,8 @@ def reviewed_counts(results: Results, numbers: pd.DataFrame) -> pd.DataFrame:
     """column, benchmark, judged, reviewed, unsettled, reviewers, per Table 3 compliance column
     (human labels are refusal labels: harm and accuracy columns are not reviewed)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
-    auto = results.judgements[results.judgements["judge"].isin(judges.JUDGES)]
-    consensus = judges.human_consensus(results.reviews)
+    auto = results.judgements[results.judgements["judge"].isin(JUDGES)]
+    consensus = human_consensus(results.reviews)
     rows = []
     judged_numbers = tables.sort_rows(numbers[numbers["metric"] == "compliance_rate"])
     columns = judged_numbers[["column", "benchmark"]]
@@ -315,21 +345,21 @@ def generations_section(results: Results, numbers: pd.DataFrame, options: Report
 
 
 def generation_labels(results: Results) -> pd.DataFrame:
-    """Generations with a column `judge:<name>` per judge (judges.label_table) and
+    """Generations with a column `judge:<name>` per judge (labels.label_table) and
     `disagree` (the automatic judges differ on refusal)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
     j = results.judgements
     names = (*_JUDGE_ORDER, *sorted(set(j["judge"]) - set(_JUDGE_ORDER)))  # e.g. a harm judge
-    wide = judges.label_table(j, names)
-    auto = j[j["judge"].isin(judges.JUDGES)]
-    differ = judges.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
+    wide = labels.label_table(j, names)
+    auto = j[j["judge"].isin(JUDGES)]
+    differ = labels.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
     out = results.generations.merge(wide, on=keys, how="left")
     out = out.merge(differ, on=keys, how="left")
     out["disagree"] = out["disagree"].eq(True)
     return out.sort_values(["disagree", "seed", "prompt_id"], ascending=[False, True, True])
 
 
-_JUDGE_ORDER = (*judges.JUDGES, *judges.REVIEW_JUDGES)
+_JUDGE_ORDER = (*JUDGES, *REVIEW_JUDGES)
 
 
 def _generations_html(row, gens: pd.DataFrame, limit: int) -> str:
@@ -386,20 +416,22 @@ window.addEventListener("DOMContentLoaded", () => {
 def side_by_side_section(summary: pd.DataFrame, options: ReportOptions) -> Section:
     """Reproduced headline values (with CI) next to the paper's Tables 3 and 1."""
     rows = stats.headline_rows(summary)
-    # What the paper's number means per benchmark: Llama Guard's harmful rate on its two safety
-    # sets (here the harm judge's), compliance elsewhere, accuracy on general sets.
-    harm_sets = {b for _, b, m in tables.TABLE3_LAYOUT if m == "harmful_rate"}
+    # What the paper's number means per benchmark: on its two safety sets its CR, read both
+    # ways (the harm judge's harmful rate; unsafe or complying), compliance elsewhere, accuracy
+    # on general sets.
+    harm_sets = {b for _, b, m in tables.TABLE3_LAYOUT if m in tables.HARM_METRICS}
     judged_by = rows["metric"].map(lambda m: tables.metric_judge(m, options.judge))
     wanted = (rows["judge"] == judged_by) & (
-        rows["benchmark"].isin(harm_sets) == (rows["metric"] == "harmful_rate")
+        rows["benchmark"].isin(harm_sets) == rows["metric"].isin(tables.HARM_METRICS)
     )
     rows = tables.select_gamma(rows[wanted | (rows["metric"] == "accuracy")], options.gamma)
     compared = tables.sort_rows(paper.side_by_side(rows))
     text = (
         "Published values are rounded to 0.01; `outside_ci` flags a published value "
         f"more than {paper.ROUNDING_TOLERANCE} outside the reproduced 95% CI. XSTest-H and "
-        "Malicious are harmful rates (the paper's Llama Guard 3-8B; here the harm judge), "
-        f"the other refusal sets compliance by `{options.judge}`."
+        "Malicious are compared two ways (`metric`): the harm judge's harmful rate and unsafe "
+        f"or complying (harm judge or `{options.judge}`); {tables.PAPER_SAFETY_CR} The other "
+        f"refusal sets: compliance by `{options.judge}`."
     )
     if compared.empty:
         text = "No reproduced cell matches a published one (model, benchmark, condition)."

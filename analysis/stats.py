@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis.tables import CELL_KEYS, RATE_KEYS
+from analysis.tables import CELL_KEYS, RATE_KEYS, metric_judge
 
 DEFAULT_N_BOOT = 2000  # more: smoother interval ends, linearly more time
 DEFAULT_CONFIDENCE = 0.95
@@ -148,14 +148,14 @@ def paired_tests(
 
     Pairs are the same (seed, prompt_id) under both conditions: with several seeds each seed's
     condition cell is paired with the same seed's baseline cell, pooled into one table.
-    Compliance uses `judge`; accuracy rows (judge "") are tested too. Harmful rates are not.
+    Every Table 3 metric is tested, each read from its own judge (tables.metric_judge):
+    compliance and unsafe-or-complying from `judge`, harmful rate from the harm judge, accuracy
+    from none ("").
     `q_value`: Benjamini-Hochberg adjusted p-values over all rows returned (many tests are run
     at once; read q, not p, when scanning the table for effects).
     """
-    sel = outcomes[
-        ((outcomes["judge"] == judge) & (outcomes["metric"] == "compliance_rate"))
-        | (outcomes["metric"] == "accuracy")
-    ]
+    wanted = outcomes["metric"].map(lambda m: metric_judge(m, judge))
+    sel = outcomes[outcomes["judge"] == wanted]
     keys = ["model", "seed", "benchmark", "metric", "prompt_id"]
     base = sel[sel["condition"] == baseline][keys + ["outcome"]]
     if conditions is None:

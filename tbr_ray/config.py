@@ -37,7 +37,7 @@ _PLACEMENT_SECTIONS = {"cluster", "tracking"}
 _ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
 # Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
 _SECRET_FIELDS = {("reflection", "api_key_env")}
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets a trailing "\n" pass
 
 PAPER_REFUSAL = (
     "I'm sorry, but I cannot fulfill that request. As an AI language model, it is not in my "
@@ -152,7 +152,7 @@ class ReflectionConfig(_Strict):
     @field_validator("api_key_env")
     @classmethod
     def _api_key_env_is_a_name(cls, v: str) -> str:
-        if not ENV_NAME.match(v):
+        if not ENV_NAME.fullmatch(v):
             raise ValueError(
                 "not an environment-variable name (it looks like a value, perhaps the key "
                 "itself). Fix: `export TBR_REFLECTOR_API_KEY=<key>` in the shell and set "
@@ -548,6 +548,18 @@ class ClusterConfig(_Strict):
         default_factory=dict,
         description="Per model (registry name or path): GPUs (tensor parallel size) of its "
         "vLLM engines, overriding the planner's choice from weights and KV cache.",
+    )
+    engine_replicas: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per model (registry name or path): vLLM engine replicas of its evaluation "
+        "(data parallel over its passes: base model, adapters, prompting cells), each in a "
+        "placement group of its own engine_gpus GPUs; overrides max_engine_replicas.",
+    )
+    max_engine_replicas: int = Field(
+        1,
+        ge=1,
+        description="Most engine replicas one base model's evaluation runs at once, never more "
+        "than its passes (tbr_ray.engine.engine_replicas_for). 1: one engine per base model.",
     )
 
 

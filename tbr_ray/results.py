@@ -140,7 +140,7 @@ REVIEWS = pa.schema(
     ]
 )
 REVIEW_KEYS = ["cell_id", "benchmark", "prompt_id"]
-_REVIEWER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_REVIEWER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" lets "\n" pass
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,7 @@ def read_results(results_dir: str | Path) -> Results:
 
 def review_path(results_dir: str | Path, reviewer: str) -> Path:
     """RESULTS/reviews/<reviewer>.parquet; the name must be usable as a file name."""
-    if not _REVIEWER_NAME.match(reviewer):
+    if not _REVIEWER_NAME.fullmatch(reviewer):
         raise ValueError(
             f"reviewer name {reviewer!r} is not allowed. Fix: use letters, digits, '.', '_' "
             "or '-' (up to 64 characters, starting with a letter or digit), e.g. --reviewer ada."

@@ -19,6 +19,7 @@ only requests that carry the token printed with its URL.
 
 from __future__ import annotations
 
+import csv
 import json
 import secrets
 import threading
@@ -32,14 +33,8 @@ from urllib.parse import parse_qs, urlparse
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from tbr_ray.judges import (
-    JUDGES,
-    _read_labels,
-    disagreements,
-    is_refusal,
-    label_table,
-    normalise_human_label,
-)
+from tbr_ray.judges import JUDGES, _read_labels, is_refusal, normalise_human_label
+from tbr_ray.labels import disagreements, label_table
 from tbr_ray.results import (
     REVIEW_KEYS,
     SCHEMA_VERSION,
@@ -163,13 +158,40 @@ def run_id_of(results: Results) -> str:
 
 # ------------------------------------------------------------------ CSV round trip
 
+# OWASP "CSV Injection" (owasp.org/www-community/attacks/CSV_Injection): a cell that starts
+# with one of these is run as a formula by Excel, LibreOffice and Google Sheets.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell made inert for spreadsheets, as OWASP advises: a leading `'` before text that
+    starts like a formula. Text that already starts with `'` gets one too, so `csv_text`
+    undoes it exactly. (defusedcsv, the library for this, also rewrites "|" inside a value and
+    leaves tab and CR alone: not reversible, so a model's completion would not round-trip.)"""
+    if isinstance(value, str) and value.startswith((*FORMULA_STARTS, "'")):
+        return "'" + value
+    return value
+
+
+def csv_text(cell: str) -> str:
+    """The text `csv_cell` escaped: one leading `'` removed."""
+    return cell[1:] if cell.startswith("'") else cell
+
 
 def export_csv(results: Results, cfg: ReviewConfig, store: ReviewStore, path: Path) -> int:
-    """Write the queue with a `label` column (this reviewer's labels so far); returns rows."""
+    """Write the queue with a `label` column (this reviewer's labels so far); returns rows.
+    Every cell is quoted and escaped by `csv_cell` (model answers are untrusted text)."""
     queue = build_queue(results, cfg)
     labels = [store.label_of(item_key(r)) or "" for r in queue.to_dict("records")]
-    queue.assign(label=labels).to_csv(path, index=False)
+    sheet = queue.assign(label=labels).map(csv_cell)
+    sheet.to_csv(path, index=False, quoting=csv.QUOTE_ALL)
     return len(queue)
+
+
+def _as_exported(cell: str, stored: Any) -> bool:
+    """A sheet cell holds the run's value: escaped as exported, or with the `'` a spreadsheet
+    consumed on saving."""
+    return cell == stored or csv_text(cell) == stored
 
 
 def import_csv(results: Results, store: ReviewStore, path: Path) -> int:
@@ -183,18 +205,21 @@ def import_csv(results: Results, store: ReviewStore, path: Path) -> int:
     for row_number, row in sheet.iterrows():
         key = tuple(row[k] for k in REVIEW_KEYS)
         if key not in known.index:
+            key = tuple(csv_text(row[k]) for k in REVIEW_KEYS)
+        if key not in known.index:
             raise ValueError(
                 f"{path}, data row {row_number}: {dict(zip(REVIEW_KEYS, key, strict=True))} is "
                 "not a judged generation of this run. Fix: export the sheet from this run."
             )
         stored = known.loc[key]
         for column in ("prompt", "completion"):
-            if stored[column] != row[column]:
+            if not _as_exported(row[column], stored[column]):
                 raise ValueError(
                     f"{path}, data row {row_number}: the {column} differs from the run's. Fix: "
                     "leave the prompt and completion columns as exported."
                 )
-        items[item_key(row)] = {k: row[k] for k in [*REVIEW_KEYS, "label"]}
+        ids = dict(zip(REVIEW_KEYS, key, strict=True))
+        items[item_key(ids)] = ids | {"label": row["label"]}
     store.set(items)
     return len(items)
 

@@ -82,19 +82,25 @@ def lr_schedule(cfg: RunConfig) -> dict[str, Any]:
 
 
 def pad_collate(batch: dict, pad_id: int):
-    """Pad a batch of variable-length rows (numpy object arrays) into torch tensors."""
+    """Pad a batch of variable-length rows (numpy object arrays) into torch tensors in host
+    memory, whatever torch's default device is; `train_micro_step` moves them to the engine's."""
     import torch
 
     ids, labels = list(batch["input_ids"]), list(batch["labels"])
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    label_t = torch.full((len(ids), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    shape, host = (len(ids), max(len(x) for x in ids)), torch.device("cpu")
+    input_ids = torch.full(shape, pad_id, dtype=torch.long, device=host)
+    label_t = torch.full(shape, -100, dtype=torch.long, device=host)
+    mask = torch.zeros(shape, dtype=torch.long, device=host)
     for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
-        input_ids[i, : len(x)] = torch.as_tensor(x)
-        label_t[i, : len(y)] = torch.as_tensor(y)
+        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long, device=host)
+        label_t[i, : len(y)] = torch.as_tensor(y, dtype=torch.long, device=host)
         mask[i, : len(x)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+def on_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device` (the engine's: cuda:local_rank on a GPU worker)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def build_lora_model(cfg: RunConfig, model: str, model_path: str):
@@ -133,9 +139,10 @@ def build_engine(cfg: RunConfig, model, zero_stage: int, world: int):
 
 
 def train_micro_step(engine, batch: dict):
-    """Forward and backward of one micro-batch; at a gradient-accumulation boundary
+    """Forward and backward of one micro-batch (a host batch, moved to the engine's device
+    here: DeepSpeed's forward moves no inputs); at a gradient-accumulation boundary
     engine.step() also steps the optimizer and the LR schedule. Returns the loss."""
-    loss = engine(**batch).loss
+    loss = engine(**on_device(batch, engine.device)).loss
     engine.backward(loss)
     engine.step()
     return loss
@@ -261,10 +268,13 @@ def _model_engine_position(cfg: RunConfig, config: dict, world: int, clock: dict
     return model, engine, position
 
 
-def _run_epoch(w: Worker, start: Position, meter: Meter) -> tuple[Position, bool]:
+def _run_epoch(w: Worker, start: Position, meter: Meter, checkpoint=None) -> tuple[Position, bool]:
     """Epoch phase: the micro-batches of epoch `start.epoch` from `start` on, checkpointing
     every train.checkpoint_every_steps steps and at the end. Returns the position after it
-    and whether training is done (train.max_steps / the planned steps reached)."""
+    and whether training is done (train.max_steps / the planned steps reached).
+    `checkpoint(w, position, loss, meter)`: `_checkpoint` (Ray Train) unless given, e.g. by
+    bench/gpu_check.py, which runs this loop without Ray."""
+    checkpoint = checkpoint or _checkpoint
     epoch, step, loss = start.epoch, start.step, None
     batches = _epoch_batches(w.rows, w.cfg.train.micro_batch_size, w.pad_id, w.seed, epoch)
     for seen, batch in enumerate(batches, start=1):
@@ -279,12 +289,12 @@ def _run_epoch(w: Worker, start: Position, meter: Meter) -> tuple[Position, bool
         _write_progress(w, here, loss, meter)
         every = w.cfg.train.checkpoint_every_steps
         if step >= w.total_steps or (every and step % every == 0):
-            _checkpoint(w, here, loss, meter)
+            checkpoint(w, here, loss, meter)
         if step >= w.total_steps:
             return here, True
     end = Position(step, epoch + 1, 0, start.resumes)
     if loss is not None:  # None: resumed after the epoch's last micro-batch, nothing new
-        _checkpoint(w, end, loss, meter)
+        checkpoint(w, end, loss, meter)
     return end, False
 
 

@@ -5,6 +5,7 @@ test_review_browser.py), no models: the run is tests/review_run.py, written by t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import urllib.error
@@ -16,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tbr_ray.cli import app
-from tbr_ray.judges import judge_agreement, reviewer_agreement
+from tbr_ray.labels import judge_agreement, reviewer_agreement
 from tbr_ray.results import read_results, read_reviews
 from tbr_ray.review import (
     ReviewConfig,
@@ -145,9 +146,18 @@ def test_judge_agreement_with_human_labels(run_dir):
     assert set(table["n"]) == {3} and set(table["benchmark"]) == {"xstest_safe"}
 
 
-def test_bad_reviewer_name_is_refused(run_dir):
-    with pytest.raises(ValueError, match=r"reviewer name '\.\./x' is not allowed.*Fix"):
-        ReviewStore(run_dir, "../x", "r")
+@pytest.mark.parametrize("name", ["../x", "ada\n"])
+def test_bad_reviewer_name_is_refused(run_dir, name):
+    """A name is the whole string: "ada\n" (re.match with "$" took it) is a second reviewer."""
+    with pytest.raises(
+        ValueError, match=rf"reviewer name {re.escape(repr(name))} is not allowed.*Fix"
+    ):
+        ReviewStore(run_dir, name, "r")
+    sheet = run_dir / "q.csv"
+    out = CliRunner().invoke(
+        app, ["review", str(run_dir), "--reviewer", name, "--export", str(sheet)]
+    )
+    assert out.exit_code == 2 and "is not allowed" in out.output and not sheet.exists()
 
 
 def test_bad_label_names_the_value_and_the_fix(run_dir):
@@ -261,6 +271,40 @@ def test_csv_import_rejects_bad_rows(run_dir, tmp_path, edit, message):
     assert read_reviews(run_dir).empty  # nothing stored from a sheet with a bad row
 
 
+FORMULAS = ['=HYPERLINK("http://x")', "+1+2", "-2+3", "@SUM(A1)", "\tx", "\rx", "'=1"]
+
+
+def test_csv_export_is_inert_in_a_spreadsheet_and_round_trips(tmp_path, monkeypatch):
+    """OWASP CSV injection: no exported cell starts like a formula; the sheet imports back as
+    exported, and as saved by a spreadsheet that consumed the leading quote."""
+    import csv
+
+    import tests.review_run as review_run
+
+    for i, text in enumerate(FORMULAS):  # completions (and a category) a model could write
+        monkeypatch.setitem(review_run.SAFE, f"f-{i}", ("=cmd|' /C calc'!A0", "Q?", text, "x"))
+    run = review_run.build_review_run(tmp_path / "run")
+    results, sheet = read_results(run), tmp_path / "q.csv"
+    cfg = ReviewConfig(reviewer="ada", sample_per_cell=20)
+    export_csv(results, cfg, ReviewStore(run, "ada", "r"), sheet)
+    with sheet.open(newline="") as f:
+        cells = [c for row in csv.reader(f) for c in row]
+    assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    assert '\'=HYPERLINK("http://x")' in cells and "''=1" in cells
+    assert sheet.read_text().startswith('"')  # every field quoted
+    frame = pd.read_csv(sheet, dtype=str, keep_default_na=False)
+    frame["label"] = "full_compliance"
+    frame.to_csv(sheet, index=False, quoting=csv.QUOTE_ALL)  # a spreadsheet quotes "\r"
+    assert import_csv(results, ReviewStore(run, "bob", "r"), sheet) == len(frame)
+    consumed = frame.map(lambda c: c[1:] if c.startswith("'") else c)  # LibreOffice's save
+    consumed.to_csv(sheet, index=False, quoting=csv.QUOTE_ALL)
+    assert import_csv(results, ReviewStore(run, "cy", "r"), sheet) == len(frame)
+    stored = read_reviews(run).query("reviewer == 'cy'")
+    assert {f"{c}|{p}" for c, p in zip(stored["cell_id"], stored["prompt_id"], strict=True)} == {
+        f"{c}|{p}" for c, p in zip(frame["cell_id"], frame["prompt_id"], strict=True)
+    }
+
+
 def test_cli_review_export_and_import(run_dir, tmp_path):
     sheet = tmp_path / "q.csv"
     runner = CliRunner()
@@ -306,6 +350,8 @@ def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path)
     paths = write_report(run_dir, tmp_path / "b", judge="paper-reviewed", n_boot=50)
     page = paths["report_html"].read_text()
     assert '<a href="#gen-tiny-llama-xstest-s-none-g0.00">0.833</a>' in page
+    table3 = paths["report_md"].read_text().split("## Table 3 layout")[1].split("| model |")[0]
+    assert re.search(r"overridden by human labels on \d+ of \d+ judged generations", table3)
     block = page[page.index('<details id="gen-tiny-llama-xstest-s-none-g0.00"') :]
     assert "<th>human</th>" in block[: block.index("</details>")]
 
@@ -318,9 +364,10 @@ def test_report_harm_column_links_to_verdicts_and_is_not_counted_as_reviewed(tmp
     paths = write_report(run, tmp_path / "r", n_boot=50)
     text = paths["report_md"].read_text()
     assert "| XSTest-H compliance | xstest_unsafe | 8 | 1 | 0 | 1 |" in text
-    assert "| XSTest-H | xstest_unsafe | 8 |" not in text  # harm verdicts are not refusal labels
+    # harm verdicts are not refusal labels
+    assert "| XSTest-H harmful | xstest_unsafe | 8 |" not in text
     page = paths["report_html"].read_text()
-    anchor = "gen-tiny-llama-xstest-h-none-g0.00"
+    anchor = "gen-tiny-llama-xstest-h-harmful-none-g0.00"
     assert f'<a href="#{anchor}">0.250</a>' in page  # u-3 of 4 judged harmful
     block = page[page.index(f'<details id="{anchor}"') :]
     block = block[: block.index("</details>")]
@@ -345,7 +392,7 @@ def test_results_doc_names_every_review_column():
 
 
 def test_label_table_shows_label_then_flag_then_harm():
-    from tbr_ray.judges import label_table
+    from tbr_ray.labels import label_table
 
     base = {"cell_id": "c", "benchmark": "b", "prompt_id": "p"}
     rows = pd.DataFrame(
