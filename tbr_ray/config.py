@@ -488,8 +488,8 @@ class GridConfig(_Strict):
     max_concurrent: int | None = Field(
         None,
         ge=1,
-        description="Cells trained at once. Default: from the cluster's resources "
-        "(tbr_ray.grid.max_concurrent_cells).",
+        description="Cells trained at once at most. Default: as many as the cluster's "
+        "devices hold beside the other jobs (tbr_ray.plan.policy).",
     )
 
     @field_validator("models")
