@@ -179,8 +179,8 @@ def ablate(
         False,
         "--dry-run",
         help="Plan, train nothing: per cell GPUs, ZeRO, memory fit, steps; per base model "
-        "engine GPUs; GPU-hours and makespan (tbr_ray.plan), then the preflight. Exit 2 if "
-        "it cannot fit.",
+        "engine GPUs; GPU-hours and makespan (tbr_ray.plan); per Table 3 column the smallest "
+        "difference the grid resolves; then the preflight. Exit 2 if it cannot fit.",
     ),
     gpus: int | None = typer.Option(
         None, "--gpus", min=1, help="GPUs of the cluster (cluster.gpus); default: Ray's."
@@ -255,6 +255,7 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
     except PlanError as exc:
         _fail(str(exc))
     typer.echo(format_plan(plan))
+    typer.echo("\n" + _power_section(cfg))
     if output is not None and not cfg.train.use_gpu:
         _ready(cfg, output)
     elif output is not None and (problems := preflight(cfg, output)):
@@ -267,6 +268,18 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
         )
     if plan.problems:
         raise typer.Exit(2)
+
+
+def _power_section(cfg: RunConfig) -> str:
+    """The dry run's power statement (tbr_ray.plan.power_plan), with the paper's Table 3 as
+    analysis/ holds it (its layout and published values)."""
+    from analysis.paper import published_pairs
+    from analysis.tables import planned_columns
+    from tbr_ray.plan.power_plan import format_power, power_rows
+
+    columns = planned_columns(cfg.eval.benchmarks, cfg.eval.harm_judge is not None)
+    rows = power_rows(cfg, columns, published_pairs(cfg.grid.models))
+    return format_power(cfg, rows)
 
 
 def _refuse_unplannable(cfg: RunConfig) -> None:

@@ -23,12 +23,15 @@ CORE |= {"tbr_ray.keys", "tbr_ray.prompts", "tbr_ray.labels"}
 # once imported tbr_ray.preflight for the Ray job id, issue 22 point 9).
 CORE |= {"tbr_ray.rundir"}
 # Leaves: pure data and helpers that import nothing of tbr_ray at all.
-LEAVES = {"tbr_ray.vocab", "tbr_ray.keys", "tbr_ray.prompts"}
+LEAVES = {"tbr_ray.vocab", "tbr_ray.keys", "tbr_ray.prompts", "tbr_ray.plan.power"}
 # What analysis/ may import of tbr_ray: the results schema and reader, the vocabulary, the
 # registry, and the judges' labels side by side (pure functions over results frames). Not a
 # stage: analysis reads results, it runs nothing (tbr_ray.judges is the judging stage).
 ANALYSIS_MAY_IMPORT = {"tbr_ray", "tbr_ray.results", "tbr_ray.vocab", "tbr_ray.models"}
 ANALYSIS_MAY_IMPORT |= {"tbr_ray.labels"}
+# ... and the paired design's power arithmetic (a leaf: the dry run states it before a run,
+# the report applies it to the run's own pairs).
+ANALYSIS_MAY_IMPORT |= {"tbr_ray.plan.power"}
 
 
 def _module_name(path: Path) -> str:

@@ -12,6 +12,7 @@ constants of `sizing` say what each estimate counts. Nothing here talks to a clu
 
 The package: `sizing` (memory and layouts), `steps` (workers, accumulation and optimizer
 steps of a cell, the trainer's too), `cost` (throughput assumptions and job seconds),
+`policy` (the scheduling policy: the runtime, tbr_ray.grid, calls the same `pick`),
 `schedule` (the policy's simulation, GridPlan and the dry-run report).
 """
 
@@ -31,6 +32,7 @@ from tbr_ray.plan.sizing import (
     TrainLayout,
     engine_gpus,
     engine_layout,
+    eval_engine_gpus,
     lora_params,
     model_params,
     tp_divides,
@@ -58,6 +60,7 @@ __all__ = [
     "accumulation_steps",
     "engine_gpus",
     "engine_layout",
+    "eval_engine_gpus",
     "format_plan",
     "global_batch_problems",
     "lora_params",
