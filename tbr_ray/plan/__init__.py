@@ -13,7 +13,9 @@ constants of `sizing` say what each estimate counts. Nothing here talks to a clu
 The package: `sizing` (memory and layouts), `steps` (workers, accumulation and optimizer
 steps of a cell, the trainer's too), `cost` (throughput assumptions and job seconds),
 `policy` (the scheduling policy: the runtime, tbr_ray.grid, calls the same `pick`),
-`schedule` (the policy's simulation, GridPlan and the dry-run report).
+`schedule` (the policy's simulation, GridPlan and the dry-run report), `power` (the paired
+design's power arithmetic, a leaf the report shares) and `power_plan` (the dry run's power
+section per Table 3 column).
 """
 
 from tbr_ray.plan.cost import CPU_COST, GPU_COST, CostModel, train_flops_per_token

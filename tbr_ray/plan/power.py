@@ -96,16 +96,29 @@ def mcnemar_power(
     return float(np.sum(sps.binom.pmf(d, n_pairs, min(1.0, psi)) * tails))
 
 
-def _smallest(reaches, largest: float, tolerance: float) -> float | None:
+def _smallest(reaches, largest: float, tolerance: float, guess: float) -> float | None:
     """The smallest x in (0, largest] with reaches(x) (bisection; reaches rises with x), or
-    None when reaches(largest) is False."""
+    None when reaches(largest) is False. `guess` (a normal approximation) narrows the first
+    bracket to [0.8, 1.25] x guess when the answer lies there."""
     if largest <= 0 or not reaches(largest):
         return None
     low, high = 0.0, largest
+    if 0 < 1.25 * guess < largest:
+        if reaches(1.25 * guess):
+            high = 1.25 * guess
+            low = 0.8 * guess if not reaches(0.8 * guess) else 0.0
+        else:
+            low = 1.25 * guess
     while high - low > tolerance:
         mid = (low + high) / 2
         low, high = (low, mid) if reaches(mid) else (mid, high)
     return high
+
+
+def _normal_guess(n_pairs: int, share: float, alpha: float, power: float) -> float:
+    """(z_a + z_b) sqrt(share / n): the normal approximation of the resolvable difference for
+    differences small against the discordant share."""
+    return (_z(alpha) + float(sps.norm.ppf(power))) * math.sqrt(share / max(n_pairs, 1))
 
 
 def resolvable_difference(
@@ -113,7 +126,7 @@ def resolvable_difference(
     discordance_share: float,
     alpha: float = ALPHA,
     power: float = POWER,
-    tolerance: float = 1e-4,
+    tolerance: float = 2.5e-4,
 ) -> float | None:
     """The smallest difference of rates (c - b) / n that n_pairs pairs with this share of
     discordant pairs detect with `power` (to `tolerance`): after a run, from its observed
@@ -124,7 +137,8 @@ def resolvable_difference(
     def reaches(delta: float) -> bool:
         return mcnemar_power(n_pairs, (psi - delta) / 2, (psi + delta) / 2, alpha) >= power
 
-    return _smallest(reaches, psi if n_pairs >= 1 else 0.0, tolerance)
+    guess = _normal_guess(n_pairs, psi, alpha, power)
+    return _smallest(reaches, psi if n_pairs >= 1 else 0.0, tolerance, guess)
 
 
 def resolvable_shift(
@@ -134,7 +148,7 @@ def resolvable_shift(
     up: bool = True,
     alpha: float = ALPHA,
     power: float = POWER,
-    tolerance: float = 1e-4,
+    tolerance: float = 2.5e-4,
 ) -> float | None:
     """Before a run: the smallest move of a rate from `rate` (up, or down) that n_pairs pairs
     detect with `power`, the discordance growing with the move (`discordance` at the two rates
@@ -147,7 +161,8 @@ def resolvable_shift(
         p10, p01 = (psi - sign * delta) / 2, (psi + sign * delta) / 2
         return mcnemar_power(n_pairs, p10, p01, alpha) >= power
 
-    return _smallest(reaches, (1 - rate if up else rate) if n_pairs >= 1 else 0.0, tolerance)
+    guess = _normal_guess(n_pairs, discordance(rate, rate, correlation), alpha, power)
+    return _smallest(reaches, (1 - rate if up else rate) if n_pairs >= 1 else 0.0, tolerance, guess)
 
 
 def pairs_needed(
