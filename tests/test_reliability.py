@@ -146,9 +146,9 @@ def test_a_writer_killed_inside_its_locked_write_leaves_a_whole_file_and_a_free_
     """SIGKILL lands while a process rewrites a status under the update lock: the file is a
     whole record, the kernel freed the lock (the next write does not wait), and the next run
     sweeps the writer's temporary file."""
-    for _ in range(3):
+    for _ in range(2):
         proc = _popen(STATUS_WRITER, str(tmp_path))
-        time.sleep(1.0)
+        time.sleep(0.5)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert results.read_status(tmp_path).set_index("cell_id").loc["c1", "status"] == "running"
