@@ -24,6 +24,7 @@ import pandas as pd
 
 from analysis import paper, plots, stats, tables
 from tbr_ray import labels
+from tbr_ray.plan.power import ALPHA, POWER
 from tbr_ray.results import Results, human_consensus, read_results, read_run_manifest
 from tbr_ray.vocab import HARM_JUDGE, HUMAN, JUDGES, REFUSAL_MODEL_JUDGE, REVIEW_JUDGES
 
@@ -103,8 +104,7 @@ def write_report(
 def header_section(
     results_dir: str | Path, results: Results, options: ReportOptions, review: str = ""
 ) -> Section:
-    manifest_path = Path(results_dir) / "run.json"
-    manifest = read_run_manifest(results_dir) if manifest_path.is_file() else {}
+    manifest = read_run_manifest(results_dir) or {}
     status = results.status
     n_done = int((status["status"] == "done").sum()) if len(status) else 0
     lines = [
@@ -138,6 +138,8 @@ def table_sections(
         stats.paired_tests(at_gamma, judge, "prompt-direct", ["prompt-cot"]),
     ]
     tests = pd.concat([t for t in tests if len(t)] or tests[:1], ignore_index=True)
+    tests = stats.with_resolution(tests)
+    marked = mark_unresolved(numbers, tests)
     review = review_note(results, numbers, options)
     return [
         Section(
@@ -146,9 +148,10 @@ def table_sections(
             "Mean over seeds, with its 95% interval (see Methods). Each number links to the "
             "generations behind it (report.html). XSTest-H and Malicious are shown two ways, "
             f"each labelled: the harm judge's rate alone (`harmful`) and the paper's definition "
-            f"(`unsafe or complying`), {tables.PAPER_SAFETY_CR} Columns: " + column_note + ".",
-            table3_with_intervals(wide, numbers),
-            html=table3_html(wide, numbers),
+            f"(`unsafe or complying`), {tables.PAPER_SAFETY_CR} Columns: " + column_note + "."
+            "\n\n" + resolution_note(marked),
+            table3_with_intervals(wide, marked),
+            html=table3_html(wide, marked),
         ),
         Section(
             "Differences from `none`",
@@ -164,7 +167,7 @@ def table_sections(
             "metric, each from its own judge (harmful rate: the harm judge). b: prompts "
             "with outcome 1 under the baseline and 0 under the condition; c: the reverse. "
             "Pairs are the same seed and prompt. q_value: Benjamini-Hochberg adjusted over the "
-            "tests against the same baseline.",
+            "tests against the same baseline. " + resolution_columns_note(tests),
             tables.sort_rows(tests),
         ),
         side_by_side_section(summary, options),
@@ -221,7 +224,56 @@ def anchor_id(row) -> str:
 
 
 def _number_text(row) -> str:
-    return f"{row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+    return f"{row.value:.3f}{_mark(row)} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+# After a Table 3 number whose difference from `none` the run's own pairs cannot resolve.
+UNRESOLVED_MARK = "†"
+
+
+def _mark(row) -> str:
+    return UNRESOLVED_MARK if getattr(row, "unresolved", False) else ""
+
+
+def mark_unresolved(numbers: pd.DataFrame, tests: pd.DataFrame) -> pd.DataFrame:
+    """`numbers` (table3_numbers) plus `resolved` (its paired test against `none`, from
+    stats.with_resolution; NA for `none`, `base` and untested numbers) and `unresolved`
+    (resolved is False: the difference is below what its pairs resolve)."""
+    keys = ["model", "benchmark", "metric", "condition", "gamma"]
+    against = tests.loc[tests["baseline"] == "none", [*keys, "resolved"]] if len(tests) else None
+    if against is None or against.empty:
+        return numbers.assign(resolved=pd.NA, unresolved=False)
+    out = numbers.merge(against.astype({"resolved": "boolean"}), on=keys, how="left")
+    return out.assign(unresolved=out["resolved"].eq(False).fillna(False).astype(bool))
+
+
+def resolution_note(marked: pd.DataFrame) -> str:
+    """The one sentence above Table 3 on which differences from `none` its data resolves."""
+    tested = int(marked["resolved"].notna().sum()) if len(marked) else 0
+    if not tested:
+        return "No number here has a paired difference from `none` (no `none` cell beside it)."
+    return (
+        f"{UNRESOLVED_MARK} after a number: its difference from `none` is smaller than the "
+        f"smallest this run's own pairs resolve ({int(marked['unresolved'].sum())} of {tested} "
+        f"differences; McNemar, two-sided alpha {ALPHA}, power {POWER}, at the observed share "
+        "of prompts whose outcome differs between the two conditions; `resolvable` under "
+        "Paired tests), so a repeat of the run could well reverse it."
+    )
+
+
+def resolution_columns_note(tests: pd.DataFrame) -> str:
+    """What stats.with_resolution's columns mean, with the observed correlation beside the dry
+    run's assumption (power.outcome_correlation)."""
+    phi = tests.loc[tests["baseline"] == "none", "phi"].dropna() if len(tests) else []
+    observed = f"median {float(np.median(phi)):.2f} here" if len(phi) else "none measurable here"
+    return (
+        "difference: condition minus baseline rate; discordance: the share of pairs whose "
+        f"outcomes differ; phi: the correlation of the two outcomes on a prompt ({observed} "
+        "against `none`; the dry run's plan assumes power.outcome_correlation, default 0.5); "
+        f"resolvable: the smallest difference these pairs detect with power {POWER} at alpha "
+        f"{ALPHA}, two-sided, given that discordance (empty: none can be); resolved: "
+        "|difference| >= resolvable."
+    )
 
 
 def table3_with_intervals(wide: pd.DataFrame, numbers: pd.DataFrame) -> pd.DataFrame:
@@ -256,8 +308,11 @@ def table3_html(wide: pd.DataFrame, numbers: pd.DataFrame) -> str:
 
 
 def _linked_cell(row) -> str:
+    mark = _mark(row) and (
+        f'<span class="unresolved" title="below what this run\'s pairs resolve">{_mark(row)}</span>'
+    )
     return (
-        f'<td><a href="#{row.anchor}">{row.value:.3f}</a><br>'
+        f'<td><a href="#{row.anchor}">{row.value:.3f}</a>{mark}<br>'
         f'<span class="ci">[{row.ci_low:.3f}, {row.ci_high:.3f}]</span></td>'
     )
 
@@ -443,8 +498,7 @@ def judges_sections(
 ) -> list[Section]:
     """Which judge made every Table 3 column (model and format of the model judges, from the
     run's config), and the share of each model judge's answers that could not be parsed."""
-    manifest_path = Path(results_dir) / "run.json"
-    manifest = read_run_manifest(results_dir) if manifest_path.is_file() else {}
+    manifest = read_run_manifest(results_dir) or {}
     named = judge_models(manifest)
     sources = tables.table3_column_sources(rates, options.judge)
     present = {label for label, _, _ in tables.table3_columns(rates, options.judge)}
@@ -658,7 +712,7 @@ _CSS = (
     "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}"
     "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
     "img{max-width:100%}"
-    ".t3 a{font-weight:bold}.ci{color:#666;font-size:0.85em}"
+    ".t3 a{font-weight:bold}.ci{color:#666;font-size:0.85em}.unresolved{color:#a40}"
     "details.gens{margin:0.3em 0}details.gens summary{cursor:pointer}"
     "details.gens td{text-align:left;vertical-align:top}"
     ".txt{max-width:28em;max-height:8em;overflow:auto;white-space:pre-wrap}"

@@ -179,6 +179,17 @@ def table3_columns(rates: pd.DataFrame, judge: str = DEFAULT_JUDGE) -> list[tupl
     ]
 
 
+def planned_columns(benchmarks: Sequence[str], harm_judge: bool) -> list[tuple[str, str, str]]:
+    """(label, benchmark, metric) for the Table 3 columns a config's evaluation will fill: its
+    benchmarks' columns, those of HARM_METRICS only with a harm judge (the dry run's power
+    section, tbr_ray.plan.power_plan, takes these)."""
+    return [
+        (label, bench, metric)
+        for label, bench, metric in TABLE3_LAYOUT
+        if bench in benchmarks and (harm_judge or metric not in HARM_METRICS)
+    ]
+
+
 def table3_column_sources(rates: pd.DataFrame, judge: str = DEFAULT_JUDGE) -> pd.DataFrame:
     """Every Table 3 column, present or not: column, benchmark, metric, judge, and `source`
     saying where its numbers come from or why it is empty ("not run", "no harm judge")."""

@@ -531,12 +531,41 @@ def test_report_table3_has_intervals_and_links(results_dir, tmp_path):
     assert "40 generations" in block
     links = re.findall(r'<a href="#(gen-[^"]+)">', page)
     assert links and all(f'<details id="{a}"' in page for a in links)  # no dead link
+    # Differences from `none` its own pairs cannot resolve are marked (the one sentence above
+    # Table 3 says so): internal's XSTest-S (6 discordant pairs of 40) is, external's (12) not.
+    text = paths["report_md"].read_text()
+    table3 = text[text.index("## Table 3 layout") :]
+    sentence = "† after a number: its difference from `none` is smaller than the smallest"
+    assert sentence in table3[: table3.index("\n|")]  # above the table
+    assert "(27 of 30 differences;" in table3
+    assert "| 0.725† [" in table3 and "| 0.875 [" in table3 and "0.575†" not in table3
+    internal = "gen-llama-2-7b-xstest-s-internal-g1.00"
+    assert f'<a href="#{internal}">0.725</a><span class="unresolved"' in page
+    assert '">0.875</a><br>' in page
     capped = report.write_report(results_dir, tmp_path / "capped", n_boot=50, max_generations=5)
     page = capped["report_html"].read_text()
     block = page[page.index(f'<details id="{anchor}"') :]
     block = block[: block.index("</details>")]
     assert block.count("<tr class=") == 5 and "40 generations" in block
     assert "35 more not listed" in block
+
+
+def test_with_resolution_reads_what_the_runs_own_pairs_resolve(outcomes):
+    """llama-2-7b, XSTest-S, 2 seeds x 20 prompts: internal (gamma 1) complies on 6 prompts
+    that `none` refused, on none the other way; external on 12."""
+    at_gamma = tables.select_gamma(outcomes, None)
+    tests = stats.with_resolution(stats.paired_tests(at_gamma, "paper-keywords", "none"))
+    row = tests.query("model == 'llama-2-7b' and benchmark == 'xstest_safe'")
+    internal, external = (row[row["condition"] == c].iloc[0] for c in ("internal", "external"))
+    assert (internal.n_pairs, internal.b, internal.c) == (40, 0, 6)
+    assert internal.difference == pytest.approx(0.15) == internal.discordance
+    # none complies on 12 + 11 prompts; internal on those 23 and 6 more; 11 neither
+    assert internal.phi == pytest.approx(23 * 11 / np.sqrt(23 * 17 * 29 * 11))
+    # 6 discordant pairs of 40: even all one way they reach power 0.8 for no difference.
+    assert np.isnan(internal.resolvable) and not internal.resolved
+    assert external.resolvable == pytest.approx(0.242, abs=1e-3) and external.resolved
+    same = tests.query("benchmark == 'mmlu'")  # identical answers: no difference to resolve
+    assert (same["difference"] == 0).all() and not same["resolved"].any()
 
 
 def test_save_figures(rates, tmp_path):
