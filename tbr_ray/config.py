@@ -33,6 +33,8 @@ _LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
 # Sections that say *on what* a run executes, not *what* it computes: kept out of the hash, so
 # the same grid resumes on a cluster of another shape.
 _PLACEMENT_SECTIONS = {"cluster", "tracking"}
+# Sections that say how a run is planned or read, not what it computes: out of the hash too.
+_PLANNING_SECTIONS = {"power"}
 # Fields that say how to reach a service, not what is computed: kept out of the hash too.
 _ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
 # Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
@@ -486,8 +488,8 @@ class GridConfig(_Strict):
     max_concurrent: int | None = Field(
         None,
         ge=1,
-        description="Cells trained at once. Default: from the cluster's resources "
-        "(tbr_ray.grid.max_concurrent_cells).",
+        description="Cells trained at once at most. Default: as many as the cluster's "
+        "devices hold beside the other jobs (tbr_ray.plan.policy).",
     )
 
     @field_validator("models")
@@ -601,6 +603,21 @@ class TrackingConfig(_Strict):
     )
 
 
+class PowerConfig(_Strict):
+    """The dry run's power statement (tbr_ray.plan.power_plan): what it assumes about how
+    often two conditions' outcomes differ on one prompt. Not hashed: it changes no result."""
+
+    outcome_correlation: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Correlation (phi) between two conditions' 0/1 outcomes on the same prompt "
+        "(same model and seed), which sets the share of discordant pairs the plan assumes. 0.5 "
+        "is an assumption (no paper-scale run has measured it); the report prints each run's "
+        "observed median, to set here for the next plan.",
+    )
+
+
 class RunConfig(_Strict):
     """One experiment. `name` plus the config hash identify the run."""
 
@@ -613,6 +630,7 @@ class RunConfig(_Strict):
     paths: PathsConfig = PathsConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
+    power: PowerConfig = PowerConfig()
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:
@@ -672,7 +690,7 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for section, key in _LOCATION_FIELDS:
             d[section].pop(key, None)
-        for section in _PLACEMENT_SECTIONS:
+        for section in _PLACEMENT_SECTIONS | _PLANNING_SECTIONS:
             d.pop(section, None)
         for section, key in _ACCESS_FIELDS:
             d[section].pop(key, None)

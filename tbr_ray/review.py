@@ -46,8 +46,9 @@ from tbr_ray.results import (
     read_results,
     read_reviews,
     review_path,
-    write_review,
+    update_review,
 )
+from tbr_ray.rundir import RunDir
 
 PAGE = Path(__file__).with_name("review.html")
 QUEUE_COLUMNS = [
@@ -140,8 +141,10 @@ def review_row(run_id: str, key: dict[str, str], reviewer: str, label: str) -> d
 
 
 class ReviewStore:
-    """A reviewer's labels in memory and on disk; every `set` rewrites the file atomically,
-    so closing the page or killing the command loses nothing already acknowledged."""
+    """A reviewer's labels in memory and on disk. Every `set` reads the file, adds its labels
+    and writes it atomically under the run folder's update lock (results.update_review), so
+    closing the page or killing the command loses nothing already acknowledged, and two
+    pages, or `--import` beside a page, keep each other's labels."""
 
     def __init__(self, results_dir: str | Path, reviewer: str, run_id: str):
         review_path(results_dir, reviewer)  # fails early on a bad reviewer name
@@ -156,12 +159,14 @@ class ReviewStore:
 
     def set(self, items: dict[str, dict[str, str]]) -> None:
         """Store labels {item key: {"label", "cell_id", "benchmark", "prompt_id"}} at once."""
+        rows = []
+        for item in items.values():
+            label = normalise_human_label(item["label"])
+            ids = {k: item[k] for k in REVIEW_KEYS}
+            rows.append(review_row(self.run_id, ids, self.reviewer, label))
         with self._lock:
-            for key, item in items.items():
-                label = normalise_human_label(item["label"])
-                ids = {k: item[k] for k in REVIEW_KEYS}
-                self.rows[key] = review_row(self.run_id, ids, self.reviewer, label)
-            write_review(self.results_dir, self.reviewer, list(self.rows.values()))
+            mine = update_review(self.results_dir, self.reviewer, rows)
+            self.rows = {item_key(r): r for r in mine.to_dict("records")}
 
 
 def run_id_of(results: Results) -> str:
@@ -431,7 +436,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
 def make_server(results_dir: str | Path, cfg: ReviewConfig) -> ReviewServer:
     """A bound, not yet serving review server; `.url` is the address to open."""
-    if not (Path(results_dir) / "cells").is_dir():
+    if not RunDir(results_dir).cells.is_dir():
         raise FileNotFoundError(
             f"{results_dir} holds no cells/ folder. Fix: pass a results directory (the "
             "--output of `tbr-ray ablate`)."

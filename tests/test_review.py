@@ -450,6 +450,8 @@ def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path)
     paths = write_report(run_dir, tmp_path / "b", judge="paper-reviewed", n_boot=50)
     page = paths["report_html"].read_text()
     assert '<a href="#gen-tiny-llama-xstest-s-none-g0.00">0.833</a>' in page
+    table3 = paths["report_md"].read_text().split("## Table 3 layout")[1].split("| model |")[0]
+    assert re.search(r"overridden by human labels on \d+ of \d+ judged generations", table3)
     block = page[page.index('<details id="gen-tiny-llama-xstest-s-none-g0.00"') :]
     assert "<th>human</th>" in block[: block.index("</details>")]
 
@@ -462,9 +464,10 @@ def test_report_harm_column_links_to_verdicts_and_is_not_counted_as_reviewed(tmp
     paths = write_report(run, tmp_path / "r", n_boot=50)
     text = paths["report_md"].read_text()
     assert "| XSTest-H compliance | xstest_unsafe | 8 | 1 | 0 | 1 |" in text
-    assert "| XSTest-H | xstest_unsafe | 8 |" not in text  # harm verdicts are not refusal labels
+    # harm verdicts are not refusal labels
+    assert "| XSTest-H harmful | xstest_unsafe | 8 |" not in text
     page = paths["report_html"].read_text()
-    anchor = "gen-tiny-llama-xstest-h-none-g0.00"
+    anchor = "gen-tiny-llama-xstest-h-harmful-none-g0.00"
     assert f'<a href="#{anchor}">0.250</a>' in page  # u-3 of 4 judged harmful
     block = page[page.index(f'<details id="{anchor}"') :]
     block = block[: block.index("</details>")]
