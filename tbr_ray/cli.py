@@ -48,7 +48,10 @@ ConfigOnlyOpt = typer.Option(
 
 
 def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
+    """The one-line error (URL credentials and tokens masked: tbr_ray.redact), exit 2."""
+    from tbr_ray.redact import redact
+
+    typer.secho(redact(message), fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Names are validated against the vocabulary, never the stage registries (README "Layout").
 from tbr_ray import vocab
 from tbr_ray.keys import content_key
+from tbr_ray.redact import redact
 from tbr_ray.vocab import ALL_CONDITIONS, CONDITIONS, PROMPTING  # noqa: F401 (re-exported)
 
 Condition = Literal["none", "internal", "external", "prompt-direct", "prompt-cot"]
@@ -146,6 +147,15 @@ class ReflectionConfig(_Strict):
         "effective gamma is accepted; the shortfall is always in the mix report.",
     )
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_without_credentials(cls, v: str | None) -> str | None:
+        return check_no_credentials(
+            v,
+            "put the key in the variable reflection.api_key_env names (sent as a Bearer "
+            "header) and give the URL without it",
+        )
+
     @field_validator("reflector")
     @classmethod
     def _reflector_known(cls, v: str | None) -> str | None:
@@ -161,6 +171,18 @@ class ReflectionConfig(_Strict):
                 "api_key_env to the variable's NAME, e.g. TBR_REFLECTOR_API_KEY"
             )
         return v
+
+
+def check_no_credentials(url: str | None, fix: str) -> str | None:
+    """A URL setting must carry no secret (user:password@, ?token=...): the config is written
+    to run.json, and Ray Tune writes each trial's config (params.json, result.json) into the
+    run folder, where no redaction reaches. `fix` says where the secret goes instead."""
+    if url is not None and redact(url) != url:
+        raise ValueError(
+            f"the URL carries a credential (shown masked), which would be written to run.json "
+            f"and Ray Tune's trial files. Fix: {fix}"
+        )
+    return url
 
 
 def check_model_name(name: str) -> str:
@@ -599,8 +621,18 @@ class TrackingConfig(_Strict):
     mlflow_uri: str | None = Field(
         None,
         description="MLflow tracking URI (a server, or file:/path); None: a local file store "
-        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it).",
+        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it). No "
+        "credentials in it: MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN.",
     )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri_without_credentials(cls, v: str | None) -> str | None:
+        return check_no_credentials(
+            v,
+            "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN), which MLflow reads, and give the URI without them",
+        )
 
 
 class PowerConfig(_Strict):
@@ -752,10 +784,9 @@ def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
     if not err["loc"]:  # a cross-field check: its message already names fields and the fix
         return err["msg"].removeprefix("Value error, ")
     value, msg = err.get("input"), err["msg"].removeprefix("Value error, ").rstrip(".")
-    if tuple(err["loc"]) in _SECRET_FIELDS:
-        value = _masked(value)
+    shown = repr(_masked(value)) if tuple(err["loc"]) in _SECRET_FIELDS else redact(repr(value))
     fix = "" if "Fix:" in msg else " Fix: give a value that satisfies this."
-    return f"{loc} = {value!r}: {msg}.{fix}"
+    return f"{loc} = {shown}: {msg}.{fix}"
 
 
 def _masked(value: Any) -> str:
