@@ -113,11 +113,20 @@ def per_layer_saved(family: str, shape: Shape, layers: int, inputs: dict, census
     a = saved_tensors(build(family, shape, layers, False), inputs)
     b = saved_tensors(build(family, shape, 2 * layers, False), inputs)
     tokens = inputs["input_ids"].numel()
-    out = {"saved_bytes_per_token": (sum(v[0] for v in b.values()) - sum(v[0] for v in a.values())) / layers / tokens}
+    out = {
+        "saved_bytes_per_token": (sum(v[0] for v in b.values()) - sum(v[0] for v in a.values()))
+        / layers
+        / tokens
+    }
     if census:
         diff = Counter(v for v in b.values()) - Counter(v for v in a.values())
         out["census_per_layer"] = [
-            {"shape": list(k[1]), "dtype": k[2], "count": n / layers, "bytes_per_token": n / layers * k[0] / tokens}
+            {
+                "shape": list(k[1]),
+                "dtype": k[2],
+                "count": n / layers,
+                "bytes_per_token": n / layers * k[0] / tokens,
+            }
             for k, n in sorted(diff.items(), key=lambda kv: -kv[0][0] * kv[1])
         ]
     return out

@@ -90,31 +90,57 @@ def shared_prefix(ids: list[list[int]]) -> int:
     """Tokens all `ids` share at the start, rounded down to whole cache blocks."""
     first, n = ids[0], len(ids[0])
     for other in ids[1:]:
-        n = next((i for i, (a, b) in enumerate(zip(first[:n], other, strict=False)) if a != b), min(n, len(other)))
+        n = next(
+            (i for i, (a, b) in enumerate(zip(first[:n], other, strict=False)) if a != b),
+            min(n, len(other)),
+        )
     return n // BLOCK * BLOCK
 
 
+def prompt_tokens(name: str, root: Path, shots: int | None, tok) -> dict:
+    """Mean prompt tokens of a benchmark at `shots`, and the prefix its prompts share."""
+    from tbr_ray.benchmarks import load_benchmark
+
+    items = load_benchmark(name, root, shots=shots)
+    ids = tok([it.prompt for it in items], add_special_tokens=True)["input_ids"]
+    groups: dict[str, list] = {}
+    for it, x in zip(items, ids, strict=True):
+        groups.setdefault(it.category if name == "mmlu" else "", []).append(x)
+    prefix = sum(shared_prefix(g) * len(g) for g in groups.values()) / len(ids)
+    return {
+        "prompts": len(ids),
+        "shots": shots or 0,
+        "prompt_tokens": statistics.fmean(len(x) for x in ids),
+        "shared_prefix_tokens": prefix,
+        "prefix_groups": len(groups),
+    }
+
+
 def prompts(cfg, tok) -> dict:
-    from tbr_ray.benchmarks import BENCHMARKS, load_benchmark
+    """Every shipped benchmark of the config at its shots, and the few-shot ones at 0 shots
+    too (their tokens per shot: the difference over the shots)."""
+    from tbr_ray.benchmarks import BENCHMARKS
 
     out = {}
     for name in cfg.eval.benchmarks:
         if BENCHMARKS[name].user_file:
             continue
-        shots = cfg.eval.shots.get(name)
-        items = load_benchmark(name, cfg.data.resolved_root(), shots=shots)
-        ids = tok([it.prompt for it in items], add_special_tokens=True)["input_ids"]
-        groups: dict[str, list] = {}
-        for it, x in zip(items, ids, strict=True):
-            groups.setdefault(it.category if name == "mmlu" else "", []).append(x)
-        prefix = sum(shared_prefix(g) * len(g) for g in groups.values()) / len(ids)
-        out[name] = {
-            "prompts": len(ids),
-            "prompt_tokens": statistics.fmean(len(x) for x in ids),
-            "shared_prefix_tokens": prefix,
-            "prefix_groups": len(groups),
-        }
+        root, shots = cfg.data.resolved_root(), cfg.eval.shots.get(name)
+        out[name] = prompt_tokens(name, root, shots, tok)
+        if shots:
+            zero = prompt_tokens(name, root, 0, tok)
+            out[name]["zero_shot_prompt_tokens"] = zero["prompt_tokens"]
+            out[name]["tokens_per_shot"] = (
+                out[name]["prompt_tokens"] - zero["prompt_tokens"]
+            ) / shots
     return out
+
+
+def judge_template_tokens(tok) -> int:
+    """Tokens of WildGuard's prompt around an empty request and answer."""
+    from tbr_ray.judges import judge_prompt
+
+    return len(tok(judge_prompt("wildguard", tok, "", ""))["input_ids"])
 
 
 def gsm8k_answers(cfg, tok) -> float:
@@ -139,6 +165,7 @@ def main(argv=None) -> None:
             "training": training(cfg, tok),
             "gsm8k_answer_tokens": gsm8k_answers(cfg, tok),
             "benchmarks": prompts(cfg, tok),
+            "wildguard_template_tokens": judge_template_tokens(tok),
         }
     print(json.dumps(out, indent=1))
 

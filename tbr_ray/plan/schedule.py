@@ -9,15 +9,8 @@ from dataclasses import dataclass
 from tabulate import tabulate
 
 from tbr_ray.config import PROMPTING, Cell, RunConfig
-from tbr_ray.plan.cost import (
-    CostModel,
-    cost_model,
-    engine_pass_s,
-    judge_s,
-    load_s,
-    train_s,
-    writer_s,
-)
+from tbr_ray.plan.cost import CostModel, cost_model, train_s, writer_s
+from tbr_ray.plan.evalcost import eval_job_s
 from tbr_ray.plan.policy import KINDS, pick
 from tbr_ray.plan.sizing import (
     EngineLayout,
@@ -26,6 +19,8 @@ from tbr_ray.plan.sizing import (
     engine_gpus,
     engine_layout,
     eval_engine_gpus,
+    eval_passes,
+    eval_replicas,
     train_layout,
 )
 from tbr_ray.plan.steps import global_batch_problems, planned_steps
@@ -151,14 +146,11 @@ def _problems(cfg: RunConfig, cells: list[CellPlan], engines: list[EngineLayout]
     return out
 
 
-def _jobs(cfg: RunConfig, cost: CostModel, cells: list[CellPlan], capacity: int) -> list[Job]:
+def _jobs(cfg, cost: CostModel, cells: list[CellPlan], capacity: int, measured) -> list[Job]:
     gpu = cfg.train.use_gpu
 
     def devices(model: str) -> int:  # an engine: its GPUs, or every core of a CPU box
         return engine_gpus(cfg, model) if gpu else capacity
-
-    def eval_devices(model: str) -> int:  # what the runtime reserves (tbr_ray.grid.eval_need)
-        return eval_engine_gpus(cfg, model) if gpu else capacity
 
     writers = [
         Job(f"write {w}", "write", devices(w), writer_s(cfg, cost, w, devices(w)))
@@ -171,20 +163,25 @@ def _jobs(cfg: RunConfig, cost: CostModel, cells: list[CellPlan], capacity: int)
             busy = p.layout.gpus if gpu else _cpu_train_cores(cfg, p.layout.gpus, capacity)
             jobs.append(Job(f"train {p.cell.cell_id}", "train", busy, p.seconds, after_writers))
     for model in cfg.grid.models:
-        mine = [p for p in cells if p.cell.model == model]
-        passes = len(mine) + int(cfg.eval.evaluate_base)
-        d = eval_devices(model)
-        seconds = cost.engine_start_s + load_s(cost, model)
-        seconds += passes * engine_pass_s(cfg, cost, model, d) + judge_s(cfg, cost, d, passes)
-        after = after_writers + tuple(f"train {p.cell.cell_id}" for p in mine if p.layout)
-        jobs.append(Job(f"eval {model}", "eval", d, seconds, after))
+        passes = eval_passes(cfg, model)
+        replicas = eval_replicas(cfg, model) if gpu else 1
+        # What the runtime reserves (tbr_ray.grid.eval_need); every core on a CPU box.
+        reserved = eval_engine_gpus(cfg, model) if gpu else capacity
+        seconds = eval_job_s(cfg, cost, model, devices(model), passes, replicas, measured)
+        trained = tuple(
+            f"train {p.cell.cell_id}" for p in cells if p.cell.model == model and p.layout
+        )
+        jobs.append(Job(f"eval {model}", "eval", reserved, seconds, after_writers + trained))
     return jobs
 
 
-def plan_grid(cfg: RunConfig, capacity: int | None, cost: CostModel | None = None) -> GridPlan:
+def plan_grid(
+    cfg: RunConfig, capacity: int | None, cost: CostModel | None = None, measured=None
+) -> GridPlan:
     """Size every cell and engine of `cfg` for `capacity` devices (GPUs on a GPU run, CPU cores
     on a CPU run; None: sizes only), list every problem, and simulate the schedule when none.
-    `cost`: the cost model (default: the device's, `cost_model(cfg)`)."""
+    `cost`: the cost model (default: the device's, `cost_model(cfg)`); `measured`: answer
+    lengths a run measured (tbr_ray.plan.evalcost.measured_answer_tokens)."""
     cost = cost or cost_model(cfg)
     if batch := global_batch_problems(cfg):  # steps and costs need whole micro-batches
         return GridPlan(cost.device, capacity, [], [], batch, [])
@@ -195,7 +192,7 @@ def plan_grid(cfg: RunConfig, capacity: int | None, cost: CostModel | None = Non
     problems = _problems(cfg, cells, engines, capacity)
     slots = []
     if capacity and not problems:
-        jobs = _jobs(cfg, cost, cells, capacity)
+        jobs = _jobs(cfg, cost, cells, capacity, measured)
         slots = simulate(jobs, capacity, cost.phase_fixed_s, cfg.grid.max_concurrent)
     return GridPlan(cost.device, capacity, cells, engines, problems, slots)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tbr_ray.config import RunConfig
+from tbr_ray.config import PROMPTING, RunConfig
 from tbr_ray.models import UnknownModelError, get_spec, model_shape, shape_params
 
 GIB = 2**30
@@ -99,16 +99,32 @@ def tp_divides(shape, tp: int) -> bool:
     return shape.heads % tp == 0 and kv_ok
 
 
+def kv_bytes_per_token(shape, tp: int) -> float:
+    """KV cache bytes of one token on one of `tp` GPUs (its share of KV heads; replicated
+    heads count whole)."""
+    kv_heads = max(1, shape.kv_heads // tp) if tp <= shape.kv_heads else 1
+    return 2 * shape.layers * kv_heads * shape.head_dim * BF16
+
+
 def engine_gib_per_gpu(cfg: RunConfig, model: str, tp: int) -> float:
     """bf16 weights / tp + KV cache of `cluster.engine_min_sequences` sequences of
-    `eval.max_model_len` tokens (its share of KV heads; replicated heads count whole) +
-    ENGINE_OVERHEAD_GIB."""
+    `eval.max_model_len` tokens (`kv_bytes_per_token`) + ENGINE_OVERHEAD_GIB."""
     shape = model_shape(model)
-    kv_heads = max(1, shape.kv_heads // tp) if tp <= shape.kv_heads else 1
-    kv_per_token = 2 * shape.layers * kv_heads * shape.head_dim * BF16
     tokens = cfg.eval.max_model_len * cfg.cluster.engine_min_sequences
     weights = model_params(model) * BF16 / tp
-    return (weights + kv_per_token * tokens) / GIB + ENGINE_OVERHEAD_GIB
+    return (weights + kv_bytes_per_token(shape, tp) * tokens) / GIB + ENGINE_OVERHEAD_GIB
+
+
+def kv_capacity_tokens(cfg: RunConfig, model: str, tp: int) -> float:
+    """Tokens of KV cache an engine of `tp` GPUs holds: what eval.gpu_memory_utilization of a
+    GPU leaves after the weights' shard and ENGINE_OVERHEAD_GIB (vLLM gives the rest to its
+    KV cache). inf for a model without a known shape."""
+    shape = known_shape(model)
+    if shape is None:
+        return float("inf")
+    budget = cfg.eval.gpu_memory_utilization * cfg.cluster.gpu_memory_gib - ENGINE_OVERHEAD_GIB
+    free = budget * GIB - model_params(model) * BF16 / tp
+    return max(free, 0.0) / kv_bytes_per_token(shape, tp)
 
 
 def engine_layout(cfg: RunConfig, model: str) -> EngineLayout:
@@ -174,11 +190,30 @@ def engine_gpus(cfg: RunConfig, model: str) -> int:
     return layout.gpus
 
 
-def eval_engine_gpus(cfg: RunConfig, model: str) -> int:
-    """GPUs a base model's evaluation reserves: it holds one engine at a time, its own, then
-    each model judge's, so the largest of them (the runtime's reservation, tbr_ray.grid)."""
+def eval_passes(cfg: RunConfig, model: str) -> dict[bool, int]:
+    """{tuned: passes} of a base model's evaluation: one per trained cell (True), one per
+    prompting cell and one for the base model itself with eval.evaluate_base (False)."""
+    mine = [c for c in cfg.cells() if c.model == model]
+    prompting = sum(c.condition in PROMPTING for c in mine)
+    return {True: len(mine) - prompting, False: prompting + int(cfg.eval.evaluate_base)}
+
+
+def eval_replicas(cfg: RunConfig, model: str, passes: int | None = None) -> int:
+    """Engine replicas of `model`'s evaluation: cluster.engine_replicas[model], else
+    cluster.max_engine_replicas, never more than its passes (a pass never splits), at least
+    1 (the rule of tbr_ray.engine.engine_replicas_for)."""
+    total = sum(eval_passes(cfg, model).values()) if passes is None else passes
+    wanted = cfg.cluster.engine_replicas.get(model, cfg.cluster.max_engine_replicas)
+    return max(1, min(wanted, total))
+
+
+def eval_engine_gpus(cfg: RunConfig, model: str, passes: int | None = None) -> int:
+    """GPUs a base model's evaluation reserves (the runtime's reservation, tbr_ray.grid, and
+    the plan's): each replica holds one engine at a time, its own, then each model judge's,
+    so the largest of them, times the replicas."""
     judges = [judge.model for _, judge in cfg.eval.model_judges()]
-    return max(engine_gpus(cfg, m) for m in [model, *judges])
+    tp = max(engine_gpus(cfg, m) for m in [model, *judges])
+    return tp * eval_replicas(cfg, model, passes)
 
 
 # ------------------------------------------------------------------ training
@@ -311,9 +346,10 @@ def train_gib_per_gpu(cfg: RunConfig, model: str, gpus: int, zero: int) -> float
 
 def train_layout(cfg: RunConfig, model: str, max_gpus: int | None = None) -> TrainLayout:
     """GPUs and ZeRO stage of a cell of `model` on a GPU run: the smallest of 1, 2, 4, 8 GPUs
-    (at most `max_gpus`, default cluster.gpus, else a node) that holds it at ZeRO-2, else at
-    ZeRO-3; train.num_workers / train.zero_stage fix either choice (and are still checked).
-    CPU runs: the config's workers (2 by default) and ZeRO stage (the registry's, 2), unchecked."""
+    (at most `max_gpus`, default cluster.gpus, else a node) that holds it (`train_budget_gib`)
+    at ZeRO-2, else at ZeRO-3; train.num_workers / train.zero_stage fix either choice (and
+    are still checked). CPU runs: the config's workers (2 by default) and ZeRO stage (the
+    registry's, 2), unchecked."""
     t, c, spec = cfg.train, cfg.cluster, get_spec(model)
     if not t.use_gpu:
         zero = t.zero_stage if t.zero_stage is not None else spec.zero_stage
@@ -324,11 +360,17 @@ def train_layout(cfg: RunConfig, model: str, max_gpus: int | None = None) -> Tra
     for n in counts:
         for z in zeros:
             need = train_gib_per_gpu(cfg, model, n, z)
-            if need <= c.gpu_memory_gib:
+            if need <= train_budget_gib(cfg):
                 return TrainLayout(model, n, z, need)
     n, z = counts[-1], zeros[-1]
     need = train_gib_per_gpu(cfg, model, n, z)
     return TrainLayout(model, n, z, need, _train_problem(cfg, model, n, z, need, limit))
+
+
+def train_budget_gib(cfg: RunConfig) -> float:
+    """What a training cell's counted need may fill of one GPU: cluster.gpu_memory_gib x
+    cluster.train_memory_utilization."""
+    return cfg.cluster.gpu_memory_gib * cfg.cluster.train_memory_utilization
 
 
 def _train_problem(cfg: RunConfig, model: str, n: int, zero: int, need: float, limit: int) -> str:
@@ -338,7 +380,9 @@ def _train_problem(cfg: RunConfig, model: str, n: int, zero: int, need: float, l
     )
     return (
         f"{model}: training needs {need:.1f} GiB per GPU even at {n} GPU(s), ZeRO-{zero}{fixed}"
-        f", over cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g} (at most {limit} GPUs "
+        f", over {train_budget_gib(cfg):.1f} GiB (cluster.train_memory_utilization="
+        f"{cfg.cluster.train_memory_utilization:g} x cluster.gpu_memory_gib="
+        f"{cfg.cluster.gpu_memory_gib:g}; at most {limit} GPUs "
         f"allowed). Fix: more GPUs (--gpus, up to 8 a cell), larger GPUs (--gpu-memory), a "
         f"smaller train.micro_batch_size or data.max_seq_len, unset train.num_workers / "
         f"train.zero_stage, or drop {model} from grid.models."
