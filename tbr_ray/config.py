@@ -744,8 +744,32 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _yaml(text: str, where: str) -> Any:
+    """Parsed YAML that holds only what a config can: mappings, lists, text, numbers, bools."""
+    value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    _check_plain(value, where, "")
+    return value
+
+
+_YAML_TAGS = {bytes: "!!binary", set: "!!set"}
+
+
+def _check_plain(value: Any, where: str, key: str) -> None:
+    """ConfigError naming the key of the first value YAML typed beyond JSON (!!binary bytes,
+    !!set, ...): json and pydantic would fail on it far from the line (a TypeError)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, where, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, str | int | float | bool):
+        tag = _YAML_TAGS.get(type(value), f"a {type(value).__name__}")
+        raise ConfigError(
+            f"{where}: {key or 'the value'} = {str(value)[:40]} is a YAML {tag} value; a "
+            "config holds only mappings, lists, text, numbers and true/false. Fix: write it "
+            "as plain text or a list (drop the !! tag)."
+        )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -762,7 +786,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         try:
-            node[parts[-1]] = _yaml(value)
+            node[parts[-1]] = _yaml(value, f"--set {item!r}")
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"--set {item!r}: the value {value!r} is not valid YAML "
@@ -830,7 +854,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: no such config file. Fix: pass a file under jobs/, e.g. jobs/tiny.yaml."
         )
     try:
-        raw = _yaml(path.read_text(encoding="utf-8"))
+        raw = _yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})."
