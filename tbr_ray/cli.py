@@ -48,7 +48,10 @@ ConfigOnlyOpt = typer.Option(
 
 
 def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
+    """The one-line error (URL credentials and tokens masked: tbr_ray.redact), exit 2."""
+    from tbr_ray.redact import redact
+
+    typer.secho(redact(message), fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
@@ -457,8 +460,13 @@ def review(
     ),
     sample: int = typer.Option(5, help="Agreed-on generations sampled per benchmark x cell."),
     seed: int = typer.Option(0, help="Seed of that sample."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind the page to."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind the page to (loopback)."),
     port: int = typer.Option(0, help="Port (0: a free one)."),
+    allow_network: bool = typer.Option(
+        False,
+        "--allow-network",
+        help="Allow a --host other machines reach; the token then travels in plain HTTP.",
+    ),
     export: Path | None = typer.Option(None, "--export", help="Write the queue as CSV; exit."),
     import_: Path | None = typer.Option(None, "--import", help="Store labels from a CSV; exit."),
 ) -> None:
@@ -485,6 +493,7 @@ def review(
             seed=seed,
             host=host,
             port=port,
+            allow_network=allow_network,
         )
         if export or import_:
             results = read_results(results_dir)
@@ -499,6 +508,14 @@ def review(
         server = make_server(results_dir, cfg)
     except (ValueError, ValidationError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if server.exposed:
+        typer.secho(
+            f"WARNING: --host {host} serves this page to other machines over plain HTTP: "
+            "anyone who sees the traffic can read the token below and label in your name.",
+            fg=typer.colors.RED,
+            bold=True,
+            err=True,
+        )
     done = server.progress()
     typer.echo(f"{done['total']} generations to review, {done['done']} labelled by {cfg.reviewer}")
     typer.echo(f"open {server.url}  (Ctrl-C to stop; every label is saved as it is given)")

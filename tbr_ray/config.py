@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Names are validated against the vocabulary, never the stage registries (README "Layout").
 from tbr_ray import vocab
 from tbr_ray.keys import content_key
+from tbr_ray.redact import redact
 from tbr_ray.vocab import ALL_CONDITIONS, CONDITIONS, PROMPTING  # noqa: F401 (re-exported)
 
 Condition = Literal["none", "internal", "external", "prompt-direct", "prompt-cot"]
@@ -158,6 +159,15 @@ class ReflectionConfig(_Strict):
         "effective gamma is accepted; the shortfall is always in the mix report.",
     )
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_without_credentials(cls, v: str | None) -> str | None:
+        return check_no_credentials(
+            v,
+            "put the key in the variable reflection.api_key_env names (sent as a Bearer "
+            "header) and give the URL without it",
+        )
+
     @field_validator("reflector")
     @classmethod
     def _reflector_known(cls, v: str | None) -> str | None:
@@ -173,6 +183,18 @@ class ReflectionConfig(_Strict):
                 "api_key_env to the variable's NAME, e.g. TBR_REFLECTOR_API_KEY"
             )
         return v
+
+
+def check_no_credentials(url: str | None, fix: str) -> str | None:
+    """A URL setting must carry no secret (user:password@, ?token=...): the config is written
+    to run.json, and Ray Tune writes each trial's config (params.json, result.json) into the
+    run folder, where no redaction reaches. `fix` says where the secret goes instead."""
+    if url is not None and redact(url) != url:
+        raise ValueError(
+            f"the URL carries a credential (shown masked), which would be written to run.json "
+            f"and Ray Tune's trial files. Fix: {fix}"
+        )
+    return url
 
 
 def check_model_name(name: str) -> str:
@@ -611,8 +633,18 @@ class TrackingConfig(_Strict):
     mlflow_uri: str | None = Field(
         None,
         description="MLflow tracking URI (a server, or file:/path); None: a local file store "
-        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it).",
+        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it). No "
+        "credentials in it: MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN.",
     )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri_without_credentials(cls, v: str | None) -> str | None:
+        return check_no_credentials(
+            v,
+            "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN), which MLflow reads, and give the URI without them",
+        )
 
 
 class PowerConfig(_Strict):
@@ -724,8 +756,32 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _yaml(text: str, where: str) -> Any:
+    """Parsed YAML that holds only what a config can: mappings, lists, text, numbers, bools."""
+    value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    _check_plain(value, where, "")
+    return value
+
+
+_YAML_TAGS = {bytes: "!!binary", set: "!!set"}
+
+
+def _check_plain(value: Any, where: str, key: str) -> None:
+    """ConfigError naming the key of the first value YAML typed beyond JSON (!!binary bytes,
+    !!set, ...): json and pydantic would fail on it far from the line (a TypeError)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, where, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, str | int | float | bool):
+        tag = _YAML_TAGS.get(type(value), f"a {type(value).__name__}")
+        raise ConfigError(
+            f"{where}: {key or 'the value'} = {str(value)[:40]} is a YAML {tag} value; a "
+            "config holds only mappings, lists, text, numbers and true/false. Fix: write it "
+            "as plain text or a list (drop the !! tag)."
+        )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -742,7 +798,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         try:
-            node[parts[-1]] = _yaml(value)
+            node[parts[-1]] = _yaml(value, f"--set {item!r}")
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"--set {item!r}: the value {value!r} is not valid YAML "
@@ -764,10 +820,9 @@ def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
     if not err["loc"]:  # a cross-field check: its message already names fields and the fix
         return err["msg"].removeprefix("Value error, ")
     value, msg = err.get("input"), err["msg"].removeprefix("Value error, ").rstrip(".")
-    if tuple(err["loc"]) in _SECRET_FIELDS:
-        value = _masked(value)
+    shown = repr(_masked(value)) if tuple(err["loc"]) in _SECRET_FIELDS else redact(repr(value))
     fix = "" if "Fix:" in msg else " Fix: give a value that satisfies this."
-    return f"{loc} = {value!r}: {msg}.{fix}"
+    return f"{loc} = {shown}: {msg}.{fix}"
 
 
 def _masked(value: Any) -> str:
@@ -811,7 +866,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: no such config file. Fix: pass a file under jobs/, e.g. jobs/tiny.yaml."
         )
     try:
-        raw = _yaml(path.read_text(encoding="utf-8"))
+        raw = _yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})."

@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,8 +160,15 @@ def _safety_items(root: Path, source: str) -> list[SafetyItem]:
     path = _source_path(root, SAFETY_FILES[source])
     if source == "safety-tuned-llamas":
         return [_instruction_item(i, r) for i, r in enumerate(json.loads(path.read_text()))]
-    with gzip.open(path, "rt") as fh:
-        return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # EOFError: a truncated file
+        raise ValueError(
+            f"data file {path} is damaged ({type(exc).__name__}: {exc or 'it ends early'}): "
+            "a truncated or corrupt gzip. Fix: delete it and run `tbr-ray fetch-data --root "
+            f"{root}` (`tbr-ray data-check` compares every file with its sha256)."
+        ) from None
 
 
 def _text_problem(row, key: str) -> str | None:

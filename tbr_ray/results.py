@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tbr_ray import rundir
+from tbr_ray.redact import redact, redact_values
 from tbr_ray.rundir import DamagedFile, RunDir
 from tbr_ray.vocab import HUMAN, PAPER_REVIEWED, REVIEW_JUDGES
 
@@ -258,8 +259,9 @@ def write_status(
     if status not in STATUSES:
         raise ValueError(f"unknown cell status {status!r}; one of {', '.join(STATUSES)}")
     run = RunDir(results_dir)
+    info = redact_values(info)  # an API's error body may quote a key (tbr_ray.redact)
     if traceback is not None:
-        info["error_file"] = str(rundir.write_text(run.error_file(cell_id), traceback))
+        info["error_file"] = str(rundir.write_text(run.error_file(cell_id), redact(traceback)))
     with run.updating():  # the driver and the cell's trial both write it
         before = _status_or_empty(run.status_file(cell_id))
         rundir.write_json(
@@ -431,7 +433,9 @@ def read_reviews(results_dir: str | Path) -> pd.DataFrame:
 
 
 def write_run_manifest(results_dir: str | Path, manifest: dict[str, Any]) -> None:
-    rundir.write_json(RunDir(results_dir).manifest, manifest, indent=2, sort_keys=True, default=str)
+    """run.json, every string through tbr_ray.redact (URL credentials, tokens masked)."""
+    payload = redact_values(manifest)
+    rundir.write_json(RunDir(results_dir).manifest, payload, indent=2, sort_keys=True, default=str)
 
 
 def read_run_manifest(results_dir: str | Path) -> dict[str, Any] | None:
