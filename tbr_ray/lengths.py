@@ -8,9 +8,9 @@ sample, with no row longer than the model's `data.max_seq_len` (pure functions o
 Why: the shipped gumbelsoft subset is "biased toward long outputs" (its ATTRIBUTION.md). A
 uniform sample of the pooled subsets (jobs/paper.yaml, seed 0) took 1,194 of its 1,800 rows from
 it: median answer 188 tokens (Llama-2-style tokenizer) against bloom-lora's 49, so the 200
-refusals were 2.7% of the loss tokens (7.2% with 1,800 bloom-lora-like answers). Lengths are
-answer words (whitespace-split), the same for every tokenizer: every model draws the same rows
-but for those too long for its own tokenizer.
+refusals were 2.6% of the loss tokens (7.2% with 1,800 bloom-lora-like answers; 3.9% now).
+Lengths are answer words (whitespace-split), the same for every tokenizer: every model draws
+the same rows but for those too long for its own tokenizer.
 
 Sampling (reference given): per quantile bin of the reference's answer words (LENGTH_BINS),
 its share of n, drawn in seeded rank order (`row_priority`: removing a row from the pool moves
