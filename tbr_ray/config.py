@@ -57,6 +57,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+GeneralSource = Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"]  # data.GENERAL_FILES
+
+
 class DataConfig(_Strict):
     """Which rows make the TBR training mix (PAPER.md section 2)."""
 
@@ -65,9 +68,16 @@ class DataConfig(_Strict):
         description="Folder holding the shared data sets. None: $TBR_DATA_ROOT, else "
         "<repo>/../shared/data. A location, so not part of the config hash.",
     )
-    general_sources: tuple[Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"], ...] = Field(
+    general_sources: tuple[GeneralSource, ...] = Field(
         ("alpaca-bloom-lora", "alpaca-gumbelsoft"),
         description="Alpaca subsets to sample the general rows from (pooled, de-duplicated).",
+    )
+    length_reference: GeneralSource | None = Field(
+        "alpaca-bloom-lora",
+        description="The general source whose answer lengths (words) the general sample "
+        "follows, bin by bin (tbr_ray.lengths): bloom-lora's 1,000 rows are the shipped file "
+        "closest to a plain random Alpaca sample (its ATTRIBUTION.md); gumbelsoft is biased "
+        "toward long answers. None: a uniform sample of the pooled sources.",
     )
     safety_source: Literal["safety-tuned-llamas", "hh-rlhf-harmless"] = Field(
         "safety-tuned-llamas",
@@ -92,8 +102,10 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(
         512,
         ge=16,
-        description="Tokens per example after templating; "
-        "longer rows are truncated (counted in the data report).",
+        description="Tokens per example after templating, EOS included. No row is cut: a "
+        "general row longer than this under the model's tokenizer is dropped before sampling "
+        "(the mix keeps n_general), a safety row that outgrows it with its reflection is left "
+        "out of the mix; both counted in the mix report (over_max_seq_len).",
     )
     refusal: str = Field(
         PAPER_REFUSAL,
@@ -771,8 +783,32 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _yaml(text: str, where: str) -> Any:
+    """Parsed YAML that holds only what a config can: mappings, lists, text, numbers, bools."""
+    value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    _check_plain(value, where, "")
+    return value
+
+
+_YAML_TAGS = {bytes: "!!binary", set: "!!set"}
+
+
+def _check_plain(value: Any, where: str, key: str) -> None:
+    """ConfigError naming the key of the first value YAML typed beyond JSON (!!binary bytes,
+    !!set, ...): json and pydantic would fail on it far from the line (a TypeError)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, where, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, str | int | float | bool):
+        tag = _YAML_TAGS.get(type(value), f"a {type(value).__name__}")
+        raise ConfigError(
+            f"{where}: {key or 'the value'} = {str(value)[:40]} is a YAML {tag} value; a "
+            "config holds only mappings, lists, text, numbers and true/false. Fix: write it "
+            "as plain text or a list (drop the !! tag)."
+        )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -789,7 +825,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         try:
-            node[parts[-1]] = _yaml(value)
+            node[parts[-1]] = _yaml(value, f"--set {item!r}")
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"--set {item!r}: the value {value!r} is not valid YAML "
@@ -857,7 +893,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: no such config file. Fix: pass a file under jobs/, e.g. jobs/tiny.yaml."
         )
     try:
-        raw = _yaml(path.read_text(encoding="utf-8"))
+        raw = _yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})."
