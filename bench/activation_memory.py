@@ -61,7 +61,7 @@ def hf_config(family: str, s: Shape, layers: int):
     )
 
 
-def build(family: str, shape: Shape, layers: int, checkpointing: bool):
+def build(family: str, shape: Shape, layers: int):
     """A bf16 PEFT LoRA model of this shape and family, in train mode (as tbr_ray.train)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -74,10 +74,14 @@ def build(family: str, shape: Shape, layers: int, checkpointing: bool):
     targets = list(FALCON_TARGETS if family == "falcon" else LLAMA_TARGETS)
     lora = LoraConfig(r=RANK, lora_alpha=32, lora_dropout=DROPOUT, target_modules=targets)
     model = get_peft_model(base, lora).to(torch.bfloat16)  # DeepSpeed's bf16 casts LoRA too
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.train()
+
+
+def checkpointed(model):
+    """The same model with transformers' gradient checkpointing on (non-reentrant)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def batch(shape: Shape, micro: int, seq: int) -> dict:
@@ -108,18 +112,17 @@ def saved_tensors(model, inputs) -> dict[int, tuple]:
     return seen
 
 
-def per_layer_saved(family: str, shape: Shape, layers: int, inputs: dict, census: bool):
-    """Saved bytes per token of one layer: (model at 2L layers - at L) / L, and the census."""
-    a = saved_tensors(build(family, shape, layers, False), inputs)
-    b = saved_tensors(build(family, shape, 2 * layers, False), inputs)
+def per_layer_saved(model, family: str, shape: Shape, inputs: dict, census: bool) -> dict:
+    """Saved bytes per token of one layer: (a model of 2L layers - `model`, of L) / L, and
+    the census of the tensors that difference is made of."""
+    layers = shape.layers
+    a = saved_tensors(model, inputs)
+    b = saved_tensors(build(family, shape, 2 * layers), inputs)
     tokens = inputs["input_ids"].numel()
-    out = {
-        "saved_bytes_per_token": (sum(v[0] for v in b.values()) - sum(v[0] for v in a.values()))
-        / layers
-        / tokens
-    }
+    saved = sum(v[0] for v in b.values()) - sum(v[0] for v in a.values())
+    out = {"saved_bytes_per_token": saved / layers / tokens}
     if census:
-        diff = Counter(v for v in b.values()) - Counter(v for v in a.values())
+        diff = Counter(b.values()) - Counter(a.values())
         out["census_per_layer"] = [
             {
                 "shape": list(k[1]),
@@ -132,8 +135,8 @@ def per_layer_saved(family: str, shape: Shape, layers: int, inputs: dict, census
     return out
 
 
-def peak_bytes(family: str, shape: Shape, layers: int, inputs: dict, checkpointing: bool) -> int:
-    """Peak live tensor bytes of forward + backward, weights and buffers left out."""
+def peak_bytes(model, inputs: dict) -> int:
+    """Peak live tensor bytes of one forward + backward, weights and buffers left out."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class FrozenWeightsTracker(MemTracker):
@@ -142,7 +145,7 @@ def peak_bytes(family: str, shape: Shape, layers: int, inputs: dict, checkpointi
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             return super()._track_module_params_and_buffers(module, False)
 
-    model = build(family, shape, layers, checkpointing)
+    model.zero_grad(set_to_none=True)
     tracker = FrozenWeightsTracker()
     with tracker:
         model(**inputs).loss.backward()
@@ -157,12 +160,13 @@ def measure(name: str, args) -> dict:
     tokens = args.micro * args.seq
     layer = layer_bytes_per_token(shape, family, args.seq, RANK, DROPOUT, CPU_MASK_BYTES)
     out = {"model": name, "family": family, "layers": args.layers, "tokens": tokens}
-    out.update(per_layer_saved(family, shape, args.layers, inputs, args.census))
+    model = build(family, shape, args.layers)
+    out.update(per_layer_saved(model, family, shape, inputs, args.census))
     out["planned_layer_bytes_per_token"] = layer
     out["layer_error"] = out["saved_bytes_per_token"] / layer - 1
     for ckpt in (False, True):
         key = "checkpointing" if ckpt else "no_checkpointing"
-        peak = peak_bytes(family, shape, args.layers, inputs, ckpt)
+        peak = peak_bytes(checkpointed(model) if ckpt else model, inputs)
         plan = tokens * activation_bytes_per_token(
             shape, family, args.seq, RANK, DROPOUT, ckpt, CPU_MASK_BYTES
         )

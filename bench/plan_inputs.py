@@ -41,12 +41,13 @@ def tokenizer(name: str):
     return AutoTokenizer.from_pretrained(TOKENIZERS / name)
 
 
-def mixes(cfg) -> dict[str, list[dict]]:
+def mixes(cfg, tokenizer_name: str) -> dict[str, list[dict]]:
     """The config's `none` mix and an `internal` mix whose safety rows all carry a
-    reflection of reflection.max_new_tokens words' worth (an upper bound on its length)."""
+    reflection of reflection.max_new_tokens words' worth (an upper bound on its length); the
+    general rows as tbr_ray.data samples them for a model with this tokenizer."""
     from tbr_ray.data import assemble_mix, source_rows
 
-    general, safety, _ = source_rows(cfg)
+    general, safety, _ = source_rows(cfg, str(TOKENIZERS / tokenizer_name))
     refusal = cfg.data.refusal or __import__("tbr_ray.config").config.PAPER_REFUSAL
     long_reflection = " ".join(["careful"] * cfg.reflection.max_new_tokens)
     seed = cfg.data.sample_seed
@@ -55,11 +56,11 @@ def mixes(cfg) -> dict[str, list[dict]]:
     return {"none": none, "internal": internal}
 
 
-def training(cfg, tok) -> dict:
+def training(cfg, tok, tokenizer_name: str) -> dict:
     from tbr_ray.data import tokenize_rows
 
     out = {}
-    for name, rows in mixes(cfg).items():
+    for name, rows in mixes(cfg, tokenizer_name).items():
         ex = tokenize_rows(rows, tok, cfg.data.max_seq_len)
         lengths = [len(e["input_ids"]) for e in ex]
         answers = [sum(1 for x in e["labels"] if x != -100) for e in ex]
@@ -162,7 +163,7 @@ def main(argv=None) -> None:
     for name in args.tokenizers:
         tok = tokenizer(name)
         out[name] = {
-            "training": training(cfg, tok),
+            "training": training(cfg, tok, name),
             "gsm8k_answer_tokens": gsm8k_answers(cfg, tok),
             "benchmarks": prompts(cfg, tok),
             "wildguard_template_tokens": judge_template_tokens(tok),

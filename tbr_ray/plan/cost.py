@@ -58,13 +58,14 @@ class CostModel:
 #   60 s a cell of Ray Train + DeepSpeed start-up (15-23 s on the 2-core box,
 #     docs/BENCHMARKS.md, plus the model build), 90 s of vLLM start with CUDA graphs,
 #     weights at 1 GB/s from a network volume, 60 s of Ray start once.
-# Measured (bench/plan_inputs.py, jobs/paper.yaml's mixes, Mistral's 32k tokenizer, the larger
-# of the two shipped ones; docs/BENCHMARKS.md 2026-12-01): 231 tokens a training example with
-# a reflection (224 without), micro-batches of 4 padded to 1.49-1.53 x their real tokens.
+# Measured (bench/plan_inputs.py, jobs/paper.yaml's mixes as tbr_ray.data samples them,
+# Mistral's 32k tokenizer, the larger counts of the two shipped; docs/BENCHMARKS.md
+# 2026-12-01): 177 tokens a training example with a 64-token reflection (171 without), its
+# micro-batches of 4 padded to 1.48 x their real tokens (1.53 without).
 # vLLM caches shared prompt prefixes by default (its EngineArgs enable_prefix_caching: the
 # model's support, on for these decoders).
-GPU_TRAIN_EXAMPLE_TOKENS = 230.6
-GPU_PADDING_FACTOR = 1.53
+GPU_TRAIN_EXAMPLE_TOKENS = 177.3
+GPU_PADDING_FACTOR = 1.48
 GPU_COST = CostModel(
     device="GPU",
     peak_flops=GPU_TYPES["H100"].peak_flops,

@@ -58,7 +58,7 @@ USER_FILE_PROMPTS = PROMPTS["xstest_safe"]
 # Measured the same day: a tuned cell's answer, the mix's responses capped at 256 tokens (the
 # `internal` mix, reflections at their 64-token budget: the longer of the two); GSM8K's
 # reference solutions (the 5 shots show that format).
-TUNED_ANSWER_TOKENS = 160.7
+TUNED_ANSWER_TOKENS = 118.4
 GSM8K_ANSWER_TOKENS = 128.8
 # A judge's prompt around the request and the answer: WildGuard's measured (118 tokens); Llama
 # Guard 3's template (its 14 categories) ships with its tokenizer, not here: assumed 3x that.
@@ -210,3 +210,17 @@ def measured_answer_tokens(generations) -> dict[str, dict[str, float]]:
             frame["n_new_tokens"].mean()
         )
     return out
+
+
+def answers_note(cfg: RunConfig, cost: CostModel, measured: dict | None) -> str:
+    """One line on where the plan's answer lengths come from."""
+    budget = cfg.eval.max_new_tokens
+    if measured:
+        return f"measured by a run ({len(measured)} benchmarks), else as below; budget {budget}"
+    if not cost.measured_prompts:
+        return f"every answer at its budget ({budget} tokens; the CPU cost model's fit)"
+    return (
+        f"no run measured them: a tuned cell's {min(budget, TUNED_ANSWER_TOKENS):.0f} tokens "
+        f"(the training mix's answers), GSM8K's {min(budget, GSM8K_ANSWER_TOKENS):.0f} (its "
+        f"reference solutions), base and prompting passes the whole budget ({budget})"
+    )

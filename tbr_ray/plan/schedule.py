@@ -10,7 +10,8 @@ from tabulate import tabulate
 
 from tbr_ray.config import PROMPTING, Cell, RunConfig
 from tbr_ray.plan.cost import CostModel, cost_model, train_s, writer_s
-from tbr_ray.plan.evalcost import eval_job_s
+from tbr_ray.plan.evalcost import answers_note, eval_job_s
+from tbr_ray.plan.gpus import GPU_TYPES
 from tbr_ray.plan.policy import KINDS, pick
 from tbr_ray.plan.sizing import (
     EngineLayout,
@@ -92,6 +93,9 @@ class GridPlan:
     engines: list[EngineLayout]  # one per grid model, then writers and the judge
     problems: list[str]  # non-empty: the config is refused
     slots: list[Slot]
+    gpu_type: str | None = None  # cluster.gpu_type (GPU runs)
+    usd_per_gpu_hour: float | None = None  # cluster.gpu_hour_usd[gpu_type]; None: not known
+    answers: str = ""  # where the answer lengths came from (the report says it)
 
     @property
     def makespan_s(self) -> float:
@@ -189,12 +193,26 @@ def plan_grid(
     names = list(cfg.grid.models) + _writers(cfg)
     names += [judge.model for _, judge in cfg.eval.model_judges()]
     engines = [engine_layout(cfg, m) for m in dict.fromkeys(names)] if cfg.train.use_gpu else []
-    problems = _problems(cfg, cells, engines, capacity)
+    problems = _problems(cfg, cells, engines, capacity) + _gpu_type_problems(cfg)
     slots = []
     if capacity and not problems:
         jobs = _jobs(cfg, cost, cells, capacity, measured)
         slots = simulate(jobs, capacity, cost.phase_fixed_s, cfg.grid.max_concurrent)
-    return GridPlan(cost.device, capacity, cells, engines, problems, slots)
+    gpu = cfg.cluster.gpu_type if cfg.train.use_gpu else None
+    price = cfg.cluster.gpu_hour_usd.get(gpu) if gpu else None
+    answers = answers_note(cfg, cost, measured)
+    return GridPlan(cost.device, capacity, cells, engines, problems, slots, gpu, price, answers)
+
+
+def _gpu_type_problems(cfg: RunConfig) -> list[str]:
+    gpu = cfg.cluster.gpu_type
+    if not cfg.train.use_gpu or gpu in GPU_TYPES:
+        return []
+    return [
+        f"cluster.gpu_type={gpu!r}: no datasheet figures for it. Fix: one of "
+        f"{', '.join(GPU_TYPES)} (--gpu-type), or add its peak bf16 FLOP/s, memory and "
+        "bandwidths to tbr_ray.plan.gpus.GPU_TYPES."
+    ]
 
 
 # ------------------------------------------------------------------ report
@@ -281,15 +299,40 @@ def format_plan(plan: GridPlan) -> str:
             "GiB), set cluster.gpus, or run where RAY_ADDRESS names a running Ray cluster."
         )
         return "\n".join(lines)
+    return "\n".join(lines + format_totals(plan))
+
+
+def format_totals(plan: GridPlan) -> list[str]:
+    """GPU-hours by kind of job, the makespan, the bill, and where the answer lengths came
+    from (a scheduled plan)."""
     busy = plan.device_hours / (plan.capacity * plan.makespan_s / 3600)
     unit = "GPU" if plan.device == "GPU" else "core"
     hours = {
         k: sum(s.job.devices * s.job.seconds for s in plan.slots if s.job.kind == k) for k in KINDS
     }
     split = ", ".join(f"{kind} {h / 3600:.1f}" for kind, h in hours.items())
-    lines.append(
+    where = f" {plan.gpu_type}" if plan.gpu_type else ""
+    lines = [
         f"estimated {plan.device_hours:.1f} {unit}-hours ({split}); makespan "
-        f"{_hms(plan.makespan_s)} on {plan.capacity} {plan.device}s ({busy:.0%} busy; cost "
-        f"model tbr_ray.plan.{'GPU' if plan.device == 'GPU' else 'CPU'}_COST)"
+        f"{_hms(plan.makespan_s)} on {plan.capacity}{where} {plan.device}s ({busy:.0%} busy; "
+        f"cost model tbr_ray.plan.{'GPU' if plan.device == 'GPU' else 'CPU'}_COST)"
+    ]
+    if plan.device == "GPU":
+        lines.append(format_bill(plan))
+    if plan.answers:
+        lines.append(f"answer lengths: {plan.answers}")
+    return lines
+
+
+def format_bill(plan: GridPlan) -> str:
+    """The plan's GPU-hours at cluster.gpu_hour_usd's rate for its GPU type."""
+    if plan.usd_per_gpu_hour is None:
+        return (
+            f"bill: no price for {plan.gpu_type} GPUs. Fix: --set "
+            f"'cluster.gpu_hour_usd={{{plan.gpu_type}: <USD per GPU-hour>}}'."
+        )
+    usd = plan.device_hours * plan.usd_per_gpu_hour
+    return (
+        f"bill: {plan.device_hours:.1f} GPU-hours x ${plan.usd_per_gpu_hour:.3f} "
+        f"({plan.gpu_type}, cluster.gpu_hour_usd) = ${usd:,.0f}"
     )
-    return "\n".join(lines)
