@@ -16,10 +16,18 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Names are validated against the vocabulary, never the stage registries (README "Layout").
 from tbr_ray import vocab
@@ -54,7 +62,24 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML are floats that pass ge/gt bounds (a
+    # learning rate of inf trains NaNs after Ray starts).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (and vLLM's, which calls it) takes 0..2**32-1
+
+
+def _seed_in_range(seed: int) -> int:
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(
+            f"a seed must lie in 0..{SEED_MAX} (what numpy, torch and vLLM all accept). "
+            "Fix: a small number, e.g. 0, 1, 2"
+        )
+    return seed
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
 
 
 class DataConfig(_Strict):
@@ -84,7 +109,7 @@ class DataConfig(_Strict):
     )
     n_general: int = Field(1800, ge=1, description="General (Alpaca) rows in the mix; paper: 1800.")
     n_safety: int = Field(200, ge=1, description="Safety rows in the mix; paper: 200.")
-    sample_seed: int = Field(
+    sample_seed: Seed = Field(
         0,
         description="Seed for which source rows are drawn; shared by every cell so mixes "
         "differ only in their reflections.",
@@ -232,7 +257,13 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(
         0, ge=0, description="Linear warm-up steps, then constant (tbr_ray.train.lr_schedule)."
     )
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Passes over the mix. Over 1000 is a typo (LoRA fine-tunes take 1-10; "
+        "10**20 planned 6e17 hours and would never finish).",
+    )
     micro_batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
     grad_accum_steps: int = Field(
         1,
@@ -322,7 +353,7 @@ class EvalConfig(_Strict):
     sample_size: int | None = Field(
         None, ge=1, description="Prompts per benchmark (seeded sample); None: all."
     )
-    sample_seed: int = Field(0, description="Seed of the benchmark sample.")
+    sample_seed: Seed = Field(0, description="Seed of the benchmark sample.")
     shots: dict[str, int] = Field(
         default_factory=dict,
         description="Few-shot examples per "
@@ -523,6 +554,11 @@ class GridConfig(_Strict):
             get_spec(name)  # raises UnknownModelError (a ValueError) naming the fix
         return v
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(_seed_in_range(seed) for seed in v)
+
     @field_validator("gammas")
     @classmethod
     def _gammas_in_unit_interval(cls, v: tuple[float, ...]) -> tuple[float, ...]:
@@ -679,6 +715,24 @@ class RunConfig(_Strict):
                 raise ValueError(
                     "reflection.endpoint is set but reflection.endpoint_model is "
                     "not. Fix: name the model the server serves."
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _budgets_fit_the_engine(self) -> RunConfig:
+        """Every engine's answer budget leaves room for a prompt in eval.max_model_len (vLLM
+        refuses such a request only once the engine runs, after training)."""
+        budgets = [("eval.max_new_tokens", self.eval.max_new_tokens)]
+        budgets += [(f"eval.{f}.max_new_tokens", j.budget()) for f, j in self.eval.model_judges()]
+        if "external" in self.grid.conditions or "internal" in self.grid.conditions:
+            budgets.append(("reflection.max_new_tokens", self.reflection.max_new_tokens))
+        n = self.eval.max_model_len
+        for field, tokens in budgets:
+            if tokens >= n:
+                raise ValueError(
+                    f"{field} = {tokens} leaves no room for a prompt in an engine of "
+                    f"eval.max_model_len = {n} tokens. Fix: lower {field} well below {n}, "
+                    "or raise eval.max_model_len (within the models' context)."
                 )
         return self
 

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tbr_ray.models import ModelSpec
+from tbr_ray.models import ModelSpec, context_length
 from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids, prompt_token_ids_batch
 
 
@@ -89,6 +89,17 @@ def _engine_env(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def engine_max_len(model_path: str, max_model_len: int) -> int:
+    """eval.max_model_len, capped at the model's own context read as vLLM reads it
+    (tbr_ray.models.context_length): vLLM refuses a longer one ("User-specified max_model_len
+    (1024) is greater than the derived max_model_len"), which failed a trained cell at its
+    evaluation. The preflight refuses an answer budget that this leaves no room for."""
+    from transformers import AutoConfig
+
+    context = context_length(AutoConfig.from_pretrained(model_path).to_dict())
+    return min(max_model_len, context or max_model_len)
+
+
 def engine_env(cpu: bool, in_process: bool, tensor_parallel: int) -> dict[str, str]:
     """The environment vLLM needs while it builds an engine here (pure).
 
@@ -131,7 +142,7 @@ class Engine:
             dtype=_dtype(),
             seed=settings.seed,
             gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_len,
+            max_model_len=engine_max_len(model_path, settings.max_model_len),
             enforce_eager=settings.enforce_eager,
         )
         tp = settings.tensor_parallel_size

@@ -50,11 +50,10 @@ from pathlib import Path
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.interrupt import RunInterrupt, mark_interrupted
+from tbr_ray.plan.sizing import CPU_RESERVE, TRIAL_DRIVER_CPU  # what the planner counts too
 from tbr_ray.progress import ProgressView
 from tbr_ray.rundir import DamagedFile, RunDir, run_lock, sweep_temp_files
 from tbr_ray.tiny import resolve_model
-
-TRIAL_DRIVER_CPU = 0.01  # a cell's task only orchestrates; a whole CPU starves its workers
 
 
 @dataclass(frozen=True)
@@ -271,12 +270,13 @@ def _resource(cfg: RunConfig) -> str:
 
 
 def resource_capacity(cfg: RunConfig) -> float:
-    """The cluster's GPUs (GPU runs) or CPUs (CPU runs) the scheduler hands out now. On CPU 0.1
-    stays free: Ray Data tasks and the task drivers take slivers outside the accounting."""
+    """The cluster's GPUs (GPU runs) or CPUs (CPU runs) the scheduler hands out now. On CPU
+    CPU_RESERVE stays free: Ray Data tasks and the task drivers take slivers outside the
+    accounting."""
     import ray
 
     total = ray.cluster_resources().get(_resource(cfg), 0.0)
-    return total if cfg.train.use_gpu else max(total - 0.1, 0.0)
+    return total if cfg.train.use_gpu else max(total - CPU_RESERVE, 0.0)
 
 
 def train_need(cfg: RunConfig, plan: CellPlan) -> float:

@@ -73,7 +73,9 @@ class ReviewConfig(BaseModel):
     sample_per_cell: int = Field(
         5, ge=0, description="Generations the judges agree on, sampled per benchmark x cell."
     )
-    seed: int = Field(0, description="Seed of that sample: the same seed, the same queue.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of that sample: the same seed, the same queue."
+    )
     host: str = Field("127.0.0.1", description="Address to bind; keep it local.")
     port: int = Field(0, ge=0, le=65535, description="0: a free port chosen by the system.")
     allow_network: bool = Field(

@@ -52,6 +52,16 @@ def _truncated(tmp: Path, rel: str) -> str:
     return str(root)
 
 
+def _short_model(tmp: Path, positions: int = 64) -> str:
+    """A local Llama folder (config + tokenizer file) built for `positions` tokens."""
+    folder = tmp / "short" / "hf"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(config | {"max_position_embeddings": positions}))
+    (folder / "tokenizer.json").write_text("{}")
+    return str(folder)
+
+
 def _model_without_tokenizer(tmp: Path) -> str:
     folder = tmp / "ckpt" / "hf"
     folder.mkdir(parents=True)
@@ -177,6 +187,43 @@ CASES = [
         "yaml-set-in-a-set-value",
         lambda t, m: [TINY, "--set", "grid.seeds=!!set {1, 2}"],
         "the value = {1, 2} is a YAML !!set value",
+    ),
+    # values that passed validate and --dry-run, then failed after Ray started or never ended
+    ("seed-over-2**32", lambda t, m: [TINY, "--set", f"grid.seeds=[{2**70}]"], "0..4294967295"),
+    (
+        "micro-batch-over-the-mix",
+        lambda t, m: [TINY, "--set", "train.micro_batch_size=1000000000"],
+        "= 2000000000 rows, but the mix holds 300",
+    ),
+    (
+        "a-million-cpu-workers",
+        lambda t, m: [TINY, "--set", "train.num_workers=1000000"],
+        "fewer train.num_workers",
+    ),
+    (
+        "workers-that-never-fit-this-machine",
+        lambda t, m: [TINY, "--set", "train.cpus_per_worker=1000"],
+        "so Ray would wait for them forever",
+    ),
+    (
+        "answer-budget-over-the-engine",
+        lambda t, m: [TINY, "--set", "eval.max_new_tokens=5000"],
+        "eval.max_new_tokens = 5000 leaves no room for a prompt",
+    ),
+    ("epochs-1e20", lambda t, m: [TINY, "--set", f"train.epochs={10**20}"], "or equal to 1000"),
+    ("learning-rate-inf", lambda t, m: [TINY, "--set", "train.learning_rate=.inf"], "finite"),
+    (
+        "model-context-shorter-than-the-budget",
+        lambda t, m: (
+            [TINY, "--set", f"grid.models=[{_short_model(t)}]"]
+            + ["--set", "eval.max_new_tokens=64"]
+        ),
+        "its context is 64 tokens, so its engine holds 64, and eval.max_new_tokens = 64",
+    ),
+    (
+        "model-context-shorter-than-training-rows",
+        lambda t, m: [TINY, "--set", f"grid.models=[{_short_model(t)}]"],
+        "shorter than the training sequences (data.max_seq_len = 192)",
     ),
     (
         "benchmark-file-wrong-header",
@@ -426,3 +473,15 @@ def test_unreachable_endpoint_is_a_plain_error_naming_the_setting():
     with pytest.raises(ConnectionError, match="reflection.endpoint = 'http://127.0.0.1:9/v1'") as e:
         _endpoint_generate(["Q?"], cfg)
     assert "Fix:" in str(copy.copy(e.value))
+
+
+def test_engine_is_capped_at_the_models_context(tmp_path):
+    """vLLM refuses max_model_len over the model's own ("greater than the derived
+    max_model_len"), which failed a 512-position model's cell after it trained."""
+    from transformers import LlamaConfig
+
+    from tbr_ray.engine import engine_max_len
+
+    LlamaConfig(max_position_embeddings=512).save_pretrained(tmp_path)
+    assert engine_max_len(str(tmp_path), 1024) == 512
+    assert engine_max_len(str(tmp_path), 256) == 256
