@@ -230,8 +230,8 @@ def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
 class Job:
     """What the scheduler launches: one cell's training, or one base model's evaluation."""
 
-    kind: str  # "train" | "eval"
-    key: str  # the cell id (train) or the base model (eval)
+    kind: str  # "train" | "eval" (a base model's generations) | "judge" (then its judging)
+    key: str  # the cell id (train) or the base model (eval, judge)
     need: float  # units of the run's resource (GPUs; CPUs on CPU runs) held while it runs
 
 
@@ -276,13 +276,33 @@ def train_need(cfg: RunConfig, plan: CellPlan) -> float:
     return TRIAL_DRIVER_CPU + plan.workers * cfg.train.cpus_per_worker
 
 
-def eval_need(cfg: RunConfig, model: str) -> float:
-    """A base model's evaluation holds one engine at a time: its own, then each model
-    judge's; it reserves the largest."""
+def eval_need(cfg: RunConfig, model: str, cells: list[Cell]) -> float:
+    """A base model's generations hold its engine replicas (`engine_replicas_for` over its
+    passes among `cells`), each of its engine's size. Its judging is a job of its own
+    (`judge_need`): the model's devices are free once its generations are done."""
+    from tbr_ray.engine import engine_bundle, engine_gpus_for, engine_replicas_for
+
+    replicas = engine_replicas_for(cfg, model, eval_units(cfg, model, cells))
+    return replicas * engine_bundle(cfg, engine_gpus_for(cfg, model)).get(_resource(cfg), 0.0)
+
+
+def eval_units(cfg: RunConfig, model: str, cells: list[Cell]) -> int:
+    """Engine passes of `model`'s evaluation (pure): one per trained cell, plus one for the
+    base model's own pass and the prompting cells together (tbr_ray.evaluate._units)."""
+    mine = [c for c in cells if c.model == model]
+    trained = sum(c.condition not in PROMPTING for c in mine)
+    return trained + int(cfg.eval.evaluate_base or len(mine) > trained)
+
+
+def judge_need(cfg: RunConfig) -> float:
+    """Judging holds one model judge's engine at a time: the largest judge's; nothing when
+    only rule judges run."""
     from tbr_ray.engine import engine_bundle, engine_gpus_for
 
     judges = [judge.model for _, judge in cfg.eval.model_judges()]
-    tp = max(engine_gpus_for(cfg, m) for m in [model, *judges])
+    if not judges:
+        return 0.0
+    tp = max(engine_gpus_for(cfg, m) for m in judges)
     return engine_bundle(cfg, tp).get(_resource(cfg), 0.0)
 
 
@@ -308,9 +328,10 @@ class _Pipeline:
         self.queued = [Job("train", c.cell_id, train_need(cfg, plans[c.cell_id])) for c in todo]
         self.admitted: list[Job] = []  # picked for training, not yet a Tune trial
         self.untrained_of = {m: {c.cell_id for c in todo if c.model == m} for m in models}
-        self.waiting = [Job("eval", m, eval_need(cfg, m)) for m in models]
+        self.waiting = [Job("eval", m, eval_need(cfg, m, cells)) for m in models]
+        self.judging: list[tuple[Job, object, float]] = []  # ready: (job, generated, start)
         self.training: dict[str, tuple[Job, float]] = {}  # Tune trial id -> (job, start)
-        self.evals: dict = {}  # ObjectRef -> (job, start)
+        self.evals: dict = {}  # ObjectRef -> (job, start of the model's evaluation)
         self.errors: dict[str, str] = {}
         self.slots = max_concurrent_cells(cfg, [plans[j.key] for j in self.queued]) if todo else 0
         self.capacity = resource_capacity(cfg)
@@ -337,7 +358,7 @@ class _Pipeline:
         """Launch the evaluations and admit the training cells that `pick_jobs` picks now."""
         if self.halted:
             return
-        evals, busy = self._ready_evals(), self._busy()
+        evals, busy = [j for j, _, _ in self.judging] + self._ready_evals(), self._busy()
         free = self.capacity - sum(j.need for j in busy)
         slots = self.slots - sum(j.kind == "train" for j in busy)
         picked = pick_jobs(evals, self.queued, free, slots)
@@ -346,7 +367,12 @@ class _Pipeline:
             # fits no node is refused by tbr_ray.engine.engine_placement).
             picked = [(evals or self.queued)[0]]
         for job in picked:
-            if job.kind == "eval":
+            if job.kind == "judge":
+                (_, generated, start), *_ = (j for j in self.judging if j[0] is job)
+                self.judging = [j for j in self.judging if j[0] is not job]
+                self.evals[_launch_judge(generated, self)] = (job, start)
+                self._say(f"judge {job.key} started")
+            elif job.kind == "eval":
                 self.waiting.remove(job)
                 self.evals[_launch_eval(job, self)] = (job, time.time())
                 self._say(f"eval {job.key} started")
@@ -367,6 +393,11 @@ class _Pipeline:
                 out = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - one job's failure must not stop others
                 out = dict(zip(("error", "traceback"), _error_text(exc), strict=True))
+            if job.kind == "eval" and "generated" in out:
+                # The model's engines are released; its judging waits for judge devices.
+                self.judging.append((Job("judge", job.key, judge_need(self.cfg)), out, start))
+                self._say(f"eval {job.key} generated in {time.time() - start:.0f} s")
+                continue
             _eval_finished(self.cfg, job.key, self.cells, out, self.output, self.metrics)
             for cell_id in out:
                 results.record_phase(self.output, cell_id, "eval", start, time.time())
@@ -398,13 +429,25 @@ class _Pipeline:
 
 
 def _launch_eval(job: Job, state: _Pipeline):
+    """A base model's generations as a Ray task (`generate_model_task`); its engines reserve
+    their own placement groups."""
     import ray
 
     cfg = state.cfg
     mine = [c.__dict__ for c in state.cells if c.model == job.key]
     config = {**_trial_base(cfg, state.paths, state.output), "model": job.key, "cells": mine}
-    task = ray.remote(evaluate_model_task).options(num_cpus=0, name=f"eval:{Path(job.key).name}")
+    task = ray.remote(generate_model_task).options(num_cpus=0, name=f"eval:{Path(job.key).name}")
     return task.remote(config)
+
+
+def _launch_judge(generated: dict, state: _Pipeline):
+    """A base model's judging as a Ray task (`judge_model_task`), given its generations."""
+    import ray
+
+    model = generated["generated"].model
+    config = {**_trial_base(state.cfg, state.paths, state.output), "model": model}
+    task = ray.remote(judge_model_task).options(num_cpus=0, name=f"judge:{Path(model).name}")
+    return task.remote(config, generated["generated"])
 
 
 def _trial_base(cfg: RunConfig, paths: dict[str, str], output: Path) -> dict:
@@ -537,7 +580,7 @@ def pipeline_phase(
     state.metrics, state.stop, state.verbose = metrics, stop, verbose
     if state.queued:
         _tune_training(cfg, state, verbose)
-    while (state.waiting or state.evals) and not state.halted:
+    while (state.waiting or state.judging or state.evals) and not state.halted:
         state.schedule()
         if not state.evals:
             break  # the evaluations left had nothing to do (their cells failed training)
@@ -643,13 +686,14 @@ def eval_todo(
     return ready, prompting, base_needed
 
 
-def evaluate_model(
+def generate_model(
     cfg: RunConfig, model: str, cells: list[Cell], paths: dict[str, str], output: Path
-) -> dict[str, str]:
-    """Evaluate the base model and every trained or prompting cell of `model` not yet done,
-    through one engine (tbr_ray.evaluate). Returns {cell_id: 'done' | error}; a failure
-    marks these cells failed and is not raised."""
-    from tbr_ray.evaluate import evaluate_base_model
+) -> dict:
+    """Generations of the base model and every trained or prompting cell of `model` not yet
+    done (tbr_ray.evaluate.generate_base_model). Returns {"generated": Generated} for
+    `judge_model`, {} when nothing is left, or {cell_id: error}: a failure marks these cells
+    failed and is not raised."""
+    from tbr_ray.evaluate import generate_base_model
 
     ready, prompting, base_needed = eval_todo(cfg, model, cells, output)
     if not ready and not base_needed and not prompting:
@@ -658,23 +702,50 @@ def evaluate_model(
     for c in todo:
         results.write_status(output, c.cell_id, "running", stage="eval")
     try:
-        return evaluate_base_model(
-            cfg, model, paths[model], ready, output, run_id(cfg), prompting=prompting
-        )
+        generated = generate_base_model(cfg, model, paths[model], ready, output, prompting)
     except Exception as exc:  # noqa: BLE001 - one base model's failure must not stop others
-        err, full = "".join(traceback.format_exception_only(exc)).strip(), traceback.format_exc()
-        for c in todo:
-            results.write_status(
-                output, c.cell_id, "failed", stage="eval", error=err, traceback=full
-            )
-        return {c.cell_id: err for c in todo}
+        return _eval_failed(output, todo, exc)
+    return {"generated": generated} if generated else {}
 
 
-def evaluate_model_task(config: dict) -> dict[str, str]:
-    """`evaluate_model` as a Ray task (`pipeline_phase`)."""
+def judge_model(cfg: RunConfig, generated, output: Path) -> dict[str, str]:
+    """Judge a base model's generations and write its cells' results
+    (tbr_ray.evaluate.judge_base_model). Returns {cell_id: 'done' | error}; a failure marks
+    the cells failed and is not raised."""
+    from tbr_ray.evaluate import judge_base_model
+
+    try:
+        return judge_base_model(cfg, generated, output, run_id(cfg))
+    except Exception as exc:  # noqa: BLE001 - one base model's failure must not stop others
+        return _eval_failed(output, [p.cell for p in generated.passes], exc)
+
+
+def _eval_failed(output: Path, cells: list[Cell], exc: Exception) -> dict[str, str]:
+    err, full = "".join(traceback.format_exception_only(exc)).strip(), traceback.format_exc()
+    for c in cells:
+        results.write_status(output, c.cell_id, "failed", stage="eval", error=err, traceback=full)
+    return {c.cell_id: err for c in cells}
+
+
+def evaluate_model(
+    cfg: RunConfig, model: str, cells: list[Cell], paths: dict[str, str], output: Path
+) -> dict[str, str]:
+    """`generate_model` then `judge_model`, here. Returns {cell_id: 'done' | error}."""
+    out = generate_model(cfg, model, cells, paths, output)
+    return judge_model(cfg, out["generated"], output) if "generated" in out else out
+
+
+def generate_model_task(config: dict) -> dict:
+    """`generate_model` as a Ray task (`pipeline_phase`): the model's engines' job."""
     cfg = RunConfig.model_validate(config["run"])
     cells = [Cell(**c) for c in config["cells"]]
-    return evaluate_model(cfg, config["model"], cells, config["paths"], Path(config["output"]))
+    return generate_model(cfg, config["model"], cells, config["paths"], Path(config["output"]))
+
+
+def judge_model_task(config: dict, generated) -> dict[str, str]:
+    """`judge_model` as a Ray task (`pipeline_phase`): the judges' job, after the model's."""
+    cfg = RunConfig.model_validate(config["run"])
+    return judge_model(cfg, generated, Path(config["output"]))
 
 
 def eval_phase(

@@ -108,6 +108,54 @@ def test_concurrency_comes_from_the_cluster_or_the_config(ray_local):
     assert cells_at_once("tiny.yaml", "grid.max_concurrent=4") == 4
 
 
+def test_judging_is_a_job_of_its_own_after_the_generations(ray_local, tmp_path, monkeypatch):
+    """Issue 20 point 7d: a base model's generations hold its engines (`eval_need`: replicas x
+    its engine size); when they end those are released and its judging is a job of its own
+    holding the judge's engine (`judge_need`), not the model's reservation. CPU bundles:
+    half a CPU per engine worker, tiny-falcon's judge engine 2 workers, tiny-llama's 1."""
+    from tbr_ray import grid
+
+    from .conftest import small_config
+
+    cfg = small_config(
+        "grid.conditions=[none, prompt-direct]",
+        "cluster.engine_gpus={tiny-llama: 1, tiny-falcon: 2}",
+        "cluster.max_engine_replicas=4",
+        "eval.judges=[paper-keywords, model]",
+        "eval.refusal_judge={model: tiny-falcon, format: three-class}",
+    )
+    cells = [c for c in cfg.cells() if c.condition == "prompt-direct"]  # trains nothing
+    assert grid.eval_units(cfg, "tiny-llama", cfg.cells()) == 2  # the adapter; base + prompt
+    assert grid.eval_need(cfg, "tiny-llama", cfg.cells()) == 2 * 0.5  # 2 replicas x 1 worker
+    assert grid.judge_need(cfg) == 1.0 and grid.judge_need(small_config()) == 0.0
+    launched = []
+    generated = {"generated": "the generations"}
+    monkeypatch.setattr(
+        grid, "_launch_eval", lambda job, st: launched.append(job) or ray_put(generated)
+    )
+    monkeypatch.setattr(
+        grid, "_launch_judge", lambda gen, st: launched.append(gen) or ray_put({"c": "done"})
+    )
+    state = grid._Pipeline(cfg, cells, {"tiny-llama": "unused"}, tmp_path)
+    state.metrics = grid.GridMetrics("t")
+    state.schedule()
+    assert [(j.kind, j.need) for j, _ in state.evals.values()] == [("eval", 0.5)]
+    state.poll(timeout=30)
+    assert not state.evals and [(j.kind, j.need) for j, _, _ in state.judging] == [("judge", 1.0)]
+    assert sum(j.need for j in state._busy()) == 0  # the model's engines are released
+    state.schedule()
+    assert [(j.kind, j.need) for j, _ in state.evals.values()] == [("judge", 1.0)]
+    assert launched[1] == generated and not state.judging
+    state.poll(timeout=30)
+    assert not state.evals and not state.waiting
+
+
+def ray_put(value):
+    import ray
+
+    return ray.put(value)
+
+
 @pytest.mark.slow
 def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path, ray_tmp):
     out = tmp_path / "run"
