@@ -1,16 +1,20 @@
-"""The eval stage: every adapter of one base model through one vLLM engine, fed by Ray Data.
+"""The eval stage: every pass of one base model through checked vLLM engine replicas.
 
     evaluate_base_model(cfg, model, model_path, [(cell, adapter_dir), ...], output, run)
     tbr-ray eval --config jobs/tiny.yaml --output runs/x      # from the shell
 
-Design: the prompts of all passes (the base model's own, then one per adapter) form one Ray
-Dataset, consumed by `map_batches` with a single `EngineStage` actor (tbr_ray.engine): one
-engine start per base model, not per cell; each pass is its own vLLM call, never a mix of base
-and adapter requests. Archs whose LoRA vLLM cannot serve (Falcon; for a family the registry
-does not list, vLLM's own registry decides: engine.serves_lora) get one merged-model engine
-per adapter. Generations are judged (rule judges here; each model judge, the refusal judge and
-the harm judge, as an engine pass of its own), scored, and written per cell with provenance
-through tbr_ray.results; a cell whose model-judge answers are unparsable beyond
+Design: the prompts of all passes (the base model's own and the prompting cells', which share
+one engine pass, then one per adapter) go to `engine_replicas_for` engine replicas of the base
+model, each in its own placement group (tbr_ray.replicas): one engine start per replica, not
+per cell; each pass is one vLLM call with all its prompts, never a mix of base and adapter
+requests. Every replica is checked against one transformers reference of the base model and
+its adapters (loaded once, adapters swapped). Archs whose LoRA vLLM cannot serve (Falcon; for
+a family the registry does not list, vLLM's own registry decides: engine.serves_lora) get one
+merged-model engine per adapter, merged by a Ray task that reserves the host memory it needs.
+Generations are then judged (`judge_base_model`; the grid runs it as a job of its own, on the
+judges' devices: rule judges here, each model judge, the refusal judge and the harm judge, on
+an engine of its own size), scored, and written per cell with provenance through
+tbr_ray.results; a cell whose model-judge answers are unparsable beyond
 eval.judge_max_unparsable fails, naming the judge and quoting an answer.
 """
 

@@ -11,14 +11,16 @@ the training: one trial per cell that still needs an adapter, whose driver build
 (Ray Data, cached and shared between cells with the same mix) and fine-tunes (Ray Train +
 DeepSpeed); a failed trial is retried `grid.max_retries` times, then reported failed while the
 others go on. Tune gets each cell from a Searcher (`CellQueue`) only when the grid's policy
-admits it, and a Tune callback launches each base model's evaluation (one vLLM engine, sized
-and placed by tbr_ray.engine, for the base model and every new adapter of that model: engine
-start-up paid once per base model) as a Ray task as soon as its cells are trained, while other
-cells still train. Policy (`pick_jobs`, simulated by the planner): ready evaluations take free
-resources before new training cells; cells go in grid order; as many jobs run as the
-cluster's GPUs (CPUs on CPU runs) hold. Why not evaluations as Tune trials too: one
-evaluation serves several cells (trials) and must wait for all of them, which Tune's
-independent trials cannot express. With `tracking.mlflow` each trial also goes to MLflow
+admits it, and a Tune callback launches each base model's evaluation (vLLM engine replicas,
+sized and placed by tbr_ray.engine, for the base model and every new adapter of that model:
+engine start-up paid once per replica, not per cell) as a Ray task as soon as its cells are
+trained, while other cells still train. When its generations are done its engines are
+released and its judging follows as a job of its own, holding only the judges' devices
+(`eval_need`, `judge_need`). Policy (`pick_jobs`, simulated by the planner): ready judging
+and evaluations take free resources before new training cells; cells go in grid order; as
+many jobs run as the cluster's GPUs (CPUs on CPU runs) hold. Why not evaluations as Tune
+trials too: one evaluation serves several cells (trials) and must wait for all of them, which
+Tune's independent trials cannot express. With `tracking.mlflow` each trial also goes to MLflow
 through Tune's MLflowLoggerCallback.
 
 Resume: rerunning the same command on the same output skips cells whose results are done,
