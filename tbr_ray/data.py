@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import unicodedata
-import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.keys import content_key
 from tbr_ray.models import format_prompt
 from tbr_ray.prompts import prompt_token_ids_batch
+from tbr_ray.rundir import building_dir, sweep_building_dirs
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -156,8 +157,15 @@ def _safety_items(root: Path, source: str) -> list[SafetyItem]:
     path = _source_path(root, SAFETY_FILES[source])
     if source == "safety-tuned-llamas":
         return [_instruction_item(i, r) for i, r in enumerate(json.loads(path.read_text()))]
-    with gzip.open(path, "rt") as fh:
-        return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # EOFError: a truncated file
+        raise ValueError(
+            f"data file {path} is damaged ({type(exc).__name__}: {exc or 'it ends early'}): "
+            "a truncated or corrupt gzip. Fix: delete it and run `tbr-ray fetch-data --root "
+            f"{root}` (`tbr-ray data-check` compares every file with its sha256)."
+        ) from None
 
 
 def _text_problem(row, key: str) -> str | None:
@@ -506,8 +514,6 @@ def build_mix(
     reflector_id: str | None = None,
 ) -> Path:
     """Build (or find cached) the cell's tokenized mix as Parquet; returns its folder."""
-    import ray
-
     general, safety, report = source_rows(cfg)
     reflections = None
     req = reflection_request(cfg, cell, model_path, reflector_path, reflector_id, safety)
@@ -522,12 +528,24 @@ def build_mix(
         report["selection"],
     )
     out = cfg.paths.resolved_cache_dir() / "mixes" / key
+    report["key"] = key
     if (out / "report.json").is_file():
         return out
     # Built under a private name and renamed into place when complete: cells sharing this
     # mix (same data settings and tokenizer) may build it at once, and none may read a
-    # partial folder or have its shards overwritten while it trains on them.
-    tmp = out.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
+    # partial folder or have its shards overwritten while it trains on them. A failed build
+    # removes its folder; one killed is removed by the next build (its owner lock is free).
+    sweep_building_dirs(out.parent)
+    with building_dir(out) as tmp:
+        _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp)
+        publish_dir(tmp, out)
+    return out
+
+
+def _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp: Path) -> None:
+    """The mix's shards and report.json into `tmp` (Ray Data tokenizes)."""
+    import ray
+
     rows = assemble_mix(
         general, safety, reflections, cell.gamma, cfg.data.refusal, cfg.data.sample_seed
     )
@@ -548,11 +566,8 @@ def build_mix(
         n_safety=int((table.kind == "safety").sum()),
         n_reflected=int(((table.kind == "safety") & (table.reflection != "")).sum()),
         n_truncated=int(table.truncated.sum()),
-        key=key,
     )
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    publish_dir(tmp, out)
-    return out
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

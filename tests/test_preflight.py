@@ -44,6 +44,14 @@ def _data_copy(tmp: Path, drop: str) -> str:
     return str(root)
 
 
+def _truncated(tmp: Path, rel: str) -> str:
+    """The shared data root (linked) with the first half of `rel` only: a cut download."""
+    root = Path(_data_copy(tmp, rel))
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes((DATA / rel).read_bytes()[: (DATA / rel).stat().st_size // 2])
+    return str(root)
+
+
 def _model_without_tokenizer(tmp: Path) -> str:
     folder = tmp / "ckpt" / "hf"
     folder.mkdir(parents=True)
@@ -115,6 +123,11 @@ CASES = [
         lambda t, m: [TINY, "--set", f"reflection.api_key_env={PASTED_KEY}"],
         "reflection.api_key_env = 'sk-... (30 characters, rest hidden)'",
     ),
+    (
+        "api-key-env-with-a-trailing-newline",  # re.match with "$" took it
+        lambda t, m: [TINY, "--set", 'reflection.api_key_env="TBR_KEY\\n"'],
+        "reflection.api_key_env = 'TBR... (8 characters, rest hidden)'",
+    ),
     ("unknown-benchmark", lambda t, m: [TINY, "--set", "eval.benchmarks=[xstets]"], "xstets"),
     (
         "data-root-missing",
@@ -134,6 +147,36 @@ CASES = [
         "too-many-rows-asked",
         lambda t, m: [TINY, "--set", "data.n_safety=100000"],
         "asked for 100000 safety rows",
+    ),
+    (
+        "truncated-gzip",
+        lambda t, m: [
+            TINY,
+            "--set",
+            f"data.root={_truncated(t, 'hh-rlhf/harmless-base/test.jsonl.gz')}",
+            "--set",
+            "data.safety_source=hh-rlhf-harmless",
+        ],
+        "test.jsonl.gz is damaged (EOFError",
+    ),
+    (
+        "csv-field-over-131072-characters",  # csv's field limit; an unclosed quote does it
+        lambda t, m: _user_benchmark(
+            t, "orbench_hard", b'prompt,category\nok,a\n"' + b"x" * 140_000 + b'",b\n'
+        ),
+        "line 3: not a readable CSV (field larger than field limit (131072))",
+    ),
+    (
+        "yaml-binary-in-the-file",
+        lambda t, m: [
+            _yaml_file(t, b"name: t\ngrid:\n  models: [tiny-llama]\n  seeds: !!binary aGk=\n")
+        ],
+        "grid.seeds = b'hi' is a YAML !!binary value",
+    ),
+    (
+        "yaml-set-in-a-set-value",
+        lambda t, m: [TINY, "--set", "grid.seeds=!!set {1, 2}"],
+        "the value = {1, 2} is a YAML !!set value",
     ),
     (
         "benchmark-file-wrong-header",
@@ -209,6 +252,15 @@ def test_bad_config_is_one_line_naming_the_fix(make_args, expected, tmp_path, mo
     assert line is not None, f"{expected!r} not in:\n{out.output}"
     assert "Fix:" in line, line
     assert PASTED_KEY not in out.output  # a pasted key is never echoed back in full
+
+
+@needs_data
+def test_ablate_names_a_truncated_data_file_instead_of_aborting(tmp_path):
+    """gzip's EOFError reached click, which prints only "Aborted." (exit 1)."""
+    root = _truncated(tmp_path, "hh-rlhf/harmless-base/test.jsonl.gz")
+    sets = ["--set", f"data.root={root}", "--set", "data.safety_source=hh-rlhf-harmless"]
+    out = runner.invoke(app, ["ablate", "--config", TINY, "-o", str(tmp_path / "run"), *sets])
+    assert out.exit_code == 2 and "is damaged" in out.output and "Aborted" not in out.output
 
 
 @needs_data
