@@ -82,6 +82,9 @@ def _seed_in_range(seed: int) -> int:
 Seed = Annotated[int, AfterValidator(_seed_in_range)]
 
 
+GeneralSource = Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"]  # data.GENERAL_FILES
+
+
 class DataConfig(_Strict):
     """Which rows make the TBR training mix (PAPER.md section 2)."""
 
@@ -90,9 +93,16 @@ class DataConfig(_Strict):
         description="Folder holding the shared data sets. None: $TBR_DATA_ROOT, else "
         "<repo>/../shared/data. A location, so not part of the config hash.",
     )
-    general_sources: tuple[Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"], ...] = Field(
+    general_sources: tuple[GeneralSource, ...] = Field(
         ("alpaca-bloom-lora", "alpaca-gumbelsoft"),
         description="Alpaca subsets to sample the general rows from (pooled, de-duplicated).",
+    )
+    length_reference: GeneralSource | None = Field(
+        "alpaca-bloom-lora",
+        description="The general source whose answer lengths (words) the general sample "
+        "follows, bin by bin (tbr_ray.lengths): bloom-lora's 1,000 rows are the shipped file "
+        "closest to a plain random Alpaca sample (its ATTRIBUTION.md); gumbelsoft is biased "
+        "toward long answers. None: a uniform sample of the pooled sources.",
     )
     safety_source: Literal["safety-tuned-llamas", "hh-rlhf-harmless"] = Field(
         "safety-tuned-llamas",
@@ -117,8 +127,10 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(
         512,
         ge=16,
-        description="Tokens per example after templating; "
-        "longer rows are truncated (counted in the data report).",
+        description="Tokens per example after templating, EOS included. No row is cut: a "
+        "general row longer than this under the model's tokenizer is dropped before sampling "
+        "(the mix keeps n_general), a safety row that outgrows it with its reflection is left "
+        "out of the mix; both counted in the mix report (over_max_seq_len).",
     )
     refusal: str = Field(
         PAPER_REFUSAL,
