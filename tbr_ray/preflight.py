@@ -37,7 +37,7 @@ def preflight(cfg: RunConfig, output: Path | None = None) -> list[str]:
         *check_cpu_cells(cfg),
         *check_secrets(cfg),
         *check_job_roots(cfg),
-        *check_tracking(cfg),
+        *check_extras(cfg),
     ]
     if output is not None:
         problems += check_output(Path(output))
@@ -194,15 +194,29 @@ def check_secrets(cfg: RunConfig) -> list[str]:
     return []
 
 
-def check_tracking(cfg: RunConfig) -> list[str]:
-    """MLflow tracking asked for needs the mlflow package."""
+def check_extras(cfg: RunConfig) -> list[str]:
+    """A setting that needs an optional package (pyproject's extras) needs it installed:
+    MLflow tracking the `tracking` extra, an external reflection endpoint the `endpoint`
+    extra (the openai client)."""
     import importlib.util
 
-    if not cfg.tracking.mlflow or importlib.util.find_spec("mlflow") is not None:
-        return []
+    needs = []
+    if cfg.tracking.mlflow:
+        needs.append(("tracking.mlflow: true", "mlflow", "tracking", "set tracking.mlflow=false"))
+    if "external" in cfg.grid.conditions and cfg.reflection.endpoint is not None:
+        needs.append(
+            (
+                f"reflection.endpoint = {cfg.reflection.endpoint!r}",
+                "openai",
+                "endpoint",
+                "use reflection.reflector (a model) instead",
+            )
+        )
     return [
-        "tracking.mlflow: true, but the mlflow package is not installed. Fix: "
-        "`pip install 'tbr-ray[tracking]'`, or set tracking.mlflow=false."
+        f"{setting}, but the {package} package is not installed. Fix: "
+        f"`pip install 'tbr-ray[{extra}]'`, or {other}."
+        for setting, package, extra, other in needs
+        if importlib.util.find_spec(package) is None
     ]
 
 

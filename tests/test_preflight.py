@@ -485,3 +485,35 @@ def test_engine_is_capped_at_the_models_context(tmp_path):
     LlamaConfig(max_position_embeddings=512).save_pretrained(tmp_path)
     assert engine_max_len(str(tmp_path), 1024) == 512
     assert engine_max_len(str(tmp_path), 256) == 256
+
+
+def test_an_endpoint_needs_the_endpoint_extra(monkeypatch):
+    """openai is imported when a cell writes external reflections through an endpoint (after
+    Ray started): the preflight names the extra that brings it."""
+    import importlib.util
+
+    from tbr_ray.preflight import check_extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a)
+    )
+    endpoint = ["reflection.endpoint=http://127.0.0.1:9/v1", "reflection.endpoint_model=m"]
+    cfg = small_config("grid.conditions=[external]", *endpoint)
+    assert check_extras(cfg) == [
+        "reflection.endpoint = 'http://127.0.0.1:9/v1', but the openai package is not installed."
+        " Fix: `pip install 'tbr-ray[endpoint]'`, or use reflection.reflector (a model) instead."
+    ]
+    assert check_extras(small_config("grid.conditions=[none]", *endpoint)) == []  # not needed
+
+
+def test_openai_is_a_runtime_extra_that_setup_installs():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    assert [d for d in extras["endpoint"] if d.startswith("openai")]
+    assert not [d for d in extras["dev"] if d.startswith("openai")]
+    assert "endpoint]'" in next(
+        line for line in (REPO / "Makefile").read_text().splitlines() if "install -q -e" in line
+    )
