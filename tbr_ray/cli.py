@@ -572,7 +572,12 @@ def _model_labeler(cfg: RunConfig):
 
     def label(pairs):
         grid.init_ray(logging_level="WARNING")  # Ray's token file private, as for a run
-        path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+        path = resolve_model(
+            judge.model,
+            cfg.paths.resolved_cache_dir(),
+            cfg.data.resolved_root(),
+            revisions=cfg.grid.hub_revisions,
+        )
         tokenizer = _tokenizer(path)
         rows = [
             {

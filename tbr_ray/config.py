@@ -48,6 +48,7 @@ _PLANNING_SECTIONS = {"power"}
 _ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
 # Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
 _SECRET_FIELDS = {("reflection", "api_key_env")}
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a git commit, as the Hugging Face hub names them
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets a trailing "\n" pass
 
 PAPER_REFUSAL = (
@@ -566,6 +567,25 @@ class GridConfig(_Strict):
             get_spec(name)  # raises UnknownModelError (a ValueError) naming the fix
         return v
 
+    hub_revisions: dict[str, str] = Field(
+        default_factory=dict,
+        description="The commit (40 hex digits) each model loaded from the Hugging Face hub is "
+        "pinned to, by the name this config uses: {llama-2-7b: <sha>, allenai/wildguard: "
+        "<sha>}. A hub model without one is refused: a later push to its repo would change "
+        "results unseen. Part of the config hash (when set).",
+    )
+
+    @field_validator("hub_revisions")
+    @classmethod
+    def _revisions_are_commits(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {k: r for k, r in v.items() if not COMMIT.fullmatch(r)}
+        if bad:
+            raise ValueError(
+                f"{bad} not a full commit hash (a branch or tag can move). Fix: the 40-hex "
+                "commit from the repo's history page"
+            )
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _seeds_in_range(cls, v: tuple[int, ...]) -> tuple[int, ...]:
@@ -731,6 +751,18 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _revisions_name_this_configs_models(self) -> RunConfig:
+        judges = [j.model for _, j in self.eval.model_judges()]
+        named = {*self.grid.models, self.reflection.reflector, *judges}
+        unknown = sorted(set(self.grid.hub_revisions) - named)
+        if unknown:
+            raise ValueError(
+                f"grid.hub_revisions names {unknown}, which this config does not use. Fix: key "
+                "it by the names in grid.models, reflection.reflector or the judges' model"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _budgets_fit_the_engine(self) -> RunConfig:
         """Every engine's answer budget leaves room for a prompt in eval.max_model_len (vLLM
         refuses such a request only once the engine runs, after training)."""
@@ -792,6 +824,8 @@ class RunConfig(_Strict):
             d.pop(section, None)
         for section, key in _ACCESS_FIELDS:
             d[section].pop(key, None)
+        if not d["grid"]["hub_revisions"]:  # added later: runs made before keep their hash
+            del d["grid"]["hub_revisions"]
         return d
 
     def config_hash(self) -> str:

@@ -261,7 +261,12 @@ def _model_judge(
     its own tokenizer (`judge_rows`); parse each answer (None: unparsable)."""
     from tbr_ray.tiny import resolve_model
 
-    path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+    path = resolve_model(
+        judge.model,
+        cfg.paths.resolved_cache_dir(),
+        cfg.data.resolved_root(),
+        revisions=cfg.grid.hub_revisions,
+    )
     # The judge reads the whole instruction and completion up to its engine's context, less
     # the tokens it may answer with (vLLM refuses a longer prompt).
     max_tokens = cfg.eval.max_model_len - judge.budget()

@@ -205,7 +205,8 @@ def model_paths(cfg: RunConfig) -> dict[str, str]:
     if cfg.reflection.reflector:
         names.append(cfg.reflection.reflector)
     names += [j.model for j in (cfg.eval.refusal_judge, cfg.eval.harm_judge) if j is not None]
-    return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
+    pins = cfg.grid.hub_revisions
+    return {n: resolve_model(n, cache, root, revisions=pins) for n in dict.fromkeys(names)}
 
 
 def train_cell(config: dict, callbacks: list | None = None) -> dict:

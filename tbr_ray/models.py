@@ -323,6 +323,14 @@ def model_label(name: str) -> str:
     return name if name in REGISTRY else Path(name).name
 
 
+def hub_repo(name: str) -> str | None:
+    """The Hugging Face repo a model loads from (a paper or chat model's, or a hub id given
+    as it is), None for a tiny preset or a local folder."""
+    if name in REGISTRY:
+        return REGISTRY[name].hf_id
+    return name if is_hub_id(name) and not Path(name).expanduser().exists() else None
+
+
 def is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))

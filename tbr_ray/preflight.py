@@ -34,6 +34,7 @@ def preflight(cfg: RunConfig, output: Path | None = None) -> list[str]:
         *benchmarks,
         *check_tokenizers(cfg),
         *check_contexts(cfg),
+        *check_hub_pins(cfg),
         *check_cpu_cells(cfg),
         *check_secrets(cfg),
         *check_job_roots(cfg),
@@ -167,6 +168,19 @@ def check_contexts(cfg: RunConfig) -> list[str]:
                 f"data.max_seq_len to at most {context}."
             )
     return list(dict.fromkeys(problems))
+
+
+def check_hub_pins(cfg: RunConfig) -> list[str]:
+    """Every model loaded from the Hugging Face hub is pinned to a commit
+    (grid.hub_revisions; tbr_ray.tiny.resolve_model loads that snapshot)."""
+    from tbr_ray.models import hub_repo
+    from tbr_ray.tiny import unpinned_message
+
+    return [
+        f"{field} = {unpinned_message(model, repo)}"
+        for field, model in model_settings(cfg)
+        if (repo := hub_repo(model)) and model not in cfg.grid.hub_revisions
+    ]
 
 
 def check_cpu_cells(cfg: RunConfig) -> list[str]:

@@ -226,6 +226,21 @@ CASES = [
         "shorter than the training sequences (data.max_seq_len = 192)",
     ),
     (
+        "unpinned-hub-model",
+        lambda t, m: [
+            TINY,
+            "--set",
+            "eval.harm_judge={model: meta-llama/Llama-Guard-3-8B, format: llama-guard-3}",
+        ],
+        "eval.harm_judge.model = meta-llama/Llama-Guard-3-8B loads meta-llama/Llama-Guard-3-8B "
+        "from the Hugging Face hub without a pinned commit",
+    ),
+    (
+        "hub-revision-not-a-commit",
+        lambda t, m: [TINY, "--set", "grid.hub_revisions={tiny-llama: main}"],
+        "not a full commit hash (a branch or tag can move)",
+    ),
+    (
         "benchmark-file-wrong-header",
         lambda t, m: _user_benchmark(t, "orbench_hard", b"text,cat\nx,y\n"),
         "lacks ['category', 'prompt']",
@@ -517,3 +532,34 @@ def test_openai_is_a_runtime_extra_that_setup_installs():
     assert "endpoint]'" in next(
         line for line in (REPO / "Makefile").read_text().splitlines() if "install -q -e" in line
     )
+
+
+PIN = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_pinned_hub_model_loads_its_commits_snapshot(tmp_path, monkeypatch):
+    """resolve_model hands every loader the Hugging Face cache's folder of the pinned commit
+    (huggingface_hub.snapshot_download, offline here: the snapshot is already cached)."""
+    from huggingface_hub import constants
+
+    from tbr_ray.tiny import resolve_model
+
+    snapshot = tmp_path / "hub" / "models--org--judge" / "snapshots" / PIN
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    where = resolve_model("org/judge", tmp_path, tmp_path, revisions={"org/judge": PIN})
+    assert Path(where) == snapshot
+    with pytest.raises(ValueError, match="org/judge loads org/judge .* without a pinned commit"):
+        resolve_model("org/judge", tmp_path, tmp_path, revisions={})
+    cfg = small_config(
+        "eval.harm_judge={model: org/judge, format: llama-guard-3}",
+        f"grid.hub_revisions={{org/judge: {PIN}}}",
+    )
+    assert cfg.config_hash() != small_config().config_hash()  # a pin is part of the hash
+
+
+def test_hub_revisions_must_name_this_configs_models():
+    with pytest.raises(ValueError, match=r"names \['llama-2-7b'\], which this config does not"):
+        small_config(f"grid.hub_revisions={{llama-2-7b: {PIN}}}")
