@@ -76,6 +76,21 @@ def test_a_wrong_reference_is_caught(engine, tiny_llama, adapter):
         check_engine(engine, PROMPTS[:2], {adapter: ref[None]}, 16, min_match=1.0)
 
 
+def test_a_replica_never_serves_unchecked():
+    """An engine replica's results count only after its check passed: before it, or after a
+    failed engine start or check, `run` refuses with that error (no vLLM needed here)."""
+    from tbr_ray.engine import EngineReplica
+
+    replica = EngineReplica(EngineSettings(), [], replica=1)
+    with pytest.raises(RuntimeError, match="before its check"):
+        replica.run([{"prompt": "x"}], None, 4)
+    replica.error = EngineMismatchError("vLLM greedy tokens match transformers on 0/4")
+    with pytest.raises(EngineMismatchError, match="0/4"):
+        replica.check({None: []}, {None: None}, ["x"], 4, "")
+    with pytest.raises(EngineMismatchError, match="0/4"):
+        replica.run([{"prompt": "x"}], None, 4)
+
+
 def test_a_near_tie_is_told_from_a_mismatch():
     """The first differing token decides: within tie_tol nats of transformers' own pick it is
     a rounding tie; further off, or not among transformers' top alternatives, a mismatch."""
