@@ -13,8 +13,9 @@ The queue holds refusal-judged generations (false-refusal and safety benchmarks)
 cells: first every generation on which the automatic judges disagree, then a seeded sample of
 the others per benchmark x cell. Each label is written as it is given, atomically, to
 RESULTS/reviews/<reviewer>.parquet through `tbr_ray.results`; `read_results` returns them as the
-judges `human` and `paper-reviewed`. The page is bound to 127.0.0.1 on a free port and answers
-only requests that carry the token printed with its URL.
+judges `human` and `paper-reviewed`. The page is bound to 127.0.0.1 on a free port (another
+host only with `allow_network`) and answers only requests that carry the token printed with its
+URL; a malformed request gets a 4xx and a JSON reason, never a held thread (`ReviewHandler`).
 """
 
 from __future__ import annotations
