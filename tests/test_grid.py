@@ -93,6 +93,45 @@ def test_dry_run_prints_the_paper_grid():
     assert table.count("llama-2-70b__") == 3
 
 
+def test_judging_is_a_job_of_its_own_after_the_generations(tmp_path):
+    """Issue 20 point 7d: a base model's generations hold its engines (`eval_need`: replicas x
+    its engine size); when they end those are released and its judging is a job of its own
+    holding the judge's engine (`judge_need`), not the model's reservation. CPU bundles:
+    half a CPU per engine worker, tiny-falcon's judge engine 2 workers, tiny-llama's 1."""
+    from tbr_ray import grid
+
+    from .conftest import small_config
+
+    cfg = small_config(
+        "grid.conditions=[none, prompt-direct]",
+        "cluster.engine_gpus={tiny-llama: 1, tiny-falcon: 2}",
+        "cluster.max_engine_replicas=4",
+        "eval.judges=[paper-keywords, model]",
+        "eval.refusal_judge={model: tiny-falcon, format: three-class}",
+    )
+    cells = [c for c in cfg.cells() if c.condition == "prompt-direct"]  # trains nothing
+    assert grid.eval_units(cfg, "tiny-llama", cfg.cells()) == 2  # the adapter; base + prompt
+    assert grid.eval_need(cfg, "tiny-llama", cfg.cells()) == 2 * 0.5  # 2 replicas x 1 worker
+    assert grid.judge_need(cfg) == 1.0 and grid.judge_need(small_config()) == 0.0
+    state = grid._Pipeline(cfg, cells, {"tiny-llama": "unused"}, tmp_path)
+    state.metrics = _NoMetrics()
+    state.capacity = grid.Capacity(cfg, read=lambda: 1.9, ask=lambda bundles: None)
+    state.launch = lambda job, _: "generations"
+    state.launch_judge = lambda generated, _: f"judging {generated['generated']}"
+    state.schedule()
+    assert [(j.kind, j.devices) for j, _ in state.evals.values()] == [("eval", 0.5)]
+    state.eval_ended("generations", {"generated": "tiny-llama"})
+    assert not state.evals and [(j.kind, j.devices) for j, _, _ in state.judging] == [
+        ("judge", 1.0)
+    ]
+    assert sum(j.devices for j in state._busy()) == 0  # the model's engines are released
+    state.schedule()
+    assert {r: j.devices for r, (j, _) in state.evals.items()} == {"judging tiny-llama": 1.0}
+    assert not state.judging
+    state.eval_ended("judging tiny-llama", {"tiny-llama__prompt-direct__g0.00__s0": "done"})
+    assert not state.evals and not state.waiting and not state.judging
+
+
 @pytest.mark.slow
 def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path, ray_tmp):
     out = tmp_path / "run"
@@ -226,8 +265,16 @@ def _runtime_order(cfg, output, seconds: dict[str, float], capacity: float):
     state.metrics = _NoMetrics()
     state.capacity = Capacity(cfg, read=lambda: capacity, ask=asked.append)
     state.launch = lambda job, _: f"eval {job.key}"
+    state.launch_judge = lambda generated, _: f"judge {generated['generated']}"
     now, ends, order = 0.0, {}, []
-    while state.queued or state.admitted or state.training or state.waiting or state.evals:
+    while (
+        state.queued
+        or state.admitted
+        or state.training
+        or state.waiting
+        or state.judging
+        or state.evals
+    ):
         before = set(state.evals)
         state.schedule()
         order += [(ref, now) for ref in state.evals if ref not in before]
@@ -241,6 +288,8 @@ def _runtime_order(cfg, output, seconds: dict[str, float], capacity: float):
         now = ends[name]
         if name in state.training:
             state.trial_ended(name, {"trained": 1})
+        elif name.startswith("eval "):  # its generations: then its judging, a job of its own
+            state.eval_ended(name, {"generated": name.split(" ", 1)[1]})
         else:
             state.eval_ended(name, {})
     return order, asked
@@ -249,8 +298,9 @@ def _runtime_order(cfg, output, seconds: dict[str, float], capacity: float):
 def test_the_run_schedules_as_the_plan_simulates(tmp_path):
     """One policy, planned and run: on the same fake 8-GPU cluster the runtime's scheduler
     (driven by the planner's job times) starts the same jobs in the same order at the same
-    times as the dry run's simulation; the 70B cells go first and fill the cluster; the
-    autoscaler is asked for the bundles of what runs."""
+    times as the dry run's simulation (training, each model's generations, then its judging);
+    the 70B cells go first and fill the cluster; the autoscaler is asked for the bundles of
+    what runs."""
     from tbr_ray.plan import plan_grid
 
     cfg = load_config(
@@ -268,6 +318,7 @@ def test_the_run_schedules_as_the_plan_simulates(tmp_path):
     assert ran[0][0].startswith("train llama-2-70b")
     gpus = {f"train {p.cell.cell_id}": p.layout.gpus for p in plan.cells}
     assert sum(gpus[n] for n, t in ran if t == 0.0) == 8
+    assert {n.split(" ")[0] for n, _ in ran} == {"train", "eval", "judge"}
     assert asked[0] and all(b["GPU"] >= 1 for b in asked[0]) and asked[-1] != []
 
 

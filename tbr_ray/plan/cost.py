@@ -60,7 +60,7 @@ class CostModel:
 #     weights at 1 GB/s from a network volume, 60 s of Ray start once.
 # Measured (bench/plan_inputs.py, jobs/paper.yaml's mixes as tbr_ray.data samples them,
 # Mistral's 32k tokenizer, the larger counts of the two shipped; docs/BENCHMARKS.md
-# 2026-12-01): 177 tokens a training example with a 64-token reflection (171 without), its
+# 2026-12-03): 177 tokens a training example with a 64-token reflection (171 without), its
 # micro-batches of 4 padded to 1.48 x their real tokens (1.53 without).
 # vLLM caches shared prompt prefixes by default (its EngineArgs enable_prefix_caching: the
 # model's support, on for these decoders).

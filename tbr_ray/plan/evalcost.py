@@ -14,13 +14,12 @@ where an Alpaca answer ends). The CPU cost model keeps the budgets it was fitted
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from tbr_ray.config import RunConfig
 from tbr_ray.models import get_spec
 from tbr_ray.plan.cost import CostModel, decode_s, eval_prompts, infer_flops, load_s
-from tbr_ray.plan.sizing import engine_gpus, kv_capacity_tokens
+from tbr_ray.plan.sizing import kv_capacity_tokens
 from tbr_ray.vocab import BENCHMARK_KINDS, CHOICE_BENCHMARKS, DEFAULT_SHOTS
 
 
@@ -35,7 +34,7 @@ class Prompts:
     groups: int  # prompts sharing one prefix: per MMLU subject, else one
 
 
-# Measured 2026-12-01 with Mistral's 32k tokenizer (the larger counts of the two shipped; Llama
+# Measured 2026-12-03 with Mistral's 32k tokenizer (the larger counts of the two shipped; Llama
 # 3's 128k gives 0.75-0.85 of these), jobs/paper.yaml's shots (docs/BENCHMARKS.md).
 PROMPTS = {
     "xstest_safe": Prompts(45.4, 0.0, 16, 0, 1),
@@ -174,18 +173,24 @@ def eval_job_s(
     replicas: int = 1,
     measured=None,
 ) -> float:
-    """One base model's evaluation: its engine's start and weights, its passes spread over
-    `replicas` engines (a pass never splits: the busiest replica runs ceil(passes /
-    replicas)), then the judges."""
-    total = sum(passes.values())
-    merges = passes.get(True, 0) * merged_pass_s(cost, model)
-    per_pass = (
-        sum(c * engine_pass_s(cfg, cost, model, tp, t, measured) for t, c in passes.items()) / total
-    )
-    busiest = math.ceil(total / replicas)
-    seconds = cost.engine_start_s + load_s(cost, model) + busiest * per_pass + merges / replicas
-    judge_tp = max((engine_gpus(cfg, j.model) for _, j in cfg.eval.model_judges()), default=tp)
-    return seconds + judge_s(cfg, cost, judge_tp if cfg.train.use_gpu else tp, passes, measured)
+    """One base model's generations: an engine start and its weights per replica (side by
+    side), then its units spread over the replicas, largest first (a unit never splits: each
+    adapter's pass, one merged engine each where vLLM cannot serve the family's LoRA; the
+    base model's and the prompting passes together), the busiest replica's time."""
+    tuned = engine_pass_s(cfg, cost, model, tp, True, measured) + merged_pass_s(cost, model)
+    units = [tuned] * passes.get(True, 0)
+    if passes.get(False, 0):
+        units.append(passes[False] * engine_pass_s(cfg, cost, model, tp, False, measured))
+    loads = [0.0] * max(1, replicas)
+    for unit in sorted(units, reverse=True):
+        loads[loads.index(min(loads))] += unit
+    return cost.engine_start_s + load_s(cost, model) + max(loads)
+
+
+def judge_job_s(cfg: RunConfig, cost: CostModel, tp: int, passes: dict[bool, int], measured=None):
+    """One base model's judging (its own job once its generations are done): each model
+    judge's engine in turn (`judge_s`), on `tp` devices; 0 with rule judges only."""
+    return judge_s(cfg, cost, tp, passes, measured) if cfg.eval.model_judges() else 0.0
 
 
 def merged_pass_s(cost: CostModel, model: str) -> float:

@@ -3,7 +3,7 @@
     GPU_TYPES["A100"].peak_flops      # 312e12: dense bf16 tensor FLOP/s
     tbr-ray ablate --config jobs/paper.yaml --dry-run --config-only --gpus 8 --gpu-type A100
 
-Figures from NVIDIA's datasheets, read 2026-12-01 (dense, i.e. without 2:4 sparsity, which
+Figures from NVIDIA's datasheets, read 2026-12-03 (dense, i.e. without 2:4 sparsity, which
 the datasheets' headline figures include and LoRA training does not use):
   A100 SXM4 80GB   bf16 312 TFLOP/s, HBM2e 2,039 GB/s, NVLink 3 600 GB/s (both directions)
                    (nvidia.com A100 datasheet, "NVIDIA A100 Tensor Core GPU", 2021)

@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from tbr_ray.config import PROMPTING, Cell, RunConfig
 from tbr_ray.plan.cost import CostModel, cost_model, train_s, writer_s
-from tbr_ray.plan.evalcost import answers_note, eval_job_s
+from tbr_ray.plan.evalcost import answers_note, eval_job_s, judge_job_s
 from tbr_ray.plan.gpus import GPU_TYPES
 from tbr_ray.plan.policy import KINDS, pick
 from tbr_ray.plan.sizing import (
@@ -19,12 +19,12 @@ from tbr_ray.plan.sizing import (
     TrainLayout,
     engine_gpus,
     engine_layout,
-    eval_engine_gpus,
     eval_passes,
     eval_replicas,
+    judge_engine_gpus,
     train_layout,
 )
-from tbr_ray.plan.steps import global_batch_problems, planned_steps
+from tbr_ray.plan.steps import batch_fit_problems, global_batch_problems, planned_steps
 
 # ------------------------------------------------------------------ simulation
 
@@ -167,16 +167,25 @@ def _jobs(cfg, cost: CostModel, cells: list[CellPlan], capacity: int, measured) 
             busy = p.layout.gpus if gpu else _cpu_train_cores(cfg, p.layout.gpus, capacity)
             jobs.append(Job(f"train {p.cell.cell_id}", "train", busy, p.seconds, after_writers))
     for model in cfg.grid.models:
-        passes = eval_passes(cfg, model)
-        replicas = eval_replicas(cfg, model) if gpu else 1
-        # What the runtime reserves (tbr_ray.grid.eval_need); every core on a CPU box.
-        reserved = eval_engine_gpus(cfg, model) if gpu else capacity
-        seconds = eval_job_s(cfg, cost, model, devices(model), passes, replicas, measured)
         trained = tuple(
             f"train {p.cell.cell_id}" for p in cells if p.cell.model == model and p.layout
         )
-        jobs.append(Job(f"eval {model}", "eval", reserved, seconds, after_writers + trained))
+        jobs += _eval_jobs(cfg, cost, model, capacity, after_writers + trained, measured)
     return jobs
+
+
+def _eval_jobs(cfg, cost: CostModel, model: str, capacity: int, after, measured) -> list[Job]:
+    """A base model's evaluation as the runtime runs it (tbr_ray.grid): its generations on
+    its engine replicas, then its judging, a job of its own on the judges' devices (every
+    core of a CPU box for both)."""
+    gpu, passes = cfg.train.use_gpu, eval_passes(cfg, model)
+    tp = engine_gpus(cfg, model) if gpu else capacity
+    replicas = eval_replicas(cfg, model) if gpu else 1
+    seconds = eval_job_s(cfg, cost, model, tp, passes, replicas, measured)
+    generate = Job(f"eval {model}", "eval", tp * replicas, seconds, after)
+    judge_tp = judge_engine_gpus(cfg) if gpu else capacity
+    judging = judge_job_s(cfg, cost, max(judge_tp, 1), passes, measured)
+    return [generate, Job(f"judge {model}", "judge", judge_tp, judging, (generate.name,))]
 
 
 def plan_grid(
@@ -187,7 +196,7 @@ def plan_grid(
     `cost`: the cost model (default: the device's, `cost_model(cfg)`); `measured`: answer
     lengths a run measured (tbr_ray.plan.evalcost.measured_answer_tokens)."""
     cost = cost or cost_model(cfg)
-    if batch := global_batch_problems(cfg):  # steps and costs need whole micro-batches
+    if batch := global_batch_problems(cfg) or batch_fit_problems(cfg):  # steps need them
         return GridPlan(cost.device, capacity, [], [], batch, [])
     cells = _cell_plans(cfg, cost, capacity)
     names = list(cfg.grid.models) + _writers(cfg)

@@ -48,6 +48,11 @@ ZERO3_PREFETCH_PARAMS = 5e7
 # by SDPA (issue 20 point 9), so it trains with eager attention, which keeps the seq x seq
 # scores (`layer_bytes_per_token`).
 EAGER_TRAINING = frozenset({"gemma2"})
+# CPU runs, as the grid's scheduler counts them (tbr_ray.grid.train_need, resource_capacity):
+# a cell's Tune driver task holds a sliver beside its workers, and a sliver of the cluster
+# stays free for Ray Data tasks.
+TRIAL_DRIVER_CPU = 0.01
+CPU_RESERVE = 0.1
 
 
 class PlanError(ValueError):
@@ -198,22 +203,31 @@ def eval_passes(cfg: RunConfig, model: str) -> dict[bool, int]:
     return {True: len(mine) - prompting, False: prompting + int(cfg.eval.evaluate_base)}
 
 
-def eval_replicas(cfg: RunConfig, model: str, passes: int | None = None) -> int:
-    """Engine replicas of `model`'s evaluation: cluster.engine_replicas[model], else
-    cluster.max_engine_replicas, never more than its passes (a pass never splits), at least
-    1 (the rule of tbr_ray.engine.engine_replicas_for)."""
-    total = sum(eval_passes(cfg, model).values()) if passes is None else passes
+def eval_units(passes: dict[bool, int]) -> int:
+    """Engine units of an evaluation: one per adapter, and one for the base model's own pass
+    and the prompting passes together (tbr_ray.evaluate._units, tbr_ray.grid.eval_units)."""
+    return passes[True] + int(passes[False] > 0)
+
+
+def eval_replicas(cfg: RunConfig, model: str) -> int:
+    """Engine replicas of `model`'s generations: cluster.engine_replicas[model], else
+    cluster.max_engine_replicas, never more than its units (a unit never splits), at least 1
+    (the rule of tbr_ray.engine.engine_replicas_for)."""
     wanted = cfg.cluster.engine_replicas.get(model, cfg.cluster.max_engine_replicas)
-    return max(1, min(wanted, total))
+    return max(1, min(wanted, eval_units(eval_passes(cfg, model))))
 
 
-def eval_engine_gpus(cfg: RunConfig, model: str, passes: int | None = None) -> int:
-    """GPUs a base model's evaluation reserves (the runtime's reservation, tbr_ray.grid, and
-    the plan's): each replica holds one engine at a time, its own, then each model judge's,
-    so the largest of them, times the replicas."""
-    judges = [judge.model for _, judge in cfg.eval.model_judges()]
-    tp = max(engine_gpus(cfg, m) for m in [model, *judges])
-    return tp * eval_replicas(cfg, model, passes)
+def eval_engine_gpus(cfg: RunConfig, model: str) -> int:
+    """GPUs a base model's generations reserve: its replicas, each of its engine's size (the
+    runtime's reservation, tbr_ray.grid.eval_need). Its judging is a job of its own
+    (`judge_engine_gpus`)."""
+    return engine_gpus(cfg, model) * eval_replicas(cfg, model)
+
+
+def judge_engine_gpus(cfg: RunConfig) -> int:
+    """GPUs a base model's judging reserves: one model judge's engine at a time, the largest
+    (tbr_ray.grid.judge_need); 0 when only rule judges run."""
+    return max((engine_gpus(cfg, j.model) for _, j in cfg.eval.model_judges()), default=0)
 
 
 # ------------------------------------------------------------------ training
@@ -353,7 +367,8 @@ def train_layout(cfg: RunConfig, model: str, max_gpus: int | None = None) -> Tra
     t, c, spec = cfg.train, cfg.cluster, get_spec(model)
     if not t.use_gpu:
         zero = t.zero_stage if t.zero_stage is not None else spec.zero_stage
-        return TrainLayout(model, t.num_workers or 2, zero, 0.0)
+        workers = t.num_workers or 2
+        return TrainLayout(model, workers, zero, 0.0, _cpu_problem(cfg, model, workers, max_gpus))
     limit = max_gpus or c.gpus or c.gpus_per_node
     counts = [t.num_workers] if t.num_workers else [n for n in SIZES if n <= limit] or [1]
     zeros = [t.zero_stage] if t.zero_stage is not None else [2, 3]
@@ -371,6 +386,26 @@ def train_budget_gib(cfg: RunConfig) -> float:
     """What a training cell's counted need may fill of one GPU: cluster.gpu_memory_gib x
     cluster.train_memory_utilization."""
     return cfg.cluster.gpu_memory_gib * cfg.cluster.train_memory_utilization
+
+
+def _cpu_problem(cfg: RunConfig, model: str, workers: int, cores: int | None) -> str | None:
+    """A CPU cell whose workers ask more CPUs than the cluster has never starts: Ray waits."""
+    need = TRIAL_DRIVER_CPU + workers * cfg.train.cpus_per_worker
+    if cores is None or need <= cores - CPU_RESERVE:
+        return None
+    room = cores - CPU_RESERVE - TRIAL_DRIVER_CPU
+    fit = int(room // cfg.train.cpus_per_worker)
+    fix = (
+        f"train.num_workers at most {fit}, or fewer train.cpus_per_worker"
+        if fit >= 1
+        else f"train.cpus_per_worker at most {room / workers:.2f}"
+    )
+    return (
+        f"{model}: train.num_workers x train.cpus_per_worker = {workers} x "
+        f"{cfg.train.cpus_per_worker:g} CPUs (+ {TRIAL_DRIVER_CPU} for its driver), the "
+        f"cluster has {cores} CPUs ({CPU_RESERVE} kept free), so Ray would wait for them "
+        f"forever. Fix: {fix}."
+    )
 
 
 def _train_problem(cfg: RunConfig, model: str, n: int, zero: int, need: float, limit: int) -> str:
