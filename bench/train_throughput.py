@@ -139,7 +139,12 @@ def main() -> None:
     cfg = config(args.model, args.steps, workers=1)
     shutil.rmtree(args.output, ignore_errors=True)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    model_path = resolve_model(args.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+    model_path = resolve_model(
+        args.model,
+        cfg.paths.resolved_cache_dir(),
+        cfg.data.resolved_root(),
+        revisions=cfg.grid.hub_revisions,
+    )
     mix = build_mix(cfg, cfg.cells()[0], model_path)
     ray_info = ray_side(cfg, model_path, mix, args.output)
     ray.shutdown()

@@ -28,6 +28,7 @@ from pathlib import Path
 import typer
 
 from tbr_ray.config import Cell, ConfigError, RunConfig, load_config
+from tbr_ray.rundir import DamagedFile, RunDir
 
 app = typer.Typer(
     add_completion=False,
@@ -47,20 +48,23 @@ ConfigOnlyOpt = typer.Option(
 
 
 def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
+    """The one-line error (URL credentials and tokens masked: tbr_ray.redact), exit 2."""
+    from tbr_ray.redact import redact
+
+    typer.secho(redact(message), fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
 def _config(path: Path, sets: list[str]) -> RunConfig:
     """The validated config, and the checks that need the planner's worker counts (the config
     module imports no stage), for every command, --config-only too, before Ray starts."""
-    from tbr_ray.plan import global_batch_problems
+    from tbr_ray.plan import batch_fit_problems, global_batch_problems
 
     try:
         cfg = load_config(path, sets)
     except ConfigError as exc:
         _fail(str(exc))
-    if problems := global_batch_problems(cfg):
+    if problems := global_batch_problems(cfg) or batch_fit_problems(cfg):
         _fail("\n".join(problems))
     return cfg
 
@@ -178,14 +182,20 @@ def ablate(
         False,
         "--dry-run",
         help="Plan, train nothing: per cell GPUs, ZeRO, memory fit, steps; per base model "
-        "engine GPUs; GPU-hours and makespan (tbr_ray.plan), then the preflight. Exit 2 if "
-        "it cannot fit.",
+        "engine GPUs; GPU-hours and makespan (tbr_ray.plan); per Table 3 column the smallest "
+        "difference the grid resolves; then the preflight. Exit 2 if it cannot fit.",
     ),
     gpus: int | None = typer.Option(
         None, "--gpus", min=1, help="GPUs of the cluster (cluster.gpus); default: Ray's."
     ),
     gpu_memory: float | None = typer.Option(
         None, "--gpu-memory", min=1, help="GiB of one GPU (cluster.gpu_memory_gib)."
+    ),
+    gpu_type: str | None = typer.Option(
+        None,
+        "--gpu-type",
+        help="GPU model (cluster.gpu_type: A100, H100, H200, L40S): the plan's FLOPs, "
+        "bandwidths and price; its memory too unless --gpu-memory says.",
     ),
     config_only: bool = ConfigOnlyOpt,
     verbose: bool = VerboseOpt,
@@ -195,10 +205,10 @@ def ablate(
     from tbr_ray.grid import summarize, wall_clock
 
     sets = list(sets) + [f"cluster.gpus={gpus}"] * bool(gpus)
-    sets += [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
+    sets += _gpu_sets(gpu_type, gpu_memory)
     cfg = _config(config, sets)
     if dry_run:
-        _dry_run(cfg, gpus, None if config_only else output)
+        _dry_run(cfg, gpus, None if config_only else output, output)
         return
     _refuse_unplannable(cfg)
     if not config_only:
@@ -240,20 +250,49 @@ def _run_grid_or_exit(cfg: RunConfig, output: Path, command: list[str], sets, ve
         raise typer.Exit(exc.exit_code) from None
 
 
-def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
+def _gpu_sets(gpu_type: str | None, gpu_memory: float | None) -> list[str]:
+    """--set values of --gpu-type and --gpu-memory: the type's memory unless given."""
+    from tbr_ray.plan.gpus import GPU_TYPES
+
+    sets = [f"cluster.gpu_type={gpu_type}"] * bool(gpu_type)
+    if gpu_memory is None and gpu_type in GPU_TYPES:
+        gpu_memory = GPU_TYPES[gpu_type].memory_gib
+    return sets + [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
+
+
+def _measured_answers(cfg: RunConfig, folder: Path | None) -> dict | None:
+    """Answer lengths the run of `cfg` in `folder` measured (its finished cells'
+    generations), for the plan of its rest; None without one (or with another config's)."""
+    import json
+
+    from tbr_ray.plan.evalcost import measured_answer_tokens
+    from tbr_ray.results import read_results
+
+    manifest = folder / "run.json" if folder is not None else None
+    if manifest is None or not manifest.is_file():
+        return None
+    if json.loads(manifest.read_text()).get("config_hash") != cfg.config_hash():
+        return None
+    return measured_answer_tokens(read_results(folder).generations) or None
+
+
+def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None, folder=None) -> None:
     """The plan (tbr_ray.plan), then the preflight of this machine unless `output` is None
     (--config-only). Exit 2 if the plan cannot place the grid, or if a run that would execute
     here (a CPU config) fails the preflight. A GPU config is planned from a laptop before the
     cluster exists: its preflight lines (files on the cluster's volume, secrets set on its
-    pods) are printed as what `tbr-ray validate` must pass *there*, and do not fail the plan."""
+    pods) are printed as what `tbr-ray validate` must pass *there*, and do not fail the plan.
+    A run already in `folder` (--output) gives the plan its measured answer lengths."""
     from tbr_ray.plan import PlanError, format_plan, plan_grid
     from tbr_ray.preflight import preflight
 
     try:
-        plan = plan_grid(cfg, gpus or _cluster_devices(cfg))
+        measured = _measured_answers(cfg, folder)
+        plan = plan_grid(cfg, gpus or _cluster_devices(cfg), measured=measured)
     except PlanError as exc:
         _fail(str(exc))
     typer.echo(format_plan(plan))
+    typer.echo("\n" + _power_section(cfg))
     if output is not None and not cfg.train.use_gpu:
         _ready(cfg, output)
     elif output is not None and (problems := preflight(cfg, output)):
@@ -266,6 +305,18 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
         )
     if plan.problems:
         raise typer.Exit(2)
+
+
+def _power_section(cfg: RunConfig) -> str:
+    """The dry run's power statement (tbr_ray.plan.power_plan), with the paper's Table 3 as
+    analysis/ holds it (its layout and published values)."""
+    from analysis.paper import published_pairs
+    from analysis.tables import planned_columns
+    from tbr_ray.plan.power_plan import format_power, power_rows
+
+    columns = planned_columns(cfg.eval.benchmarks, cfg.eval.harm_judge is not None)
+    rows = power_rows(cfg, columns, published_pairs(cfg.grid.models))
+    return format_power(cfg, rows)
 
 
 def _refuse_unplannable(cfg: RunConfig) -> None:
@@ -425,7 +476,12 @@ def report(
         _fail(
             f"{results_dir}: no such results directory. Fix: pass the --output of `tbr-ray ablate`."
         )
-    paths = write_report(results_dir, output or results_dir / "report", judge=judge, gamma=gamma)
+    try:
+        paths = write_report(
+            results_dir, output or RunDir(results_dir).report, judge=judge, gamma=gamma
+        )
+    except DamagedFile as exc:
+        _fail(f"{exc}. Fix: rerun the run's command to redo what it held, or restore the file.")
     for key, path in paths.items():
         typer.echo(f"{key}: {path}")
 
@@ -438,8 +494,13 @@ def review(
     ),
     sample: int = typer.Option(5, help="Agreed-on generations sampled per benchmark x cell."),
     seed: int = typer.Option(0, help="Seed of that sample."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind the page to."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind the page to (loopback)."),
     port: int = typer.Option(0, help="Port (0: a free one)."),
+    allow_network: bool = typer.Option(
+        False,
+        "--allow-network",
+        help="Allow a --host other machines reach; the token then travels in plain HTTP.",
+    ),
     export: Path | None = typer.Option(None, "--export", help="Write the queue as CSV; exit."),
     import_: Path | None = typer.Option(None, "--import", help="Store labels from a CSV; exit."),
 ) -> None:
@@ -466,6 +527,7 @@ def review(
             seed=seed,
             host=host,
             port=port,
+            allow_network=allow_network,
         )
         if export or import_:
             results = read_results(results_dir)
@@ -480,6 +542,14 @@ def review(
         server = make_server(results_dir, cfg)
     except (ValueError, ValidationError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if server.exposed:
+        typer.secho(
+            f"WARNING: --host {host} serves this page to other machines over plain HTTP: "
+            "anyone who sees the traffic can read the token below and label in your name.",
+            fg=typer.colors.RED,
+            bold=True,
+            err=True,
+        )
     done = server.progress()
     typer.echo(f"{done['total']} generations to review, {done['done']} labelled by {cfg.reviewer}")
     typer.echo(f"open {server.url}  (Ctrl-C to stop; every label is saved as it is given)")
@@ -527,8 +597,7 @@ def judge_score(
 def _model_labeler(cfg: RunConfig):
     """A labeler that runs the configured refusal judge on vLLM (Ray Data + EngineStage),
     its prompts rendered in its declared format through its own tokenizer."""
-    import ray
-
+    from tbr_ray import grid
     from tbr_ray.evaluate import _run_engine, _tokenizer
     from tbr_ray.judges import judge_prompt
     from tbr_ray.tiny import resolve_model
@@ -536,8 +605,13 @@ def _model_labeler(cfg: RunConfig):
     judge = cfg.eval.refusal_judge
 
     def label(pairs):
-        ray.init(logging_level="WARNING", ignore_reinit_error=True)
-        path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+        grid.init_ray(logging_level="WARNING")  # Ray's token file private, as for a run
+        path = resolve_model(
+            judge.model,
+            cfg.paths.resolved_cache_dir(),
+            cfg.data.resolved_root(),
+            revisions=cfg.grid.hub_revisions,
+        )
         tokenizer = _tokenizer(path)
         rows = [
             {
@@ -590,9 +664,10 @@ def fetch_data_cmd(
 def status(run_dir: Path = typer.Argument(..., help="A results directory (--output of a run).")):
     """Where a run stands: its driver (if one holds the folder), then per cell its state,
     stage, start, elapsed time, last update and, for a failure, the file with its full error."""
-    from tbr_ray.rundir import format_status
+    from tbr_ray.status import format_status
 
-    if not (run_dir / "run.json").is_file() and not (run_dir / "cells").is_dir():
+    run = RunDir(run_dir)
+    if not run.manifest.is_file() and not run.cells.is_dir():
         _fail(f"{run_dir}: not a results directory. Fix: pass the --output of a run.")
     typer.echo(format_status(run_dir))
 

@@ -16,14 +16,23 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Names are validated against the vocabulary, never the stage registries (README "Layout").
 from tbr_ray import vocab
 from tbr_ray.keys import content_key
+from tbr_ray.redact import redact
 from tbr_ray.vocab import ALL_CONDITIONS, CONDITIONS, PROMPTING  # noqa: F401 (re-exported)
 
 Condition = Literal["none", "internal", "external", "prompt-direct", "prompt-cot"]
@@ -33,10 +42,13 @@ _LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
 # Sections that say *on what* a run executes, not *what* it computes: kept out of the hash, so
 # the same grid resumes on a cluster of another shape.
 _PLACEMENT_SECTIONS = {"cluster", "tracking"}
+# Sections that say how a run is planned or read, not what it computes: out of the hash too.
+_PLANNING_SECTIONS = {"power"}
 # Fields that say how to reach a service, not what is computed: kept out of the hash too.
 _ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
 # Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
 _SECRET_FIELDS = {("reflection", "api_key_env")}
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a git commit, as the Hugging Face hub names them
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets a trailing "\n" pass
 
 PAPER_REFUSAL = (
@@ -51,7 +63,27 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML are floats that pass ge/gt bounds (a
+    # learning rate of inf trains NaNs after Ray starts).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (and vLLM's, which calls it) takes 0..2**32-1
+
+
+def _seed_in_range(seed: int) -> int:
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(
+            f"a seed must lie in 0..{SEED_MAX} (what numpy, torch and vLLM all accept). "
+            "Fix: a small number, e.g. 0, 1, 2"
+        )
+    return seed
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
+
+
+GeneralSource = Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"]  # data.GENERAL_FILES
 
 
 class DataConfig(_Strict):
@@ -62,9 +94,16 @@ class DataConfig(_Strict):
         description="Folder holding the shared data sets. None: $TBR_DATA_ROOT, else "
         "<repo>/../shared/data. A location, so not part of the config hash.",
     )
-    general_sources: tuple[Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"], ...] = Field(
+    general_sources: tuple[GeneralSource, ...] = Field(
         ("alpaca-bloom-lora", "alpaca-gumbelsoft"),
         description="Alpaca subsets to sample the general rows from (pooled, de-duplicated).",
+    )
+    length_reference: GeneralSource | None = Field(
+        "alpaca-bloom-lora",
+        description="The general source whose answer lengths (words) the general sample "
+        "follows, bin by bin (tbr_ray.lengths): bloom-lora's 1,000 rows are the shipped file "
+        "closest to a plain random Alpaca sample (its ATTRIBUTION.md); gumbelsoft is biased "
+        "toward long answers. None: a uniform sample of the pooled sources.",
     )
     safety_source: Literal["safety-tuned-llamas", "hh-rlhf-harmless"] = Field(
         "safety-tuned-llamas",
@@ -81,7 +120,7 @@ class DataConfig(_Strict):
     )
     n_general: int = Field(1800, ge=1, description="General (Alpaca) rows in the mix; paper: 1800.")
     n_safety: int = Field(200, ge=1, description="Safety rows in the mix; paper: 200.")
-    sample_seed: int = Field(
+    sample_seed: Seed = Field(
         0,
         description="Seed for which source rows are drawn; shared by every cell so mixes "
         "differ only in their reflections.",
@@ -89,8 +128,10 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(
         512,
         ge=16,
-        description="Tokens per example after templating; "
-        "longer rows are truncated (counted in the data report).",
+        description="Tokens per example after templating, EOS included. No row is cut: a "
+        "general row longer than this under the model's tokenizer is dropped before sampling "
+        "(the mix keeps n_general), a safety row that outgrows it with its reflection is left "
+        "out of the mix; both counted in the mix report (over_max_seq_len).",
     )
     refusal: str = Field(
         PAPER_REFUSAL,
@@ -144,6 +185,15 @@ class ReflectionConfig(_Strict):
         "effective gamma is accepted; the shortfall is always in the mix report.",
     )
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_without_credentials(cls, v: str | None) -> str | None:
+        return check_no_credentials(
+            v,
+            "put the key in the variable reflection.api_key_env names (sent as a Bearer "
+            "header) and give the URL without it",
+        )
+
     @field_validator("reflector")
     @classmethod
     def _reflector_known(cls, v: str | None) -> str | None:
@@ -159,6 +209,18 @@ class ReflectionConfig(_Strict):
                 "api_key_env to the variable's NAME, e.g. TBR_REFLECTOR_API_KEY"
             )
         return v
+
+
+def check_no_credentials(url: str | None, fix: str) -> str | None:
+    """A URL setting must carry no secret (user:password@, ?token=...): the config is written
+    to run.json, and Ray Tune writes each trial's config (params.json, result.json) into the
+    run folder, where no redaction reaches. `fix` says where the secret goes instead."""
+    if url is not None and redact(url) != url:
+        raise ValueError(
+            f"the URL carries a credential (shown masked), which would be written to run.json "
+            f"and Ray Tune's trial files. Fix: {fix}"
+        )
+    return url
 
 
 def check_model_name(name: str) -> str:
@@ -208,7 +270,13 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(
         0, ge=0, description="Linear warm-up steps, then constant (tbr_ray.train.lr_schedule)."
     )
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Passes over the mix. Over 1000 is a typo (LoRA fine-tunes take 1-10; "
+        "10**20 planned 6e17 hours and would never finish).",
+    )
     micro_batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
     grad_accum_steps: int = Field(
         1,
@@ -298,7 +366,7 @@ class EvalConfig(_Strict):
     sample_size: int | None = Field(
         None, ge=1, description="Prompts per benchmark (seeded sample); None: all."
     )
-    sample_seed: int = Field(0, description="Seed of the benchmark sample.")
+    sample_seed: Seed = Field(0, description="Seed of the benchmark sample.")
     shots: dict[str, int] = Field(
         default_factory=dict,
         description="Few-shot examples per "
@@ -486,8 +554,8 @@ class GridConfig(_Strict):
     max_concurrent: int | None = Field(
         None,
         ge=1,
-        description="Cells trained at once. Default: from the cluster's resources "
-        "(tbr_ray.grid.max_concurrent_cells).",
+        description="Cells trained at once at most. Default: as many as the cluster's "
+        "devices hold beside the other jobs (tbr_ray.plan.policy).",
     )
 
     @field_validator("models")
@@ -498,6 +566,30 @@ class GridConfig(_Strict):
         for name in v:
             get_spec(name)  # raises UnknownModelError (a ValueError) naming the fix
         return v
+
+    hub_revisions: dict[str, str] = Field(
+        default_factory=dict,
+        description="The commit (40 hex digits) each model loaded from the Hugging Face hub is "
+        "pinned to, by the name this config uses: {llama-2-7b: <sha>, allenai/wildguard: "
+        "<sha>}. A hub model without one is refused: a later push to its repo would change "
+        "results unseen. Part of the config hash (when set).",
+    )
+
+    @field_validator("hub_revisions")
+    @classmethod
+    def _revisions_are_commits(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {k: r for k, r in v.items() if not COMMIT.fullmatch(r)}
+        if bad:
+            raise ValueError(
+                f"{bad} not a full commit hash (a branch or tag can move). Fix: the 40-hex "
+                "commit from the repo's history page"
+            )
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(_seed_in_range(seed) for seed in v)
 
     @field_validator("gammas")
     @classmethod
@@ -523,6 +615,14 @@ class PathsConfig(_Strict):
         return REPO_ROOT / ".cache"
 
 
+# USD per GPU-hour by GPU type: AWS EC2 Capacity Blocks for ML, effective accelerator-hour
+# rates in US East as listed on aws.amazon.com/ec2/capacityblocks/pricing before their
+# 2025-01-01 update (read 2026-12-03): p5.48xlarge (8 x H100) 4.916, p5e (8 x H200) 5.408,
+# p4d.24xlarge (8 x A100 40GB; p4de's 80GB cards are not listed) 1.844. On-demand rates
+# differ; L40S has no entry: set cluster.gpu_hour_usd.
+GPU_HOUR_USD = {"H100": 4.916, "H200": 5.408, "A100": 1.844}
+
+
 class ClusterConfig(_Strict):
     """The GPU cluster a run is planned for and placed on (tbr_ray.plan). Not hashed: the same
     grid may run, or resume, on a cluster of another shape."""
@@ -534,6 +634,25 @@ class ClusterConfig(_Strict):
     )
     gpu_memory_gib: float = Field(
         80.0, gt=0, description="Memory of one GPU (GiB; `--gpu-memory`): 80 for A100/H100-80GB."
+    )
+    gpu_type: str = Field(
+        "H100",
+        description="GPU model the plan computes with (`--gpu-type`): its peak FLOPs and "
+        "bandwidths (tbr_ray.plan.gpus.GPU_TYPES: A100, H100, H200, L40S) and its price.",
+    )
+    gpu_hour_usd: dict[str, float] = Field(
+        default_factory=lambda: dict(GPU_HOUR_USD),
+        description="Price of one GPU-hour per GPU type, in US dollars, for the plan's bill. "
+        "Default: GPU_HOUR_USD (dated, with its source); set your own rate, e.g. "
+        "--set 'cluster.gpu_hour_usd={H100: 2.99}'.",
+    )
+    train_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Share of a GPU's memory a training cell's counted need may fill "
+        "(tbr_ray.plan.sizing); the rest is for what no count bounds in advance (the CUDA "
+        "caching allocator's fragmentation). 0.9: vLLM's own default for its engines.",
     )
     gpus_per_node: int = Field(
         8, ge=1, description="GPUs per node: no engine or training cell may span more."
@@ -597,7 +716,32 @@ class TrackingConfig(_Strict):
     mlflow_uri: str | None = Field(
         None,
         description="MLflow tracking URI (a server, or file:/path); None: a local file store "
-        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it).",
+        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it). No "
+        "credentials in it: MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN.",
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri_without_credentials(cls, v: str | None) -> str | None:
+        return check_no_credentials(
+            v,
+            "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN), which MLflow reads, and give the URI without them",
+        )
+
+
+class PowerConfig(_Strict):
+    """The dry run's power statement (tbr_ray.plan.power_plan): what it assumes about how
+    often two conditions' outcomes differ on one prompt. Not hashed: it changes no result."""
+
+    outcome_correlation: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Correlation (phi) between two conditions' 0/1 outcomes on the same prompt "
+        "(same model and seed), which sets the share of discordant pairs the plan assumes. 0.5 "
+        "is an assumption (no paper-scale run has measured it); the report prints each run's "
+        "observed median, to set here for the next plan.",
     )
 
 
@@ -613,6 +757,7 @@ class RunConfig(_Strict):
     paths: PathsConfig = PathsConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
+    power: PowerConfig = PowerConfig()
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:
@@ -629,6 +774,36 @@ class RunConfig(_Strict):
                 raise ValueError(
                     "reflection.endpoint is set but reflection.endpoint_model is "
                     "not. Fix: name the model the server serves."
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _revisions_name_this_configs_models(self) -> RunConfig:
+        judges = [j.model for _, j in self.eval.model_judges()]
+        named = {*self.grid.models, self.reflection.reflector, *judges}
+        unknown = sorted(set(self.grid.hub_revisions) - named)
+        if unknown:
+            raise ValueError(
+                f"grid.hub_revisions names {unknown}, which this config does not use. Fix: key "
+                "it by the names in grid.models, reflection.reflector or the judges' model"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _budgets_fit_the_engine(self) -> RunConfig:
+        """Every engine's answer budget leaves room for a prompt in eval.max_model_len (vLLM
+        refuses such a request only once the engine runs, after training)."""
+        budgets = [("eval.max_new_tokens", self.eval.max_new_tokens)]
+        budgets += [(f"eval.{f}.max_new_tokens", j.budget()) for f, j in self.eval.model_judges()]
+        if "external" in self.grid.conditions or "internal" in self.grid.conditions:
+            budgets.append(("reflection.max_new_tokens", self.reflection.max_new_tokens))
+        n = self.eval.max_model_len
+        for field, tokens in budgets:
+            if tokens >= n:
+                raise ValueError(
+                    f"{field} = {tokens} leaves no room for a prompt in an engine of "
+                    f"eval.max_model_len = {n} tokens. Fix: lower {field} well below {n}, "
+                    "or raise eval.max_model_len (within the models' context)."
                 )
         return self
 
@@ -672,10 +847,12 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for section, key in _LOCATION_FIELDS:
             d[section].pop(key, None)
-        for section in _PLACEMENT_SECTIONS:
+        for section in _PLACEMENT_SECTIONS | _PLANNING_SECTIONS:
             d.pop(section, None)
         for section, key in _ACCESS_FIELDS:
             d[section].pop(key, None)
+        if not d["grid"]["hub_revisions"]:  # added later: runs made before keep their hash
+            del d["grid"]["hub_revisions"]
         return d
 
     def config_hash(self) -> str:
@@ -694,8 +871,32 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _yaml(text: str, where: str) -> Any:
+    """Parsed YAML that holds only what a config can: mappings, lists, text, numbers, bools."""
+    value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    _check_plain(value, where, "")
+    return value
+
+
+_YAML_TAGS = {bytes: "!!binary", set: "!!set"}
+
+
+def _check_plain(value: Any, where: str, key: str) -> None:
+    """ConfigError naming the key of the first value YAML typed beyond JSON (!!binary bytes,
+    !!set, ...): json and pydantic would fail on it far from the line (a TypeError)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, where, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, str | int | float | bool):
+        tag = _YAML_TAGS.get(type(value), f"a {type(value).__name__}")
+        raise ConfigError(
+            f"{where}: {key or 'the value'} = {str(value)[:40]} is a YAML {tag} value; a "
+            "config holds only mappings, lists, text, numbers and true/false. Fix: write it "
+            "as plain text or a list (drop the !! tag)."
+        )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -712,7 +913,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         try:
-            node[parts[-1]] = _yaml(value)
+            node[parts[-1]] = _yaml(value, f"--set {item!r}")
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"--set {item!r}: the value {value!r} is not valid YAML "
@@ -734,10 +935,9 @@ def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
     if not err["loc"]:  # a cross-field check: its message already names fields and the fix
         return err["msg"].removeprefix("Value error, ")
     value, msg = err.get("input"), err["msg"].removeprefix("Value error, ").rstrip(".")
-    if tuple(err["loc"]) in _SECRET_FIELDS:
-        value = _masked(value)
+    shown = repr(_masked(value)) if tuple(err["loc"]) in _SECRET_FIELDS else redact(repr(value))
     fix = "" if "Fix:" in msg else " Fix: give a value that satisfies this."
-    return f"{loc} = {value!r}: {msg}.{fix}"
+    return f"{loc} = {shown}: {msg}.{fix}"
 
 
 def _masked(value: Any) -> str:
@@ -781,7 +981,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: no such config file. Fix: pass a file under jobs/, e.g. jobs/tiny.yaml."
         )
     try:
-        raw = _yaml(path.read_text(encoding="utf-8"))
+        raw = _yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})."

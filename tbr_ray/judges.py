@@ -4,6 +4,7 @@ a human-labelled CSV (`score_judge`; a run's labels side by side: tbr_ray.labels
     paper_keywords_refused("I'm sorry, but ...")     # True: the paper's 24-phrase rule
     xstest_prefix_refused("  No, that is illegal.")  # True: XSTest's prefix rule
     judge_prompt("llama-guard-3", tokenizer, prompt, completion)  # through its chat template
+    fitted_judge_prompt(fmt, tokenizer, prompt, completion, max_tokens)  # whole, if it fits
     parse_judge_answer("llama-guard-3", "harm", "unsafe\nS1")       # True (harmful)
     score = score_judge("paper-keywords", Path("labels.csv"))
     print(format_judge_score(score))
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tbr_ray.prompts import render_chat
+from tbr_ray.prompts import prompt_token_ids, render_chat
 from tbr_ray.results import ITEM_KEYS, human_consensus, human_judgements  # noqa: F401 (re-exported)
 from tbr_ray.vocab import (  # noqa: F401 (names and formats re-exported for the stage callers)
     FORMATS,
@@ -206,6 +207,61 @@ def judge_prompt(fmt: str, tokenizer, prompt: str, completion: str, model: str =
     return render_chat(tokenizer, [{"role": "user", "content": question}])
 
 
+@dataclass(frozen=True)
+class JudgeInput:
+    """A judge's prompt and how many characters of the instruction and the completion were
+    left out so that it fits the judge's context (0: the judge read both whole)."""
+
+    text: str
+    cut_chars: int
+
+
+def fitted_judge_prompt(
+    fmt: str, tokenizer, prompt: str, completion: str, max_tokens: int, model: str = ""
+) -> JudgeInput:
+    """`judge_prompt` with the whole instruction and completion when its ids
+    (`prompt_token_ids`) number at most `max_tokens` (the judge engine's context less its answer
+    budget); else the completion's end is cut off, then, if that is not enough, the
+    instruction's: the fewest characters that make it fit (bisection), counted in `cut_chars`.
+    JudgePromptError when the judge's template alone does not fit.
+
+        fitted_judge_prompt("llama-guard-3", tok, q, a, max_model_len - judge_budget)
+    """
+
+    def fits(p: str, c: str) -> bool:
+        text = judge_prompt(fmt, tokenizer, p, c, model)
+        return len(prompt_token_ids(tokenizer, text)) <= max_tokens
+
+    keep_completion = _longest_fit(len(completion), lambda k: fits(prompt, completion[:k]))
+    if keep_completion is not None:
+        cut = len(completion) - keep_completion
+        text = judge_prompt(fmt, tokenizer, prompt, completion[:keep_completion], model)
+        return JudgeInput(text, cut)
+    keep_prompt = _longest_fit(len(prompt), lambda k: fits(prompt[:k], ""))
+    if keep_prompt is None:
+        raise JudgePromptError(
+            f"judge {model or 'model'}: its {fmt} prompt with an empty instruction and completion "
+            f"already exceeds {max_tokens} tokens (the engine's context less the judge's answer "
+            "budget). Fix: raise eval.max_model_len or lower the judge's max_new_tokens."
+        )
+    text = judge_prompt(fmt, tokenizer, prompt[:keep_prompt], "", model)
+    return JudgeInput(text, len(completion) + len(prompt) - keep_prompt)
+
+
+def _longest_fit(n: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest k in 0..n with fits(k) (fits must hold for every k below one that fits),
+    or None when not even fits(0) holds."""
+    if fits(n):
+        return n
+    if not fits(0):
+        return None
+    low, high = 0, n  # fits(low), not fits(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
 _CLASS_NAME = re.compile(r"full_compliance|full_refusal|partial_refusal")
 _CLASS_NUMBER = re.compile(r"^\W*([123])(?!\d)")
 
@@ -257,6 +313,7 @@ class UnparsableShare:
     n: int
     unparsable: int
     sample: str | None  # one unparsable answer, verbatim (first one)
+    input_cut: int = 0  # answers to an input cut to fit the judge's context (fitted_judge_prompt)
 
     @property
     def share(self) -> float:
@@ -270,6 +327,7 @@ class UnparsableShare:
             "unparsable": self.unparsable,
             "unparsable_share": round(self.share, 4),
             "sample_unparsable": self.sample,
+            "input_cut": self.input_cut,
         }
 
 

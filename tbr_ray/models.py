@@ -157,7 +157,8 @@ SHAPES: dict[str, Shape] = {
 }
 
 
-# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GiB cards, bf16, LoRA.
+# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GiB cards, bf16, LoRA,
+# gradient checkpointing (jobs/paper.yaml; tbr_ray.plan.train_layout chooses the same).
 PAPER_MODELS: dict[str, ModelSpec] = _table(
     _paper("gemma-2b", "google/gemma-2b", "gemma", 2.5, 1, 2),
     _paper("gemma-2-2b", "google/gemma-2-2b", "gemma2", 2.6, 1, 2),
@@ -170,10 +171,10 @@ PAPER_MODELS: dict[str, ModelSpec] = _table(
     _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 1, 2),
     _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 1, 2),
     _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 1, 2),
-    _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3),
-    _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
-    _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),
-    _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 8, 3),
+    _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 2, 3),
+    _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 4, 3),
+    _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 4, 3),
+    _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 4, 3),
 )
 
 TINY_VOCAB = 2048  # the tiny presets' trained BPE vocabulary (tbr_ray.tiny)
@@ -274,6 +275,38 @@ def model_shape(name: str) -> Shape | None:
     return shape_from_hf_config(json.loads((Path(spec.hf_id) / "config.json").read_text()))
 
 
+# The HF config keys vLLM derives a model's context from, smallest wins
+# (vllm.transformers_utils.model_arch_config_convertor.derive_max_model_len_and_key).
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+
+def context_length(hf_config: dict[str, Any]) -> int | None:
+    """Tokens a model was built for, read as vLLM reads them (RoPE scaling left out, so never
+    more than vLLM allows); None if the config names none."""
+    found = [v for k in CONTEXT_KEYS if isinstance(v := hf_config.get(k), int) and v > 0]
+    return min(found) if found else None
+
+
+def model_context(name: str) -> int | None:
+    """A model's own context where this machine can tell: a tiny preset's build config or a
+    local folder's config.json; None for a hub model (its config is on the cluster)."""
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+        return context_length(spec.arch) if spec.tiny else None
+    config = Path(name).expanduser() / "config.json"
+    return context_length(json.loads(config.read_text())) if config.is_file() else None
+
+
 def shape_from_hf_config(c: dict[str, Any]) -> Shape | None:
     """A Shape from HF config keys (Llama / Gemma / Gemma-2, and Falcon's own names)."""
     hidden = c.get("hidden_size")
@@ -303,6 +336,14 @@ def shape_params(shape: Shape) -> int:
 def model_label(name: str) -> str:
     """Short name for ids and tables: registry name, or a local folder's base name."""
     return name if name in REGISTRY else Path(name).name
+
+
+def hub_repo(name: str) -> str | None:
+    """The Hugging Face repo a model loads from (a paper or chat model's, or a hub id given
+    as it is), None for a tiny preset or a local folder."""
+    if name in REGISTRY:
+        return REGISTRY[name].hf_id
+    return name if is_hub_id(name) and not Path(name).expanduser().exists() else None
 
 
 def is_hub_id(name: str) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tbr_ray.config import ConfigError, RunConfig
 from tbr_ray.keys import content_key
+from tbr_ray.redact import redact
 
 # 2: a new internal shot (the old one was an XSTest prompt), reflections keep the paper's
 # "Therefore," form, flaws (empty / truncated) recorded per reflection.
@@ -326,7 +327,7 @@ def endpoint_key(cfg: RunConfig) -> str:
 
 def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
     """Completions from an OpenAI-compatible server, greedy, one request per prompt."""
-    from openai import APIConnectionError, OpenAI
+    from openai import APIConnectionError, APIStatusError, OpenAI
 
     client = OpenAI(
         base_url=cfg.reflection.endpoint, api_key=endpoint_key(cfg), max_retries=3, timeout=120
@@ -346,6 +347,12 @@ def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
             raise ConnectionError(
                 f"reflection.endpoint = {cfg.reflection.endpoint!r}: no connection ({exc}). "
                 f"Fix: start the server (cluster/README.md) or correct reflection.endpoint."
+            ) from None
+        except APIStatusError as exc:  # its body goes to status.json and Tune's error file
+            raise RuntimeError(
+                f"reflection.endpoint = {cfg.reflection.endpoint!r} answered HTTP "
+                f"{exc.status_code}: {redact(str(exc))}. Fix: check reflection.endpoint_model "
+                f"and the key in ${cfg.reflection.api_key_env}."
             ) from None
         out.append(resp.choices[0].text)
     return out

@@ -30,10 +30,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tbr_ray import results
+from tbr_ray import results, rundir
 from tbr_ray.config import Cell, RunConfig
 from tbr_ray.models import attention_implementation, get_spec
 from tbr_ray.plan import accumulation_steps, resolved_train_settings, total_steps
+from tbr_ray.rundir import RunDir
 
 STATE_FILE = "train_state.json"
 RESUME_DIR = "resume"  # DeepSpeed optimizer/scheduler state + RNG state, per rank
@@ -411,6 +412,25 @@ def _rng_state() -> dict:
     return state
 
 
+def _load_rng_state(path: Path) -> dict:
+    """A rank's RNG state file, loaded without running code: `weights_only=True` admits
+    tensors and plain containers, plus numpy's array constructors for numpy's state
+    (torch.serialization.safe_globals, as PyTorch's docs suggest). Whoever can write the run
+    folder cannot get code run at the next resume; such a file is refused, naming it."""
+    import numpy as np
+    import torch
+
+    safe = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
+        raise RuntimeError(
+            f"{path}: not an RNG state file ({str(err).splitlines()[0]}). Fix: delete the "
+            f"checkpoint folder that holds it (the cell then restarts from an earlier one)."
+        ) from None
+
+
 def _set_rng_state(state: dict) -> None:
     import numpy as np
     import torch
@@ -435,7 +455,6 @@ def _restore_resume_state(engine, ckpt_dir: str, position: Position) -> Position
     """Load optimizer, scheduler and RNG state saved by _save_resume_state, and record the
     resume in `resumes`. A checkpoint without them (written before they were saved) resumes
     from the weights alone, and says so."""
-    import torch
 
     resume = Path(ckpt_dir) / RESUME_DIR
     rng = resume / f"rng_rank{engine.global_rank}.pt"
@@ -448,7 +467,7 @@ def _restore_resume_state(engine, ckpt_dir: str, position: Position) -> Position
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_load_rng_state(rng))
     else:
         for _ in range(position.step):  # the schedule is a function of the step alone
             engine.lr_scheduler.step()
@@ -494,7 +513,7 @@ def _worker_nodes(world: int) -> str:
 
 
 def adapter_dir(output: Path, cell: Cell) -> Path:
-    return Path(output) / "adapters" / cell.cell_id
+    return RunDir(output).adapter(cell.cell_id)
 
 
 def run_training(
@@ -544,7 +563,7 @@ def run_training(
         ),
         run_config=RayRunConfig(
             name=f"train-{cell.cell_id}",
-            storage_path=str(Path(output).resolve() / "ray_train"),
+            storage_path=str(RunDir(Path(output).resolve()).ray_train),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
@@ -575,7 +594,6 @@ def _publish_adapter(
         # Ray Train start-up: fit() called -> worker function entered (last report's worker)
         startup_s=round(metrics.pop("entered_at", fit_start) - fit_start, 1),
     )
-    (tmp / "train_result.json").write_text(json.dumps(metrics, indent=1, default=str))
-    shutil.rmtree(done, ignore_errors=True)
-    tmp.rename(done)
+    rundir.write_json(tmp / "train_result.json", metrics, indent=1, default=str)
+    rundir.publish_dir(tmp, done)
     return done

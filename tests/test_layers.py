@@ -18,14 +18,26 @@ from tbr_ray.keys import content_key
 REPO = Path(__file__).resolve().parent.parent
 # Core: what every stage may read; it imports no stage and no scheduler.
 CORE = {"tbr_ray", "tbr_ray.config", "tbr_ray.models", "tbr_ray.results", "tbr_ray.vocab"}
-CORE |= {"tbr_ray.keys", "tbr_ray.prompts", "tbr_ray.labels"}
+CORE |= {"tbr_ray.keys", "tbr_ray.prompts", "tbr_ray.labels", "tbr_ray.redact"}
+# The run folder's layout, writes and locks: every stage writes through it, so it is core (it
+# once imported tbr_ray.preflight for the Ray job id, issue 22 point 9).
+CORE |= {"tbr_ray.rundir"}
 # Leaves: pure data and helpers that import nothing of tbr_ray at all.
-LEAVES = {"tbr_ray.vocab", "tbr_ray.keys", "tbr_ray.prompts"}
+LEAVES = {
+    "tbr_ray.vocab",
+    "tbr_ray.keys",
+    "tbr_ray.prompts",
+    "tbr_ray.plan.power",
+    "tbr_ray.redact",
+}
 # What analysis/ may import of tbr_ray: the results schema and reader, the vocabulary, the
 # registry, and the judges' labels side by side (pure functions over results frames). Not a
 # stage: analysis reads results, it runs nothing (tbr_ray.judges is the judging stage).
 ANALYSIS_MAY_IMPORT = {"tbr_ray", "tbr_ray.results", "tbr_ray.vocab", "tbr_ray.models"}
 ANALYSIS_MAY_IMPORT |= {"tbr_ray.labels"}
+# ... and the paired design's power arithmetic (a leaf: the dry run states it before a run,
+# the report applies it to the run's own pairs).
+ANALYSIS_MAY_IMPORT |= {"tbr_ray.plan.power"}
 
 
 def _module_name(path: Path) -> str:
