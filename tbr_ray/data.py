@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 from tbr_ray.config import Cell, ReflectionConfig, RunConfig
 from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.keys import content_key
-from tbr_ray.models import format_prompt
-from tbr_ray.prompts import prompt_token_ids_batch
+from tbr_ray.models import format_prompt, get_spec
+from tbr_ray.prompts import chat_prompt, end_of_answer_id, prompt_token_ids_batch, user_text
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -286,21 +286,32 @@ def assemble_mix(
     return [{**rows[j], "example_id": n} for n, j in enumerate(order)]
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int) -> list[dict]:
+def row_prompt(row: dict, tokenizer, prompt_format: str = "alpaca") -> str:
+    """The prompt text of a training row: the Alpaca template (base models), or the model's
+    chat template around one user turn (chat models: tbr_ray.models.ModelSpec.prompt_format)."""
+    if prompt_format == "chat":
+        return chat_prompt(tokenizer, user_text(row["instruction"], row["input"]))
+    return format_prompt(row["instruction"], row["input"])
+
+
+def tokenize_rows(
+    rows: list[dict], tokenizer, max_seq_len: int, prompt_format: str = "alpaca"
+) -> list[dict]:
     """input_ids/labels for each row, in two batched tokenizer calls (prompts, responses);
     labels mask the prompt with -100. The prompt's ids are the ones the eval engine is fed for
-    the same text (`prompt_token_ids`: one BOS)."""
-    prompts = [format_prompt(r["instruction"], r["input"]) for r in rows]
+    the same text (`prompt_token_ids`: one BOS); the answer ends with EOS, or for a chat model
+    with the token that closes its turn (`end_of_answer_id`)."""
+    prompts = [row_prompt(r, tokenizer, prompt_format) for r in rows]
     prompt_ids = prompt_token_ids_batch(tokenizer, prompts)
     outputs = [r["output"] for r in rows]
     resp_ids = tokenizer(outputs, add_special_tokens=False)["input_ids"] if rows else []
-    eos = [tokenizer.eos_token_id]
-    return [_example(p, r + eos, max_seq_len) for p, r in zip(prompt_ids, resp_ids, strict=True)]
+    end = [end_of_answer_id(tokenizer, prompt_format)]
+    return [_example(p, r + end, max_seq_len) for p, r in zip(prompt_ids, resp_ids, strict=True)]
 
 
-def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
+def tokenize_row(row: dict, tokenizer, max_seq_len: int, prompt_format: str = "alpaca") -> dict:
     """`tokenize_rows` of one row."""
-    return tokenize_rows([row], tokenizer, max_seq_len)[0]
+    return tokenize_rows([row], tokenizer, max_seq_len, prompt_format)[0]
 
 
 def _example(prompt_ids: list[int], resp_ids: list[int], max_seq_len: int) -> dict:
@@ -316,16 +327,17 @@ def _example(prompt_ids: list[int], resp_ids: list[int], max_seq_len: int) -> di
 class Tokenize:
     """Ray Data callable class: loads the tokenizer once per actor, tokenizes a batch at once."""
 
-    def __init__(self, model_path: str, max_seq_len: int):
+    def __init__(self, model_path: str, max_seq_len: int, prompt_format: str = "alpaca"):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.max_seq_len = max_seq_len
+        self.prompt_format = prompt_format
 
     def __call__(self, batch: dict) -> dict:
         keys = list(batch)
         rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
-        toks = tokenize_rows(rows, self.tok, self.max_seq_len)
+        toks = tokenize_rows(rows, self.tok, self.max_seq_len, self.prompt_format)
         return {**batch, **{k: [t[k] for t in toks] for k in ("input_ids", "labels", "truncated")}}
 
 
@@ -356,10 +368,12 @@ def mix_key(
     reflections: list[str] | None,
     source_hashes: dict[str, str],
     selection: str = "",
+    prompt_format: str = "alpaca",
 ) -> str:
     return content_key(
         {
             "selection": selection,
+            "prompt_format": prompt_format,
             "data": cfg.data.model_dump(exclude={"root"}),
             "condition": cell.condition,
             "gamma": cell.gamma,
@@ -475,7 +489,9 @@ def reflection_request(
     writer = reflector_id or writer_identity(writer_path)
     if cell.condition == "external" and cfg.reflection.endpoint:
         writer = f"endpoint:{cfg.reflection.endpoint_model}"  # the model, not the URL
-    writer_model = cell.model if cell.condition == "internal" else cfg.reflection.reflector
+    elif cell.condition == "external" and cfg.reflection.local_server:
+        writer = f"endpoint:{writer}"  # the served folder's identity: its build, not a port
+    writer_model = cell.model if cell.condition == "internal" else cfg.reflection.writer_model()
     return ReflectionRequest(
         cell.condition,
         writer_path,
@@ -513,6 +529,7 @@ def build_mix(
     req = reflection_request(cfg, cell, model_path, reflector_path, reflector_id, safety)
     if req is not None:
         reflections, report["reflections"] = _checked_reflections(cfg, cell, req)
+    prompt_format = get_spec(cell.model).prompt_format
     key = mix_key(
         cfg,
         cell,
@@ -520,6 +537,7 @@ def build_mix(
         reflections,
         report["source_hashes"],
         report["selection"],
+        prompt_format,
     )
     out = cfg.paths.resolved_cache_dir() / "mixes" / key
     if (out / "report.json").is_file():
@@ -533,7 +551,9 @@ def build_mix(
     )
     ds = ray.data.from_items(rows).map_batches(
         Tokenize,
-        fn_constructor_kwargs=dict(model_path=model_path, max_seq_len=cfg.data.max_seq_len),
+        fn_constructor_kwargs=dict(
+            model_path=model_path, max_seq_len=cfg.data.max_seq_len, prompt_format=prompt_format
+        ),
         batch_size=256,
         concurrency=1,
         num_cpus=DATA_TASK_CPUS,
@@ -548,6 +568,7 @@ def build_mix(
         n_safety=int((table.kind == "safety").sum()),
         n_reflected=int(((table.kind == "safety") & (table.reflection != "")).sum()),
         n_truncated=int(table.truncated.sum()),
+        prompt_format=prompt_format,
         key=key,
     )
     (tmp / "report.json").write_text(json.dumps(report, indent=2))

@@ -52,6 +52,7 @@ class EngineSettings:
     tensor_parallel_size: int = 1  # GPUs of the engine (GPU); CPU workers, one core each (CPU)
     check_min_match: float = 1.0  # share of check prompts that must agree with transformers
     check_tie_tol: float = 0.0  # nats: a first differing token this close is a tie (agreement)
+    dtype: str = "auto"  # eval.dtype: the engine's and its transformers check's (resolved_dtype)
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,11 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _dtype() -> str:
-    # fp32 on CPU keeps vLLM and transformers bit-comparable; bf16 on GPUs.
+def resolved_dtype(dtype: str = "auto") -> str:
+    """An engine's dtype: as set (eval.dtype), or auto: bf16 on GPUs, fp32 on CPU (fp32 keeps
+    vLLM and transformers bit-comparable there)."""
+    if dtype != "auto":
+        return dtype
     return "bfloat16" if on_gpu() else "float32"
 
 
@@ -128,7 +132,7 @@ class Engine:
         t0 = time.time()
         kwargs = dict(
             model=model_path,
-            dtype=_dtype(),
+            dtype=resolved_dtype(settings.dtype),
             seed=settings.seed,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_model_len=settings.max_model_len,
@@ -237,19 +241,21 @@ class Reference:
     top: tuple[tuple[tuple[int, float], ...], ...]
 
 
-def _reference_model(model_path: str, gpus: int):
-    """The transformers model of the check: fp32 on CPU; on GPUs bf16 sharded over the
-    engine's `gpus` devices (the actor holds exactly those: Ray sets CUDA_VISIBLE_DEVICES), so
-    a model that needs a tensor-parallel engine (a 70B) is checked where it is served. No CPU
-    offload: a model that does not fit fails here, loudly, instead of crawling."""
+def _reference_model(model_path: str, gpus: int, dtype: str = "auto"):
+    """The transformers model of the check, in the engine's dtype (`resolved_dtype`): on CPU in
+    this process; on GPUs sharded over the engine's `gpus` devices (the actor holds exactly
+    those: Ray sets CUDA_VISIBLE_DEVICES), so a model that needs a tensor-parallel engine (a
+    70B) is checked where it is served. No CPU offload: a model that does not fit fails here,
+    loudly, instead of crawling."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch_dtype = getattr(torch, resolved_dtype(dtype))
     if not on_gpu():
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}
     return AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16, device_map="auto", max_memory=memory
+        model_path, dtype=torch_dtype, device_map="auto", max_memory=memory
     )
 
 
@@ -260,10 +266,11 @@ def reference_greedy(
     adapters: list[str | None],
     stop: StopRule | None = None,
     gpus: int = 1,
+    dtype: str = "auto",
 ) -> dict[str | None, list[Reference]]:
     """transformers' own greedy decoding of each prompt, per adapter (None = base model), from
     the same ids the engine is given (`prompt_token_ids`), ending by the same `stop` rule, on
-    the engine's `gpus` GPUs (`_reference_model`)."""
+    the engine's `gpus` GPUs in its dtype (`_reference_model`)."""
     import gc
 
     import torch
@@ -273,7 +280,7 @@ def reference_greedy(
     tok = AutoTokenizer.from_pretrained(model_path)
     out: dict[str | None, list[Reference]] = {}
     for adapter in adapters:
-        model = _reference_model(model_path, gpus)
+        model = _reference_model(model_path, gpus, dtype)
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter)
         model.eval()
@@ -462,6 +469,7 @@ def engine_settings(
         seed=seed,
         check_min_match=eval_cfg.engine_check_min_match,
         check_tie_tol=eval_cfg.engine_check_tie_tol,
+        dtype=eval_cfg.dtype,
     )
 
 
@@ -496,11 +504,15 @@ class EngineStage:
         tp = settings.tensor_parallel_size
         if merged_from:
             base, adapter = merged_from
-            ref = reference_greedy(base, check_prompts, n_check, [adapter], stop, gpus=tp)
+            ref = reference_greedy(
+                base, check_prompts, n_check, [adapter], stop, gpus=tp, dtype=settings.dtype
+            )
             ref = {None: ref[adapter]}
         else:
             adapters_and_base = [None, *adapters]
-            ref = reference_greedy(model_path, check_prompts, n_check, adapters_and_base, stop, tp)
+            ref = reference_greedy(
+                model_path, check_prompts, n_check, adapters_and_base, stop, tp, settings.dtype
+            )
         self.engine = Engine(model_path, settings, adapters)
         self.check = check_engine(
             self.engine,

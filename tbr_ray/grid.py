@@ -157,8 +157,8 @@ def model_paths(cfg: RunConfig) -> dict[str, str]:
     """Every model the run needs, resolved (tiny presets built on the driver, once)."""
     cache, root = cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
     names = list(cfg.grid.models)
-    if cfg.reflection.reflector:
-        names.append(cfg.reflection.reflector)
+    if cfg.reflection.writer_model():
+        names.append(cfg.reflection.writer_model())
     names += [j.model for j in (cfg.eval.refusal_judge, cfg.eval.harm_judge) if j is not None]
     return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
 
@@ -173,7 +173,7 @@ def train_cell(config: dict, callbacks: list | None = None) -> dict:
     cell = Cell(**config["cell"])
     output, paths = Path(config["output"]), config["paths"]
     results.write_status(output, cell.cell_id, "running", stage="data")
-    reflector = paths.get(cfg.reflection.reflector) if cfg.reflection.reflector else None
+    reflector = paths.get(cfg.reflection.writer_model() or "")
     mix = build_mix(cfg, cell, paths[cell.model], reflector_path=reflector)
     results.write_status(output, cell.cell_id, "running", stage="train", mix=str(mix))
     adapter = run_training(cfg, cell, paths[cell.model], mix, output, callbacks=callbacks)
@@ -190,7 +190,7 @@ def reflect_phase(cfg: RunConfig, cells: list[Cell], paths: dict[str, str], outp
     todo = untrained(cells, output)
     if not todo:
         return
-    reflector = paths.get(cfg.reflection.reflector) if cfg.reflection.reflector else None
+    reflector = paths.get(cfg.reflection.writer_model() or "")
     safety = source_rows(cfg)[1]
     requests = [reflection_request(cfg, c, paths[c.model], reflector, None, safety) for c in todo]
     try:

@@ -96,7 +96,7 @@ def check_benchmarks(cfg: RunConfig) -> list[str]:
         problems += _attempt(
             f"eval.benchmarks {name}",
             lambda name=name: load_benchmark_with_report(
-                name, root, ev.sample_size, ev.sample_seed, ev.shots.get(name), ev.benchmark_files
+                name, root, ev.size_of(name), ev.sample_seed, ev.shots.get(name), ev.benchmark_files
             ),
         )
     return problems
@@ -106,6 +106,7 @@ def model_settings(cfg: RunConfig) -> list[tuple[str, str]]:
     """(field, model) for every model the config names."""
     named = [("grid.models", m) for m in cfg.grid.models]
     named.append(("reflection.reflector", cfg.reflection.reflector))
+    named.append(("reflection.local_server", cfg.reflection.local_server))
     named += [(f"eval.{field}.model", judge.model) for field, judge in cfg.eval.model_judges()]
     return [(field, m) for field, m in named if m]
 

@@ -30,13 +30,18 @@ PRETRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, vocab_size=TINY_
 
 def resolve_model(name: str, cache_dir: Path, data_root: Path, seed: int = 0) -> str:
     """A loadable model location: tiny presets are built (or found cached) under cache_dir,
-    pre-trained on text under data_root (the run's `data.root`); paper models resolve to their
+    pre-trained on text under data_root (the run's `data.root`); packaged real models are
+    built from their GGUF file (tbr_ray.packaged); paper models resolve to their
     HF id (the cluster's HF cache or hub); paths stay paths."""
     if name not in REGISTRY and not Path(name).expanduser().exists() and is_hub_id(name):
         return name  # a hub id (judge or reflector on a cluster with an HF cache)
     spec = get_spec(name)
     if spec.tiny:
         return str(build_tiny_model(spec, cache_dir, data_root, seed=seed))
+    if spec.packaged is not None:
+        from tbr_ray.packaged import build_packaged_model
+
+        return str(build_packaged_model(spec, cache_dir))
     return spec.hf_id or name
 
 

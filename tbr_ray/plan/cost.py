@@ -110,7 +110,7 @@ def _bench_sizes(cfg: RunConfig) -> list[tuple[str, int, int]]:
     for name in cfg.eval.benchmarks:
         spec = BENCHMARKS[name]
         size = spec.size or USER_FILE_SIZES[name]
-        n = min(size, cfg.eval.sample_size or size)
+        n = min(size, cfg.eval.size_of(name) or size)
         shots = cfg.eval.shots.get(name, spec.default_shots)
         ptok = (PROMPT_TOKENS if spec.mode == "generate" else SHOT_TOKENS) + shots * SHOT_TOKENS
         out.append((spec.kind, spec.mode, n, ptok))
