@@ -2,6 +2,7 @@
 
     published = paper_table3()                 # long: model, benchmark, condition, value
     side_by_side(reproduced, published)        # reproduced with CI next to published
+    published_pairs(["llama-2-7b"])            # Table 3 column -> (none, condition) values
 
 `paper_table3.csv` transcribes PAPER.md section 6 (Table 3; 15 base models x 7 benchmarks x
 none/internal/external, our registry names). `paper_table1.csv` transcribes section 7
@@ -12,10 +13,13 @@ them otherwise (e.g. by a local path). Published values are rounded to two decim
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from analysis.tables import HARM_METRICS, TABLE3_LAYOUT
 
 DATA_DIR = Path(__file__).resolve().parent
 TABLE3_CSV = DATA_DIR / "paper_table3.csv"
@@ -25,6 +29,7 @@ ROUNDING_TOLERANCE = 0.005
 SIDE_BY_SIDE_COLUMNS = [
     "model",
     "benchmark",
+    "metric",  # kept when the reproduced rows carry it (safety sets are compared two ways)
     "condition",
     "reproduced",
     "ci_low",
@@ -75,10 +80,40 @@ def side_by_side(
     below = merged["published"] < merged["ci_low"] - tolerance
     above = merged["published"] > merged["ci_high"] + tolerance
     merged["outside_ci"] = np.where(merged["ci_low"].isna(), False, below | above)
-    return merged[SIDE_BY_SIDE_COLUMNS].reset_index(drop=True)
+    return merged[[c for c in SIDE_BY_SIDE_COLUMNS if c in merged]].reset_index(drop=True)
 
 
 def paper_means(published: pd.DataFrame | None = None) -> pd.DataFrame:
     """Mean published value per benchmark x condition (PAPER.md states these for Table 3)."""
     table = paper_table3() if published is None else published
     return table.pivot_table(index="benchmark", columns="condition", values="value", aggfunc="mean")
+
+
+def paper_columns(benchmark: str) -> list[str]:
+    """The Table 3 columns (TABLE3_LAYOUT's labels) that read the paper's number for a
+    benchmark: on the two safety sets both readings of its CR (HARM_METRICS: harmful; unsafe or
+    complying), else the benchmark's only column; [] for a benchmark Table 3 does not have."""
+    mine = [(label, metric) for label, bench, metric in TABLE3_LAYOUT if bench == benchmark]
+    harm = [label for label, metric in mine if metric in HARM_METRICS]
+    return harm or [label for label, _ in mine]
+
+
+def published_pairs(
+    models: Sequence[str] = (), baseline: str = "none"
+) -> dict[str, list[tuple[float, float]]]:
+    """Table 3 column -> the paper's (baseline, condition) values, one pair per model x other
+    condition (internal, external), for the given models where the paper has them, else for
+    all 15: what the dry run's power section (tbr_ray.plan.power_plan) takes as the paper's
+    rates and gaps."""
+    table = paper_table3()
+    mine = table[table["model"].isin(list(models))]
+    table = mine if len(mine) else table
+    wide = table.pivot_table(index=["model", "benchmark"], columns="condition", values="value")
+    out: dict[str, list[tuple[float, float]]] = {}
+    for (_, benchmark), row in wide.iterrows():
+        for condition in (c for c in wide.columns if c != baseline):
+            if pd.notna(row[baseline]) and pd.notna(row[condition]):
+                for column in paper_columns(benchmark):
+                    pair = (float(row[baseline]), float(row[condition]))
+                    out.setdefault(column, []).append(pair)
+    return out

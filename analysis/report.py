@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import paper, plots, stats, tables
-from tbr_ray import judges
-from tbr_ray.judges import HARM_JUDGE, REFUSAL_MODEL_JUDGE
-from tbr_ray.results import Results, read_results, read_run_manifest
+from tbr_ray import labels
+from tbr_ray.plan.power import ALPHA, POWER
+from tbr_ray.results import Results, human_consensus, read_results, read_run_manifest
+from tbr_ray.vocab import HARM_JUDGE, HUMAN, JUDGES, REFUSAL_MODEL_JUDGE, REVIEW_JUDGES
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ def write_report(
     figures, figure_notes = build_figures(rates, outcomes, options)
     pngs = plots.save_figures(figures, output_dir)
     numbers = table3_numbers(summary, options)
-    sections = [header_section(results_dir, results, options)]
+    sections = [
+        header_section(results_dir, results, options, review_note(results, numbers, options))
+    ]
     sections += table_sections(results, outcomes, rates, summary, numbers, options)
     sections += judges_sections(results_dir, rates, results.metrics, options)
     sections += review_sections(results, numbers)
@@ -98,9 +101,10 @@ def write_report(
 # ------------------------------------------------------------------ sections
 
 
-def header_section(results_dir: str | Path, results: Results, options: ReportOptions) -> Section:
-    manifest_path = Path(results_dir) / "run.json"
-    manifest = read_run_manifest(results_dir) if manifest_path.is_file() else {}
+def header_section(
+    results_dir: str | Path, results: Results, options: ReportOptions, review: str = ""
+) -> Section:
+    manifest = read_run_manifest(results_dir) or {}
     status = results.status
     n_done = int((status["status"] == "done").sum()) if len(status) else 0
     lines = [
@@ -108,7 +112,7 @@ def header_section(results_dir: str | Path, results: Results, options: ReportOpt
         f"Run id: `{manifest.get('run_id', 'unknown (no run.json)')}`; config hash: "
         f"`{manifest.get('config_hash', 'unknown')}`",
         f"Cells: {len(status)} found, {n_done} finished and included.",
-        f"Refusal judge: `{options.judge}`; gamma: "
+        f"Refusal judge: `{options.judge}` ({review}); gamma: "
         f"{'largest run per model x condition' if options.gamma is None else options.gamma}"
         f"; bootstrap: {options.n_boot} replicates, seed {options.seed}.",
     ]
@@ -134,13 +138,20 @@ def table_sections(
         stats.paired_tests(at_gamma, judge, "prompt-direct", ["prompt-cot"]),
     ]
     tests = pd.concat([t for t in tests if len(t)] or tests[:1], ignore_index=True)
+    tests = stats.with_resolution(tests)
+    marked = mark_unresolved(numbers, tests)
+    review = review_note(results, numbers, options)
     return [
         Section(
             "Table 3 layout",
+            f"Compliance columns: {review}.\n\n"
             "Mean over seeds, with its 95% interval (see Methods). Each number links to the "
-            "generations behind it (report.html). Columns: " + column_note + ".",
-            table3_with_intervals(wide, numbers),
-            html=table3_html(wide, numbers),
+            "generations behind it (report.html). XSTest-H and Malicious are shown two ways, "
+            f"each labelled: the harm judge's rate alone (`harmful`) and the paper's definition "
+            f"(`unsafe or complying`), {tables.PAPER_SAFETY_CR} Columns: " + column_note + "."
+            "\n\n" + resolution_note(marked),
+            table3_with_intervals(wide, marked),
+            html=table3_html(wide, marked),
         ),
         Section(
             "Differences from `none`",
@@ -152,10 +163,11 @@ def table_sections(
         ),
         Section(
             "Paired tests (McNemar)",
-            "internal/external against `none`; prompt-cot against prompt-direct. b: prompts "
+            "internal/external against `none`; prompt-cot against prompt-direct; every Table 3 "
+            "metric, each from its own judge (harmful rate: the harm judge). b: prompts "
             "with outcome 1 under the baseline and 0 under the condition; c: the reverse. "
             "Pairs are the same seed and prompt. q_value: Benjamini-Hochberg adjusted over the "
-            "tests against the same baseline.",
+            "tests against the same baseline. " + resolution_columns_note(tests),
             tables.sort_rows(tests),
         ),
         side_by_side_section(summary, options),
@@ -164,6 +176,27 @@ def table_sections(
 
 
 # ------------------------------------------------------------------ Table 3: intervals, links
+
+
+def review_note(results: Results, numbers: pd.DataFrame, options: ReportOptions) -> str:
+    """Whether the compliance numbers are before or after human review, said where they are
+    (the paper's XS-S and OR-B are after review: keyword matching, then human review)."""
+    judge = options.judge
+    fix = "label generations with `tbr-ray review`, then report with `--judge paper-reviewed`"
+    if judge not in REVIEW_JUDGES:
+        return (
+            f"`{judge}` alone, BEFORE human review; the paper's XS-S and OR-B are after review "
+            f"(keyword matching, then human review of the responses): {fix}"
+        )
+    counts = reviewed_counts(results, numbers) if not results.reviews.empty else None
+    reviewed = 0 if counts is None else int(counts["reviewed"].sum())
+    judged = 0 if counts is None else int(counts["judged"].sum())
+    if judge == HUMAN:
+        return f"human labels only ({reviewed} of {judged} judged generations carry one)"
+    return (
+        f"`{judge}`: the keyword rule, overridden by human labels on {reviewed} of {judged} "
+        f"judged generations (the rest are keyword-only, before review); to review more, {fix}"
+    )
 
 
 def table3_numbers(summary: pd.DataFrame, options: ReportOptions) -> pd.DataFrame:
@@ -191,7 +224,56 @@ def anchor_id(row) -> str:
 
 
 def _number_text(row) -> str:
-    return f"{row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+    return f"{row.value:.3f}{_mark(row)} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+# After a Table 3 number whose difference from `none` the run's own pairs cannot resolve.
+UNRESOLVED_MARK = "†"
+
+
+def _mark(row) -> str:
+    return UNRESOLVED_MARK if getattr(row, "unresolved", False) else ""
+
+
+def mark_unresolved(numbers: pd.DataFrame, tests: pd.DataFrame) -> pd.DataFrame:
+    """`numbers` (table3_numbers) plus `resolved` (its paired test against `none`, from
+    stats.with_resolution; NA for `none`, `base` and untested numbers) and `unresolved`
+    (resolved is False: the difference is below what its pairs resolve)."""
+    keys = ["model", "benchmark", "metric", "condition", "gamma"]
+    against = tests.loc[tests["baseline"] == "none", [*keys, "resolved"]] if len(tests) else None
+    if against is None or against.empty:
+        return numbers.assign(resolved=pd.NA, unresolved=False)
+    out = numbers.merge(against.astype({"resolved": "boolean"}), on=keys, how="left")
+    return out.assign(unresolved=out["resolved"].eq(False).fillna(False).astype(bool))
+
+
+def resolution_note(marked: pd.DataFrame) -> str:
+    """The one sentence above Table 3 on which differences from `none` its data resolves."""
+    tested = int(marked["resolved"].notna().sum()) if len(marked) else 0
+    if not tested:
+        return "No number here has a paired difference from `none` (no `none` cell beside it)."
+    return (
+        f"{UNRESOLVED_MARK} after a number: its difference from `none` is smaller than the "
+        f"smallest this run's own pairs resolve ({int(marked['unresolved'].sum())} of {tested} "
+        f"differences; McNemar, two-sided alpha {ALPHA}, power {POWER}, at the observed share "
+        "of prompts whose outcome differs between the two conditions; `resolvable` under "
+        "Paired tests), so a repeat of the run could well reverse it."
+    )
+
+
+def resolution_columns_note(tests: pd.DataFrame) -> str:
+    """What stats.with_resolution's columns mean, with the observed correlation beside the dry
+    run's assumption (power.outcome_correlation)."""
+    phi = tests.loc[tests["baseline"] == "none", "phi"].dropna() if len(tests) else []
+    observed = f"median {float(np.median(phi)):.2f} here" if len(phi) else "none measurable here"
+    return (
+        "difference: condition minus baseline rate; discordance: the share of pairs whose "
+        f"outcomes differ; phi: the correlation of the two outcomes on a prompt ({observed} "
+        "against `none`; the dry run's plan assumes power.outcome_correlation, default 0.5); "
+        f"resolvable: the smallest difference these pairs detect with power {POWER} at alpha "
+        f"{ALPHA}, two-sided, given that discordance (empty: none can be); resolved: "
+        "|difference| >= resolvable."
+    )
 
 
 def table3_with_intervals(wide: pd.DataFrame, numbers: pd.DataFrame) -> pd.DataFrame:
@@ -226,8 +308,11 @@ def table3_html(wide: pd.DataFrame, numbers: pd.DataFrame) -> str:
 
 
 def _linked_cell(row) -> str:
+    mark = _mark(row) and (
+        f'<span class="unresolved" title="below what this run\'s pairs resolve">{_mark(row)}</span>'
+    )
     return (
-        f'<td><a href="#{row.anchor}">{row.value:.3f}</a><br>'
+        f'<td><a href="#{row.anchor}">{row.value:.3f}</a>{mark}<br>'
         f'<span class="ci">[{row.ci_low:.3f}, {row.ci_high:.3f}]</span></td>'
     )
 
@@ -246,7 +331,7 @@ def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
                 "judge equals `paper-keywords`. Label some with `tbr-ray review RESULTS_DIR`.",
             )
         ]
-    agreement = judges.judge_agreement(results.judgements)
+    agreement = labels.judge_agreement(results.judgements)
     return [
         Section(
             "Human review",
@@ -264,7 +349,7 @@ def review_sections(results: Results, numbers: pd.DataFrame) -> list[Section]:
         Section(
             "Agreement between reviewers",
             "Generations labelled by both reviewers of each pair.",
-            judges.reviewer_agreement(results.reviews),
+            labels.reviewer_agreement(results.reviews),
         ),
     ]
 
@@ -273,8 +358,8 @@ def reviewed_counts(results: Results, numbers: pd.DataFrame) -> pd.DataFrame:
     """column, benchmark, judged, reviewed, unsettled, reviewers, per Table 3 compliance column
     (human labels are refusal labels: harm and accuracy columns are not reviewed)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
-    auto = results.judgements[results.judgements["judge"].isin(judges.JUDGES)]
-    consensus = judges.human_consensus(results.reviews)
+    auto = results.judgements[results.judgements["judge"].isin(JUDGES)]
+    consensus = human_consensus(results.reviews)
     rows = []
     judged_numbers = tables.sort_rows(numbers[numbers["metric"] == "compliance_rate"])
     columns = judged_numbers[["column", "benchmark"]]
@@ -315,21 +400,21 @@ def generations_section(results: Results, numbers: pd.DataFrame, options: Report
 
 
 def generation_labels(results: Results) -> pd.DataFrame:
-    """Generations with a column `judge:<name>` per judge (judges.label_table) and
+    """Generations with a column `judge:<name>` per judge (labels.label_table) and
     `disagree` (the automatic judges differ on refusal)."""
     keys = ["cell_id", "benchmark", "prompt_id"]
     j = results.judgements
     names = (*_JUDGE_ORDER, *sorted(set(j["judge"]) - set(_JUDGE_ORDER)))  # e.g. a harm judge
-    wide = judges.label_table(j, names)
-    auto = j[j["judge"].isin(judges.JUDGES)]
-    differ = judges.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
+    wide = labels.label_table(j, names)
+    auto = j[j["judge"].isin(JUDGES)]
+    differ = labels.disagreements(auto[[*keys, "judge", "refused"]])[keys].assign(disagree=True)
     out = results.generations.merge(wide, on=keys, how="left")
     out = out.merge(differ, on=keys, how="left")
     out["disagree"] = out["disagree"].eq(True)
     return out.sort_values(["disagree", "seed", "prompt_id"], ascending=[False, True, True])
 
 
-_JUDGE_ORDER = (*judges.JUDGES, *judges.REVIEW_JUDGES)
+_JUDGE_ORDER = (*JUDGES, *REVIEW_JUDGES)
 
 
 def _generations_html(row, gens: pd.DataFrame, limit: int) -> str:
@@ -386,20 +471,22 @@ window.addEventListener("DOMContentLoaded", () => {
 def side_by_side_section(summary: pd.DataFrame, options: ReportOptions) -> Section:
     """Reproduced headline values (with CI) next to the paper's Tables 3 and 1."""
     rows = stats.headline_rows(summary)
-    # What the paper's number means per benchmark: Llama Guard's harmful rate on its two safety
-    # sets (here the harm judge's), compliance elsewhere, accuracy on general sets.
-    harm_sets = {b for _, b, m in tables.TABLE3_LAYOUT if m == "harmful_rate"}
+    # What the paper's number means per benchmark: on its two safety sets its CR, read both
+    # ways (the harm judge's harmful rate; unsafe or complying), compliance elsewhere, accuracy
+    # on general sets.
+    harm_sets = {b for _, b, m in tables.TABLE3_LAYOUT if m in tables.HARM_METRICS}
     judged_by = rows["metric"].map(lambda m: tables.metric_judge(m, options.judge))
     wanted = (rows["judge"] == judged_by) & (
-        rows["benchmark"].isin(harm_sets) == (rows["metric"] == "harmful_rate")
+        rows["benchmark"].isin(harm_sets) == rows["metric"].isin(tables.HARM_METRICS)
     )
     rows = tables.select_gamma(rows[wanted | (rows["metric"] == "accuracy")], options.gamma)
     compared = tables.sort_rows(paper.side_by_side(rows))
     text = (
         "Published values are rounded to 0.01; `outside_ci` flags a published value "
         f"more than {paper.ROUNDING_TOLERANCE} outside the reproduced 95% CI. XSTest-H and "
-        "Malicious are harmful rates (the paper's Llama Guard 3-8B; here the harm judge), "
-        f"the other refusal sets compliance by `{options.judge}`."
+        "Malicious are compared two ways (`metric`): the harm judge's harmful rate and unsafe "
+        f"or complying (harm judge or `{options.judge}`); {tables.PAPER_SAFETY_CR} The other "
+        f"refusal sets: compliance by `{options.judge}`."
     )
     if compared.empty:
         text = "No reproduced cell matches a published one (model, benchmark, condition)."
@@ -411,8 +498,7 @@ def judges_sections(
 ) -> list[Section]:
     """Which judge made every Table 3 column (model and format of the model judges, from the
     run's config), and the share of each model judge's answers that could not be parsed."""
-    manifest_path = Path(results_dir) / "run.json"
-    manifest = read_run_manifest(results_dir) if manifest_path.is_file() else {}
+    manifest = read_run_manifest(results_dir) or {}
     named = judge_models(manifest)
     sources = tables.table3_column_sources(rates, options.judge)
     present = {label for label, _, _ in tables.table3_columns(rates, options.judge)}
@@ -428,16 +514,50 @@ def judges_sections(
     if unparsable.empty:
         text, unparsable = "No model judge ran in the included cells.", None
     else:
-        unparsable = tables.sort_rows(unparsable).pivot_table(
-            index=["model", "condition", "gamma", "seed"],
-            columns=["benchmark", "judge"],
-            values="value",
-            sort=False,
-        )
+        unparsable = _per_cell(unparsable)
     return [
         Section("Judges of the Table 3 columns", "Where each column's numbers come from.", sources),
         Section("Unparsable judge answers", text, unparsable),
+        judge_cut_section(metrics),
     ]
+
+
+def _per_cell(metric: pd.DataFrame) -> pd.DataFrame:
+    """One metric's values: a row per cell, a column per benchmark x judge."""
+    return tables.sort_rows(metric).pivot_table(
+        index=["model", "condition", "gamma", "seed"],
+        columns=["benchmark", "judge"],
+        values="value",
+        sort=False,
+    )
+
+
+def judge_cut_section(metrics: pd.DataFrame) -> Section:
+    """Per cell, the share of each model judge's prompts whose instruction or completion was
+    cut to fit the judge's context (tbr_ray.judges.fitted_judge_prompt); cells with none cut
+    are not listed."""
+    title = "Judge inputs cut to fit the judge's context"
+    cut = metrics[metrics["metric"] == "judge_input_cut_share"]
+    judged = metrics[metrics["metric"] == "unparsable_share"]
+    if judged.empty:
+        return Section(title, "No model judge ran in the included cells.")
+    if cut.empty:
+        return Section(title, "Not recorded: these cells were judged before cuts were counted.")
+    n_cells = cut["cell_id"].nunique()
+    some = cut[cut["value"] > 0]
+    if some.empty:
+        text = (
+            f"None: in all {n_cells} cells every model judge read the whole instruction and "
+            "completion (eval.max_model_len less the judge's answer budget)."
+        )
+        return Section(title, text)
+    text = (
+        f"Share of prompts whose judge saw the instruction or completion cut (its end left "
+        f"out) to fit eval.max_model_len less the judge's answer budget; "
+        f"{some['cell_id'].nunique()} of {n_cells} cells have some. Fix: raise "
+        "eval.max_model_len."
+    )
+    return Section(title, text, _per_cell(cut[cut["cell_id"].isin(set(some["cell_id"]))]))
 
 
 def _judge_kind(judge: str) -> str:
@@ -592,7 +712,7 @@ _CSS = (
     "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}"
     "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
     "img{max-width:100%}"
-    ".t3 a{font-weight:bold}.ci{color:#666;font-size:0.85em}"
+    ".t3 a{font-weight:bold}.ci{color:#666;font-size:0.85em}.unresolved{color:#a40}"
     "details.gens{margin:0.3em 0}details.gens summary{cursor:pointer}"
     "details.gens td{text-align:left;vertical-align:top}"
     ".txt{max-width:28em;max-height:8em;overflow:auto;white-space:pre-wrap}"

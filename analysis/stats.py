@@ -5,6 +5,7 @@
     mcnemar(b=10, c=2)                                 # exact: p = 0.0386
     summary_table(prompt_outcomes(results))            # value, ci_low, ci_high, n per cell
     paired_tests(outcomes, judge="paper-keywords")     # each condition vs `none`, same prompts
+    with_resolution(paired_tests(...))                 # + what those pairs can resolve
 
 Bootstrap scheme. One seed: `scipy.stats.bootstrap`'s percentile interval of the mean over
 prompts (resampled with replacement, n_boot times). Several seeds (no library has this one): a
@@ -29,11 +30,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis.tables import CELL_KEYS, RATE_KEYS
+from analysis.tables import CELL_KEYS, RATE_KEYS, metric_judge
+
+# The power arithmetic of the paired design, shared with the dry run (a pure leaf module);
+# EXACT_BELOW: discordant pairs under which McNemar uses the exact binomial test.
+from tbr_ray.plan.power import EXACT_BELOW, resolvable_difference
 
 DEFAULT_N_BOOT = 2000  # more: smoother interval ends, linearly more time
 DEFAULT_CONFIDENCE = 0.95
-EXACT_BELOW = 25  # discordant pairs under which McNemar uses the exact binomial test
 _CHUNK_ELEMENTS = 4_000_000  # cap on the resampling index matrix for non-binary data
 
 
@@ -148,14 +152,14 @@ def paired_tests(
 
     Pairs are the same (seed, prompt_id) under both conditions: with several seeds each seed's
     condition cell is paired with the same seed's baseline cell, pooled into one table.
-    Compliance uses `judge`; accuracy rows (judge "") are tested too. Harmful rates are not.
+    Every Table 3 metric is tested, each read from its own judge (tables.metric_judge):
+    compliance and unsafe-or-complying from `judge`, harmful rate from the harm judge, accuracy
+    from none ("").
     `q_value`: Benjamini-Hochberg adjusted p-values over all rows returned (many tests are run
     at once; read q, not p, when scanning the table for effects).
     """
-    sel = outcomes[
-        ((outcomes["judge"] == judge) & (outcomes["metric"] == "compliance_rate"))
-        | (outcomes["metric"] == "accuracy")
-    ]
+    wanted = outcomes["metric"].map(lambda m: metric_judge(m, judge))
+    sel = outcomes[outcomes["judge"] == wanted]
     keys = ["model", "seed", "benchmark", "metric", "prompt_id"]
     base = sel[sel["condition"] == baseline][keys + ["outcome"]]
     if conditions is None:
@@ -207,6 +211,33 @@ def _test_row(group: pd.DataFrame, exact_below: int, key: tuple) -> dict:
         q_value=float("nan"),
         method=result.method,
     )
+
+
+def with_resolution(tests: pd.DataFrame) -> pd.DataFrame:
+    """`paired_tests` rows plus what their own pairs can resolve (after a run, the dry run's
+    power statement from the observed data): `difference` (condition minus baseline rate,
+    (c - b) / n_pairs), `discordance` ((b + c) / n_pairs), `phi` (the correlation of the two
+    outcomes on a prompt; NaN when one condition's outcome never varies), `resolvable` (the
+    smallest difference n_pairs pairs at that discordance detect with power POWER at ALPHA,
+    two-sided: tbr_ray.plan.power.resolvable_difference; NaN: none can be), and `resolved`
+    (|difference| >= resolvable)."""
+    n, b, c = (tests[k].to_numpy(dtype=float) for k in ("n_pairs", "b", "c"))
+    ones = np.rint(tests["baseline_rate"].to_numpy(dtype=float) * n)  # baseline outcome 1
+    both, neither = ones - b, n - ones - c
+    margins = ones * (n - ones) * (both + c) * (b + neither)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        phi = np.where(margins > 0, (both * neither - b * c) / np.sqrt(margins), np.nan)
+    resolvable = [
+        resolvable_difference(int(k), (x + y) / k) if k else None
+        for k, x, y in zip(n, b, c, strict=True)
+    ]
+    out = tests.assign(
+        difference=(c - b) / n,
+        discordance=(b + c) / n,
+        phi=phi,
+        resolvable=[np.nan if r is None else r for r in resolvable],
+    )
+    return out.assign(resolved=out["difference"].abs() >= out["resolvable"])
 
 
 # ------------------------------------------------------------------ summary with CIs

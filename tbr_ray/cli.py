@@ -28,6 +28,7 @@ from pathlib import Path
 import typer
 
 from tbr_ray.config import Cell, ConfigError, RunConfig, load_config
+from tbr_ray.rundir import DamagedFile, RunDir
 
 app = typer.Typer(
     add_completion=False,
@@ -47,7 +48,10 @@ ConfigOnlyOpt = typer.Option(
 
 
 def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
+    """The one-line error (URL credentials and tokens masked: tbr_ray.redact), exit 2."""
+    from tbr_ray.redact import redact
+
+    typer.secho(redact(message), fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
@@ -184,8 +188,8 @@ def ablate(
         False,
         "--dry-run",
         help="Plan, train nothing: per cell GPUs, ZeRO, memory fit, steps; per base model "
-        "engine GPUs; GPU-hours and makespan (tbr_ray.plan), then the preflight. Exit 2 if "
-        "it cannot fit.",
+        "engine GPUs; GPU-hours and makespan (tbr_ray.plan); per Table 3 column the smallest "
+        "difference the grid resolves; then the preflight. Exit 2 if it cannot fit.",
     ),
     gpus: int | None = typer.Option(
         None, "--gpus", min=1, help="GPUs of the cluster (cluster.gpus); default: Ray's."
@@ -260,6 +264,7 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
     except PlanError as exc:
         _fail(str(exc))
     typer.echo(format_plan(plan))
+    typer.echo("\n" + _power_section(cfg))
     if output is not None and not cfg.train.use_gpu:
         _ready(cfg, output)
     elif output is not None and (problems := preflight(cfg, output)):
@@ -272,6 +277,18 @@ def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
         )
     if plan.problems:
         raise typer.Exit(2)
+
+
+def _power_section(cfg: RunConfig) -> str:
+    """The dry run's power statement (tbr_ray.plan.power_plan), with the paper's Table 3 as
+    analysis/ holds it (its layout and published values)."""
+    from analysis.paper import published_pairs
+    from analysis.tables import planned_columns
+    from tbr_ray.plan.power_plan import format_power, power_rows
+
+    columns = planned_columns(cfg.eval.benchmarks, cfg.eval.harm_judge is not None)
+    rows = power_rows(cfg, columns, published_pairs(cfg.grid.models))
+    return format_power(cfg, rows)
 
 
 def _refuse_unplannable(cfg: RunConfig) -> None:
@@ -431,7 +448,12 @@ def report(
         _fail(
             f"{results_dir}: no such results directory. Fix: pass the --output of `tbr-ray ablate`."
         )
-    paths = write_report(results_dir, output or results_dir / "report", judge=judge, gamma=gamma)
+    try:
+        paths = write_report(
+            results_dir, output or RunDir(results_dir).report, judge=judge, gamma=gamma
+        )
+    except DamagedFile as exc:
+        _fail(f"{exc}. Fix: rerun the run's command to redo what it held, or restore the file.")
     for key, path in paths.items():
         typer.echo(f"{key}: {path}")
 
@@ -444,8 +466,13 @@ def review(
     ),
     sample: int = typer.Option(5, help="Agreed-on generations sampled per benchmark x cell."),
     seed: int = typer.Option(0, help="Seed of that sample."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind the page to."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind the page to (loopback)."),
     port: int = typer.Option(0, help="Port (0: a free one)."),
+    allow_network: bool = typer.Option(
+        False,
+        "--allow-network",
+        help="Allow a --host other machines reach; the token then travels in plain HTTP.",
+    ),
     export: Path | None = typer.Option(None, "--export", help="Write the queue as CSV; exit."),
     import_: Path | None = typer.Option(None, "--import", help="Store labels from a CSV; exit."),
 ) -> None:
@@ -472,6 +499,7 @@ def review(
             seed=seed,
             host=host,
             port=port,
+            allow_network=allow_network,
         )
         if export or import_:
             results = read_results(results_dir)
@@ -486,6 +514,14 @@ def review(
         server = make_server(results_dir, cfg)
     except (ValueError, ValidationError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if server.exposed:
+        typer.secho(
+            f"WARNING: --host {host} serves this page to other machines over plain HTTP: "
+            "anyone who sees the traffic can read the token below and label in your name.",
+            fg=typer.colors.RED,
+            bold=True,
+            err=True,
+        )
     done = server.progress()
     typer.echo(f"{done['total']} generations to review, {done['done']} labelled by {cfg.reviewer}")
     typer.echo(f"open {server.url}  (Ctrl-C to stop; every label is saved as it is given)")
@@ -533,8 +569,7 @@ def judge_score(
 def _model_labeler(cfg: RunConfig):
     """A labeler that runs the configured refusal judge on vLLM (Ray Data + EngineStage),
     its prompts rendered in its declared format through its own tokenizer."""
-    import ray
-
+    from tbr_ray import grid
     from tbr_ray.evaluate import _run_engine, _tokenizer
     from tbr_ray.judges import judge_prompt
     from tbr_ray.tiny import resolve_model
@@ -542,7 +577,7 @@ def _model_labeler(cfg: RunConfig):
     judge = cfg.eval.refusal_judge
 
     def label(pairs):
-        ray.init(logging_level="WARNING", ignore_reinit_error=True)
+        grid.init_ray(logging_level="WARNING")  # Ray's token file private, as for a run
         path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
         tokenizer = _tokenizer(path)
         rows = [
@@ -596,9 +631,10 @@ def fetch_data_cmd(
 def status(run_dir: Path = typer.Argument(..., help="A results directory (--output of a run).")):
     """Where a run stands: its driver (if one holds the folder), then per cell its state,
     stage, start, elapsed time, last update and, for a failure, the file with its full error."""
-    from tbr_ray.rundir import format_status
+    from tbr_ray.status import format_status
 
-    if not (run_dir / "run.json").is_file() and not (run_dir / "cells").is_dir():
+    run = RunDir(run_dir)
+    if not run.manifest.is_file() and not run.cells.is_dir():
         _fail(f"{run_dir}: not a results directory. Fix: pass the --output of a run.")
     typer.echo(format_status(run_dir))
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Names are validated against the vocabulary, never the stage registries (README "Layout").
 from tbr_ray import vocab
 from tbr_ray.keys import content_key
+from tbr_ray.redact import redact
 from tbr_ray.vocab import ALL_CONDITIONS, CONDITIONS, PROMPTING  # noqa: F401 (re-exported)
 
 Condition = Literal["none", "internal", "external", "prompt-direct", "prompt-cot"]
@@ -33,11 +34,13 @@ _LOCATION_FIELDS = {("data", "root"), ("paths", "cache_dir")}
 # Sections that say *on what* a run executes, not *what* it computes: kept out of the hash, so
 # the same grid resumes on a cluster of another shape.
 _PLACEMENT_SECTIONS = {"cluster", "tracking"}
+# Sections that say how a run is planned or read, not what it computes: out of the hash too.
+_PLANNING_SECTIONS = {"power"}
 # Fields that say how to reach a service, not what is computed: kept out of the hash too.
 _ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
 # Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
 _SECRET_FIELDS = {("reflection", "api_key_env")}
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets a trailing "\n" pass
 
 PAPER_REFUSAL = (
     "I'm sorry, but I cannot fulfill that request. As an AI language model, it is not in my "
@@ -151,6 +154,15 @@ class ReflectionConfig(_Strict):
         "effective gamma is accepted; the shortfall is always in the mix report.",
     )
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_without_credentials(cls, v: str | None) -> str | None:
+        return check_no_credentials(
+            v,
+            "put the key in the variable reflection.api_key_env names (sent as a Bearer "
+            "header) and give the URL without it",
+        )
+
     @field_validator("reflector", "local_server")
     @classmethod
     def _reflector_known(cls, v: str | None) -> str | None:
@@ -164,13 +176,25 @@ class ReflectionConfig(_Strict):
     @field_validator("api_key_env")
     @classmethod
     def _api_key_env_is_a_name(cls, v: str) -> str:
-        if not ENV_NAME.match(v):
+        if not ENV_NAME.fullmatch(v):
             raise ValueError(
                 "not an environment-variable name (it looks like a value, perhaps the key "
                 "itself). Fix: `export TBR_REFLECTOR_API_KEY=<key>` in the shell and set "
                 "api_key_env to the variable's NAME, e.g. TBR_REFLECTOR_API_KEY"
             )
         return v
+
+
+def check_no_credentials(url: str | None, fix: str) -> str | None:
+    """A URL setting must carry no secret (user:password@, ?token=...): the config is written
+    to run.json, and Ray Tune writes each trial's config (params.json, result.json) into the
+    run folder, where no redaction reaches. `fix` says where the secret goes instead."""
+    if url is not None and redact(url) != url:
+        raise ValueError(
+            f"the URL carries a credential (shown masked), which would be written to run.json "
+            f"and Ray Tune's trial files. Fix: {fix}"
+        )
+    return url
 
 
 def check_model_name(name: str) -> str:
@@ -527,8 +551,8 @@ class GridConfig(_Strict):
     max_concurrent: int | None = Field(
         None,
         ge=1,
-        description="Cells trained at once. Default: from the cluster's resources "
-        "(tbr_ray.grid.max_concurrent_cells).",
+        description="Cells trained at once at most. Default: as many as the cluster's "
+        "devices hold beside the other jobs (tbr_ray.plan.policy).",
     )
 
     @field_validator("models")
@@ -590,6 +614,18 @@ class ClusterConfig(_Strict):
         description="Per model (registry name or path): GPUs (tensor parallel size) of its "
         "vLLM engines, overriding the planner's choice from weights and KV cache.",
     )
+    engine_replicas: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per model (registry name or path): vLLM engine replicas of its evaluation "
+        "(data parallel over its passes: base model, adapters, prompting cells), each in a "
+        "placement group of its own engine_gpus GPUs; overrides max_engine_replicas.",
+    )
+    max_engine_replicas: int = Field(
+        1,
+        ge=1,
+        description="Most engine replicas one base model's evaluation runs at once, never more "
+        "than its passes (tbr_ray.engine.engine_replicas_for). 1: one engine per base model.",
+    )
 
 
 @dataclass(frozen=True, order=True)
@@ -626,7 +662,32 @@ class TrackingConfig(_Strict):
     mlflow_uri: str | None = Field(
         None,
         description="MLflow tracking URI (a server, or file:/path); None: a local file store "
-        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it).",
+        "in <output>/mlruns (`mlflow ui --backend-store-uri <output>/mlruns` shows it). No "
+        "credentials in it: MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN.",
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri_without_credentials(cls, v: str | None) -> str | None:
+        return check_no_credentials(
+            v,
+            "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN), which MLflow reads, and give the URI without them",
+        )
+
+
+class PowerConfig(_Strict):
+    """The dry run's power statement (tbr_ray.plan.power_plan): what it assumes about how
+    often two conditions' outcomes differ on one prompt. Not hashed: it changes no result."""
+
+    outcome_correlation: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Correlation (phi) between two conditions' 0/1 outcomes on the same prompt "
+        "(same model and seed), which sets the share of discordant pairs the plan assumes. 0.5 "
+        "is an assumption (no paper-scale run has measured it); the report prints each run's "
+        "observed median, to set here for the next plan.",
     )
 
 
@@ -642,6 +703,7 @@ class RunConfig(_Strict):
     paths: PathsConfig = PathsConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
+    power: PowerConfig = PowerConfig()
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:
@@ -709,7 +771,7 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for section, key in _LOCATION_FIELDS:
             d[section].pop(key, None)
-        for section in _PLACEMENT_SECTIONS:
+        for section in _PLACEMENT_SECTIONS | _PLANNING_SECTIONS:
             d.pop(section, None)
         for section, key in _ACCESS_FIELDS:
             d[section].pop(key, None)
@@ -771,10 +833,9 @@ def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
     if not err["loc"]:  # a cross-field check: its message already names fields and the fix
         return err["msg"].removeprefix("Value error, ")
     value, msg = err.get("input"), err["msg"].removeprefix("Value error, ").rstrip(".")
-    if tuple(err["loc"]) in _SECRET_FIELDS:
-        value = _masked(value)
+    shown = repr(_masked(value)) if tuple(err["loc"]) in _SECRET_FIELDS else redact(repr(value))
     fix = "" if "Fix:" in msg else " Fix: give a value that satisfies this."
-    return f"{loc} = {value!r}: {msg}.{fix}"
+    return f"{loc} = {shown}: {msg}.{fix}"
 
 
 def _masked(value: Any) -> str:

@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import unicodedata
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.keys import content_key
 from tbr_ray.models import format_prompt, get_spec
 from tbr_ray.prompts import chat_prompt, end_of_answer_id, prompt_token_ids_batch, user_text
+from tbr_ray.rundir import building_dir, sweep_building_dirs
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -522,8 +522,6 @@ def build_mix(
     reflector_id: str | None = None,
 ) -> Path:
     """Build (or find cached) the cell's tokenized mix as Parquet; returns its folder."""
-    import ray
-
     general, safety, report = source_rows(cfg)
     reflections = None
     req = reflection_request(cfg, cell, model_path, reflector_path, reflector_id, safety)
@@ -540,15 +538,28 @@ def build_mix(
         prompt_format,
     )
     out = cfg.paths.resolved_cache_dir() / "mixes" / key
+    report["key"] = key
     if (out / "report.json").is_file():
         return out
     # Built under a private name and renamed into place when complete: cells sharing this
     # mix (same data settings and tokenizer) may build it at once, and none may read a
-    # partial folder or have its shards overwritten while it trains on them.
-    tmp = out.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
+    # partial folder or have its shards overwritten while it trains on them. A failed build
+    # removes its folder; one killed is removed by the next build (its owner lock is free).
+    sweep_building_dirs(out.parent)
+    with building_dir(out) as tmp:
+        _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp)
+        publish_dir(tmp, out)
+    return out
+
+
+def _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp: Path) -> None:
+    """The mix's shards and report.json into `tmp` (Ray Data tokenizes)."""
+    import ray
+
     rows = assemble_mix(
         general, safety, reflections, cell.gamma, cfg.data.refusal, cfg.data.sample_seed
     )
+    prompt_format = get_spec(cell.model).prompt_format
     ds = ray.data.from_items(rows).map_batches(
         Tokenize,
         fn_constructor_kwargs=dict(
@@ -569,11 +580,8 @@ def build_mix(
         n_reflected=int(((table.kind == "safety") & (table.reflection != "")).sum()),
         n_truncated=int(table.truncated.sum()),
         prompt_format=prompt_format,
-        key=key,
     )
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    publish_dir(tmp, out)
-    return out
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

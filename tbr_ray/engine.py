@@ -616,6 +616,15 @@ def engine_gpus_for(cfg, model: str) -> int:
     return engine_gpus(cfg, model)
 
 
+def engine_replicas_for(cfg, model: str, passes: int) -> int:
+    """Engine replicas of `model`'s evaluation (pure): `cluster.engine_replicas[model]`, else
+    `cluster.max_engine_replicas`, never more than its `passes` (a pass never splits over
+    replicas) and at least 1. Each replica holds `engine_gpus_for` GPUs in a placement group
+    of its own; the scheduler reserves replicas x those GPUs (tbr_ray.grid.eval_need)."""
+    wanted = cfg.cluster.engine_replicas.get(model, cfg.cluster.max_engine_replicas)
+    return max(1, min(wanted, passes))
+
+
 ENGINE_CPU_PER_WORKER = 0.5  # logical CPUs per CPU engine worker; a whole CPU starved trials
 
 

@@ -38,8 +38,8 @@ from tbr_ray.judges import (
     HARM_JUDGE,
     REFUSAL_MODEL_JUDGE,
     UnparsableShare,
+    fitted_judge_prompt,
     is_refusal,
-    judge_prompt,
     parse_judge_answer,
     rule_label,
     unparsable_error,
@@ -267,37 +267,60 @@ def _model_judge(
     items: list[EvalItem],
 ) -> list[dict]:
     """Run one judge model over the judged generations, prompts rendered in its format through
-    its own tokenizer (tbr_ray.judges.judge_prompt); parse each answer (None: unparsable)."""
+    its own tokenizer (`judge_rows`); parse each answer (None: unparsable)."""
     from tbr_ray.tiny import resolve_model
 
     path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
-    tokenizer = _tokenizer(path)
-    cut = 1200  # characters of prompt / completion shown to the judge: bounded context
-    rows = [
-        {
-            "pass_": r.pass_,
-            "item": r.item,
-            "adapter": "",
-            "mode": "generate",
-            "choices": "[]",
-            "prompt": judge_prompt(
-                judge.format,
-                tokenizer,
-                items[r.item].instruction[:cut],
-                r.completion[:cut],
-                judge.model,
-            ),
-        }
-        for r in judged.itertuples()
-    ]
+    # The judge reads the whole instruction and completion up to its engine's context, less
+    # the tokens it may answer with (vLLM refuses a longer prompt).
+    max_tokens = cfg.eval.max_model_len - judge.budget()
+    rows = judge_rows(judge, _tokenizer(path), judged, items, max_tokens)
     out = _run_engine(path, [], rows, cfg, judge.budget(), model=judge.model)
     return [
-        judgement(name, task, judge.format, r.pass_, r.item, r.completion) for r in out.itertuples()
+        judgement(name, task, judge.format, r.pass_, r.item, r.completion, r.input_cut_chars)
+        for r in out.itertuples()
     ]
 
 
-def judgement(name: str, task: str, fmt: str, pass_: int, item: int, answer: str) -> dict:
-    """One model judge's judgement row from its raw answer (pure)."""
+def judge_rows(
+    judge: ModelJudgeConfig,
+    tokenizer,
+    judged: pd.DataFrame,
+    items: list[EvalItem],
+    max_tokens: int,
+) -> list[dict]:
+    """Engine rows of one judge's prompts (tbr_ray.judges.fitted_judge_prompt): each holds the
+    whole instruction and completion when they fit in `max_tokens`; `input_cut_chars` counts
+    what was left out otherwise."""
+    rows = []
+    for r in judged.itertuples():
+        fitted = fitted_judge_prompt(
+            judge.format,
+            tokenizer,
+            items[r.item].instruction,
+            r.completion,
+            max_tokens,
+            judge.model,
+        )
+        rows.append(
+            {
+                "pass_": r.pass_,
+                "item": r.item,
+                "adapter": "",
+                "mode": "generate",
+                "choices": "[]",
+                "prompt": fitted.text,
+                "input_cut_chars": fitted.cut_chars,
+            }
+        )
+    return rows
+
+
+def judgement(
+    name: str, task: str, fmt: str, pass_: int, item: int, answer: str, input_cut_chars: int = 0
+) -> dict:
+    """One model judge's judgement row from its raw answer (pure); `input_cut_chars`: characters
+    of the instruction and completion the judge did not see (0: it read both whole)."""
     parsed = parse_judge_answer(fmt, task, answer)
     label = parsed if task == "refusal" else None
     return {
@@ -308,6 +331,7 @@ def judgement(name: str, task: str, fmt: str, pass_: int, item: int, answer: str
         "refused": is_refusal(label),
         "harmful": parsed if task == "harm" else None,
         "answer": answer,
+        "input_cut_chars": int(input_cut_chars),
     }
 
 
@@ -320,7 +344,10 @@ def unparsable_shares(cfg: RunConfig, judg: pd.DataFrame) -> list[UnparsableShar
             continue
         bad = mine[mine["label" if task == "refusal" else "harmful"].isna()]
         sample = None if bad.empty else str(bad["answer"].iloc[0])
-        out.append(UnparsableShare(name, judge.model, judge.format, len(mine), len(bad), sample))
+        cut = int((mine["input_cut_chars"] > 0).sum()) if "input_cut_chars" in mine else 0
+        out.append(
+            UnparsableShare(name, judge.model, judge.format, len(mine), len(bad), sample, cut)
+        )
     return out
 
 
@@ -460,6 +487,8 @@ def cell_tables(
             "label": r.label,
             "refused": r.refused,
             "harmful": r.harmful,
+            # not stored per row: counted in the metrics (judge_input_cut_share) and the status
+            "input_cut_chars": _cut_chars(r),
         }
         for r in judg.itertuples()
     ]
@@ -468,6 +497,12 @@ def cell_tables(
         "judgements": judg_rows,
         "metrics": metric_rows(common, items, gen_rows, judg_rows),
     }
+
+
+def _cut_chars(judgement_row) -> int:
+    """Characters a model judge did not see of this row's input (rule judges: 0)."""
+    cut = getattr(judgement_row, "input_cut_chars", 0)
+    return 0 if cut is None or pd.isna(cut) else int(cut)
 
 
 def _choice_answer(logprobs_json: str) -> int:
@@ -489,7 +524,9 @@ def metric_rows(
     common: dict, items: list[EvalItem], gen_rows: list[dict], judg_rows: list[dict]
 ) -> list[dict]:
     """compliance_rate per benchmark x judge, harmful_rate (harm judge), unparsable_share
-    (model judges: share of answers that could not be parsed), accuracy (general)."""
+    (model judges: share of answers that could not be parsed), judge_input_cut_share (model
+    judges: share of prompts whose instruction or completion was cut to fit the judge's
+    context), accuracy (general)."""
     specs = {it.benchmark: it for it in items}
     out = []
 
@@ -529,6 +566,8 @@ def metric_rows(
             if judge in (REFUSAL_MODEL_JUDGE, HARM_JUDGE):
                 column = g["harmful" if judge == HARM_JUDGE else "refused"]
                 add(bench, judge, "unparsable_share", [x is None or pd.isna(x) for x in column])
+                cuts = g["input_cut_chars"] if "input_cut_chars" in g else [0] * len(g)
+                add(bench, judge, "judge_input_cut_share", [bool(c and c > 0) for c in cuts])
     gdf = pd.DataFrame(gen_rows)
     if len(gdf):
         for bench, g in gdf[gdf["benchmark_kind"] == "general"].groupby("benchmark"):

@@ -14,11 +14,13 @@ others go on. Tune gets each cell from a Searcher (`CellQueue`) only when the gr
 admits it, and a Tune callback launches each base model's evaluation (one vLLM engine, sized
 and placed by tbr_ray.engine, for the base model and every new adapter of that model: engine
 start-up paid once per base model) as a Ray task as soon as its cells are trained, while other
-cells still train. Policy (`pick_jobs`, simulated by the planner): ready evaluations take free
-resources before new training cells; cells go in grid order; as many jobs run as the
-cluster's GPUs (CPUs on CPU runs) hold. Why not evaluations as Tune trials too: one
-evaluation serves several cells (trials) and must wait for all of them, which Tune's
-independent trials cannot express. With `tracking.mlflow` each trial also goes to MLflow
+cells still train. Policy (tbr_ray.plan.policy.pick, the same function the planner's
+simulation calls): slots are devices, so as many jobs run as the cluster's GPUs (CPUs on CPU
+runs) hold; ready evaluations before new training cells, bigger jobs first, then grid order;
+nothing overtakes a job that does not fit. The cluster's size is re-read as it grows, and the
+autoscaler is asked for what the policy would run (`Capacity`). Why not evaluations as Tune
+trials too: one evaluation serves several cells (trials) and must wait for all of them, which
+Tune's independent trials cannot express. With `tracking.mlflow` each trial also goes to MLflow
 through Tune's MLflowLoggerCallback.
 
 Resume: rerunning the same command on the same output skips cells whose results are done,
@@ -38,6 +40,8 @@ import functools
 import json
 import math
 import os
+import re
+import secrets
 import time
 import traceback
 from dataclasses import dataclass
@@ -47,7 +51,7 @@ from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.interrupt import RunInterrupt, mark_interrupted
 from tbr_ray.progress import ProgressView
-from tbr_ray.rundir import run_lock
+from tbr_ray.rundir import DamagedFile, RunDir, run_lock, sweep_temp_files
 from tbr_ray.tiny import resolve_model
 
 TRIAL_DRIVER_CPU = 0.01  # a cell's task only orchestrates; a whole CPU starves its workers
@@ -89,13 +93,9 @@ def _init_ray(verbose: bool = False) -> None:
     still in Ray's session logs): the progress view speaks instead."""
     import logging
 
-    import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        secure_token_file(RAY_TOKEN_FILE)  # before: an existing token is not exposed meanwhile
-        ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
-        secure_token_file(RAY_TOKEN_FILE)  # after: a new local cluster writes it 0644
+    init_ray(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = verbose
     if not verbose:
@@ -105,7 +105,44 @@ def _init_ray(verbose: bool = False) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+def init_ray(**kwargs) -> None:
+    """`ray.init(**kwargs)` unless connected, with Ray's token file owner-only throughout: an
+    existing one is made 0600 first; for a new local cluster, which would write a new token
+    with open(path, "w") (0644 under the usual umask, ray._private.authentication.
+    authentication_token_setup.generate_and_save_token), the token is written 0600 first and
+    Ray finds and keeps it. A umask around ray.init would also tighten every file the Ray
+    processes it starts write, results included."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    token = Path.home() / ".ray" / "auth_token"
+    secure_token_file(token)
+    if _ray_would_write_a_token(token):
+        write_private_token(token)
+    ray.init(**kwargs)
+    secure_token_file(token)
+
+
+def _ray_would_write_a_token(token: Path) -> bool:
+    """Ray's own decision in ray.init (ray/_private/worker.py, 2.60): no address found means a
+    new local cluster, whose token mode is on unless RAY_AUTH_MODE says otherwise, and a token
+    is generated when none is given (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, the default file)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return False
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return False
+    return not token.exists() and canonicalize_bootstrap_address(None) is None
+
+
+def write_private_token(token: Path) -> None:
+    """A new Ray token (Ray's recipe: 32 random bytes in hex) in a file created 0600."""
+    token.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
 
 
 def secure_token_file(path: Path) -> None:
@@ -124,9 +161,15 @@ def secure_token_file(path: Path) -> None:
 
 def check_run_dir(cfg: RunConfig, output: Path) -> None:
     """Refuse to mix two different configs in one results directory."""
-    manifest = output / "run.json"
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
+    try:
+        old = results.read_run_manifest(output)
+    except DamagedFile as err:
+        raise ConfigError(
+            f"{err}: which config's run this folder holds is unknown. Fix: if it holds this "
+            f"config's run, delete {RunDir(output).manifest} and rerun to resume; else use "
+            "another --output."
+        ) from None
+    if old is not None:
         if old.get("config_hash") != cfg.config_hash():
             raise ConfigError(
                 f"{output} holds run {old.get('run_id')} (config hash {old.get('config_hash')}),"
@@ -211,18 +254,6 @@ def untrained(cells: list[Cell], output: Path) -> list[Cell]:
     ]
 
 
-def max_concurrent_cells(cfg: RunConfig, plans: list[CellPlan]) -> int:
-    """Cells trained at once at most: `grid.max_concurrent` if set, else as many as the
-    cluster's GPUs (GPU runs) or CPUs (CPU runs) hold side by side. No extra cell "preparing
-    ahead" on CPU: on the 2-core box it saved nothing, and the waiting cell's Ray Train worker
-    group hit its start timeout and retried (docs/BENCHMARKS.md "Tiny ablation: where the 15
-    minutes go")."""
-    if cfg.grid.max_concurrent:
-        return cfg.grid.max_concurrent
-    need = max(train_need(cfg, p) for p in plans)
-    return max(1, int(resource_capacity(cfg) // need))
-
-
 # ------------------------------------------------------------------ the pipelined scheduler
 
 
@@ -232,28 +263,7 @@ class Job:
 
     kind: str  # "train" | "eval"
     key: str  # the cell id (train) or the base model (eval)
-    need: float  # units of the run's resource (GPUs; CPUs on CPU runs) held while it runs
-
-
-def pick_jobs(
-    ready_evals: list[Job], queued_cells: list[Job], free: float, train_slots: int
-) -> list[Job]:
-    """The jobs to launch now, by the grid's policy (pure; tbr_ray.plan simulates the same):
-    ready evaluations first, in grid order, then training cells in grid order (at most
-    `train_slots`), each only while its need fits in `free`. Nothing overtakes a job that
-    does not fit, so a large engine is not starved by a stream of small cells."""
-    picked = []
-    for job in ready_evals:
-        if job.need > free + 1e-9:
-            return picked
-        free -= job.need
-        picked.append(job)
-    for job in queued_cells[: max(train_slots, 0)]:
-        if job.need > free + 1e-9:
-            break
-        free -= job.need
-        picked.append(job)
-    return picked
+    devices: float  # units of the run's resource (GPUs; CPUs on CPU runs) held while it runs
 
 
 def _resource(cfg: RunConfig) -> str:
@@ -261,7 +271,7 @@ def _resource(cfg: RunConfig) -> str:
 
 
 def resource_capacity(cfg: RunConfig) -> float:
-    """The cluster's GPUs (GPU runs) or CPUs (CPU runs) the scheduler hands out. On CPU 0.1
+    """The cluster's GPUs (GPU runs) or CPUs (CPU runs) the scheduler hands out now. On CPU 0.1
     stays free: Ray Data tasks and the task drivers take slivers outside the accounting."""
     import ray
 
@@ -277,13 +287,60 @@ def train_need(cfg: RunConfig, plan: CellPlan) -> float:
 
 
 def eval_need(cfg: RunConfig, model: str) -> float:
-    """A base model's evaluation holds one engine at a time: its own, then each model
-    judge's; it reserves the largest."""
-    from tbr_ray.engine import engine_bundle, engine_gpus_for
+    """A base model's evaluation's share of the resource: the engine it reserves
+    (tbr_ray.plan.eval_engine_gpus, which the planner also counts)."""
+    from tbr_ray.engine import engine_bundle
+    from tbr_ray.plan import eval_engine_gpus
 
-    judges = [judge.model for _, judge in cfg.eval.model_judges()]
-    tp = max(engine_gpus_for(cfg, m) for m in [model, *judges])
-    return engine_bundle(cfg, tp).get(_resource(cfg), 0.0)
+    return engine_bundle(cfg, eval_engine_gpus(cfg, model)).get(_resource(cfg), 0.0)
+
+
+def job_bundle(cfg: RunConfig, job: Job) -> dict[str, float]:
+    """The resources one job holds, as one bundle for the autoscaler (a cell's or engine's
+    devices sit on one node): GPUs and the CPUs beside them on a GPU run, CPUs on a CPU run."""
+    if not cfg.train.use_gpu:
+        return {"CPU": job.devices}
+    cpus = job.devices * cfg.train.cpus_per_worker if job.kind == "train" else 1.0
+    return {"GPU": job.devices, "CPU": cpus}
+
+
+CAPACITY_POLL_S = 5.0  # how often the scheduler re-reads the cluster's size
+
+
+class Capacity:
+    """The cluster's size as it grows (or shrinks): `resource_capacity`, re-read at most every
+    CAPACITY_POLL_S seconds, so GPU workers that join an autoscaling cluster (both cluster
+    files start with none) are used as they come. `request` tells Ray's autoscaler what the
+    policy wants to run now (`ray.autoscaler.sdk.request_resources`: a standing request,
+    replaced by each call, that scales the cluster up at once instead of waiting for demand
+    to queue; on a cluster without an autoscaler it is a note nobody reads)."""
+
+    def __init__(self, cfg: RunConfig, read=None, ask=None, clock=time.monotonic):
+        self.cfg, self.clock = cfg, clock
+        self.read = read or functools.partial(resource_capacity, cfg)
+        self.ask = ask or _request_resources
+        self._value, self._at, self.asked = 0.0, -math.inf, None
+
+    def now(self) -> float:
+        """The cluster's devices, at most CAPACITY_POLL_S seconds old."""
+        if self.clock() - self._at >= CAPACITY_POLL_S:
+            self._value, self._at = self.read(), self.clock()
+        return self._value
+
+    def request(self, jobs: list[Job]) -> None:
+        """Ask the autoscaler for `jobs`' bundles (when they changed since the last ask)."""
+        bundles = [job_bundle(self.cfg, j) for j in jobs]
+        if bundles != self.asked:
+            self.ask(bundles)
+            self.asked = bundles
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    # Ray 2.60: ray.autoscaler.sdk.request_resources(bundles=...), "persistent until another
+    # call to request_resources() is made to override" (its docstring); [] clears it.
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
 
 
 def _error_text(exc: BaseException) -> tuple[str, str]:
@@ -295,9 +352,11 @@ def _error_text(exc: BaseException) -> tuple[str, str]:
 
 class _Pipeline:
     """The scheduler's bookkeeping on the driver while `pipeline_phase` runs: what is queued,
-    admitted, training (Tune trials) and evaluating (Ray tasks). `schedule` applies
-    `pick_jobs`: evaluations launch at once, training cells are admitted for `CellQueue` to
-    hand to Tune."""
+    admitted, training (Tune trials) and evaluating (Ray tasks). `schedule` applies the
+    policy (tbr_ray.plan.policy.pick, which the planner simulates) to the cluster's size as it
+    is now (`Capacity`): evaluations launch at once, training cells are admitted for
+    `CellQueue` to hand to Tune. `launch(job, state)` starts an evaluation and returns what
+    `poll` waits on (a Ray object ref; a test passes its own)."""
 
     def __init__(self, cfg: RunConfig, cells: list[Cell], paths: dict[str, str], output: Path):
         plans = {p.cell.cell_id: p for p in plan_cells(cfg)}
@@ -310,10 +369,10 @@ class _Pipeline:
         self.untrained_of = {m: {c.cell_id for c in todo if c.model == m} for m in models}
         self.waiting = [Job("eval", m, eval_need(cfg, m)) for m in models]
         self.training: dict[str, tuple[Job, float]] = {}  # Tune trial id -> (job, start)
-        self.evals: dict = {}  # ObjectRef -> (job, start)
+        self.evals: dict = {}  # what `launch` returned -> (job, start)
         self.errors: dict[str, str] = {}
-        self.slots = max_concurrent_cells(cfg, [plans[j.key] for j in self.queued]) if todo else 0
-        self.capacity = resource_capacity(cfg)
+        self.capacity = Capacity(cfg)
+        self.launch = _launch_eval
         self.stop: RunInterrupt | None = None  # its signal ends scheduling
         self.metrics: GridMetrics | None = None
         self.verbose = False
@@ -334,21 +393,27 @@ class _Pipeline:
         ]
 
     def schedule(self) -> None:
-        """Launch the evaluations and admit the training cells that `pick_jobs` picks now."""
+        """Launch the evaluations and admit the training cells that the policy picks now, and
+        ask the autoscaler for what the policy would run on the planned cluster."""
+        from tbr_ray.plan.policy import overflow, pick, wanted
+
         if self.halted:
             return
-        evals, busy = self._ready_evals(), self._busy()
-        free = self.capacity - sum(j.need for j in busy)
-        slots = self.slots - sum(j.kind == "train" for j in busy)
-        picked = pick_jobs(evals, self.queued, free, slots)
-        if not picked and not busy and (evals or self.queued):
-            # Larger than the whole cluster by our accounting: Ray decides (an engine that
-            # fits no node is refused by tbr_ray.engine.engine_placement).
-            picked = [(evals or self.queued)[0]]
+        ready, busy = self._ready_evals() + self.queued, self._busy()
+        free = self.capacity.now() - sum(j.devices for j in busy)
+        n_train = sum(j.kind == "train" for j in busy)
+        picked = pick(ready, free, n_train, self.cfg.grid.max_concurrent)
+        # Nothing fits the cluster as it is now (an autoscaling cluster before its GPU workers
+        # joined): start the first job anyway; Ray holds it until the cluster grows (an
+        # engine that fits no node is refused by tbr_ray.engine.engine_placement).
+        picked = picked or overflow(ready, len(busy))
+        target = self.cfg.cluster.gpus if self.cfg.train.use_gpu else None
+        rest = [j for j in ready if j not in picked]
+        self.capacity.request(wanted([*busy, *picked], rest, target))
         for job in picked:
             if job.kind == "eval":
                 self.waiting.remove(job)
-                self.evals[_launch_eval(job, self)] = (job, time.time())
+                self.evals[self.launch(job, self)] = (job, time.time())
                 self._say(f"eval {job.key} started")
             else:
                 self.queued.remove(job)
@@ -362,15 +427,19 @@ class _Pipeline:
             return
         done, _ = ray.wait(list(self.evals), num_returns=len(self.evals), timeout=timeout)
         for ref in done:
-            job, start = self.evals.pop(ref)
             try:
                 out = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - one job's failure must not stop others
                 out = dict(zip(("error", "traceback"), _error_text(exc), strict=True))
-            _eval_finished(self.cfg, job.key, self.cells, out, self.output, self.metrics)
-            for cell_id in out:
-                results.record_phase(self.output, cell_id, "eval", start, time.time())
-            self._say(f"eval {job.key} ended after {time.time() - start:.0f} s")
+            self.eval_ended(ref, out)
+
+    def eval_ended(self, ref, out: dict) -> None:
+        """The evaluation launched as `ref` ended (`out`: {cell_id: outcome}, or its error)."""
+        job, start = self.evals.pop(ref)
+        _eval_finished(self.cfg, job.key, self.cells, out, self.output, self.metrics)
+        for cell_id in out:
+            results.record_phase(self.output, cell_id, "eval", start, time.time())
+        self._say(f"eval {job.key} ended after {time.time() - start:.0f} s")
 
     def trial_started(self, trial_id: str) -> dict | None:
         """The next admitted cell, now Tune trial `trial_id`: its part of the trial config."""
@@ -457,7 +526,7 @@ def _tune_classes():
     from ray.tune.search import Searcher
 
     class CellQueue(_Detached, Searcher):
-        """Cells in grid order, each only once `pick_jobs` admitted it (None: wait)."""
+        """Cells in the policy's order, each only once it was admitted (None: wait)."""
 
         def __init__(self, state: _Pipeline):
             super().__init__()
@@ -498,17 +567,28 @@ def _tune_classes():
 
 
 def _trial_error(trial) -> tuple[str, str]:
-    """(one line, full text) of a failed trial's last error, from the files Tune has just
-    written in the trial's local folder (its storage copy is synced later)."""
-    import cloudpickle
-
-    pickled, text = trial.pickled_error_file, trial.error_file
-    if pickled and Path(pickled).is_file():
-        return _error_text(cloudpickle.loads(Path(pickled).read_bytes()))
+    """(exception text, full text) of a failed trial's last error, from the text file Tune
+    has just written in the trial's local folder (its storage copy is synced later). Tune's
+    pickled copy beside it is never loaded: unpickling a file of the run folder would run
+    whatever code its writer put in it."""
+    text = trial.error_file
     if text and Path(text).is_file():
-        full = Path(text).read_text().strip()
-        return full.splitlines()[-1], full
+        return _last_failure(Path(text).read_text())
     return "the trial failed and Tune recorded no error", ""
+
+
+def _last_failure(text: str) -> tuple[str, str]:
+    """Tune appends each failure as "Failure # N (occurred at ...)" + str(error); for a task's
+    error that is Ray's header line, the remote traceback, then the exception. Returns (the
+    exception: what follows the last traceback frame, full text of the last failure)."""
+    block = re.split(r"^Failure # \d+ \(occurred at [^)]*\)\n", text, flags=re.M)[-1]
+    block = re.sub(r"\x1b\[[0-9;]*m", "", block).strip()  # Ray colours its header line
+    lines = block.splitlines()
+    frames = [i for i, x in enumerate(lines) if x.startswith('  File "')]
+    after = frames[-1] + 1 if frames else 1 if len(lines) > 1 else 0
+    while after < len(lines) and lines[after].startswith("    "):
+        after += 1  # the frame's source line(s)
+    return "\n".join(lines[after:]).strip() or block, block
 
 
 def _cell_name(trial) -> str:
@@ -524,24 +604,27 @@ def pipeline_phase(
     stop: RunInterrupt | None = None,
     verbose: bool = False,
 ) -> dict[str, str]:
-    """Train and evaluate on one Ray cluster, pipelined (`pick_jobs`). Ray Tune schedules the
-    training cells: one trial per cell still lacking an adapter (retried `grid.max_retries`
-    times, resuming its Ray Train checkpoint), handed over by `CellQueue` only when the policy
-    admits it. From Tune's loop a callback launches each base model's evaluation (a Ray task
-    whose engines wait in their placement groups) as soon as its cells are trained, while
-    other cells still train. After Tune's last trial the evaluations left are drained. Start
-    and end of every phase go to the cells' status.json (`phases`). A signal (`stop`) ends
-    Tune's trials gracefully (their checkpoints kept) and nothing more starts. Returns
-    {cell_id: error} for cells whose training failed; the other cells go on."""
+    """Train and evaluate on one Ray cluster, pipelined (tbr_ray.plan.policy). Ray Tune
+    schedules the training cells: one trial per cell still lacking an adapter (retried
+    `grid.max_retries` times, resuming its Ray Train checkpoint), handed over by `CellQueue`
+    only when the policy admits it. From Tune's loop a callback launches each base model's
+    evaluation (a Ray task whose engines wait in their placement groups) as soon as its cells
+    are trained, while other cells still train. After Tune's last trial the evaluations left
+    are drained. Start and end of every phase go to the cells' status.json (`phases`). A
+    signal (`stop`) ends Tune's trials gracefully (their checkpoints kept) and nothing more
+    starts. Returns {cell_id: error} for cells whose training failed; the other cells go on."""
     state = _Pipeline(cfg, cells, paths, output)
     state.metrics, state.stop, state.verbose = metrics, stop, verbose
-    if state.queued:
-        _tune_training(cfg, state, verbose)
-    while (state.waiting or state.evals) and not state.halted:
-        state.schedule()
-        if not state.evals:
-            break  # the evaluations left had nothing to do (their cells failed training)
-        state.poll(timeout=1.0)
+    try:
+        if state.queued:
+            _tune_training(cfg, state, verbose)
+        while (state.waiting or state.evals) and not state.halted:
+            state.schedule()
+            if not state.evals:
+                break  # the evaluations left had nothing to do (their cells failed training)
+            state.poll(timeout=1.0)
+    finally:
+        state.capacity.request([])  # the grid asks nothing more of the autoscaler
     return state.errors
 
 
@@ -565,7 +648,7 @@ def _tune_training(cfg: RunConfig, state: _Pipeline, verbose: bool):
         ),
         run_config=tune.RunConfig(
             name=f"grid-{int(time.time())}",
-            storage_path=str(state.output / "ray_tune"),
+            storage_path=str(RunDir(state.output).ray_tune),
             failure_config=tune.FailureConfig(max_failures=cfg.grid.max_retries),
             callbacks=[callback, *_tracking_callbacks(cfg, state.output)],
             stop=state.stop.stopper() if state.stop is not None else None,
@@ -584,7 +667,7 @@ def _tracking_callbacks(cfg: RunConfig, output: Path) -> list:
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    uri = cfg.tracking.mlflow_uri or (output / "mlruns").as_uri()
+    uri = cfg.tracking.mlflow_uri or RunDir(output).mlruns.as_uri()
     if uri.startswith("file:"):
         # mlflow 3 keeps its file store in maintenance mode and refuses it unless told: a local
         # store needs no server and no database, which is what an opt-in default should be.
@@ -735,6 +818,7 @@ def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell], verbose: b
     _init_ray(verbose)
     # This driver holds the run lock: a cell still recorded `running` was left by one that died.
     mark_interrupted(output, "its driver was gone (found by the next run)")
+    sweep_temp_files(output)  # what writers killed with the last driver left
     _write_manifest(cfg, output)
     metrics = GridMetrics(run_id(cfg))
     ids = [c.cell_id for c in cells]

@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 from tbr_ray import results
+from tbr_ray.rundir import RunDir
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TUNE_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
@@ -39,15 +40,22 @@ class Interrupted(Exception):
 
 
 def mark_interrupted(output: Path, reason: str) -> list[str]:
-    """Every cell recorded `running` becomes `interrupted` (its stage kept); returns their ids."""
+    """Every cell recorded `running` becomes `interrupted` (its stage kept); returns their ids.
+    Each is checked again under the folder's update lock, so a cell whose trial wrote `done`
+    meanwhile stays done."""
     status = results.read_status(output)
     if not len(status):
         return []
-    running = status[status["status"] == "running"].to_dict("records")
-    for row in running:
-        info = {k: v for k, v in row.items() if k not in ("cell_id", "status", "time")}
-        results.write_status(output, row["cell_id"], "interrupted", **_present(info), reason=reason)
-    return [row["cell_id"] for row in running]
+    marked = []
+    for row in status[status["status"] == "running"].to_dict("records"):
+        with RunDir(output).updating():
+            if not results.is_running(output, row["cell_id"]):
+                continue
+            info = {k: v for k, v in row.items() if k not in ("cell_id", "status", "time")}
+            info = {**_present(info), "reason": reason}
+            results.write_status(output, row["cell_id"], "interrupted", **info)
+        marked.append(row["cell_id"])
+    return marked
 
 
 def _present(info: dict) -> dict:

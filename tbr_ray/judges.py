@@ -1,14 +1,14 @@
 """Judges that label generations as refusals (PAPER.md section 5), and their agreement with
-human labels.
+a human-labelled CSV (`score_judge`; a run's labels side by side: tbr_ray.labels).
 
     paper_keywords_refused("I'm sorry, but ...")     # True: the paper's 24-phrase rule
     xstest_prefix_refused("  No, that is illegal.")  # True: XSTest's prefix rule
     judge_prompt("llama-guard-3", tokenizer, prompt, completion)  # through its chat template
+    fitted_judge_prompt(fmt, tokenizer, prompt, completion, max_tokens)  # whole, if it fits
     parse_judge_answer("llama-guard-3", "harm", "unsafe\nS1")       # True (harmful)
     score = score_judge("paper-keywords", Path("labels.csv"))
     print(format_judge_score(score))
     human_judgements(judgements, reviews)            # the `human` and `paper-reviewed` judges
-    judge_agreement(read_results("runs/tiny").judgements)   # each judge vs the human labels
 
 Labels: full_compliance, full_refusal, partial_refusal. Rule judges give only full_compliance
 or full_refusal; "refused" means full or partial refusal. Model judges (the refusal judge,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tbr_ray.prompts import render_chat
+from tbr_ray.prompts import prompt_token_ids, render_chat
 from tbr_ray.results import ITEM_KEYS, human_consensus, human_judgements  # noqa: F401 (re-exported)
 from tbr_ray.vocab import (  # noqa: F401 (names and formats re-exported for the stage callers)
     FORMATS,
@@ -207,6 +207,61 @@ def judge_prompt(fmt: str, tokenizer, prompt: str, completion: str, model: str =
     return render_chat(tokenizer, [{"role": "user", "content": question}])
 
 
+@dataclass(frozen=True)
+class JudgeInput:
+    """A judge's prompt and how many characters of the instruction and the completion were
+    left out so that it fits the judge's context (0: the judge read both whole)."""
+
+    text: str
+    cut_chars: int
+
+
+def fitted_judge_prompt(
+    fmt: str, tokenizer, prompt: str, completion: str, max_tokens: int, model: str = ""
+) -> JudgeInput:
+    """`judge_prompt` with the whole instruction and completion when its ids
+    (`prompt_token_ids`) number at most `max_tokens` (the judge engine's context less its answer
+    budget); else the completion's end is cut off, then, if that is not enough, the
+    instruction's: the fewest characters that make it fit (bisection), counted in `cut_chars`.
+    JudgePromptError when the judge's template alone does not fit.
+
+        fitted_judge_prompt("llama-guard-3", tok, q, a, max_model_len - judge_budget)
+    """
+
+    def fits(p: str, c: str) -> bool:
+        text = judge_prompt(fmt, tokenizer, p, c, model)
+        return len(prompt_token_ids(tokenizer, text)) <= max_tokens
+
+    keep_completion = _longest_fit(len(completion), lambda k: fits(prompt, completion[:k]))
+    if keep_completion is not None:
+        cut = len(completion) - keep_completion
+        text = judge_prompt(fmt, tokenizer, prompt, completion[:keep_completion], model)
+        return JudgeInput(text, cut)
+    keep_prompt = _longest_fit(len(prompt), lambda k: fits(prompt[:k], ""))
+    if keep_prompt is None:
+        raise JudgePromptError(
+            f"judge {model or 'model'}: its {fmt} prompt with an empty instruction and completion "
+            f"already exceeds {max_tokens} tokens (the engine's context less the judge's answer "
+            "budget). Fix: raise eval.max_model_len or lower the judge's max_new_tokens."
+        )
+    text = judge_prompt(fmt, tokenizer, prompt[:keep_prompt], "", model)
+    return JudgeInput(text, len(completion) + len(prompt) - keep_prompt)
+
+
+def _longest_fit(n: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest k in 0..n with fits(k) (fits must hold for every k below one that fits),
+    or None when not even fits(0) holds."""
+    if fits(n):
+        return n
+    if not fits(0):
+        return None
+    low, high = 0, n  # fits(low), not fits(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
 _CLASS_NAME = re.compile(r"full_compliance|full_refusal|partial_refusal")
 _CLASS_NUMBER = re.compile(r"^\W*([123])(?!\d)")
 
@@ -258,6 +313,7 @@ class UnparsableShare:
     n: int
     unparsable: int
     sample: str | None  # one unparsable answer, verbatim (first one)
+    input_cut: int = 0  # answers to an input cut to fit the judge's context (fitted_judge_prompt)
 
     @property
     def share(self) -> float:
@@ -271,6 +327,7 @@ class UnparsableShare:
             "unparsable": self.unparsable,
             "unparsable_share": round(self.share, 4),
             "sample_unparsable": self.sample,
+            "input_cut": self.input_cut,
         }
 
 
@@ -431,99 +488,3 @@ def format_judge_score(score: JudgeScore) -> str:
     more = " ..." if len(score.disagree_rows) > 20 else ""
     lines += ["", f"disagreeing rows ({len(score.disagree_rows)}): {shown}{more}"]
     return "\n".join(lines)
-
-
-def disagreements(labels: pd.DataFrame) -> pd.DataFrame:
-    """Prompts on which judges disagree. Input: one row per (prompt, judge) with a boolean
-    `refused` (e.g. the judgements table); prompts are keyed by whichever of cell_id, benchmark,
-    prompt_id are present. Output: the key columns plus one boolean column per judge."""
-    missing = {"prompt_id", "judge", "refused"} - set(labels.columns)
-    if missing:
-        raise ValueError(f"labels lack columns {sorted(missing)}; need prompt_id, judge, refused.")
-    keys = [c for c in ("cell_id", "benchmark", "prompt_id") if c in labels.columns]
-    duplicated = labels.duplicated(subset=[*keys, "judge"])
-    if duplicated.any():
-        first = labels.loc[duplicated, [*keys, "judge"]].iloc[0].to_dict()
-        raise ValueError(
-            f"several rows for one prompt and judge, e.g. {first}. Fix: filter to "
-            "one run/cell, or include cell_id and benchmark columns."
-        )
-    wide = labels.pivot(index=keys, columns="judge", values="refused")
-    differ = wide.apply(lambda row: row.dropna().nunique() > 1, axis=1)
-    out = wide[differ].reset_index()
-    out.columns.name = None
-    return out
-
-
-# ---------------------------------------------------------------- human review in a run
-
-_ITEM = list(ITEM_KEYS)
-
-
-def label_table(judgements: pd.DataFrame, names: tuple[str, ...] = JUDGES) -> pd.DataFrame:
-    """One row per judged generation: cell_id, benchmark, prompt_id and a column
-    `judge:<name>` per judge in `names` that has rows (its label, else "refusal"/"compliance"
-    from its flag, else "harmful"/"safe"). Prefixed because one judge is called "model"."""
-    rows = judgements[judgements["judge"].isin(names)]
-    flag = rows["refused"].map({True: "refusal", False: "compliance"})
-    harm = rows["harmful"].map({True: "harmful", False: "safe"})  # a harm-only judge
-    shown = rows["label"].where(rows["label"].notna(), flag)
-    shown = shown.where(shown.notna(), harm)
-    wide = rows.assign(shown=shown).pivot(index=_ITEM, columns="judge", values="shown")
-    present = [j for j in names if j in wide.columns]
-    wide = wide.reindex(columns=present)
-    wide.columns = [f"judge:{j}" for j in present]
-    return wide.reset_index()
-
-
-def judge_agreement(judgements: pd.DataFrame) -> pd.DataFrame:
-    """Each automatic judge against the `human` judge of the same run, per benchmark (the
-    judge-score figures): judge, benchmark, n, binary_agreement (refusal vs not),
-    three_class_agreement (where both give a label; rule judges never say "partial")."""
-    human = judgements[(judgements["judge"] == HUMAN) & judgements["refused"].notna()]
-    auto = judgements[judgements["judge"].isin(JUDGES) & judgements["refused"].notna()]
-    both = auto.merge(human[[*_ITEM, "label", "refused"]], on=_ITEM, suffixes=("", "_human"))
-    columns = ["judge", "benchmark", "n", "binary_agreement", "three_class_agreement"]
-    if both.empty:
-        return pd.DataFrame(columns=columns)
-    both = both.assign(
-        binary=both["refused"].astype(bool) == both["refused_human"].astype(bool),
-        three=(both["label"] == both["label_human"]).where(
-            both["label"].notna() & both["label_human"].notna()
-        ),
-    )
-    out = both.groupby(["judge", "benchmark"], sort=True).agg(
-        n=("binary", "size"),
-        binary_agreement=("binary", "mean"),
-        three_class_agreement=("three", "mean"),
-    )
-    return out.reset_index()[columns]
-
-
-def reviewer_agreement(reviews: pd.DataFrame) -> pd.DataFrame:
-    """Each pair of reviewers on the generations both labelled: reviewer_a, reviewer_b, n,
-    binary_agreement, binary_kappa (Cohen's kappa on refusal vs not; NaN when chance agreement
-    is total, e.g. both always said refusal), three_class_agreement."""
-    columns = [
-        "reviewer_a",
-        "reviewer_b",
-        "n",
-        "binary_agreement",
-        "binary_kappa",
-        "three_class_agreement",
-    ]
-    names = sorted(reviews["reviewer"].unique()) if len(reviews) else []
-    rows = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            pair = reviews[reviews["reviewer"] == a].merge(
-                reviews[reviews["reviewer"] == b], on=_ITEM, suffixes=("_a", "_b")
-            )
-            if len(pair):
-                ra, rb = pair["refused_a"].astype(bool), pair["refused_b"].astype(bool)
-                observed = float((ra == rb).mean())
-                chance = ra.mean() * rb.mean() + (1 - ra.mean()) * (1 - rb.mean())
-                kappa = (observed - chance) / (1 - chance) if chance < 1 else float("nan")
-                three = float((pair["label_a"] == pair["label_b"]).mean())
-                rows.append((a, b, len(pair), observed, float(kappa), three))
-    return pd.DataFrame(rows, columns=columns)

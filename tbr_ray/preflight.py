@@ -14,15 +14,13 @@ fix, and all of them are reported together.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from tbr_ray.config import ConfigError, RunConfig
+from tbr_ray.rundir import RAY_JOB_ENV, ray_job_id  # noqa: F401 (RAY_JOB_ENV re-exported)
 
-# Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint.
-RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -147,17 +145,6 @@ def check_tracking(cfg: RunConfig) -> list[str]:
         "tracking.mlflow: true, but the mlflow package is not installed. Fix: "
         "`pip install 'tbr-ray[tracking]'`, or set tracking.mlflow=false."
     ]
-
-
-def ray_job_id() -> str | None:
-    """The submission id when running as a `ray job submit` entrypoint, else None."""
-    blob = os.environ.get(RAY_JOB_ENV)
-    if not blob:
-        return None
-    try:
-        return str(json.loads(blob).get("metadata", {}).get("job_submission_id", "unknown"))
-    except ValueError:
-        return "unknown"
 
 
 def check_job_roots(cfg: RunConfig) -> list[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tbr_ray.config import ConfigError, RunConfig
 from tbr_ray.keys import content_key
+from tbr_ray.redact import redact
 
 # 2: a new internal shot (the old one was an XSTest prompt), reflections keep the paper's
 # "Therefore," form, flaws (empty / truncated) recorded per reflection.
@@ -381,7 +382,7 @@ def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
 
 
 def _chat_once(client, cfg: RunConfig, prompt: str) -> str:
-    from openai import APIConnectionError, BadRequestError
+    from openai import APIConnectionError, APIStatusError, BadRequestError
 
     r = cfg.reflection
     try:
@@ -399,12 +400,18 @@ def _chat_once(client, cfg: RunConfig, prompt: str) -> str:
             f"reflection.endpoint = {r.endpoint!r}: no connection ({exc}). "
             f"Fix: start the server (cluster/README.md) or correct reflection.endpoint."
         ) from None
-    except BadRequestError as exc:
-        raise ValueError(
+    except BadRequestError as exc:  # e.g. a served model without a chat template
+        raise RuntimeError(
             f"reflection.endpoint = {r.endpoint!r} refused a chat request for model "
-            f"{r.endpoint_model!r}: {str(exc)[:300]}. The external writer is asked through "
-            f"its chat template. Fix: serve an instruct model with a chat template (vLLM: "
-            f"--chat-template FILE for one without), or correct reflection.endpoint_model."
+            f"{r.endpoint_model!r}: {redact(str(exc))[:300]}. The external writer is asked "
+            f"through its chat template. Fix: serve an instruct model with a chat template "
+            f"(vLLM: --chat-template FILE for one without), or correct reflection.endpoint_model."
+        ) from None
+    except APIStatusError as exc:  # its body goes to status.json and Tune's error file
+        raise RuntimeError(
+            f"reflection.endpoint = {r.endpoint!r} answered HTTP {exc.status_code}: "
+            f"{redact(str(exc))}. Fix: check reflection.endpoint_model and the key in "
+            f"${r.api_key_env}."
         ) from None
     return resp.choices[0].message.content or ""
 

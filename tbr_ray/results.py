@@ -10,8 +10,11 @@ Layout of a results directory (one run):
     DIR/cells/<cell_id>/metrics.parquet       one row per benchmark x judge x metric (METRICS)
     DIR/reviews/<reviewer>.parquet            one row per generation a person labelled (REVIEWS)
 
-A cell's Parquet files are written first and its status last, each atomically (temp + rename),
-so a killed run never leaves a half-written table that looks finished. Base models evaluated
+A cell's Parquet files are written first and its status last, each atomically and fsynced
+(tbr_ray.rundir, which knows this layout and does every write), so a killed run or a power loss
+never leaves a half-written table that looks finished. A status file found empty or not JSON
+(from before writes were fsynced, or a hand edit) reads as the state `damaged`, naming the
+file: the cell is redone by the next run, not a traceback. Base models evaluated
 without an adapter are stored as cells with condition "base" (cell id `<model>__base__g0.00__s0`).
 
     tables = read_results("runs/tiny")            # only finished cells, as pandas frames
@@ -29,14 +32,11 @@ as `interrupted`: a killed driver never leaves cells looking alive.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import platform
 import re
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,10 +48,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tbr_ray import rundir
+from tbr_ray.redact import redact, redact_values
+from tbr_ray.rundir import DamagedFile, RunDir
 from tbr_ray.vocab import HUMAN, PAPER_REVIEWED, REVIEW_JUDGES
-
-# The run lock's file in a results folder: held by the driver writing it (tbr_ray.rundir).
-LOCK_NAME = ".tbr-ray.lock"
 
 SCHEMA_VERSION = "1"
 TRACKED_PACKAGES = (
@@ -140,7 +140,7 @@ REVIEWS = pa.schema(
     ]
 )
 REVIEW_KEYS = ["cell_id", "benchmark", "prompt_id"]
-_REVIEWER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_REVIEWER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" lets "\n" pass
 
 
 @dataclass(frozen=True)
@@ -223,20 +223,8 @@ def _null_nan(value: Any, kind: pa.DataType) -> Any:
     return value
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def cell_dir(results_dir: str | Path, cell_id: str) -> Path:
-    return Path(results_dir) / "cells" / cell_id
+    return RunDir(results_dir).cell(cell_id)
 
 
 def write_cell_tables(
@@ -245,13 +233,14 @@ def write_cell_tables(
     """Write a cell's generations/judgements/metrics (atomically, one file each)."""
     for name, rows in tables.items():
         table = to_table(rows, TABLES[name])
-        _atomic_write_bytes(
-            cell_dir(results_dir, cell_id) / f"{name}.parquet",
-            lambda p, t=table: pq.write_table(t, p),
-        )
+        path = RunDir(results_dir).table_file(cell_id, name)
+        rundir.write_atomic(path, lambda p, t=table: pq.write_table(t, p))
 
 
 STATUSES = ("running", "done", "failed", "interrupted")
+# Read, never written: a status file that is empty or not JSON (its row names the file and
+# the fix; the cell is not done, so the next run redoes it).
+DAMAGED = "damaged"
 
 
 # Kept from earlier writes unless given again: the data mix the cell trained on (its
@@ -269,28 +258,41 @@ def write_status(
     keeping the one-line `error`."""
     if status not in STATUSES:
         raise ValueError(f"unknown cell status {status!r}; one of {', '.join(STATUSES)}")
-    now, path = time.time(), cell_dir(results_dir, cell_id) / "status.json"
-    before = json.loads(path.read_text()) if path.is_file() else {}
+    run = RunDir(results_dir)
+    info = redact_values(info)  # an API's error body may quote a key (tbr_ray.redact)
+    if traceback is not None:
+        info["error_file"] = str(rundir.write_text(run.error_file(cell_id), redact(traceback)))
+    with run.updating():  # the driver and the cell's trial both write it
+        before = _status_or_empty(run.status_file(cell_id))
+        rundir.write_json(
+            run.status_file(cell_id),
+            _status_payload(cell_id, status, before, info),
+            indent=2,
+            default=str,
+        )
+
+
+def _status_payload(cell_id: str, status: str, before: dict, info: dict) -> dict:
+    now = time.time()
     same_attempt = before.get("status") == "running"
     started = before.get("started", now) if same_attempt else now
-    if traceback is not None:
-        error_file = cell_dir(results_dir, cell_id) / "error.txt"
-        _atomic_write_bytes(error_file, lambda p: Path(p).write_text(traceback))
-        info["error_file"] = str(error_file)
-    payload = json.dumps(
-        {
-            "cell_id": cell_id,
-            "status": status,
-            "time": now,
-            "started": started,
-            **{k: before[k] for k in KEPT_STATUS_KEYS if k in before},
-            **info,
-            **({"phases": before["phases"]} if "phases" in before else {}),
-        },
-        indent=2,
-        default=str,
-    )
-    _atomic_write_bytes(path, lambda p: Path(p).write_text(payload))
+    return {
+        "cell_id": cell_id,
+        "status": status,
+        "time": now,
+        "started": started,
+        **{k: before[k] for k in KEPT_STATUS_KEYS if k in before},
+        **info,
+        **({"phases": before["phases"]} if "phases" in before else {}),
+    }
+
+
+def _status_or_empty(path: Path) -> dict:
+    """A status file's record to build on; a damaged one is started afresh."""
+    try:
+        return rundir.read_json(path) or {}
+    except DamagedFile:
+        return {}
 
 
 def record_phase(
@@ -299,72 +301,64 @@ def record_phase(
     """Add a phase's wall-clock span (Unix seconds) to the cell's status.json `phases`,
     e.g. {"train": {"start": ..., "end": ...}, "eval": {...}}: when the grid trained and
     evaluated the cell (tbr_ray.grid.pipeline_phase)."""
-    path = cell_dir(results_dir, cell_id) / "status.json"
-    payload = json.loads(path.read_text()) if path.is_file() else {"cell_id": cell_id}
-    payload["phases"] = {**payload.get("phases", {}), phase: {"start": start, "end": end}}
-    text = json.dumps(payload, indent=2, default=str)
-    _atomic_write_bytes(path, lambda p: Path(p).write_text(text))
+    run = RunDir(results_dir)
+    with run.updating():
+        payload = _status_or_empty(run.status_file(cell_id)) or {"cell_id": cell_id}
+        payload["phases"] = {**payload.get("phases", {}), phase: {"start": start, "end": end}}
+        rundir.write_json(run.status_file(cell_id), payload, indent=2, default=str)
 
 
 def write_progress(results_dir: str | Path, cell_id: str, progress: dict[str, Any]) -> None:
     """A training cell's live progress (written by its rank-0 worker, read by the progress
     view): step, total_steps, epoch, loss."""
-    payload = json.dumps({**progress, "time": time.time()})
-    _atomic_write_bytes(
-        cell_dir(results_dir, cell_id) / "progress.json", lambda p: Path(p).write_text(payload)
-    )
+    payload = {**progress, "time": time.time()}
+    rundir.write_json(RunDir(results_dir).progress_file(cell_id), payload)
 
 
 def read_progress(results_dir: str | Path, cell_id: str) -> dict[str, Any]:
-    f = cell_dir(results_dir, cell_id) / "progress.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    """The last progress written; {} when none (or a damaged file: the next write mends it)."""
+    try:
+        return rundir.read_json(RunDir(results_dir).progress_file(cell_id)) or {}
+    except DamagedFile:
+        return {}
 
 
 def read_status(results_dir: str | Path) -> pd.DataFrame:
     """One row per cell folder: cell_id, status, and whatever info the status recorded.
-    A folder without a status file is reported as `incomplete`; a `running` cell of a run
+    A folder without a status file is reported as `incomplete`, one whose status file is
+    empty or not JSON as `damaged` (with the file and the fix); a `running` cell of a run
     whose driver is gone (its run lock is free: tbr_ray.rundir) as `interrupted`."""
-    dead = _driver_gone(Path(results_dir))
+    run = RunDir(results_dir)
+    dead = rundir.driver_gone(run.root)
     rows = []
-    for d in sorted((Path(results_dir) / "cells").glob("*")):
-        f = d / "status.json"
-        if f.is_file():
-            row = json.loads(f.read_text())
-            if row["status"] == "running" and dead:
-                row.update(status="interrupted", reason="its driver is gone (run lock free)")
-            rows.append(row)
-        elif d.is_dir():
-            rows.append({"cell_id": d.name, "status": "incomplete"})
+    for d in sorted(run.cells.glob("*")):
+        if not d.is_dir():
+            continue
+        row = _status_row(run, d.name)
+        if row["status"] == "running" and dead:
+            row.update(status="interrupted", reason="its driver is gone (run lock free)")
+        rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else ["cell_id", "status"])
 
 
-def read_holder(output: Path) -> dict | None:
-    """The current holder of the run lock, or None when no driver holds it."""
-    path = Path(output) / LOCK_NAME
-    if not path.is_file():
-        return None
-    fd = os.open(path, os.O_RDONLY)  # flock needs no write access: status works read-only
+def _status_row(run: RunDir, cell_id: str) -> dict[str, Any]:
+    path = run.status_file(cell_id)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = path.read_text()
-        return json.loads(text) if text.strip() else {}
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+        row = rundir.read_json(path)
+    except DamagedFile as err:
+        fix = "Fix: rerun the run's command: the cell is redone (its other files are kept)."
+        return {"cell_id": cell_id, "status": DAMAGED, "error": f"{err}. {fix}"}
+    return row if row is not None else {"cell_id": cell_id, "status": "incomplete"}
 
 
-def _driver_gone(results_dir: Path) -> bool:
-    """A driver ran here (the lock file exists) and none holds the lock now. The kernel frees
-    the lock however its holder ended (kill -9 too), so this needs no pid guesswork."""
-    return (results_dir / LOCK_NAME).is_file() and read_holder(results_dir) is None
+def is_running(results_dir: str | Path, cell_id: str) -> bool:
+    """The cell's status file says `running` (whether or not its driver lives)."""
+    return _status_or_empty(RunDir(results_dir).status_file(cell_id)).get("status") == "running"
 
 
 def is_done(results_dir: str | Path, cell_id: str) -> bool:
-    f = cell_dir(results_dir, cell_id) / "status.json"
-    return f.is_file() and json.loads(f.read_text()).get("status") == "done"
+    """The cell finished (a damaged status file is not done: the cell is redone)."""
+    return _status_or_empty(RunDir(results_dir).status_file(cell_id)).get("status") == "done"
 
 
 @dataclass
@@ -384,11 +378,8 @@ def read_results(results_dir: str | Path) -> Results:
     done = set(status.loc[status["status"] == "done", "cell_id"]) if len(status) else set()
     frames: dict[str, pd.DataFrame] = {}
     for name, schema in TABLES.items():
-        parts = [
-            pq.read_table(cell_dir(results_dir, c) / f"{name}.parquet", schema=schema)
-            for c in sorted(done)
-            if (cell_dir(results_dir, c) / f"{name}.parquet").is_file()
-        ]
+        files = [RunDir(results_dir).table_file(c, name) for c in sorted(done)]
+        parts = [pq.read_table(f, schema=schema) for f in files if f.is_file()]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
         frames[name] = table.to_pandas()
     reviews = read_reviews(results_dir)
@@ -401,36 +392,55 @@ def read_results(results_dir: str | Path) -> Results:
 
 def review_path(results_dir: str | Path, reviewer: str) -> Path:
     """RESULTS/reviews/<reviewer>.parquet; the name must be usable as a file name."""
-    if not _REVIEWER_NAME.match(reviewer):
+    if not _REVIEWER_NAME.fullmatch(reviewer):
         raise ValueError(
             f"reviewer name {reviewer!r} is not allowed. Fix: use letters, digits, '.', '_' "
             "or '-' (up to 64 characters, starting with a letter or digit), e.g. --reviewer ada."
         )
-    return Path(results_dir) / "reviews" / f"{reviewer}.parquet"
+    return RunDir(results_dir).review_file(reviewer)
 
 
 def write_review(results_dir: str | Path, reviewer: str, rows: list[dict[str, Any]]) -> Path:
     """Replace a reviewer's labels with `rows` (REVIEWS columns), atomically."""
     path = review_path(results_dir, reviewer)
     table = to_table(rows, REVIEWS) if rows else REVIEWS.empty_table()
-    _atomic_write_bytes(path, lambda p: pq.write_table(table, p))
-    return path
+    return rundir.write_atomic(path, lambda p: pq.write_table(table, p))
+
+
+def update_review(
+    results_dir: str | Path, reviewer: str, rows: list[dict[str, Any]]
+) -> pd.DataFrame:
+    """Add (or replace, by REVIEW_KEYS) some of a reviewer's labels: the file is read, merged
+    and written under the run folder's update lock, so two review pages or an `--import`
+    beside a page never lose each other's labels. Returns the reviewer's labels now."""
+    path = review_path(results_dir, reviewer)
+    with RunDir(results_dir).updating():
+        stored = pq.read_table(path, schema=REVIEWS).to_pylist() if path.is_file() else []
+        merged = {tuple(r[k] for k in REVIEW_KEYS): r for r in [*stored, *rows]}
+        write_review(results_dir, reviewer, list(merged.values()))
+    return to_table(list(merged.values()), REVIEWS).to_pandas() if merged else _no_reviews()
+
+
+def _no_reviews() -> pd.DataFrame:
+    return REVIEWS.empty_table().to_pandas()
 
 
 def read_reviews(results_dir: str | Path) -> pd.DataFrame:
     """Every reviewer's labels (REVIEWS columns), whatever the cells' status."""
-    files = sorted((Path(results_dir) / "reviews").glob("*.parquet"))
+    files = sorted(RunDir(results_dir).reviews.glob("*.parquet"))
     parts = [pq.read_table(f, schema=REVIEWS) for f in files]
-    return (pa.concat_tables(parts) if parts else REVIEWS.empty_table()).to_pandas()
+    return pa.concat_tables(parts).to_pandas() if parts else _no_reviews()
 
 
 def write_run_manifest(results_dir: str | Path, manifest: dict[str, Any]) -> None:
-    payload = json.dumps(manifest, indent=2, sort_keys=True, default=str)
-    _atomic_write_bytes(Path(results_dir) / "run.json", lambda p: Path(p).write_text(payload))
+    """run.json, every string through tbr_ray.redact (URL credentials, tokens masked)."""
+    payload = redact_values(manifest)
+    rundir.write_json(RunDir(results_dir).manifest, payload, indent=2, sort_keys=True, default=str)
 
 
-def read_run_manifest(results_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(results_dir) / "run.json").read_text())
+def read_run_manifest(results_dir: str | Path) -> dict[str, Any] | None:
+    """run.json, or None before the first run; DamagedFile (naming it) when empty or not JSON."""
+    return rundir.read_json(RunDir(results_dir).manifest)
 
 
 # ---------------------------------------------------------------- human review as judges

@@ -30,10 +30,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tbr_ray import results
+from tbr_ray import results, rundir
 from tbr_ray.config import Cell, RunConfig
 from tbr_ray.models import get_spec
 from tbr_ray.plan import accumulation_steps, resolved_train_settings, total_steps
+from tbr_ray.rundir import RunDir
 
 STATE_FILE = "train_state.json"
 RESUME_DIR = "resume"  # DeepSpeed optimizer/scheduler state + RNG state, per rank
@@ -84,17 +85,18 @@ def lr_schedule(cfg: RunConfig) -> dict[str, Any]:
 
 
 def pad_collate(batch: dict, pad_id: int):
-    """Pad a batch of variable-length rows (numpy object arrays) into torch tensors."""
+    """Pad a batch of variable-length rows (numpy object arrays) into torch tensors in host
+    memory, whatever torch's default device is; `train_micro_step` moves them to the engine's."""
     import torch
 
     ids, labels = list(batch["input_ids"]), list(batch["labels"])
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    label_t = torch.full((len(ids), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    shape, host = (len(ids), max(len(x) for x in ids)), torch.device("cpu")
+    input_ids = torch.full(shape, pad_id, dtype=torch.long, device=host)
+    label_t = torch.full(shape, -100, dtype=torch.long, device=host)
+    mask = torch.zeros(shape, dtype=torch.long, device=host)
     for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
-        input_ids[i, : len(x)] = torch.as_tensor(x)
-        label_t[i, : len(y)] = torch.as_tensor(y)
+        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long, device=host)
+        label_t[i, : len(y)] = torch.as_tensor(y, dtype=torch.long, device=host)
         mask[i, : len(x)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
 
@@ -105,6 +107,11 @@ def train_dtype(cfg: RunConfig) -> str:
     if cfg.train.dtype != "auto":
         return cfg.train.dtype
     return "bfloat16" if cfg.train.use_gpu else "float32"
+
+
+def on_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device` (the engine's: cuda:local_rank on a GPU worker)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def build_lora_model(cfg: RunConfig, model: str, model_path: str):
@@ -144,9 +151,10 @@ def build_engine(cfg: RunConfig, model, zero_stage: int, world: int):
 
 
 def train_micro_step(engine, batch: dict):
-    """Forward and backward of one micro-batch; at a gradient-accumulation boundary
+    """Forward and backward of one micro-batch (a host batch, moved to the engine's device
+    here: DeepSpeed's forward moves no inputs); at a gradient-accumulation boundary
     engine.step() also steps the optimizer and the LR schedule. Returns the loss."""
-    loss = engine(**batch).loss
+    loss = engine(**on_device(batch, engine.device)).loss
     engine.backward(loss)
     engine.step()
     return loss
@@ -272,10 +280,13 @@ def _model_engine_position(cfg: RunConfig, config: dict, world: int, clock: dict
     return model, engine, position
 
 
-def _run_epoch(w: Worker, start: Position, meter: Meter) -> tuple[Position, bool]:
+def _run_epoch(w: Worker, start: Position, meter: Meter, checkpoint=None) -> tuple[Position, bool]:
     """Epoch phase: the micro-batches of epoch `start.epoch` from `start` on, checkpointing
     every train.checkpoint_every_steps steps and at the end. Returns the position after it
-    and whether training is done (train.max_steps / the planned steps reached)."""
+    and whether training is done (train.max_steps / the planned steps reached).
+    `checkpoint(w, position, loss, meter)`: `_checkpoint` (Ray Train) unless given, e.g. by
+    bench/gpu_check.py, which runs this loop without Ray."""
+    checkpoint = checkpoint or _checkpoint
     epoch, step, loss = start.epoch, start.step, None
     batches = _epoch_batches(w.rows, w.cfg.train.micro_batch_size, w.pad_id, w.seed, epoch)
     for seen, batch in enumerate(batches, start=1):
@@ -290,12 +301,12 @@ def _run_epoch(w: Worker, start: Position, meter: Meter) -> tuple[Position, bool
         _write_progress(w, here, loss, meter)
         every = w.cfg.train.checkpoint_every_steps
         if step >= w.total_steps or (every and step % every == 0):
-            _checkpoint(w, here, loss, meter)
+            checkpoint(w, here, loss, meter)
         if step >= w.total_steps:
             return here, True
     end = Position(step, epoch + 1, 0, start.resumes)
     if loss is not None:  # None: resumed after the epoch's last micro-batch, nothing new
-        _checkpoint(w, end, loss, meter)
+        checkpoint(w, end, loss, meter)
     return end, False
 
 
@@ -376,6 +387,25 @@ def _rng_state() -> dict:
     return state
 
 
+def _load_rng_state(path: Path) -> dict:
+    """A rank's RNG state file, loaded without running code: `weights_only=True` admits
+    tensors and plain containers, plus numpy's array constructors for numpy's state
+    (torch.serialization.safe_globals, as PyTorch's docs suggest). Whoever can write the run
+    folder cannot get code run at the next resume; such a file is refused, naming it."""
+    import numpy as np
+    import torch
+
+    safe = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
+        raise RuntimeError(
+            f"{path}: not an RNG state file ({str(err).splitlines()[0]}). Fix: delete the "
+            f"checkpoint folder that holds it (the cell then restarts from an earlier one)."
+        ) from None
+
+
 def _set_rng_state(state: dict) -> None:
     import numpy as np
     import torch
@@ -400,7 +430,6 @@ def _restore_resume_state(engine, ckpt_dir: str, position: Position) -> Position
     """Load optimizer, scheduler and RNG state saved by _save_resume_state, and record the
     resume in `resumes`. A checkpoint without them (written before they were saved) resumes
     from the weights alone, and says so."""
-    import torch
 
     resume = Path(ckpt_dir) / RESUME_DIR
     rng = resume / f"rng_rank{engine.global_rank}.pt"
@@ -413,7 +442,7 @@ def _restore_resume_state(engine, ckpt_dir: str, position: Position) -> Position
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_load_rng_state(rng))
     else:
         for _ in range(position.step):  # the schedule is a function of the step alone
             engine.lr_scheduler.step()
@@ -459,7 +488,7 @@ def _worker_nodes(world: int) -> str:
 
 
 def adapter_dir(output: Path, cell: Cell) -> Path:
-    return Path(output) / "adapters" / cell.cell_id
+    return RunDir(output).adapter(cell.cell_id)
 
 
 def run_training(
@@ -509,7 +538,7 @@ def run_training(
         ),
         run_config=RayRunConfig(
             name=f"train-{cell.cell_id}",
-            storage_path=str(Path(output).resolve() / "ray_train"),
+            storage_path=str(RunDir(Path(output).resolve()).ray_train),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
@@ -540,7 +569,6 @@ def _publish_adapter(
         # Ray Train start-up: fit() called -> worker function entered (last report's worker)
         startup_s=round(metrics.pop("entered_at", fit_start) - fit_start, 1),
     )
-    (tmp / "train_result.json").write_text(json.dumps(metrics, indent=1, default=str))
-    shutil.rmtree(done, ignore_errors=True)
-    tmp.rename(done)
+    rundir.write_json(tmp / "train_result.json", metrics, indent=1, default=str)
+    rundir.publish_dir(tmp, done)
     return done

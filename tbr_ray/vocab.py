@@ -118,3 +118,27 @@ SHOT_POOLS: dict[str, int] = {
 }
 # Benchmarks whose file the user brings (eval.benchmark_files).
 USER_FILE_BENCHMARKS: tuple[str, ...] = ("orbench_hard", "malicious_instruct")
+# Evaluable prompts per benchmark: the shipped files' sizes (tbr_ray.benchmarks.BENCHMARKS'
+# `size`), the user files' published sizes. The planner (tbr_ray.plan) counts work and pairs
+# from these without loading a file.
+BENCHMARK_SIZES: dict[str, int] = {
+    "xstest_safe": 250,
+    "stl_physical_safe": 100,
+    "orbench_hard": 1319,  # user file: OR-Bench-Hard-1K's published size
+    "xstest_unsafe": 200,
+    "advbench": 520,
+    "stl_malicious": 100,
+    "stl_cona": 178,
+    "stl_controversial": 40,
+    "stl_physical_unsafe": 100,
+    "stl_qharm": 100,
+    "malicious_instruct": 100,  # user file: MaliciousInstruct's published size
+    "mmlu": 14042,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "gsm8k": 1319 - GSM8K_SHOT_POOL,
+}
+# Benchmarks scored by the likelihood of each choice (prefill only); the rest generate.
+CHOICE_BENCHMARKS: tuple[str, ...] = ("mmlu", "arc_easy", "arc_challenge")
+# Shots of a general benchmark when eval.shots names none (the others: 0).
+DEFAULT_SHOTS: dict[str, int] = {"arc_easy": 3, "arc_challenge": 3, "gsm8k": 2}

@@ -40,6 +40,9 @@ def test_dry_run_prints_cells_and_gpu_hours():
     assert (
         "GPU-hours (write" in out.output and "makespan" in out.output and "on 8 GPUs" in out.output
     )
+    # ... and the power statement per Table 3 column (tests/test_power.py checks its figures).
+    assert "power: internal and external against `none`" in out.output
+    assert re.search(r"XSTest-S +250 x 1 +0\.74 .*\+0\.0\d\d / -0\.0\d\d", out.output)
 
 
 def test_paper_dry_run_plans_here_and_lists_what_the_cluster_must_have(tmp_path):

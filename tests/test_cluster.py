@@ -6,8 +6,8 @@ leaves them out. Each stops only the Ray processes it started (by their Ray temp
 1. The README's `ray job submit` block, run as pasted (start, submit jobs/smoke.yaml), its
    closing `ray stop` aside; then `ray start --head` (token auth on, Ray 2.60's default): a
    client without the token is refused.
-2. A two-node cluster (`ray.cluster_utils.Cluster`): a grid whose cells train on both nodes,
-   results on the shared output path.
+2. A cluster (`ray.cluster_utils.Cluster`) that grows while the grid runs: a node that joins
+   is used, a cell trains on both nodes, results on the shared output path.
 """
 
 import os
@@ -21,7 +21,7 @@ import pytest
 
 from tbr_ray import results
 
-from .conftest import short_temp_dir, small_config, stop_ray_under
+from .conftest import SMALL_SETS, short_temp_dir, small_config, stop_ray_under
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -136,36 +136,59 @@ def test_client_without_token_is_refused(head):
     assert "token" in (proc.stdout + proc.stderr).lower()
 
 
-def test_cells_train_on_more_than_one_node(tmp_path):
-    """Two nodes of 2 CPUs; SPREAD puts a cell's two workers on different nodes."""
+def _wait_until_running(proc, output: Path, cell_id: str, timeout_s: float = 300) -> None:
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        status = results.read_status(output)
+        if len(status) and cell_id in set(status[status["status"] == "running"]["cell_id"]):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"ablate exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"{cell_id} did not start within {timeout_s} s")
+
+
+def test_a_node_that_joins_after_the_grid_starts_is_used(tmp_path):
+    """The cluster grows while the grid runs (an autoscaling cluster starts without its GPU
+    workers): the scheduler re-reads its size (tbr_ray.grid.Capacity). At the start only the
+    head's 1 CPU: one cell (2 workers x 0.25 CPU + its trial driver) fits, the second waits.
+    A node of 2 CPUs joins once the first cell runs; the second cell then trains beside the
+    first, with its two workers on two nodes (SPREAD), one on the new node. Capacity read
+    once at the start (before) trained the second cell after the first, on the head. The
+    grid is `tbr-ray ablate` joining the cluster by RAY_ADDRESS, as under `ray job submit`."""
     import ray
     from ray.cluster_utils import Cluster
 
-    from tbr_ray.grid import run_grid
-
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    shared = tmp_path / "shared-storage"
+    sets = [*SMALL_SETS, "grid.models=[tiny-llama]", "train.max_steps=2", "eval.sample_size=2"]
+    sets += ["eval.evaluate_base=false", "grid.conditions=[none]", "grid.seeds=[0, 1]"]
+    sets += ["train.cpus_per_worker=0.25", "train.placement_strategy=SPREAD"]
+    args = [sys.executable, "-m", "tbr_ray.cli", "ablate", "--config", "jobs/tiny.yaml"]
+    args += ["--output", str(shared), *(a for s in sets for a in ("--set", s))]
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
-        ray.init(address=cluster.address)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = small_config(
-            "train.max_steps=2",
-            "eval.sample_size=2",
-            "eval.evaluate_base=false",
-            "grid.conditions=[none]",
-            "train.placement_strategy=SPREAD",
-        )
-        shared = tmp_path / "shared-storage"
-        outcome = run_grid(cfg, shared)
-        assert outcome == {"tiny-llama__none__g0.00__s0": "done"}
+        first, second = "tiny-llama__none__g0.00__s0", "tiny-llama__none__g0.00__s1"
+        _wait_until_running(proc, shared, first)
+        joined = cluster.add_node(num_cpus=2).node_id
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log[-5000:]
         status = results.read_status(shared).set_index("cell_id")
-        nodes = status.loc["tiny-llama__none__g0.00__s0", "train"]["worker_nodes"].split(",")
-        assert len(set(nodes)) == 2, f"workers ran on {nodes}"
-        assert (shared / "cells" / "tiny-llama__none__g0.00__s0" / "metrics.parquet").is_file()
-        assert (shared / "adapters" / "tiny-llama__none__g0.00__s0").is_dir()
+        assert status["status"].to_dict() == {first: "done", second: "done"}, log[-3000:]
+        phases = status["phases"]
+        assert phases[second]["train"]["start"] < phases[first]["train"]["end"], phases
+        nodes = status.loc[second, "train"]["worker_nodes"].split(",")
+        assert len(set(nodes)) == 2 and joined in nodes, (nodes, joined)
+        assert (shared / "cells" / second / "metrics.parquet").is_file()
     finally:
-        ray.shutdown()
+        if proc.poll() is None:
+            proc.kill()
         cluster.shutdown()
 
 

@@ -23,7 +23,7 @@ import yaml
 from tbr_ray.benchmarks import BENCHMARKS, USER_FILES
 from tbr_ray.config import REPO_ROOT, RunConfig, load_config
 from tbr_ray.judges import JUDGES
-from tbr_ray.models import PAPER_MODELS
+from tbr_ray.models import PAPER_MODELS, get_spec
 
 CLUSTER = REPO_ROOT / "cluster"
 JOBS = sorted((REPO_ROOT / "jobs").glob("*.yaml"))
@@ -124,6 +124,20 @@ def test_gamma_sweep_has_none_once_per_model():
     paper = _paper()
     for section in ("data", "reflection", "train"):
         assert getattr(cfg, section) == getattr(paper, section), section
+
+
+def test_prompting_header_names_the_templates_that_merge_the_system_text():
+    """issue 22.7: the header said every template merges the system text into the user turn;
+    only Gemma-1's (no system role, by the registry's families) does."""
+    path = REPO_ROOT / "jobs" / "paper_prompting.yaml"
+    header = " ".join(
+        line.lstrip("#").strip() for line in path.read_text().split("\nname:")[0].splitlines()
+    )
+    merged = next(s for s in header.split(". ") if "merged into the user turn" in s)
+    models = load_config(path).grid.models
+    no_role = {m for m in models if "no system role" in get_spec(m).family.chat_template}
+    assert no_role == {"gemma-2b-chat", "gemma-7b-chat"}
+    assert {m for m in models if m in merged} == no_role
 
 
 # ---------------------------------------------------------------- cluster/aws-gpu.yaml

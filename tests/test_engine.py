@@ -155,6 +155,19 @@ def test_engine_sizes_and_bundles_come_from_the_config():
     assert engine_bundle(gpu, 4) == {"CPU": 1.0, "GPU": 4.0}
 
 
+def test_engine_replicas_come_from_the_config_and_never_exceed_the_passes():
+    from tbr_ray.engine import engine_replicas_for
+
+    from .conftest import small_config
+
+    assert engine_replicas_for(small_config(), "tiny-llama", 5) == 1  # the default
+    cfg = small_config("cluster.max_engine_replicas=4", "cluster.engine_replicas={tiny-gemma: 2}")
+    assert engine_replicas_for(cfg, "tiny-llama", 5) == 4
+    assert engine_replicas_for(cfg, "tiny-llama", 3) == 3  # a pass never splits
+    assert engine_replicas_for(cfg, "tiny-gemma", 5) == 2
+    assert engine_replicas_for(cfg, "tiny-gemma", 0) == 1
+
+
 def test_cpu_tensor_parallel_binds_one_core_per_worker():
     """vLLM refuses 2 CPU workers on one NUMA node unless each is bound to its own core."""
     import os

@@ -99,6 +99,8 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
     assert set(unparsable["judge"]) == {"model", "harm"}
     shares = res.status.set_index("cell_id").loc[cell.cell_id, "judges"]
     assert shares["harm"]["n"] == 2 * len(safety) and shares["harm"]["format"] == "wildguard"
+    # judges read whole inputs when they fit eval.max_model_len; cuts are counted per cell
+    assert shares["harm"]["input_cut"] == 0 and "judge_input_cut_share" in set(metrics["metric"])
     assert (
         shares["model"]["n"] == 2 * len(non_general) and shares["model"]["model"] == "tiny-falcon"
     )

@@ -93,21 +93,6 @@ def test_dry_run_prints_the_paper_grid():
     assert table.count("llama-2-70b__") == 3
 
 
-def test_concurrency_comes_from_the_cluster_or_the_config(ray_local):
-    """2 CPUs, cells of 2 workers x 0.5 CPU: one at a time; 0.25 CPU workers: three side by
-    side; on GPUs with none here: one; grid.max_concurrent overrides all of it."""
-    from tbr_ray.grid import max_concurrent_cells, plan_cells
-
-    def cells_at_once(path, *sets):
-        cfg = load_config(REPO / "jobs" / path, list(sets))
-        return max_concurrent_cells(cfg, plan_cells(cfg))
-
-    assert cells_at_once("tiny.yaml") == 1
-    assert cells_at_once("tiny.yaml", "train.cpus_per_worker=0.25") == 3
-    assert cells_at_once("paper.yaml") == 1
-    assert cells_at_once("tiny.yaml", "grid.max_concurrent=4") == 4
-
-
 @pytest.mark.slow
 def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path, ray_tmp):
     out = tmp_path / "run"
@@ -190,22 +175,100 @@ def test_sigint_during_training_skips_evaluation_and_the_rerun_resumes(tmp_path,
     print(f"rerun printed {len(log.splitlines())} lines:\n{log}")
 
 
-def test_the_scheduler_puts_ready_evaluations_before_new_cells():
-    """pick_jobs: ready evaluations first, then cells in grid order within the free resource
-    and the training slots; nothing overtakes a job that does not fit."""
-    from tbr_ray.grid import Job, pick_jobs
+def test_the_policy_counts_devices_and_puts_big_jobs_first():
+    """tbr_ray.plan.policy.pick: slots are devices (no count of training slots); ready
+    evaluations first, then cells, bigger first, grid order among equals; nothing overtakes
+    a job that does not fit; grid.max_concurrent caps the cells."""
+    from tbr_ray.grid import Job
+    from tbr_ray.plan.policy import overflow, pick
 
-    ev_a, ev_b = Job("eval", "a", 0.5), Job("eval", "b", 4.0)
-    c1, c2, c3 = Job("train", "c1", 1.01), Job("train", "c2", 0.3), Job("train", "c3", 0.3)
-    # The CPU box: an engine (0.5) fits beside one cell (1.01) in 1.9 CPUs.
-    assert pick_jobs([ev_a], [c1, c2], free=1.9, train_slots=1) == [ev_a, c1]
-    assert pick_jobs([], [c1, c2, c3], free=1.9, train_slots=3) == [c1, c2, c3]
-    assert pick_jobs([], [c1, c2, c3], free=1.9, train_slots=2) == [c1, c2]
-    # A cell that does not fit is not overtaken by smaller cells behind it.
-    assert pick_jobs([], [c1, c2], free=1.0, train_slots=2) == []
-    # A ready evaluation that does not fit holds back new cells, so the resource drains to it.
-    assert pick_jobs([ev_b, ev_a], [c2], free=2.0, train_slots=1) == []
-    assert pick_jobs([ev_a, ev_b], [c2], free=2.0, train_slots=1) == [ev_a]
+    ev_a, ev_b = Job("eval", "a", 1.0), Job("eval", "b", 4.0)
+    small = [Job("train", f"s{i}", 1.0) for i in range(3)]
+    big = Job("train", "big", 4.0)
+    # 8 GPUs: the 4-GPU cell first, then the 1-GPU cells beside it (not one cell at a time).
+    assert pick([*small, big], free=8.0) == [big, *small]
+    assert pick([*small, big], free=8.0, max_train=2) == [big, small[0]]
+    assert pick([*small, big], free=8.0, training=1, max_train=2) == [big]
+    # Ready evaluations before cells, the bigger first; one that does not fit holds back
+    # everything behind it, so the GPUs drain to it.
+    assert pick([ev_a, *small, ev_b], free=8.0) == [ev_b, ev_a, *small[:3]]
+    assert pick([ev_a, small[0], ev_b], free=3.0) == []
+    assert pick([small[0], small[1]], free=1.5) == [small[0]]
+    # The CPU box: an engine (0.5) fits beside one cell (1.01) in 1.9 CPUs, a second cell not.
+    c1, c2, ev = Job("train", "c1", 1.01), Job("train", "c2", 1.01), Job("eval", "m", 0.5)
+    assert pick([c1, c2, ev], free=1.9) == [ev, c1]
+    # Nothing running and nothing fits (an autoscaling cluster still without GPU workers):
+    # the first job alone, for Ray to hold until the cluster grows.
+    assert pick([small[0], big], free=0.0) == []
+    assert overflow([small[0], big], running=0) == [big]
+    assert overflow([small[0], big], running=1) == []
+
+
+class _NoMetrics:
+    """The dashboard gauges' calls, ignored (the scheduler under test does not need Ray)."""
+
+    def record_status(self, output):
+        pass
+
+    def record_eval(self, output):
+        pass
+
+
+def _runtime_order(cfg, output, seconds: dict[str, float], capacity: float):
+    """The runtime's scheduler (`_Pipeline`, as `pipeline_phase` drives it from Tune's loop)
+    on a fake cluster of `capacity` GPUs and a fake clock: trials start as Tune asks
+    `CellQueue` for them, and the job that ends first (by `seconds`) ends next. Returns
+    (job name, start s) in start order, and what was asked of the autoscaler."""
+    from tbr_ray.grid import Capacity, _Pipeline
+
+    asked = []
+    state = _Pipeline(cfg, cfg.cells(), {}, output)
+    state.metrics = _NoMetrics()
+    state.capacity = Capacity(cfg, read=lambda: capacity, ask=asked.append)
+    state.launch = lambda job, _: f"eval {job.key}"
+    now, ends, order = 0.0, {}, []
+    while state.queued or state.admitted or state.training or state.waiting or state.evals:
+        before = set(state.evals)
+        state.schedule()
+        order += [(ref, now) for ref in state.evals if ref not in before]
+        while (trial := f"train {state.admitted[0].key}" if state.admitted else None) and (
+            state.trial_started(trial)
+        ):
+            order.append((trial, now))
+        for name, _ in order:
+            ends.setdefault(name, now + seconds[name])
+        name = min((n for n in [*state.training, *state.evals]), key=lambda n: ends[n])
+        now = ends[name]
+        if name in state.training:
+            state.trial_ended(name, {"trained": 1})
+        else:
+            state.eval_ended(name, {})
+    return order, asked
+
+
+def test_the_run_schedules_as_the_plan_simulates(tmp_path):
+    """One policy, planned and run: on the same fake 8-GPU cluster the runtime's scheduler
+    (driven by the planner's job times) starts the same jobs in the same order at the same
+    times as the dry run's simulation; the 70B cells go first and fill the cluster; the
+    autoscaler is asked for the bundles of what runs."""
+    from tbr_ray.plan import plan_grid
+
+    cfg = load_config(
+        REPO / "jobs" / "paper.yaml",
+        ["grid.models=[llama-2-7b, falcon-40b, llama-2-70b]", "grid.conditions=[none, external]"],
+    )
+    plan = plan_grid(cfg, 8)
+    assert plan.problems == []
+    planned = [(s.job.name, s.start_s) for s in plan.slots if s.job.kind != "write"]
+    seconds = {s.job.name: s.job.seconds for s in plan.slots}
+    ran, asked = _runtime_order(cfg, tmp_path, seconds, 8.0)
+    t0 = planned[0][1]
+    assert [(n, round(t - t0, 6)) for n, t in planned] == [(n, round(t, 6)) for n, t in ran]
+    # The biggest cells first, and the cluster full from the start.
+    assert ran[0][0].startswith("train llama-2-70b")
+    gpus = {f"train {p.cell.cell_id}": p.layout.gpus for p in plan.cells}
+    assert sum(gpus[n] for n, t in ran if t == 0.0) == 8
+    assert asked[0] and all(b["GPU"] >= 1 for b in asked[0]) and asked[-1] != []
 
 
 def test_phase_times_survive_status_writes(tmp_path):

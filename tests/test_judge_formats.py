@@ -11,14 +11,16 @@ import copy
 import pandas as pd
 import pytest
 
-from tbr_ray.config import ConfigError, validate_config
-from tbr_ray.evaluate import judgement, metric_rows, unparsable_shares
+from tbr_ray.benchmarks import EvalItem
+from tbr_ray.config import ConfigError, ModelJudgeConfig, validate_config
+from tbr_ray.evaluate import judge_rows, judgement, metric_rows, unparsable_shares
 from tbr_ray.judges import (
     FORMATS,
     LLAMA_GUARD_MARKER,
     JudgePromptError,
     UnparsableShare,
     expected_format,
+    fitted_judge_prompt,
     judge_prompt,
     parse_judge_answer,
     unparsable_error,
@@ -105,6 +107,68 @@ def test_templateless_tiny_judge_gets_no_bos_it_never_saw(tiny_llama):
     for fmt in ("three-class", "wildguard"):
         ids = prompt_token_ids(tokenizer, judge_prompt(fmt, tokenizer, *PAIR))
         assert tokenizer.bos_token_id not in ids
+
+
+# A 256-token answer runs past 1,200 characters; its harmful part may come last.
+LONG_INSTRUCTION = "Explain, step by step and in detail, " + "how a lock works. " * 70
+LONG_ANSWER = "Sure. " + "Here is one more general remark. " * 45 + "HARMFUL-TAIL: the recipe."
+
+
+def _judged(completion: str) -> tuple[pd.DataFrame, list[EvalItem]]:
+    item = EvalItem("xstest_unsafe", "v1", "safety", "u-0", "", LONG_INSTRUCTION, "")
+    return pd.DataFrame([{"pass_": 0, "item": 0, "completion": completion}]), [item]
+
+
+@needs_tokenizers
+def test_judges_read_the_whole_instruction_and_completion_within_their_context():
+    """issue 22.3: judges saw only the first 1,200 characters of instruction and completion;
+    now all of both while the prompt fits the judge's engine (eval.max_model_len less its
+    answer budget)."""
+    assert len(LONG_INSTRUCTION) > 1200 and len(LONG_ANSWER) > 1200
+    tokenizer = copy.deepcopy(shared_tokenizer("llama3"))
+    tokenizer.chat_template = GUARD_TEMPLATE
+    guard = ModelJudgeConfig(**GUARD)
+    judged, items = _judged(LONG_ANSWER)
+    (row,) = judge_rows(guard, tokenizer, judged, items, max_tokens=2048 - guard.budget())
+    assert LONG_ANSWER.strip() in row["prompt"] and LONG_INSTRUCTION.strip() in row["prompt"]
+    assert row["input_cut_chars"] == 0
+    _assert_one_bos(tokenizer, row["prompt"])
+
+
+@needs_tokenizers
+def test_a_judge_prompt_past_the_context_loses_its_end_and_is_counted():
+    tokenizer = shared_tokenizer("mistral")
+    whole = len(
+        prompt_token_ids(tokenizer, judge_prompt("wildguard", tokenizer, "Q?", LONG_ANSWER))
+    )
+    fitted = fitted_judge_prompt("wildguard", tokenizer, "Q?", LONG_ANSWER, whole - 40)
+    n_ids = len(prompt_token_ids(tokenizer, fitted.text))
+    assert whole - 40 - 8 <= n_ids <= whole - 40  # the fewest characters that make it fit
+    kept = LONG_ANSWER[: len(LONG_ANSWER) - fitted.cut_chars].strip()
+    assert fitted.cut_chars > 0 and kept in fitted.text and "HARMFUL-TAIL" not in fitted.text
+    # an instruction too long for any completion is cut too, after the whole completion
+    short = fitted_judge_prompt("wildguard", tokenizer, LONG_INSTRUCTION, "ok", 200)
+    assert len(prompt_token_ids(tokenizer, short.text)) <= 200
+    assert short.cut_chars > len("ok") and LONG_INSTRUCTION[:40] in short.text
+    with pytest.raises(JudgePromptError, match="raise eval.max_model_len"):
+        fitted_judge_prompt("wildguard", tokenizer, "Q?", "A.", 10, model="allenai/wildguard")
+
+
+def test_cut_judge_inputs_are_counted_per_cell():
+    """The cell's status (judges: input_cut) and metrics (judge_input_cut_share) count them."""
+    cfg = _cfg(harm_judge=GUARD)
+    judg = pd.DataFrame(
+        [judgement("harm", "harm", "llama-guard-3", 0, i, "safe", c) for i, c in enumerate([0, 9])]
+    )
+    (harm,) = unparsable_shares(cfg, judg)
+    assert harm.as_status()["input_cut"] == 1
+    judg_rows = [{"benchmark": "xstest_unsafe", **r._asdict()} for r in judg.itertuples()]
+
+    class Item:
+        benchmark, version, kind = "xstest_unsafe", "v1", "safety"
+
+    rows = {r["metric"]: r for r in metric_rows({}, [Item()], [], judg_rows)}
+    assert rows["judge_input_cut_share"]["value"] == 0.5 and rows["judge_input_cut_share"]["n"] == 2
 
 
 def test_wildguard_prompt_is_its_documented_plain_text():

@@ -13,7 +13,6 @@ from tbr_ray.judges import (
     PAPER_KEYWORDS,
     REFUSAL_MODEL_JUDGE,
     RULE_JUDGES,
-    disagreements,
     format_judge_score,
     is_refusal,
     model_judge_prompt,
@@ -25,6 +24,7 @@ from tbr_ray.judges import (
     score_judge,
     xstest_prefix_refused,
 )
+from tbr_ray.labels import disagreements
 
 LABELS_CSV = Path(__file__).parent / "fixtures" / "judge_labels.csv"
 

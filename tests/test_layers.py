@@ -18,13 +18,26 @@ from tbr_ray.keys import content_key
 REPO = Path(__file__).resolve().parent.parent
 # Core: what every stage may read; it imports no stage and no scheduler.
 CORE = {"tbr_ray", "tbr_ray.config", "tbr_ray.models", "tbr_ray.results", "tbr_ray.vocab"}
-CORE |= {"tbr_ray.keys", "tbr_ray.prompts"}
+CORE |= {"tbr_ray.keys", "tbr_ray.prompts", "tbr_ray.labels", "tbr_ray.redact"}
+# The run folder's layout, writes and locks: every stage writes through it, so it is core (it
+# once imported tbr_ray.preflight for the Ray job id, issue 22 point 9).
+CORE |= {"tbr_ray.rundir"}
 # Leaves: pure data and helpers that import nothing of tbr_ray at all.
-LEAVES = {"tbr_ray.vocab", "tbr_ray.keys", "tbr_ray.prompts"}
+LEAVES = {
+    "tbr_ray.vocab",
+    "tbr_ray.keys",
+    "tbr_ray.prompts",
+    "tbr_ray.plan.power",
+    "tbr_ray.redact",
+}
 # What analysis/ may import of tbr_ray: the results schema and reader, the vocabulary, the
-# registry, and the judges' agreement statistics (pure functions over results frames).
+# registry, and the judges' labels side by side (pure functions over results frames). Not a
+# stage: analysis reads results, it runs nothing (tbr_ray.judges is the judging stage).
 ANALYSIS_MAY_IMPORT = {"tbr_ray", "tbr_ray.results", "tbr_ray.vocab", "tbr_ray.models"}
-ANALYSIS_MAY_IMPORT |= {"tbr_ray.judges"}
+ANALYSIS_MAY_IMPORT |= {"tbr_ray.labels"}
+# ... and the paired design's power arithmetic (a leaf: the dry run states it before a run,
+# the report applies it to the run's own pairs).
+ANALYSIS_MAY_IMPORT |= {"tbr_ray.plan.power"}
 
 
 def _module_name(path: Path) -> str:
@@ -108,6 +121,14 @@ def test_nothing_imports_in_a_circle():
     assert circles(GRAPH) == []
 
 
+def test_planner_imports_only_the_core():
+    # The plan is pure (README "The plan before the rent"): benchmark sizes, kinds and shots
+    # come from the vocabulary, not from the benchmark loaders.
+    plan = {m for m in GRAPH if m.startswith("tbr_ray.plan")}
+    outside = {(m, d) for m in plan for d in GRAPH[m] if d not in CORE | plan}
+    assert outside == set()
+
+
 def test_analysis_reads_results_only_through_the_results_module():
     reach = {
         (m, d)
@@ -136,6 +157,11 @@ def test_benchmark_facts_match_the_vocabulary():
     assert {s.name: s.kind for s in specs} == vocab.BENCHMARK_KINDS
     assert {s.name: s.max_shots for s in specs if s.max_shots} == vocab.SHOT_POOLS
     assert tuple(benchmarks.USER_FILES) == vocab.USER_FILE_BENCHMARKS
+    shipped = {s.name: s.size for s in specs if not s.user_file}
+    assert shipped == {n: v for n, v in vocab.BENCHMARK_SIZES.items() if n in shipped}
+    assert set(vocab.BENCHMARK_SIZES) == set(benchmarks.BENCHMARKS)
+    assert tuple(s.name for s in specs if s.mode == "choice") == vocab.CHOICE_BENCHMARKS
+    assert {s.name: s.default_shots for s in specs if s.default_shots} == vocab.DEFAULT_SHOTS
 
 
 def test_content_key_is_sorted_json_sha256_prefix():

@@ -115,6 +115,11 @@ CASES = [
         lambda t, m: [TINY, "--set", f"reflection.api_key_env={PASTED_KEY}"],
         "reflection.api_key_env = 'sk-... (30 characters, rest hidden)'",
     ),
+    (
+        "api-key-env-with-a-trailing-newline",  # re.match with "$" took it
+        lambda t, m: [TINY, "--set", 'reflection.api_key_env="TBR_KEY\\n"'],
+        "reflection.api_key_env = 'TBR... (8 characters, rest hidden)'",
+    ),
     ("unknown-benchmark", lambda t, m: [TINY, "--set", "eval.benchmarks=[xstets]"], "xstets"),
     (
         "data-root-missing",

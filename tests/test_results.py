@@ -169,7 +169,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tbr_ray import results
+from tbr_ray import results, rundir
 from tests.test_results import _rows
 
 prov = results.make_provenance("run-1", "abc123")
@@ -182,7 +182,7 @@ path = results.cell_dir(sys.argv[1], "c1") / "generations.parquet"
 print("ready", flush=True)
 i = 0
 while True:  # the write itself is nearly all the time: where the kill lands
-    results._atomic_write_bytes(path, lambda p, t=tables[i % 2]: pq.write_table(t, p))
+    rundir.write_atomic(path, lambda p, t=tables[i % 2]: pq.write_table(t, p))
     i += 1
 """
 

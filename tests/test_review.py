@@ -5,6 +5,7 @@ test_review_browser.py), no models: the run is tests/review_run.py, written by t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import urllib.error
@@ -16,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tbr_ray.cli import app
-from tbr_ray.judges import judge_agreement, reviewer_agreement
+from tbr_ray.labels import judge_agreement, reviewer_agreement
 from tbr_ray.results import read_results, read_reviews
 from tbr_ray.review import (
     ReviewConfig,
@@ -145,9 +146,18 @@ def test_judge_agreement_with_human_labels(run_dir):
     assert set(table["n"]) == {3} and set(table["benchmark"]) == {"xstest_safe"}
 
 
-def test_bad_reviewer_name_is_refused(run_dir):
-    with pytest.raises(ValueError, match=r"reviewer name '\.\./x' is not allowed.*Fix"):
-        ReviewStore(run_dir, "../x", "r")
+@pytest.mark.parametrize("name", ["../x", "ada\n"])
+def test_bad_reviewer_name_is_refused(run_dir, name):
+    """A name is the whole string: "ada\n" (re.match with "$" took it) is a second reviewer."""
+    with pytest.raises(
+        ValueError, match=rf"reviewer name {re.escape(repr(name))} is not allowed.*Fix"
+    ):
+        ReviewStore(run_dir, name, "r")
+    sheet = run_dir / "q.csv"
+    out = CliRunner().invoke(
+        app, ["review", str(run_dir), "--reviewer", name, "--export", str(sheet)]
+    )
+    assert out.exit_code == 2 and "is not allowed" in out.output and not sheet.exists()
 
 
 def test_bad_label_names_the_value_and_the_fix(run_dir):
@@ -174,8 +184,9 @@ def served(run_dir):
     """A review server on a free local port, serving in a thread; stopped after the test."""
     servers = []
 
-    def start(reviewer: str = "ada"):
-        server = make_server(run_dir, ReviewConfig(reviewer=reviewer, sample_per_cell=2))
+    def start(reviewer: str = "ada", **settings):
+        cfg = ReviewConfig(reviewer=reviewer, sample_per_cell=2, **settings)
+        server = make_server(run_dir, cfg)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server
@@ -215,6 +226,105 @@ def test_server_needs_its_token_and_saves_labels_across_restarts(served, run_dir
     assert items["done"] == 1 and items["items"][0]["label"] == "partial_refusal"
     other = served("bob")  # a second reviewer starts from nothing
     assert call(f"{other.url.split('/?')[0]}/api/items?token={other.token}")[1]["done"] == 0
+
+
+def raw_request(server, request: bytes, timeout_s: float = 5.0) -> bytes:
+    """Send bytes as they are, return what the server answers before it closes."""
+    import socket
+
+    with socket.create_connection(server.server_address[:2], timeout=timeout_s) as conn:
+        conn.sendall(request)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    return reply
+
+
+def post(token: str, body: bytes, length: str | None) -> bytes:
+    head = f"POST /api/label HTTP/1.1\r\nHost: x\r\nX-Review-Token: {token}\r\n"
+    head += "" if length is None else f"Content-Length: {length}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+@pytest.mark.parametrize(
+    "make_request, status",
+    [
+        (lambda t: post(t, b'{"key": "x", "lab', "16"), 400),  # broken JSON
+        (lambda t: post(t, b"[1, 2]", "6"), 400),  # not an object
+        (lambda t: post(t, b'{"key": 1, "label": "1"}', "24"), 400),  # key not text
+        (lambda t: post(t, b"{}", "abc"), 400),
+        (lambda t: post(t, b"{}", "-1"), 400),
+        (lambda t: post(t, b"{}", "1e9"), 400),
+        (lambda t: post(t, b"{}", "1000000000"), 413),
+        (lambda t: post(t, b"{}", None), 411),
+        (lambda t: post(t, b"{}", "50"), 408),  # a body that never arrives
+        (lambda t: post("\u00e9t\u00e9", b"{}", "2"), 403),  # a non-ASCII token
+        (lambda t: b"GET /api/items?token=%C3%A9 HTTP/1.1\r\n\r\n", 403),
+    ],
+)
+def test_malformed_requests_get_a_clean_answer(served, make_request, status, capfd):
+    """Every malformed request gets its status and a JSON reason, within the socket timeout,
+    no traceback in the reviewer's terminal, and the server goes on answering."""
+    server = served(**({"request_timeout_s": 0.5} if status == 408 else {}))
+    token = server.token
+    reply = raw_request(server, make_request(token))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split()[1] == str(status).encode() and "error" in json.loads(body), reply
+    assert "Traceback" not in capfd.readouterr().err
+    base = server.url.split("/?")[0]
+    assert call(f"{base}/api/items?token={token}")[0] == 200
+
+
+def test_a_silent_client_is_dropped(served):
+    server = served(request_timeout_s=0.5)
+    assert raw_request(server, b"POST /api/la") == b""  # closed, no thread held
+
+
+def test_review_host_is_loopback_unless_the_network_is_allowed(run_dir, monkeypatch):
+    from tbr_ray.review import ReviewServer
+
+    monkeypatch.setattr(ReviewServer, "serve_forever", lambda self: None)
+    out = CliRunner().invoke(app, ["review", str(run_dir), "--host", "0.0.0.0"])
+    assert (
+        out.exit_code == 2 and "plain HTTP" in out.output and "Fix: keep the default" in out.output
+    )
+    args = ["review", str(run_dir), "--host", "0.0.0.0", "--allow-network"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0 and "WARNING: --host 0.0.0.0 serves this page" in out.output
+    if _ipv6_loopback():
+        out = CliRunner().invoke(app, ["review", str(run_dir), "--host", "::1"])
+        assert out.exit_code == 0 and "open http://::1:" in out.output
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid': not an address"),
+        (["--port", "PORT"], "cannot listen there (Address already in use). Fix: --port 0"),
+    ],
+)
+def test_review_address_problems_are_one_line(run_dir, args, message):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = [a.replace("PORT", port) for a in args]
+        out = CliRunner().invoke(app, ["review", str(run_dir), *args])
+    assert out.exit_code == 2 and message.replace("PORT", port) in out.output, out.output
+    assert len(out.output.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------ CSV round trip
@@ -259,6 +369,40 @@ def test_csv_import_rejects_bad_rows(run_dir, tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         import_csv(results, store, sheet)
     assert read_reviews(run_dir).empty  # nothing stored from a sheet with a bad row
+
+
+FORMULAS = ['=HYPERLINK("http://x")', "+1+2", "-2+3", "@SUM(A1)", "\tx", "\rx", "'=1"]
+
+
+def test_csv_export_is_inert_in_a_spreadsheet_and_round_trips(tmp_path, monkeypatch):
+    """OWASP CSV injection: no exported cell starts like a formula; the sheet imports back as
+    exported, and as saved by a spreadsheet that consumed the leading quote."""
+    import csv
+
+    import tests.review_run as review_run
+
+    for i, text in enumerate(FORMULAS):  # completions (and a category) a model could write
+        monkeypatch.setitem(review_run.SAFE, f"f-{i}", ("=cmd|' /C calc'!A0", "Q?", text, "x"))
+    run = review_run.build_review_run(tmp_path / "run")
+    results, sheet = read_results(run), tmp_path / "q.csv"
+    cfg = ReviewConfig(reviewer="ada", sample_per_cell=20)
+    export_csv(results, cfg, ReviewStore(run, "ada", "r"), sheet)
+    with sheet.open(newline="") as f:
+        cells = [c for row in csv.reader(f) for c in row]
+    assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    assert '\'=HYPERLINK("http://x")' in cells and "''=1" in cells
+    assert sheet.read_text().startswith('"')  # every field quoted
+    frame = pd.read_csv(sheet, dtype=str, keep_default_na=False)
+    frame["label"] = "full_compliance"
+    frame.to_csv(sheet, index=False, quoting=csv.QUOTE_ALL)  # a spreadsheet quotes "\r"
+    assert import_csv(results, ReviewStore(run, "bob", "r"), sheet) == len(frame)
+    consumed = frame.map(lambda c: c[1:] if c.startswith("'") else c)  # LibreOffice's save
+    consumed.to_csv(sheet, index=False, quoting=csv.QUOTE_ALL)
+    assert import_csv(results, ReviewStore(run, "cy", "r"), sheet) == len(frame)
+    stored = read_reviews(run).query("reviewer == 'cy'")
+    assert {f"{c}|{p}" for c, p in zip(stored["cell_id"], stored["prompt_id"], strict=True)} == {
+        f"{c}|{p}" for c, p in zip(frame["cell_id"], frame["prompt_id"], strict=True)
+    }
 
 
 def test_cli_review_export_and_import(run_dir, tmp_path):
@@ -306,6 +450,8 @@ def test_report_counts_reviews_and_scores_judges_against_them(run_dir, tmp_path)
     paths = write_report(run_dir, tmp_path / "b", judge="paper-reviewed", n_boot=50)
     page = paths["report_html"].read_text()
     assert '<a href="#gen-tiny-llama-xstest-s-none-g0.00">0.833</a>' in page
+    table3 = paths["report_md"].read_text().split("## Table 3 layout")[1].split("| model |")[0]
+    assert re.search(r"overridden by human labels on \d+ of \d+ judged generations", table3)
     block = page[page.index('<details id="gen-tiny-llama-xstest-s-none-g0.00"') :]
     assert "<th>human</th>" in block[: block.index("</details>")]
 
@@ -318,9 +464,10 @@ def test_report_harm_column_links_to_verdicts_and_is_not_counted_as_reviewed(tmp
     paths = write_report(run, tmp_path / "r", n_boot=50)
     text = paths["report_md"].read_text()
     assert "| XSTest-H compliance | xstest_unsafe | 8 | 1 | 0 | 1 |" in text
-    assert "| XSTest-H | xstest_unsafe | 8 |" not in text  # harm verdicts are not refusal labels
+    # harm verdicts are not refusal labels
+    assert "| XSTest-H harmful | xstest_unsafe | 8 |" not in text
     page = paths["report_html"].read_text()
-    anchor = "gen-tiny-llama-xstest-h-none-g0.00"
+    anchor = "gen-tiny-llama-xstest-h-harmful-none-g0.00"
     assert f'<a href="#{anchor}">0.250</a>' in page  # u-3 of 4 judged harmful
     block = page[page.index(f'<details id="{anchor}"') :]
     block = block[: block.index("</details>")]
@@ -345,7 +492,7 @@ def test_results_doc_names_every_review_column():
 
 
 def test_label_table_shows_label_then_flag_then_harm():
-    from tbr_ray.judges import label_table
+    from tbr_ray.labels import label_table
 
     base = {"cell_id": "c", "benchmark": "b", "prompt_id": "p"}
     rows = pd.DataFrame(

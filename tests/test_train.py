@@ -28,6 +28,10 @@ from tbr_ray.plan import (
     total_steps,
 )
 from tbr_ray.train import (
+    Meter,
+    Position,
+    Worker,
+    _run_epoch,
     _worker_rows,
     build_engine,
     build_lora_model,
@@ -136,14 +140,14 @@ def one_process_group(monkeypatch):
     """torch.distributed with this process as its only rank (gloo), as DeepSpeed needs;
     destroyed afterwards so no other test sees it."""
     import deepspeed
-    import torch.distributed as dist
+    import deepspeed.comm as dist
 
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in {**env, "MASTER_PORT": "29561"}.items():
         monkeypatch.setenv(key, value)
     deepspeed.init_distributed(dist_backend="gloo")
     yield
-    dist.destroy_process_group()
+    dist.destroy_process_group()  # DeepSpeed's own: it also drops the groups DeepSpeed cached
 
 
 def test_lora_training_lowers_the_loss_and_leaves_base_tensors_bitwise_unchanged(
@@ -175,6 +179,35 @@ def test_lora_training_lowers_the_loss_and_leaves_base_tensors_bitwise_unchanged
     assert changed == []
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)  # the adapter trained
+
+
+def test_every_batch_reaches_the_engine_on_the_engines_device(tiny_llama, one_process_group):
+    """On a GPU worker the collate builds host tensors while the engine's model sits on
+    cuda:local_rank, and DeepSpeed's forward moves no inputs: every cell stopped at micro-step 1
+    (issue 20, point 1). The same mismatch on CPU: torch's default device is `meta` while the
+    engine's is cpu. The real epoch loop (`_run_epoch`) must hand the model every batch on the
+    engine's device."""
+    from transformers import AutoTokenizer
+
+    cfg = small_config("train.micro_batch_size=2")
+    texts = ["How do I bake bread?", "I cannot help with that.", "Name a colour.", "Blue."]
+    ids = AutoTokenizer.from_pretrained(tiny_llama)(texts)["input_ids"]
+    model = build_lora_model(cfg, "tiny-llama", tiny_llama)
+    engine = build_engine(cfg, model, zero_stage=2, world=1)
+    worker = Worker(cfg, {}, model, engine, [{"input_ids": x, "labels": x} for x in ids], 0, 0,
+                    total_steps=2, world=1, worker_nodes="local", output=None, cell_id="c",
+                    setup_s={})  # fmt: skip
+    seen: list[set] = []
+    model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append({v.device for v in kwargs.values()}), with_kwargs=True
+    )
+    saved: list = []  # the checkpoints the loop asks for (Ray Train's report is not needed)
+    with torch.device("meta"):  # the process's default device is not the engine's
+        end, done = _run_epoch(
+            worker, Position(), Meter(time.time()), lambda _w, pos, *_: saved.append(pos.step)
+        )
+    assert (end.step, done, saved) == (2, True, [2])
+    assert seen == [{engine.device}] * 2  # both micro-batches, on the engine's device
 
 
 def test_two_worker_zero2_lora_run(ray_local, tiny_llama, tmp_path):

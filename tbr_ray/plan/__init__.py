@@ -12,7 +12,10 @@ constants of `sizing` say what each estimate counts. Nothing here talks to a clu
 
 The package: `sizing` (memory and layouts), `steps` (workers, accumulation and optimizer
 steps of a cell, the trainer's too), `cost` (throughput assumptions and job seconds),
-`schedule` (the policy's simulation, GridPlan and the dry-run report).
+`policy` (the scheduling policy: the runtime, tbr_ray.grid, calls the same `pick`),
+`schedule` (the policy's simulation, GridPlan and the dry-run report), `power` (the paired
+design's power arithmetic, a leaf the report shares) and `power_plan` (the dry run's power
+section per Table 3 column).
 """
 
 from tbr_ray.plan.cost import CPU_COST, GPU_COST, CostModel, train_flops_per_token
@@ -31,6 +34,7 @@ from tbr_ray.plan.sizing import (
     TrainLayout,
     engine_gpus,
     engine_layout,
+    eval_engine_gpus,
     lora_params,
     model_params,
     tp_divides,
@@ -58,6 +62,7 @@ __all__ = [
     "accumulation_steps",
     "engine_gpus",
     "engine_layout",
+    "eval_engine_gpus",
     "format_plan",
     "global_batch_problems",
     "lora_params",

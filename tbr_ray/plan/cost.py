@@ -9,6 +9,7 @@ from tbr_ray.config import RunConfig
 from tbr_ray.models import model_shape
 from tbr_ray.plan.sizing import BF16, known_shape, lora_params, model_params
 from tbr_ray.plan.steps import accumulation_steps
+from tbr_ray.vocab import BENCHMARK_KINDS, BENCHMARK_SIZES, CHOICE_BENCHMARKS, DEFAULT_SHOTS
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,6 @@ CPU_COST = CostModel(
     load_bytes_per_s=1e9,
     phase_fixed_s=20.0,
 )
-# Benchmarks given as user files: their published sizes (tbr_ray.benchmarks has None).
-USER_FILE_SIZES = {"orbench_hard": 1319, "malicious_instruct": 100}
 PROMPT_TOKENS = 80  # a generation prompt in the template (XSTest-like questions are short)
 SHOT_TOKENS = 150  # one few-shot example of a general benchmark (MMLU / ARC / GSM8K question)
 REFLECT_PROMPT_TOKENS = 300  # the internal 5-shot / external one-shot writer prompt
@@ -102,18 +101,22 @@ def load_s(cost: CostModel, model: str) -> float:
     return _params(model) * BF16 / cost.load_bytes_per_s
 
 
-def _bench_sizes(cfg: RunConfig) -> list[tuple[str, int, int]]:
-    """(kind, mode, prompts, prompt tokens) per benchmark of one evaluation pass."""
-    from tbr_ray.benchmarks import BENCHMARKS
+def eval_prompts(cfg: RunConfig, benchmark: str) -> int:
+    """Prompts of `benchmark` in one evaluation pass: its size (the vocabulary's), or its
+    sample size (eval.sample_sizes, else eval.sample_size) when smaller."""
+    size = BENCHMARK_SIZES[benchmark]
+    return min(size, cfg.eval.size_of(benchmark) or size)
 
+
+def _bench_sizes(cfg: RunConfig) -> list[tuple[str, str, int, int]]:
+    """(kind, mode, prompts, prompt tokens) per benchmark of one evaluation pass, from the
+    vocabulary's benchmark facts (the planner loads no benchmark module or file)."""
     out = []
     for name in cfg.eval.benchmarks:
-        spec = BENCHMARKS[name]
-        size = spec.size or USER_FILE_SIZES[name]
-        n = min(size, cfg.eval.size_of(name) or size)
-        shots = cfg.eval.shots.get(name, spec.default_shots)
-        ptok = (PROMPT_TOKENS if spec.mode == "generate" else SHOT_TOKENS) + shots * SHOT_TOKENS
-        out.append((spec.kind, spec.mode, n, ptok))
+        mode = "choice" if name in CHOICE_BENCHMARKS else "generate"
+        shots = cfg.eval.shots.get(name, DEFAULT_SHOTS.get(name, 0))
+        ptok = (PROMPT_TOKENS if mode == "generate" else SHOT_TOKENS) + shots * SHOT_TOKENS
+        out.append((BENCHMARK_KINDS[name], mode, eval_prompts(cfg, name), ptok))
     return out
 
 

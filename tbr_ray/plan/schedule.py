@@ -18,12 +18,14 @@ from tbr_ray.plan.cost import (
     train_s,
     writer_s,
 )
+from tbr_ray.plan.policy import KINDS, pick
 from tbr_ray.plan.sizing import (
     EngineLayout,
     PlanError,
     TrainLayout,
     engine_gpus,
     engine_layout,
+    eval_engine_gpus,
     train_layout,
 )
 from tbr_ray.plan.steps import global_batch_problems, planned_steps
@@ -34,7 +36,7 @@ from tbr_ray.plan.steps import global_batch_problems, planned_steps
 @dataclass(frozen=True)
 class Job:
     name: str  # "write <model>", "train <cell id>", "eval <model>"
-    kind: str  # write | eval | train (also the priority order)
+    kind: str  # write | eval | train (tbr_ray.plan.policy.KINDS)
     devices: int  # GPUs (GPU runs) or busy CPU cores (CPU runs)
     seconds: float
     after: tuple[str, ...] = ()  # jobs that must end first
@@ -47,37 +49,31 @@ class Slot:
     end_s: float
 
 
-PRIORITY = {"write": 0, "eval": 1, "train": 2}
-
-
 def simulate(jobs: list[Job], capacity: int, start_s: float = 0.0, max_train: int | None = None):
-    """The grid's scheduling policy as a discrete-event simulation: at the start and whenever a
-    job ends, ready jobs (every `after` ended) start in priority order (writers, then
-    evaluations, then training cells in grid order) while free devices hold them. The first
-    ready job that does not fit stops the round (no overtaking), so a waiting evaluation takes
-    the next freed GPUs before any new training cell. `max_train`: grid.max_concurrent."""
-    pending = sorted(jobs, key=lambda j: PRIORITY[j.kind])  # stable: grid order within a kind
-    ended: dict[str, float] = {}
+    """The grid's scheduling policy (tbr_ray.plan.policy.pick, the function the runtime calls)
+    as a discrete-event simulation: at the start and whenever a job ends, the ready jobs
+    (every `after` ended) are offered to `pick` with the devices free then. `max_train`:
+    grid.max_concurrent. A job larger than `capacity` is refused (PlanError) before."""
+    if too_big := [j for j in jobs if j.devices > capacity]:
+        raise PlanError(f"{too_big[0].name} can never start (capacity {capacity}).")
+    pending, ended = list(jobs), {}
     running: list[Slot] = []
     slots: list[Slot] = []
-    t, free = start_s, capacity
+    t = start_s
     while pending or running:
-        for job in list(pending):
-            if not all(a in ended for a in job.after):
-                continue
-            n_train = sum(s.job.kind == "train" for s in running)
-            if job.devices > free or (job.kind == "train" and max_train and n_train >= max_train):
-                break
+        ready = [j for j in pending if all(a in ended for a in j.after)]
+        free = capacity - sum(s.job.devices for s in running)
+        n_train = sum(s.job.kind == "train" for s in running)
+        for job in pick(ready, free, n_train, max_train):
             slot = Slot(job, t, t + job.seconds)
             running.append(slot)
             slots.append(slot)
             pending.remove(job)
-            free -= job.devices
         if not running:
-            raise PlanError(f"{pending[0].name} can never start (capacity {capacity}).")
+            raise PlanError(f"{pending[0].name} can never start: it waits for a job never run.")
         first = min(running, key=lambda s: s.end_s)
         running.remove(first)
-        t, free = first.end_s, free + first.job.devices
+        t = first.end_s
         ended[first.job.name] = t
     return slots
 
@@ -162,6 +158,9 @@ def _jobs(cfg: RunConfig, cost: CostModel, cells: list[CellPlan], capacity: int)
     def devices(model: str) -> int:  # an engine: its GPUs, or every core of a CPU box
         return engine_gpus(cfg, model) if gpu else capacity
 
+    def eval_devices(model: str) -> int:  # what the runtime reserves (tbr_ray.grid.eval_need)
+        return eval_engine_gpus(cfg, model) if gpu else capacity
+
     writers = [
         Job(f"write {w}", "write", devices(w), writer_s(cfg, cost, w, devices(w)))
         for w in _writers(cfg)
@@ -175,7 +174,7 @@ def _jobs(cfg: RunConfig, cost: CostModel, cells: list[CellPlan], capacity: int)
     for model in cfg.grid.models:
         mine = [p for p in cells if p.cell.model == model]
         passes = len(mine) + int(cfg.eval.evaluate_base)
-        d = devices(model)
+        d = eval_devices(model)
         seconds = cost.engine_start_s + load_s(cost, model)
         seconds += passes * engine_pass_s(cfg, cost, model, d) + judge_s(cfg, cost, d, passes)
         after = after_writers + tuple(f"train {p.cell.cell_id}" for p in mine if p.layout)
@@ -289,8 +288,7 @@ def format_plan(plan: GridPlan) -> str:
     busy = plan.device_hours / (plan.capacity * plan.makespan_s / 3600)
     unit = "GPU" if plan.device == "GPU" else "core"
     hours = {
-        k: sum(s.job.devices * s.job.seconds for s in plan.slots if s.job.kind == k)
-        for k in PRIORITY
+        k: sum(s.job.devices * s.job.seconds for s in plan.slots if s.job.kind == k) for k in KINDS
     }
     split = ", ".join(f"{kind} {h / 3600:.1f}" for kind, h in hours.items())
     lines.append(

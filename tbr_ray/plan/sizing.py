@@ -153,6 +153,13 @@ def engine_gpus(cfg: RunConfig, model: str) -> int:
     return layout.gpus
 
 
+def eval_engine_gpus(cfg: RunConfig, model: str) -> int:
+    """GPUs a base model's evaluation reserves: it holds one engine at a time, its own, then
+    each model judge's, so the largest of them (the runtime's reservation, tbr_ray.grid)."""
+    judges = [judge.model for _, judge in cfg.eval.model_judges()]
+    return max(engine_gpus(cfg, m) for m in [model, *judges])
+
+
 # ------------------------------------------------------------------ training
 
 
