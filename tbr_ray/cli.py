@@ -202,7 +202,7 @@ def ablate(
 ) -> None:
     """Run (or resume) the grid: models x conditions x gammas x seeds. Ctrl-C stops it cleanly
     (cells marked interrupted, no evaluation) and prints the command that resumes it."""
-    from tbr_ray.grid import summarize, wall_clock
+    from tbr_ray.grid import summarize, timing_summary, wall_clock
 
     sets = list(sets) + [f"cluster.gpus={gpus}"] * bool(gpus)
     sets += [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
@@ -219,6 +219,7 @@ def ablate(
     failed = {k: v for k, v in outcome.items() if v != "done"}
     where = output.resolve()
     typer.echo(summarize(output))
+    typer.echo(timing_summary(output))
     typer.echo(
         f"{len(outcome) - len(failed)}/{len(outcome)} cells done in "
         f"{wall_clock(time.time() - t0)}; results in {where}"

@@ -414,6 +414,14 @@ class EvalConfig(_Strict):
         description="Weights and activations of the vLLM engines (and of their transformers "
         "check and a local_server): auto is bfloat16 on GPUs, float32 on CPU.",
     )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU only: compute threads of each vLLM engine (and its transformers "
+        "check, and a local_server). None: what Ray gives the engine's actor (1 thread for its "
+        "half CPU). A box that evaluates while nothing else runs (jobs/real.yaml) sets its "
+        "core count.",
+    )
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: vLLM KV cache size (GiB, whole).")
     max_model_len: int = Field(1024, ge=64, description="Engine context length.")
 

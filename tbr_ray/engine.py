@@ -53,6 +53,7 @@ class EngineSettings:
     check_min_match: float = 1.0  # share of check prompts that must agree with transformers
     check_tie_tol: float = 0.0  # nats: a first differing token this close is a tie (agreement)
     dtype: str = "auto"  # eval.dtype: the engine's and its transformers check's (resolved_dtype)
+    cpu_threads: int | None = None  # eval.cpu_threads: CPU compute threads (None: Ray's share)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,16 @@ def engine_env(cpu: bool, in_process: bool, tensor_parallel: int) -> dict[str, s
     return {}
 
 
+def set_cpu_threads(n: int | None) -> None:
+    """On CPU, use `n` compute threads in this process (eval.cpu_threads) instead of the one
+    Ray's OMP_NUM_THREADS gives an actor holding half a CPU. Before the engine is built: vLLM's
+    CPU worker then forbids torch.set_num_threads."""
+    if n and not on_gpu():
+        import torch
+
+        torch.set_num_threads(n)
+
+
 class Engine:
     """A vLLM engine for one base model, optionally serving LoRA adapters."""
 
@@ -125,6 +136,7 @@ class Engine:
         if cpu:
             # Read by vLLM's CPU backend when the engine starts; process-local.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+            set_cpu_threads(settings.cpu_threads)
         from vllm import LLM
 
         self.model_path = model_path
@@ -470,6 +482,7 @@ def engine_settings(
         check_min_match=eval_cfg.engine_check_min_match,
         check_tie_tol=eval_cfg.engine_check_tie_tol,
         dtype=eval_cfg.dtype,
+        cpu_threads=eval_cfg.cpu_threads,
     )
 
 
@@ -501,6 +514,7 @@ class EngineStage:
     ):
         n_check = min(max_new_tokens, CHECK_NEW_TOKENS)
         stop = StopRule.from_json(check_stop)
+        set_cpu_threads(settings.cpu_threads)
         tp = settings.tensor_parallel_size
         if merged_from:
             base, adapter = merged_from

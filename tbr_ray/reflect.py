@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,14 +194,17 @@ def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> in
             todo.setdefault(path, req)
     served = {p: r for p, r in todo.items() if _uses_endpoint(r, cfg)}
     if served:
+        t0 = time.time()
         with _endpoint(cfg, next(iter(served.values()))) as ask:
             for path, req in served.items():
                 _store(path, req, ask(_prompts(req, cfg)), cfg)
+        _say_time("endpoint", served.values(), t0)
     engine_jobs = {p: r for p, r in todo.items() if p not in served}
     groups = writer_groups(list(engine_jobs), cfg.train.use_gpu)
     if groups:
         import ray
 
+        t0 = time.time()
         # Each group its own task, all at once: every writer's engine waits in its placement
         # group for free devices, so as many write side by side as the cluster holds.
         run = ray.remote(num_cpus=0)(_engine_generate)
@@ -208,7 +212,16 @@ def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> in
         for raw in raws:
             for path, texts in raw.items():
                 _store(path, engine_jobs[path], texts, cfg)
+        _say_time("engine", engine_jobs.values(), t0)
     return len(todo)
+
+
+def _say_time(how: str, reqs, t0: float) -> None:
+    """One line per batch of writers: what was written, by whom, in how long (start-up of the
+    engine or server included), for the run's log and docs/BENCHMARKS.md."""
+    reqs = list(reqs)
+    what = ", ".join(f"{r.condition} by {r.writer_id} ({len(r.instructions)})" for r in reqs)
+    print(f"reflections ({how}): {what} in {time.time() - t0:.0f} s")
 
 
 def writer_groups(paths: list[Path], use_gpu: bool) -> list[list[Path]]:
@@ -353,6 +366,7 @@ def _endpoint(cfg: RunConfig, req: ReflectionRequest):
         max_model_len=e.max_model_len,
         gpu_memory_utilization=e.gpu_memory_utilization,
         kv_cache_gib=e.kv_cache_gib,
+        cpu_threads=e.cpu_threads,
     )
     log = cfg.paths.resolved_cache_dir() / "reflections" / f"server-{os.getpid()}.log"
     with openai_server(req.writer_path, r.local_server, settings, log) as url:

@@ -36,6 +36,7 @@ class ServerSettings:
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.2
     kv_cache_gib: int = 1  # CPU: VLLM_CPU_KVCACHE_SPACE
+    cpu_threads: int | None = None  # CPU: bind the engine's threads to cores 0..n-1 (below)
     api_key: str | None = None  # None: a keyless server (it only listens on 127.0.0.1)
     start_timeout_s: float = 600.0
     stop_grace_s: float = 30.0
@@ -74,6 +75,17 @@ def server_command(model_path: str, name: str, port: int, s: ServerSettings) -> 
         "--enforce-eager",
     ]
     return cmd + (["--api-key", s.api_key] if s.api_key else [])
+
+
+def server_env(s: ServerSettings) -> dict[str, str]:
+    """The server's vLLM environment (pure). vLLM's automatic CPU binding keeps one core for
+    the server's scheduler process and computes on the rest: on a 2-core box on one core.
+    `cpu_threads` names the cores itself (VLLM_CPU_OMP_THREADS_BIND="0-(n-1)"), which reserves
+    none."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib)}
+    if s.cpu_threads:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{s.cpu_threads - 1}" if s.cpu_threads > 1 else "0"
+    return env
 
 
 def _die_with_parent() -> None:
@@ -116,7 +128,7 @@ def stop_server(proc: subprocess.Popen, grace_s: float) -> None:
 def openai_server(model_path: str, name: str, settings: ServerSettings, log: Path):
     """Serve `model_path` as `name` on 127.0.0.1 for the block; yields the /v1 base URL."""
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
+    env = {**os.environ, **server_env(settings)}
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
