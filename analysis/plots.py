@@ -12,8 +12,12 @@ can read its lines, points, labels and titles. Values are means over seeds.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,6 +42,20 @@ COMPLIANCE_LABEL = "Compliance rate"
 DPI = 120
 
 
+def literal_text(plot: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Build the figure with matplotlib's mathtext off: labels are data (categories, model
+    folder names), and "$" in one would be parsed as math, or crash the report on a parse
+    error ("Expected \\frac{num}{den}"). rcParams["text.parse_math"] is read as each text is
+    made (matplotlib.text.Text), so it holds for the saved PNG too."""
+
+    @functools.wraps(plot)
+    def build(*args: Any, **kwargs: Any) -> Figure:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return build
+
+
 def _compliance(rates: pd.DataFrame, judge: str) -> pd.DataFrame:
     """Mean over seeds of compliance per model x condition x gamma x benchmark."""
     sel = rates[(rates["metric"] == "compliance_rate") & (rates["judge"] == judge)]
@@ -53,6 +71,7 @@ def has_gamma_sweep(rates: pd.DataFrame) -> bool:
     )
 
 
+@literal_text
 def plot_gamma_sweep(
     rates: pd.DataFrame,
     judge: str = DEFAULT_JUDGE,
@@ -94,6 +113,7 @@ def _sweep_panel(ax, data: pd.DataFrame) -> None:
             )
 
 
+@literal_text
 def plot_size(sizes: pd.DataFrame, benchmark: str = "xstest_safe") -> Figure:
     """Compliance vs parameters (log scale): one line per family x condition, from
     `analysis.tables.size_table`. Models of unknown size are left out."""
@@ -128,6 +148,7 @@ def plot_size(sizes: pd.DataFrame, benchmark: str = "xstest_safe") -> Figure:
     return fig
 
 
+@literal_text
 def plot_frontier(
     rates: pd.DataFrame, judge: str = DEFAULT_JUDGE, gamma: float | None = None
 ) -> Figure:
@@ -226,6 +247,7 @@ def _annotate(ax, x: float, y: float, text: str, dx: float, dy: float, leader: b
     )
 
 
+@literal_text
 def plot_category_heatmap(matrix: pd.DataFrame, judge: str = DEFAULT_JUDGE) -> Figure:
     """Compliance per condition (rows) x category (columns), one panel per benchmark, from
     `analysis.tables.category_matrix`; each cell shows its value, pooled over models."""

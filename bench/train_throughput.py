@@ -157,7 +157,12 @@ def one_dtype(args, dtype: str) -> dict:
 
     cfg = config(args.model, args.steps, 1, args.config, dtype)
     shutil.rmtree(args.output, ignore_errors=True)
-    model_path = resolve_model(args.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+    model_path = resolve_model(
+        args.model,
+        cfg.paths.resolved_cache_dir(),
+        cfg.data.resolved_root(),
+        revisions=cfg.grid.hub_revisions,
+    )
     mix = build_mix(cfg, cfg.cells()[0], model_path)
     ray_info = ray_side(cfg, model_path, mix, args.output)
     bare = bare_side(cfg, model_path, mix, args.steps)

@@ -229,13 +229,20 @@ def _plain_item(spec: BenchmarkSpec, prompt_id: str, category: str, text: str) -
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str | None]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(required) - set(reader.fieldnames or ())
-        if missing:
+        try:
+            missing = set(required) - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(
+                    f"{path}: header {reader.fieldnames} lacks {sorted(missing)}. Fix: "
+                    f"use the published file, whose header has {list(required)}."
+                )
+            return list(reader)
+        except csv.Error as exc:  # e.g. "field larger than field limit (131072)"
             raise ValueError(
-                f"{path}: header {reader.fieldnames} lacks {sorted(missing)}. Fix: "
-                f"use the published file, whose header has {list(required)}."
-            )
-        return list(reader)
+                f"{path}, line {reader.line_num + 1}: not a readable CSV ({exc}); no benchmark "
+                "prompt is that long, so a quote is likely left open there and swallows the "
+                "rows after it. Fix: use the published file, or close the quote."
+            ) from None
 
 
 def _text(value: str | None) -> str:

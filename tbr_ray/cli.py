@@ -58,13 +58,13 @@ def _fail(message: str) -> None:
 def _config(path: Path, sets: list[str]) -> RunConfig:
     """The validated config, and the checks that need the planner's worker counts (the config
     module imports no stage), for every command, --config-only too, before Ray starts."""
-    from tbr_ray.plan import global_batch_problems
+    from tbr_ray.plan import batch_fit_problems, global_batch_problems
 
     try:
         cfg = load_config(path, sets)
     except ConfigError as exc:
         _fail(str(exc))
-    if problems := global_batch_problems(cfg):
+    if problems := global_batch_problems(cfg) or batch_fit_problems(cfg):
         _fail("\n".join(problems))
     return cfg
 
@@ -579,7 +579,12 @@ def _model_labeler(cfg: RunConfig):
 
     def label(pairs):
         grid.init_ray(logging_level="WARNING")  # Ray's token file private, as for a run
-        path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+        path = resolve_model(
+            judge.model,
+            cfg.paths.resolved_cache_dir(),
+            cfg.data.resolved_root(),
+            revisions=cfg.grid.hub_revisions,
+        )
         tokenizer = _tokenizer(path)
         rows = [
             {

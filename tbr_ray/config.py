@@ -16,10 +16,18 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Names are validated against the vocabulary, never the stage registries (README "Layout").
 from tbr_ray import vocab
@@ -40,6 +48,7 @@ _PLANNING_SECTIONS = {"power"}
 _ACCESS_FIELDS = {("reflection", "endpoint_keyless")}
 # Fields that may hold a pasted secret by mistake: their bad values are never echoed in full.
 _SECRET_FIELDS = {("reflection", "api_key_env")}
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a git commit, as the Hugging Face hub names them
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" lets a trailing "\n" pass
 
 PAPER_REFUSAL = (
@@ -54,7 +63,27 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML are floats that pass ge/gt bounds (a
+    # learning rate of inf trains NaNs after Ray starts).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (and vLLM's, which calls it) takes 0..2**32-1
+
+
+def _seed_in_range(seed: int) -> int:
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(
+            f"a seed must lie in 0..{SEED_MAX} (what numpy, torch and vLLM all accept). "
+            "Fix: a small number, e.g. 0, 1, 2"
+        )
+    return seed
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
+
+
+GeneralSource = Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"]  # data.GENERAL_FILES
 
 
 class DataConfig(_Strict):
@@ -65,9 +94,16 @@ class DataConfig(_Strict):
         description="Folder holding the shared data sets. None: $TBR_DATA_ROOT, else "
         "<repo>/../shared/data. A location, so not part of the config hash.",
     )
-    general_sources: tuple[Literal["alpaca-bloom-lora", "alpaca-gumbelsoft"], ...] = Field(
+    general_sources: tuple[GeneralSource, ...] = Field(
         ("alpaca-bloom-lora", "alpaca-gumbelsoft"),
         description="Alpaca subsets to sample the general rows from (pooled, de-duplicated).",
+    )
+    length_reference: GeneralSource | None = Field(
+        "alpaca-bloom-lora",
+        description="The general source whose answer lengths (words) the general sample "
+        "follows, bin by bin (tbr_ray.lengths): bloom-lora's 1,000 rows are the shipped file "
+        "closest to a plain random Alpaca sample (its ATTRIBUTION.md); gumbelsoft is biased "
+        "toward long answers. None: a uniform sample of the pooled sources.",
     )
     safety_source: Literal["safety-tuned-llamas", "hh-rlhf-harmless"] = Field(
         "safety-tuned-llamas",
@@ -84,7 +120,7 @@ class DataConfig(_Strict):
     )
     n_general: int = Field(1800, ge=1, description="General (Alpaca) rows in the mix; paper: 1800.")
     n_safety: int = Field(200, ge=1, description="Safety rows in the mix; paper: 200.")
-    sample_seed: int = Field(
+    sample_seed: Seed = Field(
         0,
         description="Seed for which source rows are drawn; shared by every cell so mixes "
         "differ only in their reflections.",
@@ -92,8 +128,10 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(
         512,
         ge=16,
-        description="Tokens per example after templating; "
-        "longer rows are truncated (counted in the data report).",
+        description="Tokens per example after templating, EOS included. No row is cut: a "
+        "general row longer than this under the model's tokenizer is dropped before sampling "
+        "(the mix keeps n_general), a safety row that outgrows it with its reflection is left "
+        "out of the mix; both counted in the mix report (over_max_seq_len).",
     )
     refusal: str = Field(
         PAPER_REFUSAL,
@@ -250,7 +288,13 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(
         0, ge=0, description="Linear warm-up steps, then constant (tbr_ray.train.lr_schedule)."
     )
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Passes over the mix. Over 1000 is a typo (LoRA fine-tunes take 1-10; "
+        "10**20 planned 6e17 hours and would never finish).",
+    )
     micro_batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
     grad_accum_steps: int = Field(
         1,
@@ -345,7 +389,7 @@ class EvalConfig(_Strict):
         description="Prompts per benchmark for the named ones, overriding sample_size, e.g. "
         "{arc_easy: 500} beside sample_size: null (all of the others).",
     )
-    sample_seed: int = Field(0, description="Seed of the benchmark sample.")
+    sample_seed: Seed = Field(0, description="Seed of the benchmark sample.")
     shots: dict[str, int] = Field(
         default_factory=dict,
         description="Few-shot examples per "
@@ -572,6 +616,30 @@ class GridConfig(_Strict):
             get_spec(name)  # raises UnknownModelError (a ValueError) naming the fix
         return v
 
+    hub_revisions: dict[str, str] = Field(
+        default_factory=dict,
+        description="The commit (40 hex digits) each model loaded from the Hugging Face hub is "
+        "pinned to, by the name this config uses: {llama-2-7b: <sha>, allenai/wildguard: "
+        "<sha>}. A hub model without one is refused: a later push to its repo would change "
+        "results unseen. Part of the config hash (when set).",
+    )
+
+    @field_validator("hub_revisions")
+    @classmethod
+    def _revisions_are_commits(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {k: r for k, r in v.items() if not COMMIT.fullmatch(r)}
+        if bad:
+            raise ValueError(
+                f"{bad} not a full commit hash (a branch or tag can move). Fix: the 40-hex "
+                "commit from the repo's history page"
+            )
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(_seed_in_range(seed) for seed in v)
+
     @field_validator("gammas")
     @classmethod
     def _gammas_in_unit_interval(cls, v: tuple[float, ...]) -> tuple[float, ...]:
@@ -740,6 +808,36 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _revisions_name_this_configs_models(self) -> RunConfig:
+        judges = [j.model for _, j in self.eval.model_judges()]
+        named = {*self.grid.models, self.reflection.reflector, *judges}
+        unknown = sorted(set(self.grid.hub_revisions) - named)
+        if unknown:
+            raise ValueError(
+                f"grid.hub_revisions names {unknown}, which this config does not use. Fix: key "
+                "it by the names in grid.models, reflection.reflector or the judges' model"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _budgets_fit_the_engine(self) -> RunConfig:
+        """Every engine's answer budget leaves room for a prompt in eval.max_model_len (vLLM
+        refuses such a request only once the engine runs, after training)."""
+        budgets = [("eval.max_new_tokens", self.eval.max_new_tokens)]
+        budgets += [(f"eval.{f}.max_new_tokens", j.budget()) for f, j in self.eval.model_judges()]
+        if "external" in self.grid.conditions or "internal" in self.grid.conditions:
+            budgets.append(("reflection.max_new_tokens", self.reflection.max_new_tokens))
+        n = self.eval.max_model_len
+        for field, tokens in budgets:
+            if tokens >= n:
+                raise ValueError(
+                    f"{field} = {tokens} leaves no room for a prompt in an engine of "
+                    f"eval.max_model_len = {n} tokens. Fix: lower {field} well below {n}, "
+                    "or raise eval.max_model_len (within the models' context)."
+                )
+        return self
+
+    @model_validator(mode="after")
     def _one_batch_setting(self) -> RunConfig:
         """train.global_batch_size and train.grad_accum_steps are not both set. Whether the
         global batch splits on every grid model's workers needs the planner's worker counts:
@@ -783,6 +881,8 @@ class RunConfig(_Strict):
             d.pop(section, None)
         for section, key in _ACCESS_FIELDS:
             d[section].pop(key, None)
+        if not d["grid"]["hub_revisions"]:  # added later: runs made before keep their hash
+            del d["grid"]["hub_revisions"]
         return d
 
     def config_hash(self) -> str:
@@ -801,8 +901,32 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _yaml(text: str, where: str) -> Any:
+    """Parsed YAML that holds only what a config can: mappings, lists, text, numbers, bools."""
+    value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    _check_plain(value, where, "")
+    return value
+
+
+_YAML_TAGS = {bytes: "!!binary", set: "!!set"}
+
+
+def _check_plain(value: Any, where: str, key: str) -> None:
+    """ConfigError naming the key of the first value YAML typed beyond JSON (!!binary bytes,
+    !!set, ...): json and pydantic would fail on it far from the line (a TypeError)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, where, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, str | int | float | bool):
+        tag = _YAML_TAGS.get(type(value), f"a {type(value).__name__}")
+        raise ConfigError(
+            f"{where}: {key or 'the value'} = {str(value)[:40]} is a YAML {tag} value; a "
+            "config holds only mappings, lists, text, numbers and true/false. Fix: write it "
+            "as plain text or a list (drop the !! tag)."
+        )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -819,7 +943,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         try:
-            node[parts[-1]] = _yaml(value)
+            node[parts[-1]] = _yaml(value, f"--set {item!r}")
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"--set {item!r}: the value {value!r} is not valid YAML "
@@ -887,7 +1011,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: no such config file. Fix: pass a file under jobs/, e.g. jobs/tiny.yaml."
         )
     try:
-        raw = _yaml(path.read_text(encoding="utf-8"))
+        raw = _yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})."

@@ -23,17 +23,20 @@ import os
 import random
 import shutil
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from tbr_ray.config import Cell, ReflectionConfig, RunConfig
 from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.keys import content_key
+from tbr_ray.lengths import answer_words, drop_over_max_len, sample_general, sampling_report
 from tbr_ray.models import format_prompt, get_spec
 from tbr_ray.prompts import chat_prompt, end_of_answer_id, prompt_token_ids_batch, user_text
-from tbr_ray.rundir import building_dir, sweep_building_dirs
+from tbr_ray.rundir import building_dir, sweep_building_dirs, write_json
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -44,8 +47,9 @@ SAFETY_FILES = {
     "hh-rlhf-harmless": "hh-rlhf/harmless-base/test.jsonl.gz",
 }
 # 2: prompt ids from tbr_ray.prompts.prompt_token_ids (one BOS); 3: harmful-only safety rows,
-# benchmark-overlap filter, reflections in the paper's form.
-MIX_VERSION = "3"
+# benchmark-overlap filter, reflections in the paper's form; 4: general rows drawn to a plain
+# Alpaca sample's answer lengths, rows over max_seq_len dropped (never cut).
+MIX_VERSION = "4"
 # The upstream answer must refuse within its opening (a keyword deep in a long answer, e.g. "I
 # don't recommend" in a how-to, is no refusal of the request).
 UPSTREAM_REFUSAL_CHARS = 300
@@ -156,8 +160,15 @@ def _safety_items(root: Path, source: str) -> list[SafetyItem]:
     path = _source_path(root, SAFETY_FILES[source])
     if source == "safety-tuned-llamas":
         return [_instruction_item(i, r) for i, r in enumerate(json.loads(path.read_text()))]
-    with gzip.open(path, "rt") as fh:
-        return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            return [(i, *_first_turns(line)) for i, line in enumerate(fh)]
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # EOFError: a truncated file
+        raise ValueError(
+            f"data file {path} is damaged ({type(exc).__name__}: {exc or 'it ends early'}): "
+            "a truncated or corrupt gzip. Fix: delete it and run `tbr-ray fetch-data --root "
+            f"{root}` (`tbr-ray data-check` compares every file with its sha256)."
+        ) from None
 
 
 def _text_problem(row, key: str) -> str | None:
@@ -242,13 +253,18 @@ def drop_benchmark_overlap(rows: list[dict], index: dict[str, str]) -> tuple[lis
     return kept, dropped
 
 
-def sample_rows(rows: list[dict], n: int, seed: int, what: str) -> list[dict]:
+def sample_rows(rows: list[dict], n: int, seed: int, what: str, note: str = "") -> list[dict]:
+    """A seeded uniform sample of n rows (the safety rows), or a clear error naming the fix."""
+    check_enough(rows, n, what, note)
+    return random.Random(seed).sample(rows, n)
+
+
+def check_enough(rows: list, n: int, what: str, note: str = "") -> None:
     if n > len(rows):
         raise ValueError(
             f"asked for {n} {what} rows but the sources hold {len(rows)} usable "
-            f"ones. Fix: lower data.n_{what} or add sources."
+            f"ones{note}. Fix: lower data.n_{what} or add sources."
         )
-    return random.Random(seed).sample(rows, n)
 
 
 def reflected_indices(n_safety: int, gamma: float, seed: int) -> set[int]:
@@ -300,7 +316,8 @@ def tokenize_rows(
     """input_ids/labels for each row, in two batched tokenizer calls (prompts, responses);
     labels mask the prompt with -100. The prompt's ids are the ones the eval engine is fed for
     the same text (`prompt_token_ids`: one BOS); the answer ends with EOS, or for a chat model
-    with the token that closes its turn (`end_of_answer_id`)."""
+    with the token that closes its turn (`end_of_answer_id`). Never cut: a row longer than
+    max_seq_len is whole, flagged `over_max_len` (the mix leaves it out)."""
     prompts = [row_prompt(r, tokenizer, prompt_format) for r in rows]
     prompt_ids = prompt_token_ids_batch(tokenizer, prompts)
     outputs = [r["output"] for r in rows]
@@ -315,17 +332,17 @@ def tokenize_row(row: dict, tokenizer, max_seq_len: int, prompt_format: str = "a
 
 
 def _example(prompt_ids: list[int], resp_ids: list[int], max_seq_len: int) -> dict:
-    ids = (prompt_ids + resp_ids)[:max_seq_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + resp_ids)[:max_seq_len]
     return {
-        "input_ids": ids,
-        "labels": labels,
-        "truncated": len(prompt_ids) + len(resp_ids) > max_seq_len,
+        "input_ids": prompt_ids + resp_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + resp_ids,
+        "over_max_len": len(prompt_ids) + len(resp_ids) > max_seq_len,
     }
 
 
 class Tokenize:
-    """Ray Data callable class: loads the tokenizer once per actor, tokenizes a batch at once."""
+    """Ray Data callable class: loads the tokenizer once per actor, tokenizes a batch at once;
+    rows longer than max_seq_len leave the batch whole (never cut; the mix report counts
+    them)."""
 
     def __init__(self, model_path: str, max_seq_len: int, prompt_format: str = "alpaca"):
         from transformers import AutoTokenizer
@@ -338,7 +355,11 @@ class Tokenize:
         keys = list(batch)
         rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
         toks = tokenize_rows(rows, self.tok, self.max_seq_len, self.prompt_format)
-        return {**batch, **{k: [t[k] for t in toks] for k in ("input_ids", "labels", "truncated")}}
+        keep = np.array([not t["over_max_len"] for t in toks], dtype=bool)
+        out = {k: np.asarray(v)[keep] for k, v in batch.items()} if len(toks) else dict(batch)
+        for k in ("input_ids", "labels"):
+            out[k] = [t[k] for t, kept in zip(toks, keep, strict=True) if kept]
+        return out
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -390,16 +411,25 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def source_rows(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
-    """The sampled general and safety rows (shared by every cell) and a source report: rows
-    set aside as malformed, as not harmful (data.safety_filter) and as benchmark overlap."""
+def source_rows(
+    cfg: RunConfig, model_path: str | None = None, prompt_format: str = "alpaca"
+) -> tuple[list[dict], list[dict], dict]:
+    """The sampled general and safety rows and a source report: rows set aside as malformed,
+    as not harmful (data.safety_filter), as benchmark overlap and, given the model (its
+    tokenizer), as longer than data.max_seq_len; the general sample's length distribution
+    (tbr_ray.lengths). The safety rows are shared by every cell, the general rows by every
+    cell of a model (models differ only in the rows too long for their own tokenizer and
+    prompt format)."""
     root = cfg.data.resolved_root()
     gen = read_general(root, cfg.data.general_sources)
     saf = read_safety(root, cfg.data.safety_source, cfg.data.safety_filter)
     index, unchecked = benchmark_prompts(root, cfg.eval.benchmark_files)
     gen_rows, gen_overlap = drop_benchmark_overlap(gen.rows, index)
     saf_rows, saf_overlap = drop_benchmark_overlap(saf.rows, index)
-    general = sample_rows(gen_rows, cfg.data.n_general, cfg.data.sample_seed, "general")
+    lengths = (
+        general_token_lengths(cfg, gen_rows, model_path, prompt_format) if model_path else None
+    )
+    general, sampling, too_long = _general_sample(cfg, gen_rows, lengths)
     safety = sample_rows(saf_rows, cfg.data.n_safety, cfg.data.sample_seed, "safety")
     files = [GENERAL_FILES[s] for s in cfg.data.general_sources]
     files.append(SAFETY_FILES[cfg.data.safety_source])
@@ -416,8 +446,60 @@ def source_rows(cfg: RunConfig) -> tuple[list[dict], list[dict], dict]:
             "dropped": gen_overlap + saf_overlap,
             "not_checked": unchecked,
         },
+        "general_sampling": sampling,
+        "over_max_seq_len": {
+            "max_seq_len": cfg.data.max_seq_len,
+            "rule": "a row is never cut: general rows longer than max_seq_len (templated, EOS "
+            "included) under the model's tokenizer are dropped before sampling; safety rows "
+            "that outgrow it with their reflection are left out of the mix (in_mix)",
+            "checked": model_path is not None,
+            "n_general_dropped": len(too_long),
+            "general_dropped_ids": too_long,
+        },
     }
     return general, safety, report
+
+
+def _general_sample(
+    cfg: RunConfig, rows: list[dict], lengths: dict[str, tuple[int, int]] | None
+) -> tuple[list[dict], dict, list[str]]:
+    """(the general rows, their sampling report, ids dropped as longer than max_seq_len)."""
+    totals = {k: v[0] for k, v in lengths.items()} if lengths else None
+    kept, too_long = drop_over_max_len(rows, totals, cfg.data.max_seq_len)
+    note = f" ({len(too_long)} longer than data.max_seq_len set aside)" if too_long else ""
+    check_enough(kept, cfg.data.n_general, "general", note)
+    name = cfg.data.length_reference
+    reference = None
+    if name is not None:
+        reference = [answer_words(r) for r in read_general(cfg.data.resolved_root(), (name,)).rows]
+    general, bins = sample_general(kept, cfg.data.n_general, cfg.data.sample_seed, reference)
+    answers = {k: v[1] for k, v in lengths.items()} if lengths else None
+    return general, sampling_report(general, reference, name, bins, answers), too_long
+
+
+def general_token_lengths(
+    cfg: RunConfig, rows: list[dict], model_path: str, prompt_format: str = "alpaca"
+) -> dict[str, tuple[int, int]]:
+    """{source_id: (templated tokens, answer tokens), EOS in both} of the general rows under
+    the model's tokenizer and prompt format, cached per tokenizer, format and rows
+    (cache_dir/lengths): cells after the first of a model neither load a tokenizer nor
+    tokenize."""
+    texts = [[r["source_id"], r["instruction"], r["input"], r["output"]] for r in rows]
+    fp = tokenizer_fingerprint(model_path)
+    what = {"tokenizer": fp, "rows": texts, "version": MIX_VERSION}
+    key = content_key({**what, "format": prompt_format} if prompt_format != "alpaca" else what, 16)
+    path = cfg.paths.resolved_cache_dir() / "lengths" / f"{key}.json"
+    if path.is_file():
+        return {k: (v[0], v[1]) for k, v in json.loads(path.read_text()).items()}
+    from transformers import AutoTokenizer
+
+    examples = tokenize_rows(rows, AutoTokenizer.from_pretrained(model_path), 0, prompt_format)
+    lengths = {
+        r["source_id"]: (len(e["input_ids"]), sum(x != IGNORE_INDEX for x in e["labels"]))
+        for r, e in zip(rows, examples, strict=True)
+    }
+    write_json(path, lengths)  # atomic: cells of one model may compute it at once
+    return lengths
 
 
 def _filter_report(rule: str, saf: SourceRows) -> dict:
@@ -522,12 +604,12 @@ def build_mix(
     reflector_id: str | None = None,
 ) -> Path:
     """Build (or find cached) the cell's tokenized mix as Parquet; returns its folder."""
-    general, safety, report = source_rows(cfg)
+    prompt_format = get_spec(cell.model).prompt_format
+    general, safety, report = source_rows(cfg, model_path, prompt_format)
     reflections = None
     req = reflection_request(cfg, cell, model_path, reflector_path, reflector_id, safety)
     if req is not None:
         reflections, report["reflections"] = _checked_reflections(cfg, cell, req)
-    prompt_format = get_spec(cell.model).prompt_format
     key = mix_key(
         cfg,
         cell,
@@ -570,18 +652,27 @@ def _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp:
         num_cpus=DATA_TASK_CPUS,
     )
     ds.write_parquet(str(tmp / "shards"), ray_remote_args={"num_cpus": DATA_TASK_CPUS})
-    table = pq.read_table(tmp / "shards", columns=["kind", "reflection", "truncated"]).to_pandas()
+    table = pq.read_table(tmp / "shards", columns=["kind", "reflection", "labels"]).to_pandas()
+    kinds = {"general": len(general), "safety": len(safety)}
+    written = {k: int((table.kind == k).sum()) for k in kinds}
+    loss = {k: _loss_tokens(table[table.kind == k].labels) for k in kinds}
+    report["over_max_seq_len"]["in_mix"] = {k: kinds[k] - written[k] for k in kinds}
     report.update(
         condition=cell.condition,
         gamma=cell.gamma,
         n_rows=len(table),
-        n_general=int((table.kind == "general").sum()),
-        n_safety=int((table.kind == "safety").sum()),
+        n_general=written["general"],
+        n_safety=written["safety"],
         n_reflected=int(((table.kind == "safety") & (table.reflection != "")).sum()),
-        n_truncated=int(table.truncated.sum()),
+        loss_tokens={**loss, "safety_share": round(loss["safety"] / max(1, sum(loss.values())), 4)},
         prompt_format=prompt_format,
     )
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def _loss_tokens(labels) -> int:
+    """Tokens the loss covers (labels other than IGNORE_INDEX) over a column of label lists."""
+    return int(sum((np.asarray(x) != IGNORE_INDEX).sum() for x in labels))
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

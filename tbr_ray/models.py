@@ -390,6 +390,51 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
         return {string(): value(read("I")) for _ in range(read("Q"))}
 
 
+# The HF config keys vLLM derives a model's context from, smallest wins
+# (vllm.transformers_utils.model_arch_config_convertor.derive_max_model_len_and_key).
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+
+def context_length(hf_config: dict[str, Any]) -> int | None:
+    """Tokens a model was built for, read as vLLM reads them (RoPE scaling left out, so never
+    more than vLLM allows); None if the config names none."""
+    found = [v for k in CONTEXT_KEYS if isinstance(v := hf_config.get(k), int) and v > 0]
+    return min(found) if found else None
+
+
+def packaged_context(spec: ModelSpec) -> int | None:
+    """A packaged model's context from its GGUF header (`<arch>.context_length`); None when
+    its package is not installed."""
+    try:
+        meta = gguf_metadata(gguf_path(spec))
+    except PackageMissing:
+        return None
+    return meta.get(f"{meta['general.architecture']}.context_length")
+
+
+def model_context(name: str) -> int | None:
+    """A model's own context where this machine can tell: a tiny preset's build config, a
+    packaged model's GGUF header or a local folder's config.json; None for a hub model (its
+    config is on the cluster)."""
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+        if spec.packaged is not None:
+            return packaged_context(spec)
+        return context_length(spec.arch) if spec.tiny else None
+    config = Path(name).expanduser() / "config.json"
+    return context_length(json.loads(config.read_text())) if config.is_file() else None
+
+
 def shape_from_hf_config(c: dict[str, Any]) -> Shape | None:
     """A Shape from HF config keys (Llama / Gemma / Gemma-2, and Falcon's own names)."""
     hidden = c.get("hidden_size")
@@ -419,6 +464,14 @@ def shape_params(shape: Shape) -> int:
 def model_label(name: str) -> str:
     """Short name for ids and tables: registry name, or a local folder's base name."""
     return name if name in REGISTRY else Path(name).name
+
+
+def hub_repo(name: str) -> str | None:
+    """The Hugging Face repo a model loads from (a paper or chat model's, or a hub id given
+    as it is), None for a tiny preset or a local folder."""
+    if name in REGISTRY:
+        return REGISTRY[name].hf_id
+    return name if is_hub_id(name) and not Path(name).expanduser().exists() else None
 
 
 def is_hub_id(name: str) -> bool:

@@ -26,13 +26,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def preflight(cfg: RunConfig, output: Path | None = None) -> list[str]:
     """Every problem that would stop this config running here, one line each."""
+    benchmarks = check_benchmarks(cfg)
+    said = {b.partition(": ")[2] for b in benchmarks}
     problems = [
-        *check_data(cfg),
-        *check_benchmarks(cfg),
+        # the mix reads the benchmarks too (its overlap filter): a bad file once, by its field
+        *[p for p in check_data(cfg) if p.partition(": ")[2] not in said],
+        *benchmarks,
         *check_tokenizers(cfg),
+        *check_contexts(cfg),
+        *check_hub_pins(cfg),
+        *check_cpu_cells(cfg),
         *check_secrets(cfg),
         *check_job_roots(cfg),
-        *check_tracking(cfg),
+        *check_extras(cfg),
     ]
     if output is not None:
         problems += check_output(Path(output))
@@ -122,6 +128,74 @@ def check_tokenizers(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _budgets(cfg: RunConfig, field: str) -> list[tuple[str, int]]:
+    """(setting, tokens) an engine of the model in `field` must write after a prompt."""
+    if field == "grid.models":
+        out = [("eval.max_new_tokens", cfg.eval.max_new_tokens)]
+        if "internal" in cfg.grid.conditions:  # each model writes its own reflections
+            out.append(("reflection.max_new_tokens", cfg.reflection.max_new_tokens))
+        return out
+    if field == "reflection.reflector":
+        return [("reflection.max_new_tokens", cfg.reflection.max_new_tokens)]
+    judge = getattr(cfg.eval, field.split(".")[1])
+    return [(f"{field.removesuffix('.model')}.max_new_tokens", judge.budget())]
+
+
+def check_contexts(cfg: RunConfig) -> list[str]:
+    """A model built for fewer positions than eval.max_model_len gets an engine of its own
+    context (tbr_ray.engine.engine_max_len); what still cannot fit is refused here, before a
+    cell trains: an answer budget with no room for a prompt, or training sequences
+    (data.max_seq_len) longer than the model's positions. Local models and tiny presets only:
+    a hub model's config is read on the cluster."""
+    from tbr_ray.models import model_context
+
+    problems = []
+    for field, model in model_settings(cfg):
+        context = model_context(model)
+        if context is None:
+            continue
+        engine = min(context, cfg.eval.max_model_len)
+        for setting, tokens in _budgets(cfg, field):
+            if tokens >= engine:
+                problems.append(
+                    f"{field} = {model!r}: its context is {context} tokens, so its engine holds "
+                    f"{engine}, and {setting} = {tokens} leaves no room for a prompt. Fix: "
+                    f"lower {setting} well below {engine}, or use a model with a longer context."
+                )
+        if field == "grid.models" and cfg.data.max_seq_len > context:
+            problems.append(
+                f"{field} = {model!r}: its context is {context} tokens, shorter than the training "
+                f"sequences (data.max_seq_len = {cfg.data.max_seq_len}). Fix: set "
+                f"data.max_seq_len to at most {context}."
+            )
+    return list(dict.fromkeys(problems))
+
+
+def check_hub_pins(cfg: RunConfig) -> list[str]:
+    """Every model loaded from the Hugging Face hub is pinned to a commit
+    (grid.hub_revisions; tbr_ray.tiny.resolve_model loads that snapshot)."""
+    from tbr_ray.models import hub_repo
+    from tbr_ray.tiny import unpinned_message
+
+    return [
+        f"{field} = {unpinned_message(model, repo)}"
+        for field, model in model_settings(cfg)
+        if (repo := hub_repo(model)) and model not in cfg.grid.hub_revisions
+    ]
+
+
+def check_cpu_cells(cfg: RunConfig) -> list[str]:
+    """A CPU run that starts its own Ray here: each cell's workers must fit this machine's
+    CPUs, or Ray waits for them forever (tbr_ray.plan.sizing, as `--dry-run` plans). A run
+    joining a cluster (RAY_ADDRESS) is not sized here: that cluster may grow."""
+    from tbr_ray.plan import train_layout
+
+    if cfg.train.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return []
+    layouts = [train_layout(cfg, m, os.cpu_count()) for m in cfg.grid.models]
+    return list(dict.fromkeys(lay.problem for lay in layouts if lay.problem))
+
+
 def check_secrets(cfg: RunConfig) -> list[str]:
     """The external reflector's key must be in the environment, unless declared keyless."""
     from tbr_ray.reflect import endpoint_key
@@ -135,15 +209,29 @@ def check_secrets(cfg: RunConfig) -> list[str]:
     return []
 
 
-def check_tracking(cfg: RunConfig) -> list[str]:
-    """MLflow tracking asked for needs the mlflow package."""
+def check_extras(cfg: RunConfig) -> list[str]:
+    """A setting that needs an optional package (pyproject's extras) needs it installed:
+    MLflow tracking the `tracking` extra, an external reflection endpoint the `endpoint`
+    extra (the openai client)."""
     import importlib.util
 
-    if not cfg.tracking.mlflow or importlib.util.find_spec("mlflow") is not None:
-        return []
+    needs = []
+    if cfg.tracking.mlflow:
+        needs.append(("tracking.mlflow: true", "mlflow", "tracking", "set tracking.mlflow=false"))
+    if "external" in cfg.grid.conditions and cfg.reflection.endpoint is not None:
+        needs.append(
+            (
+                f"reflection.endpoint = {cfg.reflection.endpoint!r}",
+                "openai",
+                "endpoint",
+                "use reflection.reflector (a model) instead",
+            )
+        )
     return [
-        "tracking.mlflow: true, but the mlflow package is not installed. Fix: "
-        "`pip install 'tbr-ray[tracking]'`, or set tracking.mlflow=false."
+        f"{setting}, but the {package} package is not installed. Fix: "
+        f"`pip install 'tbr-ray[{extra}]'`, or {other}."
+        for setting, package, extra, other in needs
+        if importlib.util.find_spec(package) is None
     ]
 
 

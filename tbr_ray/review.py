@@ -13,8 +13,9 @@ The queue holds refusal-judged generations (false-refusal and safety benchmarks)
 cells: first every generation on which the automatic judges disagree, then a seeded sample of
 the others per benchmark x cell. Each label is written as it is given, atomically, to
 RESULTS/reviews/<reviewer>.parquet through `tbr_ray.results`; `read_results` returns them as the
-judges `human` and `paper-reviewed`. The page is bound to 127.0.0.1 on a free port and answers
-only requests that carry the token printed with its URL.
+judges `human` and `paper-reviewed`. The page is bound to 127.0.0.1 on a free port (another
+host only with `allow_network`) and answers only requests that carry the token printed with its
+URL; a malformed request gets a 4xx and a JSON reason, never a held thread (`ReviewHandler`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class ReviewConfig(BaseModel):
     sample_per_cell: int = Field(
         5, ge=0, description="Generations the judges agree on, sampled per benchmark x cell."
     )
-    seed: int = Field(0, description="Seed of that sample: the same seed, the same queue.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of that sample: the same seed, the same queue."
+    )
     host: str = Field("127.0.0.1", description="Address to bind; keep it local.")
     port: int = Field(0, ge=0, le=65535, description="0: a free port chosen by the system.")
     allow_network: bool = Field(

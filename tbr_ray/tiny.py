@@ -23,18 +23,33 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tbr_ray.keys import content_key
-from tbr_ray.models import REGISTRY, TINY_VOCAB, ModelSpec, format_prompt, get_spec, is_hub_id
+from tbr_ray.models import (
+    TINY_VOCAB,
+    ModelSpec,
+    format_prompt,
+    get_spec,
+    hub_repo,
+)
 
 PRETRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, vocab_size=TINY_VOCAB)
 
 
-def resolve_model(name: str, cache_dir: Path, data_root: Path, seed: int = 0) -> str:
+# What a pinned snapshot fetches: config, safetensors weights, tokenizer files (not the .bin
+# or original/*.pth copies some repos also hold).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def resolve_model(
+    name: str, cache_dir: Path, data_root: Path, seed: int = 0, revisions: dict | None = None
+) -> str:
     """A loadable model location: tiny presets are built (or found cached) under cache_dir,
     pre-trained on text under data_root (the run's `data.root`); packaged real models are
-    built from their GGUF file (tbr_ray.packaged); paper models resolve to their
-    HF id (the cluster's HF cache or hub); paths stay paths."""
-    if name not in REGISTRY and not Path(name).expanduser().exists() and is_hub_id(name):
-        return name  # a hub id (judge or reflector on a cluster with an HF cache)
+    built from their GGUF file (tbr_ray.packaged); a hub model (paper models,
+    hub ids) is the local snapshot of the commit `revisions` (grid.hub_revisions) pins it to,
+    so every loader reads that commit; paths stay paths."""
+    repo = hub_repo(name)
+    if repo is not None:
+        return pinned_snapshot(name, repo, (revisions or {}).get(name))
     spec = get_spec(name)
     if spec.tiny:
         return str(build_tiny_model(spec, cache_dir, data_root, seed=seed))
@@ -42,7 +57,26 @@ def resolve_model(name: str, cache_dir: Path, data_root: Path, seed: int = 0) ->
         from tbr_ray.packaged import build_packaged_model
 
         return str(build_packaged_model(spec, cache_dir))
-    return spec.hf_id or name
+    return name
+
+
+def pinned_snapshot(name: str, repo: str, revision: str | None) -> str:
+    """The folder of `repo` at commit `revision` in the Hugging Face cache ($HF_HOME, shared
+    by the cluster's nodes), downloaded once (huggingface_hub.snapshot_download); every
+    loader (transformers, PEFT, vLLM) then reads that folder. Unpinned: ValueError."""
+    if revision is None:
+        raise ValueError(unpinned_message(name, repo))
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES)
+
+
+def unpinned_message(name: str, repo: str) -> str:
+    return (
+        f"{name} loads {repo} from the Hugging Face hub without a pinned commit, so a later "
+        f"push to that repo would change results unseen. Fix: add `{name}: <its 40-hex "
+        "commit, from the repo's history page>` under grid.hub_revisions in the job YAML."
+    )
 
 
 def _pretrain_corpus(data_root: Path) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 
 from analysis import paper, plots, report, stats, tables
 from tbr_ray.results import read_results, write_cell_tables, write_run_manifest, write_status
@@ -511,6 +512,16 @@ def test_category_heatmap(outcomes):
     assert [t.get_text() for t in ax.get_yticklabels()] == ["none", "internal", "external"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["figurative", "homonyms"]
     assert "0.07" in [t.get_text() for t in ax.texts]
+
+
+def test_labels_with_dollar_signs_are_drawn_as_written(outcomes, tmp_path):
+    """Categories (and model folders) are data: "$" is no mathtext, "$\\frac$" no crash."""
+    odd = {"homonyms": r"price $\frac$ x", "figurative": "cost $5 and $6"}
+    matrix = tables.category_matrix(outcomes).replace({"category": odd})
+    fig = plots.plot_category_heatmap(matrix)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == sorted(odd.values())
+    plots.save_figures({"categories": fig}, tmp_path)  # drawing parsed the math before
+    assert not [t for t in fig.findobj(Text) if t.get_text() and t.get_parse_math()]
 
 
 def test_report_table3_has_intervals_and_links(results_dir, tmp_path):

@@ -141,6 +141,22 @@ def test_gsm8k_shot_pool_is_never_evaluated():
     assert items[0].prompt.endswith(format_prompt(items[0].instruction))
 
 
+@needs_data
+def test_gsm8k_shots_are_the_test_rows_fidelity_names():
+    """issue 22.6: the shots come from the test file (no train split is shipped), as
+    docs/FIDELITY.md states: rows 0-4 for jobs/paper.yaml's 5 shots, 1,311 rows scored."""
+    from tbr_ray.config import REPO_ROOT, load_config
+
+    shots = load_config(REPO_ROOT / "jobs" / "paper.yaml").eval.shots["gsm8k"]
+    assert shots == 5 and sorted(p.name for p in (ROOT / "gsm8k").glob("*.jsonl")) == ["test.jsonl"]
+    questions = [json.loads(line)["question"] for line in (ROOT / "gsm8k" / "test.jsonl").open()]
+    items = load_benchmark("gsm8k", ROOT, shots=shots)
+    shown = [q for q in questions[:GSM8K_SHOT_POOL] if q in items[0].prompt]
+    assert shown == questions[:5] and len(items) == 1311
+    fidelity = (REPO_ROOT / "docs" / "FIDELITY.md").read_text()
+    assert "`gsm8k/test.jsonl` rows 0-4" in fidelity and "1,311 of its 1,319" in fidelity
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

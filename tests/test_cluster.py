@@ -247,3 +247,39 @@ def _assert_mlflow_has_one_run_per_cell(store: Path, experiment: str) -> None:
         ["tiny-llama__none__g0.00__s0", "tiny-gemma__none__g0.00__s0"]
     ]
     assert trained["metrics.loss"].notna().all() and trained["tags.tbr_run_id"].notna().all()
+
+
+def test_an_adapter_merge_runs_where_its_memory_is(tmp_path, tiny_falcon):
+    """Issue 20 point 6 on logical nodes: a merge asks for its model's weights x margin +
+    2 GiB of Ray `memory` (tbr_ray.engine.merge_options). A head of 1 GiB cannot hold that,
+    a worker of 4 GiB can: the merge runs on the worker. A merge no node can hold (Falcon-40B
+    here) is refused before anything starts."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_tasks
+
+    from tbr_ray.models import TINY_MODELS
+    from tbr_ray.replicas import EngineSpec, launch_merge
+
+    from .conftest import random_adapter
+
+    gib = 2**30
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "memory": gib})
+    worker = cluster.add_node(num_cpus=1, memory=4 * gib)
+    try:
+        ray.init(address=cluster.address)
+        cfg = small_config("grid.models=[tiny-falcon]")
+        targets = TINY_MODELS["tiny-falcon"].lora_targets
+        adapter = random_adapter(tiny_falcon, targets, tmp_path / "adapter", seed=3)
+        merged = tmp_path / "merged"
+        spec = EngineSpec(str(merged), (), {None: adapter}, (), merge=(tiny_falcon, adapter))
+        assert ray.get(launch_merge(cfg, "tiny-falcon", spec)) == str(merged)
+        assert (merged / "config.json").is_file()
+        ran = list_tasks(filters=[("name", "=", "merge:adapter")], detail=True)
+        assert {t.node_id for t in ran} == {worker.node_id}, ran
+        with pytest.raises(ValueError, match=r"falcon-40b needs \d+\.\d GiB of host memory"):
+            launch_merge(cfg, "falcon-40b", spec)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

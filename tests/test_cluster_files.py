@@ -162,7 +162,7 @@ def test_aws_launcher_passes_ray_up_checks():
 def test_aws_launcher_installs_tbr_ray_and_mounts_shared_storage():
     config = _yaml("aws-gpu.yaml")
     assert config["docker"]["image"] == RAY_IMAGE
-    assert any("pip install" in c and "'.[gpu]'" in c for c in config["setup_commands"])
+    assert any("pip install" in c and "'.[gpu,endpoint]'" in c for c in config["setup_commands"])
     run_options = " ".join(config["docker"]["run_options"])
     assert f"--volume {SHARED_MOUNT}:{SHARED_MOUNT}" in run_options
     assert "RAY_AUTH_MODE=token" in run_options
@@ -277,4 +277,4 @@ def test_kubernetes_files_use_one_image_built_from_the_dockerfile():
     images |= {c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]}
     assert len(images) == 1
     dockerfile = (CLUSTER / "Dockerfile").read_text()
-    assert f"FROM {RAY_IMAGE}\n" in dockerfile and "'.[gpu]'" in dockerfile
+    assert f"FROM {RAY_IMAGE}\n" in dockerfile and "'.[gpu,endpoint]'" in dockerfile

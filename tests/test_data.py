@@ -4,18 +4,21 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from tbr_ray.benchmarks import BENCHMARKS, load_benchmark_with_report
-from tbr_ray.config import Cell
+from tbr_ray.config import Cell, load_config
 from tbr_ray.data import (
     IGNORE_INDEX,
+    Tokenize,
     _safety_items,
     assemble_mix,
     benchmark_prompts,
     build_mix,
     drop_benchmark_overlap,
+    general_token_lengths,
     normalise_text,
     read_general,
     read_safety,
@@ -27,11 +30,12 @@ from tbr_ray.data import (
     tokenize_rows,
     upstream_refused,
 )
+from tbr_ray.lengths import answer_words, sample_general
 from tbr_ray.models import format_prompt
 from tbr_ray.prompts import prompt_token_ids
 from tbr_ray.reflect import clean_reflection, external_prompt, internal_prompt
 
-from .conftest import needs_tokenizers, shared_tokenizer, small_config
+from .conftest import REPO, SHARED_TOKENIZERS, needs_tokenizers, shared_tokenizer, small_config
 
 
 def test_shipped_sources_read_cleanly(data_root):
@@ -138,10 +142,10 @@ def test_labels_mask_the_prompt(tiny_llama):
     n_prompt = len(tok(format_prompt("Name a colour."))["input_ids"])
     assert out["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert out["labels"][n_prompt:] == out["input_ids"][n_prompt:]
-    assert out["input_ids"][-1] == tok.eos_token_id and not out["truncated"]
+    assert out["input_ids"][-1] == tok.eos_token_id and not out["over_max_len"]
     assert tok.decode(out["input_ids"][n_prompt:-1]) == "Blue."
-    short = tokenize_row(row, tok, max_seq_len=5)
-    assert len(short["input_ids"]) == 5 and short["truncated"]
+    short = tokenize_row(row, tok, max_seq_len=5)  # never cut: whole, EOS kept, flagged
+    assert short["input_ids"] == out["input_ids"] and short["over_max_len"]
 
 
 def _one_row_at_a_time(row: dict, tok, max_seq_len: int) -> dict:
@@ -150,7 +154,7 @@ def _one_row_at_a_time(row: dict, tok, max_seq_len: int) -> dict:
     resp = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = prompt + resp
     labels = [IGNORE_INDEX] * len(prompt) + resp
-    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}
+    return {"input_ids": ids, "labels": labels}
 
 
 @pytest.mark.parametrize(
@@ -176,7 +180,8 @@ def test_batched_tokenization_gives_the_row_by_row_ids(name, data_root, request)
     rows = assemble_mix(gen, saf, reflections, 0.5, "I'm sorry, but I cannot help.", 0)
     assert any(r["input"] for r in rows) and any(r["reflection"] for r in rows)
     batched = tokenize_rows(rows, tok, max_seq_len=96)
-    assert any(b["truncated"] for b in batched) and not all(b["truncated"] for b in batched)
+    flags = [b["over_max_len"] for b in batched]
+    assert any(flags) and not all(flags)
     for row, got in zip(rows, batched, strict=True):
         assert {k: got[k] for k in ("input_ids", "labels")} == _one_row_at_a_time(row, tok, 96)
     assert tokenize_rows([], tok, 96) == []
@@ -199,6 +204,8 @@ def test_reflection_prompts_follow_the_paper():
 
 
 def test_build_mix_writes_parquet_with_asked_sizes(ray_local, tiny_llama):
+    from transformers import AutoTokenizer
+
     cfg = small_config()
     cell = Cell("tiny-llama", "none", 0.0, 0)
     mix = build_mix(cfg, cell, tiny_llama)
@@ -206,9 +213,17 @@ def test_build_mix_writes_parquet_with_asked_sizes(ray_local, tiny_llama):
     assert (report["n_general"], report["n_safety"], report["n_reflected"]) == (24, 8, 0)
     table = pq.read_table(mix / "shards").to_pylist()
     assert len(table) == 32
+    eos = AutoTokenizer.from_pretrained(tiny_llama).eos_token_id
     for row in table:
         n_masked = sum(1 for x in row["labels"] if x == IGNORE_INDEX)
-        assert 0 < n_masked < len(row["input_ids"])
+        assert 0 < n_masked < len(row["input_ids"]) <= cfg.data.max_seq_len  # none cut ...
+        assert row["labels"][-1] == row["input_ids"][-1] == eos  # ... each ends with its EOS
+    over = report["over_max_seq_len"]
+    assert over["checked"] and over["in_mix"] == {"general": 0, "safety": 0}
+    assert over["n_general_dropped"] > 0  # bloom-lora rows over 192 tiny-llama tokens
+    loss = report["loss_tokens"]
+    assert loss["safety_share"] == round(loss["safety"] / (loss["safety"] + loss["general"]), 4)
+    assert report["general_sampling"]["answer_tokens"]["all"]["n"] == 24
     assert build_mix(cfg, cell, tiny_llama) == mix  # cached: same key, nothing rebuilt
     general, safety, rep = source_rows(cfg)
     assert len(general) == 24 and len(safety) == 8 and rep["n_skipped"] == 0
@@ -325,3 +340,100 @@ def test_reflection_writers_share_an_actor_on_cpu_and_run_side_by_side_on_gpus()
     assert writer_groups(sets, use_gpu=False) == [sets]
     assert writer_groups(sets, use_gpu=True) == [[p] for p in sets]
     assert writer_groups([], use_gpu=True) == []
+
+
+# ------------------------------------------------------------------ general rows: lengths
+
+
+def _rows(words: list[int]) -> list[dict]:
+    """General rows whose answers are `words[i]` words long."""
+    return [
+        {
+            "source": "s",
+            "source_id": f"s:{i}",
+            "instruction": f"q{i}",
+            "input": "",
+            "output": "w " * n,
+        }
+        for i, n in enumerate(words)
+    ]
+
+
+def test_general_sample_follows_the_reference_lengths():
+    """issue 22.1: per decile of the reference's answer words, that decile's share of n; a
+    decile short of rows passes its shortfall to the next longer one (its shortest rows), a
+    shortfall at the top goes downward (the longest rows left)."""
+    reference = list(range(1, 101))  # deciles: 1-10, 11-20, ... words
+    sample, bins = sample_general(
+        _rows([w for w in range(1, 101) for _ in range(5)]), 200, 0, reference
+    )
+    assert len({r["source_id"] for r in sample}) == 200
+    assert [b.target for b in bins] == [20] * 10 and [b.taken for b in bins] == [20] * 10
+    assert (bins[0].low, bins[0].high, bins[-1].high) == (0, 11, None)
+    short = _rows([5] * 4 + [w for w in range(11, 101) for _ in range(5)])
+    sample, bins = sample_general(short, 100, 0, reference)
+    assert [(b.available, b.taken) for b in bins[:2]] == [(4, 4), (50, 16)]
+    assert sum(answer_words(r) == 11 for r in sample) == 5  # the carried rows: shortest first
+    top = _rows([w for w in range(1, 51) for _ in range(5)])  # no answer over 50 words
+    sample, bins = sample_general(top, 100, 0, reference)
+    assert len({r["source_id"] for r in sample}) == 100 and [b.taken for b in bins[5:]] == [0] * 5
+    assert [b.taken for b in bins[:5]] == [10, 10, 10, 20, 50]  # filled downward, longest first
+
+
+def test_removing_a_row_from_the_pool_moves_no_other():
+    """Rows are taken in a seeded rank per row, so a row one tokenizer finds too long (dropped
+    before sampling) changes only its own place in the sample."""
+    pool = _rows(list(range(1, 301)))
+    for reference in (None, list(range(1, 101))):
+        sample, _ = sample_general(pool, 60, 0, reference)
+        ids = {r["source_id"] for r in sample}
+        gone = sample[0]["source_id"]
+        again, _ = sample_general([r for r in pool if r["source_id"] != gone], 60, 0, reference)
+        assert ids - {r["source_id"] for r in again} == {gone}
+        other = next(r["source_id"] for r in pool if r["source_id"] not in ids)
+        same, _ = sample_general([r for r in pool if r["source_id"] != other], 60, 0, reference)
+        assert {r["source_id"] for r in same} == ids
+        assert sample_general(pool, 60, 1, reference)[0] != sample  # the seed matters
+
+
+def test_shipped_general_sample_is_near_a_plain_alpaca_sample(data_root):
+    """issue 22.1: jobs/paper.yaml's 1,800 general rows, seed 0. A uniform sample of the pooled
+    subsets took 1,194 from gumbelsoft ("biased toward long outputs") and had a median answer
+    of 140 words; drawn to bloom-lora's answer lengths (a plain Alpaca sample, median 34) it
+    takes every short row the pool holds, and says how far it still is from the reference."""
+    _, _, rep = source_rows(load_config(REPO / "jobs" / "paper.yaml"))
+    s = rep["general_sampling"]
+    assert s["reference"] == "alpaca-bloom-lora" and s["answer_words"]["reference"]["median"] == 34
+    assert s["answer_words"]["all"]["median"] == 84 and s["answer_words"]["all"]["n"] == 1800
+    assert s["answer_words"]["alpaca-gumbelsoft"]["n"] == 827  # was 1,194
+    assert [b["taken"] == b["available"] for b in s["bins"]] == [True] * 9 + [False]
+    assert s["n_moved"] == 621 and "Fix: a larger plain Alpaca pool" in s["note"]
+    assert not rep["over_max_seq_len"]["checked"]  # no tokenizer: nothing dropped for length
+
+
+@needs_tokenizers
+def test_rows_over_max_seq_len_are_dropped_before_sampling_never_cut(tmp_path):
+    """issue 22.1: 38 of the 1,800 rows passed 512 tokens (Llama-2-style tokenizer) and were
+    cut, losing their EOS. Now every general row too long for the model's tokenizer leaves
+    the pool before sampling (the mix keeps its 1,800), and the report counts them."""
+    cfg = load_config(REPO / "jobs" / "paper.yaml", [f"paths.cache_dir={tmp_path}"])
+    mistral = str(SHARED_TOKENIZERS / "mistral")
+    general, _, rep = source_rows(cfg, mistral)
+    over = rep["over_max_seq_len"]
+    assert over["checked"] and over["n_general_dropped"] == 60 and len(general) == 1800
+    lengths = general_token_lengths(cfg, general, mistral)
+    assert max(lengths[r["source_id"]][0] for r in general) <= 512
+    assert not set(over["general_dropped_ids"]) & {r["source_id"] for r in general}
+    assert len(list((tmp_path / "lengths").glob("*.json"))) == 2  # pool and sample, cached
+    tokens = rep["general_sampling"]["answer_tokens"]["all"]
+    assert tokens["median"] == 126 and tokens["max"] <= 512  # answer tokens; was median 188
+
+
+@needs_tokenizers
+def test_tokenize_leaves_rows_over_max_seq_len_out_whole():
+    rows = _rows([3, 80])
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    out = Tokenize(str(SHARED_TOKENIZERS / "mistral"), 60)(batch)
+    assert list(out["source_id"]) == ["s:0"] and len(out["input_ids"]) == 1
+    assert out["input_ids"][0][-1] == shared_tokenizer("mistral").eos_token_id
+    assert len(out["input_ids"][0]) == len(out["labels"][0]) <= 60

@@ -53,11 +53,42 @@ def test_greedy_tokens_match_transformers_with_and_without_adapter(engine, tiny_
     assert shares == {"base": 1.0, adapter: 1.0}
 
 
+def test_the_reference_model_loads_once_per_base_model(tiny_llama, adapter, tmp_path, monkeypatch):
+    """Adapters are swapped on one loaded model (PEFT load_adapter / set_adapter /
+    disable_adapter), with exactly the tokens and top log-probs of a fresh load per adapter."""
+    import tbr_ray.engine as engine_module
+
+    other = random_adapter(tiny_llama, TINY_MODELS["tiny-llama"].lora_targets, tmp_path / "b", 9)
+    order = [None, adapter, other, None]
+    fresh = {a: reference_greedy(tiny_llama, PROMPTS[:2], 6, [a])[a] for a in order}
+    loads = []
+    load = engine_module._reference_model
+    monkeypatch.setattr(engine_module, "_reference_model", lambda *a: loads.append(a) or load(*a))
+    swapped = reference_greedy(tiny_llama, PROMPTS[:2], 6, order)
+    assert len(loads) == 1
+    assert swapped == fresh and swapped[adapter] != swapped[other] != swapped[None]
+
+
 def test_a_wrong_reference_is_caught(engine, tiny_llama, adapter):
     ref = reference_greedy(tiny_llama, PROMPTS[:2], 16, [None])
     # Pretend the base-model reference belongs to the adapter: a mis-applied adapter.
     with pytest.raises(EngineMismatchError, match="match transformers on 0/2"):
         check_engine(engine, PROMPTS[:2], {adapter: ref[None]}, 16, min_match=1.0)
+
+
+def test_a_replica_never_serves_unchecked():
+    """An engine replica's results count only after its check passed: before it, or after a
+    failed engine start or check, `run` refuses with that error (no vLLM needed here)."""
+    from tbr_ray.engine import EngineReplica
+
+    replica = EngineReplica(EngineSettings(), [], replica=1)
+    with pytest.raises(RuntimeError, match="before its check"):
+        replica.run([{"prompt": "x"}], None, 4)
+    replica.error = EngineMismatchError("vLLM greedy tokens match transformers on 0/4")
+    with pytest.raises(EngineMismatchError, match="0/4"):
+        replica.check({None: []}, {None: None}, ["x"], 4, "")
+    with pytest.raises(EngineMismatchError, match="0/4"):
+        replica.run([{"prompt": "x"}], None, 4)
 
 
 def test_a_near_tie_is_told_from_a_mismatch():
@@ -153,6 +184,21 @@ def test_engine_sizes_and_bundles_come_from_the_config():
     assert engine_bundle(cfg, 2) == {"CPU": 1.0}
     gpu = small_config("train.use_gpu=true")
     assert engine_bundle(gpu, 4) == {"CPU": 1.0, "GPU": 4.0}
+
+
+def test_a_merge_asks_for_the_host_memory_of_its_model():
+    """Falcon-40B on a GPU run merges in bf16: 41.8e9 x 2 B x 1.1 + 2 GiB, more than the
+    64 GiB head of cluster/aws-gpu.yaml (56 Gi in KubeRay), so Ray cannot put it there."""
+    from tbr_ray.engine import merge_options
+
+    from .conftest import small_config
+
+    gpu = merge_options(small_config("train.use_gpu=true"), "falcon-40b")
+    assert gpu["num_cpus"] == 1.0 and gpu["memory"] == int(41.8e9 * 2 * 1.1 + 2 * 2**30)
+    assert gpu["memory"] > 84e9 and gpu["memory"] > 64 * 2**30
+    assert merge_options(small_config("train.use_gpu=true"), "falcon-7b")["memory"] < 20e9
+    cpu = merge_options(small_config(), "tiny-falcon")  # fp32 on CPU, half a CPU
+    assert cpu["num_cpus"] == 0.5 and 2 * 2**30 < cpu["memory"] < 3 * 2**30
 
 
 def test_engine_replicas_come_from_the_config_and_never_exceed_the_passes():

@@ -63,6 +63,7 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
         "eval.harm_judge={model: tiny-falcon, format: wildguard, max_new_tokens: 8}",
         "eval.judge_max_unparsable=1.0",
         "eval.shots={arc_easy: 1, arc_challenge: 1, gsm8k: 1}",
+        "cluster.max_engine_replicas=2",  # two engines, data parallel over the passes
     )
     cell = Cell("tiny-llama", "none", 0.0, 0)
     adapter = random_adapter(
@@ -120,8 +121,15 @@ def test_every_shipped_benchmark_and_judge(ray_local, tiny_llama, tmp_path):
     assert stop_kinds("prompt-cot", "xstest_safe") == {"plain"}  # tiny: no chat template
     assert stop_kinds("prompt-cot", "gsm8k") == {"alpaca"}  # GSM8K keeps its Alpaca shots
     status = res.status.set_index("cell_id").loc[cell.cell_id]
-    assert status["engine_check"] == {"base": 1.0, adapter: 1.0}
+    assert status["engine_check"] == {"base": 1.0, adapter: 1.0}  # each replica checked
     assert status["eval_tokens_per_s"] > 0
+    # Each pass (generations and scored choices, every stop rule) went to vLLM in one call;
+    # the adapter's pass and the base model's passes ran on the two replicas.
+    every = res.status.set_index("cell_id")
+    assert set(every["engine_calls"]) == {1}, every["engine_calls"]
+    base_replica = every.loc["tiny-llama__base__g0.00__s0", "engine_replica"]
+    assert {base_replica, status["engine_replica"]} == {0, 1}
+    assert {every.loc[c.cell_id, "engine_replica"] for c in prompting} == {base_replica}
 
 
 @pytest.mark.slow
@@ -155,4 +163,5 @@ def test_falcon_adapters_are_merged_and_checked(ray_local, tiny_falcon, tmp_path
     status = results.read_status(tmp_path).set_index("cell_id")
     # the merged engine was compared against transformers + PEFT on the unmerged pair
     assert status.loc[cell.cell_id, "engine_check"] == {"base": 1.0}
+    assert status.loc[cell.cell_id, "engine_calls"] == 1
     assert not (tmp_path / "scratch" / f"merged-{cell.cell_id}").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -201,6 +202,33 @@ def test_fetch_reports_an_unreachable_url(tmp_path):
     with pytest.raises(DataFetchError, match="could not download"):
         fetch.fetch_data(root, gone)
     assert not [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_a_full_disk_is_reported_as_the_disk_not_the_network(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (writes to /dev/full), mid-download: the message names the
+    file, the free space and the fix, and nothing partial is left."""
+    import builtins
+
+    manifest = _upstream(tmp_path, {"big/data.bin": b"x" * (3 * fetch.CHUNK_BYTES)})
+    monkeypatch.setattr(fetch, "open", lambda *a, **k: builtins.open("/dev/full", "wb", 0), False)
+    root = tmp_path / "root"
+    with pytest.raises(DataFetchError) as err:
+        fetch.fetch_data(root, manifest)
+    message = str(err.value)
+    assert message.startswith(f"{root / 'big/data.bin'}: the disk is full (")
+    assert "MiB free under" in message and "Fix: free at least 3.0 MiB" in message
+    assert "network" not in message
+    assert not [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_fetched_files_take_the_umask_mode(tmp_path):
+    """A shared data root: a fetched file is readable as the umask allows (mkstemp gave 0600)."""
+    manifest = _upstream(tmp_path, FILES)
+    fetch.fetch_data(tmp_path / "root", manifest)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {(tmp_path / "root" / p).stat().st_mode & 0o777 for p in FILES}
+    assert modes == {0o666 & ~umask}
 
 
 def test_licence_lines_cover_every_dataset():

@@ -93,6 +93,45 @@ def test_dry_run_prints_the_paper_grid():
     assert table.count("llama-2-70b__") == 3
 
 
+def test_judging_is_a_job_of_its_own_after_the_generations(tmp_path):
+    """Issue 20 point 7d: a base model's generations hold its engines (`eval_need`: replicas x
+    its engine size); when they end those are released and its judging is a job of its own
+    holding the judge's engine (`judge_need`), not the model's reservation. CPU bundles:
+    half a CPU per engine worker, tiny-falcon's judge engine 2 workers, tiny-llama's 1."""
+    from tbr_ray import grid
+
+    from .conftest import small_config
+
+    cfg = small_config(
+        "grid.conditions=[none, prompt-direct]",
+        "cluster.engine_gpus={tiny-llama: 1, tiny-falcon: 2}",
+        "cluster.max_engine_replicas=4",
+        "eval.judges=[paper-keywords, model]",
+        "eval.refusal_judge={model: tiny-falcon, format: three-class}",
+    )
+    cells = [c for c in cfg.cells() if c.condition == "prompt-direct"]  # trains nothing
+    assert grid.eval_units(cfg, "tiny-llama", cfg.cells()) == 2  # the adapter; base + prompt
+    assert grid.eval_need(cfg, "tiny-llama", cfg.cells()) == 2 * 0.5  # 2 replicas x 1 worker
+    assert grid.judge_need(cfg) == 1.0 and grid.judge_need(small_config()) == 0.0
+    state = grid._Pipeline(cfg, cells, {"tiny-llama": "unused"}, tmp_path)
+    state.metrics = _NoMetrics()
+    state.capacity = grid.Capacity(cfg, read=lambda: 1.9, ask=lambda bundles: None)
+    state.launch = lambda job, _: "generations"
+    state.launch_judge = lambda generated, _: f"judging {generated['generated']}"
+    state.schedule()
+    assert [(j.kind, j.devices) for j, _ in state.evals.values()] == [("eval", 0.5)]
+    state.eval_ended("generations", {"generated": "tiny-llama"})
+    assert not state.evals and [(j.kind, j.devices) for j, _, _ in state.judging] == [
+        ("judge", 1.0)
+    ]
+    assert sum(j.devices for j in state._busy()) == 0  # the model's engines are released
+    state.schedule()
+    assert {r: j.devices for r, (j, _) in state.evals.items()} == {"judging tiny-llama": 1.0}
+    assert not state.judging
+    state.eval_ended("judging tiny-llama", {"tiny-llama__prompt-direct__g0.00__s0": "done"})
+    assert not state.evals and not state.waiting and not state.judging
+
+
 @pytest.mark.slow
 def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path, ray_tmp):
     out = tmp_path / "run"

@@ -44,6 +44,24 @@ def _data_copy(tmp: Path, drop: str) -> str:
     return str(root)
 
 
+def _truncated(tmp: Path, rel: str) -> str:
+    """The shared data root (linked) with the first half of `rel` only: a cut download."""
+    root = Path(_data_copy(tmp, rel))
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes((DATA / rel).read_bytes()[: (DATA / rel).stat().st_size // 2])
+    return str(root)
+
+
+def _short_model(tmp: Path, positions: int = 64) -> str:
+    """A local Llama folder (config + tokenizer file) built for `positions` tokens."""
+    folder = tmp / "short" / "hf"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(config | {"max_position_embeddings": positions}))
+    (folder / "tokenizer.json").write_text("{}")
+    return str(folder)
+
+
 def _model_without_tokenizer(tmp: Path) -> str:
     folder = tmp / "ckpt" / "hf"
     folder.mkdir(parents=True)
@@ -141,6 +159,88 @@ CASES = [
         "asked for 100000 safety rows",
     ),
     (
+        "truncated-gzip",
+        lambda t, m: [
+            TINY,
+            "--set",
+            f"data.root={_truncated(t, 'hh-rlhf/harmless-base/test.jsonl.gz')}",
+            "--set",
+            "data.safety_source=hh-rlhf-harmless",
+        ],
+        "test.jsonl.gz is damaged (EOFError",
+    ),
+    (
+        "csv-field-over-131072-characters",  # csv's field limit; an unclosed quote does it
+        lambda t, m: _user_benchmark(
+            t, "orbench_hard", b'prompt,category\nok,a\n"' + b"x" * 140_000 + b'",b\n'
+        ),
+        "line 3: not a readable CSV (field larger than field limit (131072))",
+    ),
+    (
+        "yaml-binary-in-the-file",
+        lambda t, m: [
+            _yaml_file(t, b"name: t\ngrid:\n  models: [tiny-llama]\n  seeds: !!binary aGk=\n")
+        ],
+        "grid.seeds = b'hi' is a YAML !!binary value",
+    ),
+    (
+        "yaml-set-in-a-set-value",
+        lambda t, m: [TINY, "--set", "grid.seeds=!!set {1, 2}"],
+        "the value = {1, 2} is a YAML !!set value",
+    ),
+    # values that passed validate and --dry-run, then failed after Ray started or never ended
+    ("seed-over-2**32", lambda t, m: [TINY, "--set", f"grid.seeds=[{2**70}]"], "0..4294967295"),
+    (
+        "micro-batch-over-the-mix",
+        lambda t, m: [TINY, "--set", "train.micro_batch_size=1000000000"],
+        "= 2000000000 rows, but the mix holds 300",
+    ),
+    (
+        "a-million-cpu-workers",
+        lambda t, m: [TINY, "--set", "train.num_workers=1000000"],
+        "fewer train.num_workers",
+    ),
+    (
+        "workers-that-never-fit-this-machine",
+        lambda t, m: [TINY, "--set", "train.cpus_per_worker=1000"],
+        "so Ray would wait for them forever",
+    ),
+    (
+        "answer-budget-over-the-engine",
+        lambda t, m: [TINY, "--set", "eval.max_new_tokens=5000"],
+        "eval.max_new_tokens = 5000 leaves no room for a prompt",
+    ),
+    ("epochs-1e20", lambda t, m: [TINY, "--set", f"train.epochs={10**20}"], "or equal to 1000"),
+    ("learning-rate-inf", lambda t, m: [TINY, "--set", "train.learning_rate=.inf"], "finite"),
+    (
+        "model-context-shorter-than-the-budget",
+        lambda t, m: (
+            [TINY, "--set", f"grid.models=[{_short_model(t)}]"]
+            + ["--set", "eval.max_new_tokens=64"]
+        ),
+        "its context is 64 tokens, so its engine holds 64, and eval.max_new_tokens = 64",
+    ),
+    (
+        "model-context-shorter-than-training-rows",
+        lambda t, m: [TINY, "--set", f"grid.models=[{_short_model(t)}]"],
+        "shorter than the training sequences (data.max_seq_len = 192)",
+    ),
+    (
+        "unpinned-hub-model",
+        lambda t, m: [
+            TINY,
+            "--set",
+            "eval.harm_judge={model: meta-llama/Llama-Guard-3-8B, format: llama-guard-3}",
+        ],
+        "eval.harm_judge.model = meta-llama/Llama-Guard-3-8B loads meta-llama/Llama-Guard-3-8B "
+        "from the Hugging Face hub without a pinned commit",
+    ),
+    (
+        "hub-revision-not-a-commit",
+        lambda t, m: [TINY, "--set", "grid.hub_revisions={tiny-llama: main}"],
+        "not a full commit hash (a branch or tag can move)",
+    ),
+    (
         "benchmark-file-wrong-header",
         lambda t, m: _user_benchmark(t, "orbench_hard", b"text,cat\nx,y\n"),
         "lacks ['category', 'prompt']",
@@ -214,6 +314,15 @@ def test_bad_config_is_one_line_naming_the_fix(make_args, expected, tmp_path, mo
     assert line is not None, f"{expected!r} not in:\n{out.output}"
     assert "Fix:" in line, line
     assert PASTED_KEY not in out.output  # a pasted key is never echoed back in full
+
+
+@needs_data
+def test_ablate_names_a_truncated_data_file_instead_of_aborting(tmp_path):
+    """gzip's EOFError reached click, which prints only "Aborted." (exit 1)."""
+    root = _truncated(tmp_path, "hh-rlhf/harmless-base/test.jsonl.gz")
+    sets = ["--set", f"data.root={root}", "--set", "data.safety_source=hh-rlhf-harmless"]
+    out = runner.invoke(app, ["ablate", "--config", TINY, "-o", str(tmp_path / "run"), *sets])
+    assert out.exit_code == 2 and "is damaged" in out.output and "Aborted" not in out.output
 
 
 @needs_data
@@ -379,3 +488,78 @@ def test_unreachable_endpoint_is_a_plain_error_naming_the_setting():
     with pytest.raises(ConnectionError, match="reflection.endpoint = 'http://127.0.0.1:9/v1'") as e:
         _endpoint_generate(["Q?"], cfg)
     assert "Fix:" in str(copy.copy(e.value))
+
+
+def test_engine_is_capped_at_the_models_context(tmp_path):
+    """vLLM refuses max_model_len over the model's own ("greater than the derived
+    max_model_len"), which failed a 512-position model's cell after it trained."""
+    from transformers import LlamaConfig
+
+    from tbr_ray.engine import engine_max_len
+
+    LlamaConfig(max_position_embeddings=512).save_pretrained(tmp_path)
+    assert engine_max_len(str(tmp_path), 1024) == 512
+    assert engine_max_len(str(tmp_path), 256) == 256
+
+
+def test_an_endpoint_needs_the_endpoint_extra(monkeypatch):
+    """openai is imported when a cell writes external reflections through an endpoint (after
+    Ray started): the preflight names the extra that brings it."""
+    import importlib.util
+
+    from tbr_ray.preflight import check_extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a)
+    )
+    endpoint = ["reflection.endpoint=http://127.0.0.1:9/v1", "reflection.endpoint_model=m"]
+    cfg = small_config("grid.conditions=[external]", *endpoint)
+    assert check_extras(cfg) == [
+        "reflection.endpoint = 'http://127.0.0.1:9/v1', but the openai package is not installed."
+        " Fix: `pip install 'tbr-ray[endpoint]'`, or use reflection.reflector (a model) instead."
+    ]
+    assert check_extras(small_config("grid.conditions=[none]", *endpoint)) == []  # not needed
+
+
+def test_openai_is_a_runtime_extra_that_setup_installs():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    assert [d for d in extras["endpoint"] if d.startswith("openai")]
+    assert not [d for d in extras["dev"] if d.startswith("openai")]
+    assert "endpoint]'" in next(
+        line for line in (REPO / "Makefile").read_text().splitlines() if "install -q -e" in line
+    )
+
+
+PIN = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_pinned_hub_model_loads_its_commits_snapshot(tmp_path, monkeypatch):
+    """resolve_model hands every loader the Hugging Face cache's folder of the pinned commit
+    (huggingface_hub.snapshot_download, offline here: the snapshot is already cached)."""
+    from huggingface_hub import constants
+
+    from tbr_ray.tiny import resolve_model
+
+    snapshot = tmp_path / "hub" / "models--org--judge" / "snapshots" / PIN
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    where = resolve_model("org/judge", tmp_path, tmp_path, revisions={"org/judge": PIN})
+    assert Path(where) == snapshot
+    with pytest.raises(ValueError, match="org/judge loads org/judge .* without a pinned commit"):
+        resolve_model("org/judge", tmp_path, tmp_path, revisions={})
+    cfg = small_config(
+        "eval.harm_judge={model: org/judge, format: llama-guard-3}",
+        f"grid.hub_revisions={{org/judge: {PIN}}}",
+    )
+    assert cfg.config_hash() != small_config().config_hash()  # a pin is part of the hash
+
+
+def test_hub_revisions_must_name_this_configs_models():
+    with pytest.raises(ValueError, match=r"names \['llama-2-7b'\], which this config does not"):
+        small_config(f"grid.hub_revisions={{llama-2-7b: {PIN}}}")

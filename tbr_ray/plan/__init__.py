@@ -43,6 +43,7 @@ from tbr_ray.plan.sizing import (
 )
 from tbr_ray.plan.steps import (
     accumulation_steps,
+    batch_fit_problems,
     global_batch_problems,
     planned_steps,
     resolved_train_settings,
@@ -60,6 +61,7 @@ __all__ = [
     "Slot",
     "TrainLayout",
     "accumulation_steps",
+    "batch_fit_problems",
     "engine_gpus",
     "engine_layout",
     "eval_engine_gpus",

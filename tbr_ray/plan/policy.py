@@ -26,12 +26,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-KINDS = ("write", "eval", "train")  # the priority of kinds, first to last
+# The priority of kinds, first to last. "judge": a base model's judging, ready once its
+# generations ("eval") are done (tbr_ray.grid); it holds only the judges' devices.
+KINDS = ("write", "judge", "eval", "train")
 EPS = 1e-9  # fractional CPUs (0.01 a trial driver) add up with rounding errors
 
 
 class Schedulable(Protocol):
-    kind: str  # write | eval | train
+    kind: str  # write | judge | eval | train
     devices: float  # held while it runs
 
 

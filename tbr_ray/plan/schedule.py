@@ -28,7 +28,7 @@ from tbr_ray.plan.sizing import (
     eval_engine_gpus,
     train_layout,
 )
-from tbr_ray.plan.steps import global_batch_problems, planned_steps
+from tbr_ray.plan.steps import batch_fit_problems, global_batch_problems, planned_steps
 
 # ------------------------------------------------------------------ simulation
 
@@ -187,7 +187,7 @@ def plan_grid(cfg: RunConfig, capacity: int | None, cost: CostModel | None = Non
     on a CPU run; None: sizes only), list every problem, and simulate the schedule when none.
     `cost`: the cost model (default: the device's, `cost_model(cfg)`)."""
     cost = cost or cost_model(cfg)
-    if batch := global_batch_problems(cfg):  # steps and costs need whole micro-batches
+    if batch := global_batch_problems(cfg) or batch_fit_problems(cfg):  # steps need them
         return GridPlan(cost.device, capacity, [], [], batch, [])
     cells = _cell_plans(cfg, cost, capacity)
     names = list(cfg.grid.models) + _writers(cfg)

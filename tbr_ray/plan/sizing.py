@@ -27,6 +27,11 @@ LORA_STATE_BYTES = 16
 ACT_ELEMS = (9, 3)  # (x hidden, x ffn) elements per token per layer
 # Logits per token: bf16 logits, their fp32 copy for the loss and its fp32 gradient.
 LOGIT_BYTES = 10
+# CPU runs, as the grid's scheduler counts them (tbr_ray.grid.train_need, resource_capacity):
+# a cell's Tune driver task holds a sliver beside its workers, and a sliver of the cluster
+# stays free for Ray Data tasks.
+TRIAL_DRIVER_CPU = 0.01
+CPU_RESERVE = 0.1
 
 
 class PlanError(ValueError):
@@ -199,7 +204,8 @@ def train_layout(cfg: RunConfig, model: str, max_gpus: int | None = None) -> Tra
     t, c, spec = cfg.train, cfg.cluster, get_spec(model)
     if not t.use_gpu:
         zero = t.zero_stage if t.zero_stage is not None else spec.zero_stage
-        return TrainLayout(model, t.num_workers or 2, zero, 0.0)
+        workers = t.num_workers or 2
+        return TrainLayout(model, workers, zero, 0.0, _cpu_problem(cfg, model, workers, max_gpus))
     limit = max_gpus or c.gpus or c.gpus_per_node
     counts = [t.num_workers] if t.num_workers else [n for n in SIZES if n <= limit] or [1]
     zeros = [t.zero_stage] if t.zero_stage is not None else [2, 3]
@@ -211,6 +217,26 @@ def train_layout(cfg: RunConfig, model: str, max_gpus: int | None = None) -> Tra
     n, z = counts[-1], zeros[-1]
     need = train_gib_per_gpu(cfg, model, n, z)
     return TrainLayout(model, n, z, need, _train_problem(cfg, model, n, z, need, limit))
+
+
+def _cpu_problem(cfg: RunConfig, model: str, workers: int, cores: int | None) -> str | None:
+    """A CPU cell whose workers ask more CPUs than the cluster has never starts: Ray waits."""
+    need = TRIAL_DRIVER_CPU + workers * cfg.train.cpus_per_worker
+    if cores is None or need <= cores - CPU_RESERVE:
+        return None
+    room = cores - CPU_RESERVE - TRIAL_DRIVER_CPU
+    fit = int(room // cfg.train.cpus_per_worker)
+    fix = (
+        f"train.num_workers at most {fit}, or fewer train.cpus_per_worker"
+        if fit >= 1
+        else f"train.cpus_per_worker at most {room / workers:.2f}"
+    )
+    return (
+        f"{model}: train.num_workers x train.cpus_per_worker = {workers} x "
+        f"{cfg.train.cpus_per_worker:g} CPUs (+ {TRIAL_DRIVER_CPU} for its driver), the "
+        f"cluster has {cores} CPUs ({CPU_RESERVE} kept free), so Ray would wait for them "
+        f"forever. Fix: {fix}."
+    )
 
 
 def _train_problem(cfg: RunConfig, model: str, n: int, zero: int, need: float, limit: int) -> str:

@@ -77,3 +77,33 @@ def global_batch_problems(cfg: RunConfig) -> list[str]:
         + f". Fix: a multiple of {math.lcm(*rounds.values())} (every grid model), or change "
         "train.micro_batch_size / train.num_workers."
     ]
+
+
+def batch_fit_problems(cfg: RunConfig) -> list[str]:
+    """One optimizer step (micro_batch_size x accumulation x workers rows) must fit in the mix
+    of data.n_general + n_safety rows: else a worker holds fewer rows than one micro-batch and
+    the trainer stops after Ray started (tbr_ray.train). One line per worker count that does
+    not fit, naming its grid models, else []. Needs `global_batch_problems` passed first."""
+    t, rows = cfg.train, cfg.data.n_general + cfg.data.n_safety
+    misfits: dict[int, list[str]] = {}
+    for model in cfg.grid.models:
+        workers, _ = resolved_train_settings(cfg, model)
+        if t.micro_batch_size * accumulation_steps(cfg, workers) * workers > rows:
+            misfits.setdefault(workers, []).append(model)
+    out = []
+    for workers, models in misfits.items():
+        accum = accumulation_steps(cfg, workers)
+        out.append(
+            f"{', '.join(models)}: one optimizer step takes train.micro_batch_size x "
+            f"accumulation x workers = {t.micro_batch_size} x {accum} x {workers} = "
+            f"{t.micro_batch_size * accum * workers} rows, but the mix holds {rows} "
+            f"(data.n_general + data.n_safety). Fix: {_smaller_step(rows, workers, accum)}."
+        )
+    return out
+
+
+def _smaller_step(rows: int, workers: int, accum: int) -> str:
+    if rows >= workers * accum:
+        most = rows // (workers * accum)
+        return f"train.micro_batch_size at most {most}, less accumulation, or a larger mix"
+    return f"fewer train.num_workers (each needs a micro-batch of the {rows} rows)"
