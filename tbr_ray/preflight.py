@@ -218,10 +218,13 @@ def check_extras(cfg: RunConfig) -> list[str]:
     needs = []
     if cfg.tracking.mlflow:
         needs.append(("tracking.mlflow: true", "mlflow", "tracking", "set tracking.mlflow=false"))
-    if "external" in cfg.grid.conditions and cfg.reflection.endpoint is not None:
+    r = cfg.reflection
+    served = r.endpoint is not None or r.local_server is not None
+    if "external" in cfg.grid.conditions and served:
+        field = "endpoint" if r.endpoint is not None else "local_server"
         needs.append(
             (
-                f"reflection.endpoint = {cfg.reflection.endpoint!r}",
+                f"reflection.{field} = {getattr(r, field)!r}",
                 "openai",
                 "endpoint",
                 "use reflection.reflector (a model) instead",
