@@ -197,6 +197,12 @@ def ablate(
     gpu_memory: float | None = typer.Option(
         None, "--gpu-memory", min=1, help="GiB of one GPU (cluster.gpu_memory_gib)."
     ),
+    gpu_type: str | None = typer.Option(
+        None,
+        "--gpu-type",
+        help="GPU model (cluster.gpu_type: A100, H100, H200, L40S): the plan's FLOPs, "
+        "bandwidths and price; its memory too unless --gpu-memory says.",
+    ),
     config_only: bool = ConfigOnlyOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -205,10 +211,10 @@ def ablate(
     from tbr_ray.grid import summarize, timing_summary, wall_clock
 
     sets = list(sets) + [f"cluster.gpus={gpus}"] * bool(gpus)
-    sets += [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
+    sets += _gpu_sets(gpu_type, gpu_memory)
     cfg = _config(config, sets)
     if dry_run:
-        _dry_run(cfg, gpus, None if config_only else output)
+        _dry_run(cfg, gpus, None if config_only else output, output)
         return
     _refuse_unplannable(cfg)
     if not config_only:
@@ -251,17 +257,45 @@ def _run_grid_or_exit(cfg: RunConfig, output: Path, command: list[str], sets, ve
         raise typer.Exit(exc.exit_code) from None
 
 
-def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None) -> None:
+def _gpu_sets(gpu_type: str | None, gpu_memory: float | None) -> list[str]:
+    """--set values of --gpu-type and --gpu-memory: the type's memory unless given."""
+    from tbr_ray.plan.gpus import GPU_TYPES
+
+    sets = [f"cluster.gpu_type={gpu_type}"] * bool(gpu_type)
+    if gpu_memory is None and gpu_type in GPU_TYPES:
+        gpu_memory = GPU_TYPES[gpu_type].memory_gib
+    return sets + [f"cluster.gpu_memory_gib={gpu_memory}"] * bool(gpu_memory)
+
+
+def _measured_answers(cfg: RunConfig, folder: Path | None) -> dict | None:
+    """Answer lengths the run of `cfg` in `folder` measured (its finished cells'
+    generations), for the plan of its rest; None without one (or with another config's)."""
+    import json
+
+    from tbr_ray.plan.evalcost import measured_answer_tokens
+    from tbr_ray.results import read_results
+
+    manifest = folder / "run.json" if folder is not None else None
+    if manifest is None or not manifest.is_file():
+        return None
+    if json.loads(manifest.read_text()).get("config_hash") != cfg.config_hash():
+        return None
+    return measured_answer_tokens(read_results(folder).generations) or None
+
+
+def _dry_run(cfg: RunConfig, gpus: int | None, output: Path | None, folder=None) -> None:
     """The plan (tbr_ray.plan), then the preflight of this machine unless `output` is None
     (--config-only). Exit 2 if the plan cannot place the grid, or if a run that would execute
     here (a CPU config) fails the preflight. A GPU config is planned from a laptop before the
     cluster exists: its preflight lines (files on the cluster's volume, secrets set on its
-    pods) are printed as what `tbr-ray validate` must pass *there*, and do not fail the plan."""
+    pods) are printed as what `tbr-ray validate` must pass *there*, and do not fail the plan.
+    A run already in `folder` (--output) gives the plan its measured answer lengths."""
     from tbr_ray.plan import PlanError, format_plan, plan_grid
     from tbr_ray.preflight import preflight
 
     try:
-        plan = plan_grid(cfg, gpus or _cluster_devices(cfg))
+        measured = _measured_answers(cfg, folder)
+        plan = plan_grid(cfg, gpus or _cluster_devices(cfg), measured=measured)
     except PlanError as exc:
         _fail(str(exc))
     typer.echo(format_plan(plan))

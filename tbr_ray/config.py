@@ -664,6 +664,14 @@ class PathsConfig(_Strict):
         return REPO_ROOT / ".cache"
 
 
+# USD per GPU-hour by GPU type: AWS EC2 Capacity Blocks for ML, effective accelerator-hour
+# rates in US East as listed on aws.amazon.com/ec2/capacityblocks/pricing before their
+# 2025-01-01 update (read 2026-12-03): p5.48xlarge (8 x H100) 4.916, p5e (8 x H200) 5.408,
+# p4d.24xlarge (8 x A100 40GB; p4de's 80GB cards are not listed) 1.844. On-demand rates
+# differ; L40S has no entry: set cluster.gpu_hour_usd.
+GPU_HOUR_USD = {"H100": 4.916, "H200": 5.408, "A100": 1.844}
+
+
 class ClusterConfig(_Strict):
     """The GPU cluster a run is planned for and placed on (tbr_ray.plan). Not hashed: the same
     grid may run, or resume, on a cluster of another shape."""
@@ -675,6 +683,25 @@ class ClusterConfig(_Strict):
     )
     gpu_memory_gib: float = Field(
         80.0, gt=0, description="Memory of one GPU (GiB; `--gpu-memory`): 80 for A100/H100-80GB."
+    )
+    gpu_type: str = Field(
+        "H100",
+        description="GPU model the plan computes with (`--gpu-type`): its peak FLOPs and "
+        "bandwidths (tbr_ray.plan.gpus.GPU_TYPES: A100, H100, H200, L40S) and its price.",
+    )
+    gpu_hour_usd: dict[str, float] = Field(
+        default_factory=lambda: dict(GPU_HOUR_USD),
+        description="Price of one GPU-hour per GPU type, in US dollars, for the plan's bill. "
+        "Default: GPU_HOUR_USD (dated, with its source); set your own rate, e.g. "
+        "--set 'cluster.gpu_hour_usd={H100: 2.99}'.",
+    )
+    train_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Share of a GPU's memory a training cell's counted need may fill "
+        "(tbr_ray.plan.sizing); the rest is for what no count bounds in advance (the CUDA "
+        "caching allocator's fragmentation). 0.9: vLLM's own default for its engines.",
     )
     gpus_per_node: int = Field(
         8, ge=1, description="GPUs per node: no engine or training cell may span more."

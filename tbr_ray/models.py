@@ -167,7 +167,8 @@ SHAPES: dict[str, Shape] = {
 }
 
 
-# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GiB cards, bf16, LoRA.
+# The paper's 15 base models (PAPER.md section 3). GPU counts assume 80 GiB cards, bf16, LoRA,
+# gradient checkpointing (jobs/paper.yaml; tbr_ray.plan.train_layout chooses the same).
 PAPER_MODELS: dict[str, ModelSpec] = _table(
     _paper("gemma-2b", "google/gemma-2b", "gemma", 2.5, 1, 2),
     _paper("gemma-2-2b", "google/gemma-2-2b", "gemma2", 2.6, 1, 2),
@@ -180,10 +181,10 @@ PAPER_MODELS: dict[str, ModelSpec] = _table(
     _paper("gemma-2-9b", "google/gemma-2-9b", "gemma2", 9.2, 1, 2),
     _paper("llama-13b", "huggyllama/llama-13b", "llama", 13.0, 1, 2),
     _paper("llama-2-13b", "meta-llama/Llama-2-13b-hf", "llama", 13.0, 1, 2),
-    _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 4, 3),
-    _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 8, 3),
-    _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 8, 3),
-    _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 8, 3),
+    _paper("falcon-40b", "tiiuae/falcon-40b", "falcon", 41.8, 2, 3),
+    _paper("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama", 69.0, 4, 3),
+    _paper("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "llama", 70.6, 4, 3),
+    _paper("llama-3.1-70b", "meta-llama/Llama-3.1-70B", "llama", 70.6, 4, 3),
 )
 
 TINY_VOCAB = 2048  # the tiny presets' trained BPE vocabulary (tbr_ray.tiny)

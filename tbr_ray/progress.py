@@ -260,12 +260,14 @@ def format_snapshot(snap: Snapshot) -> str:
 
 def cluster_plan(cfg: RunConfig, cell_ids: Iterable[str]) -> RunPlan | None:
     """The plan of `cfg` on the Ray cluster this driver is connected to (its GPUs, or CPUs on
-    a CPU run), for the ETA; None when Ray is not started here."""
+    a CPU run; an autoscaling cluster that has no GPU workers yet: cluster.gpus, the size it
+    was planned for), for the ETA; None when Ray is not started here."""
     import ray
 
     if not ray.is_initialized():
         return None
     devices = int(ray.cluster_resources().get("GPU" if cfg.train.use_gpu else "CPU", 0))
+    devices = devices or (cfg.cluster.gpus or 0 if cfg.train.use_gpu else 0)
     if not devices:
         return None
     return run_plan(plan_grid(cfg, devices), cell_ids, cfg.grid.max_concurrent)

