@@ -3,6 +3,8 @@ loop, same model, data, batch and thread count. Steady-state tokens/s and start-
 
     .venv/bin/python bench/train_throughput.py                 # tiny-llama, 150 steps of 8
     .venv/bin/python bench/train_throughput.py --steps 300 --model tiny-gemma
+    .venv/bin/python bench/train_throughput.py --config jobs/real.yaml \
+        --model smollm2-135m-instruct --steps 20 --dtypes float32 bfloat16   # the real model
 
 Both sides train the same cell's tokenized mix (jobs/tiny.yaml, `none` condition, built by
 Ray Data once) with the same seeded micro-batches (tbr_ray.train._epoch_batches), the same
@@ -27,10 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def config(model: str, steps: int, workers: int):
+def config(model: str, steps: int, workers: int, job: str = "jobs/tiny.yaml", dtype="auto"):
     from tbr_ray.config import load_config
 
     sets = [
+        f"train.dtype={dtype}",
         f"grid.models=[{model}]",
         "grid.conditions=[none]",
         "train.epochs=50",  # more than enough rows; max_steps ends the run
@@ -38,7 +41,9 @@ def config(model: str, steps: int, workers: int):
         f"train.num_workers={workers}",
         f"train.cpus_per_worker={2 // workers}",
     ]
-    return load_config(REPO / "jobs" / "tiny.yaml", sets)
+    if job.endswith("real.yaml"):
+        sets.append("reflection.local_server=null")  # the `none` cell writes no reflections
+    return load_config(REPO / job, sets)
 
 
 def ray_side(cfg, model_path: str, mix: Path, out: Path) -> dict:
@@ -126,19 +131,33 @@ def _deepspeed_step(cfg, model, ds_config):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--config", default="jobs/tiny.yaml", help="job whose mix and LoRA settings")
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps on each side")
+    ap.add_argument("--dtypes", nargs="+", default=["auto"], help="train.dtype values, in turn")
     ap.add_argument("--output", type=Path, default=Path("/tmp/tbr-bench-train"))
     args = ap.parse_args()
-    import shutil
-
     import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    load = os.getloadavg()
+    out = {d: one_dtype(args, d) for d in args.dtypes}
+    print(f"load average at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f}")
+    for dtype, r in out.items():
+        report(args, dtype, r)
+    print(json.dumps({"load": load, **out}))
+    sys.stdout.flush()
+    os._exit(0)  # Ray's atexit hooks can hang a finished benchmark on a busy box
+
+
+def one_dtype(args, dtype: str) -> dict:
+    """Ray Train + DeepSpeed, the bare loop, and the bare loop with DeepSpeed, at one dtype."""
+    import shutil
 
     from tbr_ray.data import build_mix
     from tbr_ray.tiny import resolve_model
 
-    cfg = config(args.model, args.steps, workers=1)
+    cfg = config(args.model, args.steps, 1, args.config, dtype)
     shutil.rmtree(args.output, ignore_errors=True)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     model_path = resolve_model(
         args.model,
         cfg.paths.resolved_cache_dir(),
@@ -147,11 +166,20 @@ def main() -> None:
     )
     mix = build_mix(cfg, cfg.cells()[0], model_path)
     ray_info = ray_side(cfg, model_path, mix, args.output)
-    ray.shutdown()
     bare = bare_side(cfg, model_path, mix, args.steps)
     ds = bare_side(cfg, model_path, mix, args.steps, deepspeed=True)
+    keys = ("startup_s", "import_s", "model_s", "deepspeed_init_s", "data_s", "train_seconds")
+    ray_part = {k: ray_info.get(k) for k in keys}
+    ray_part["train_tokens_per_s"] = ray_info["train_tokens_per_s"]
+    ray_part["loss"] = ray_info.get("loss")
+    return {"ray": ray_part, "bare": bare, "deepspeed": ds}
+
+
+def report(args, dtype: str, r: dict) -> None:
+    ray_info, bare, ds = r["ray"], r["bare"], r["deepspeed"]
     ratio = ray_info["train_tokens_per_s"] / bare["train_tokens_per_s"]
-    print(f"{'':28} {'tokens/s':>9} {'start-up s':>10}  (steps {args.steps}, {args.model})")
+    what = f"steps {args.steps}, {args.model}, {dtype}"
+    print(f"{'':28} {'tokens/s':>9} {'start-up s':>10}  ({what})")
     ray_start = sum(ray_info[k] for k in ("startup_s", "import_s", "model_s", "deepspeed_init_s"))
     print(f"{'Ray Train + DeepSpeed':28} {ray_info['train_tokens_per_s']:9.0f} {ray_start:10.1f}")
     print(f"{'bare PEFT loop':28} {bare['train_tokens_per_s']:9.0f} {bare['startup_s']:10.1f}")
@@ -161,13 +189,9 @@ def main() -> None:
     print(
         f"ratio {ratio:.2f}x (target >= 0.9x); DeepSpeed alone "
         f"{ds['train_tokens_per_s'] / bare['train_tokens_per_s']:.2f}x, Ray Train over it "
-        f"{ray_info['train_tokens_per_s'] / ds['train_tokens_per_s']:.2f}x"
+        f"{ray_info['train_tokens_per_s'] / ds['train_tokens_per_s']:.2f}x; final loss "
+        f"Ray {ray_info['loss']:.3f}, bare {bare['loss']:.3f}"
     )
-    keys = ("startup_s", "import_s", "model_s", "deepspeed_init_s", "data_s", "train_seconds")
-    ray_part = {k: ray_info.get(k) for k in keys}
-    print(json.dumps({"ray": ray_part, "bare": bare, "deepspeed": ds, "ratio": ratio}))
-    sys.stdout.flush()
-    os._exit(0)  # Ray's atexit hooks can hang a finished benchmark on a busy box
 
 
 if __name__ == "__main__":

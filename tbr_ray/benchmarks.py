@@ -18,6 +18,9 @@ format_prompt(q)`, so 0 shots is the plain template. Multiple choice (MMLU, ARC)
 options lettered A, B, C... (ARC's digit labels "1".."4" are shown as letters too), the prompt
 ends with "Answer:" and `choices` are the letters " A", " B", ...: one short continuation per
 option, so no length normalisation is needed (lm-eval's ARC scores the option texts instead).
+A chat model (prompt_format "chat") gets the same request through its own template instead:
+the shots as user/assistant turns, the answer prefix after the generation prompt
+(`EvalItem.shots`, `answer_prefix`; tbr_ray.evaluate renders them).
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ class EvalItem:
     mode: str = "generate"  # generate | choice
     choices: tuple[str, ...] = ()  # choice mode: " A", " B", ... scored after `prompt`
     reference: str | None = None  # choice index as str, or the GSM8K final number
+    # The same request for a chat model (tbr_ray.prompts.chat_prompt): the shots as turns
+    # (question, answer), and what the answer starts with ("Answer:" for multiple choice).
+    shots: tuple[tuple[str, str], ...] = ()
+    answer_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -327,6 +334,8 @@ def _choice_item(spec, prompt_id, category, instruction, n_options, answer, shot
         mode="choice",
         choices=choices,
         reference=str(answer),
+        shots=tuple(shots),
+        answer_prefix="Answer:",
     )
 
 
@@ -441,7 +450,10 @@ def _load_gsm8k(spec: BenchmarkSpec, path: Path, shots: int):
         if isinstance(row, str):
             skipped.append((str(i), row))
         else:
-            items.append(_item(spec, str(i), "", row[0], _few_shot(pool, row[0]), reference=row[2]))
+            prompt = _few_shot(pool, row[0])
+            items.append(
+                _item(spec, str(i), "", row[0], prompt, reference=row[2], shots=tuple(pool))
+            )
     return items, skipped
 
 

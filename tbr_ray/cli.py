@@ -140,9 +140,11 @@ def build_models(
         "../shared/data).",
     ),
 ) -> None:
-    """Build (or find cached) every tiny preset: tokenizer + brief pre-training."""
+    """Build (or find cached) every tiny preset (tokenizer + brief pre-training) and every
+    packaged real model (its GGUF file dequantized into a verified HF folder)."""
     from tbr_ray.config import DataConfig, PathsConfig
-    from tbr_ray.models import TINY_MODELS
+    from tbr_ray.models import PACKAGED_MODELS, TINY_MODELS
+    from tbr_ray.packaged import build_packaged_model
     from tbr_ray.tiny import build_tiny_model
 
     cache = Path(cache_dir) if cache_dir else PathsConfig().resolved_cache_dir()
@@ -150,6 +152,10 @@ def build_models(
     for spec in TINY_MODELS.values():
         t0 = time.time()
         path = build_tiny_model(spec, cache, root, seed=seed)
+        typer.echo(f"{spec.name}: {path} ({time.time() - t0:.0f}s)")
+    for spec in PACKAGED_MODELS.values():
+        t0 = time.time()
+        path = build_packaged_model(spec, cache)
         typer.echo(f"{spec.name}: {path} ({time.time() - t0:.0f}s)")
 
 
@@ -202,7 +208,7 @@ def ablate(
 ) -> None:
     """Run (or resume) the grid: models x conditions x gammas x seeds. Ctrl-C stops it cleanly
     (cells marked interrupted, no evaluation) and prints the command that resumes it."""
-    from tbr_ray.grid import summarize, wall_clock
+    from tbr_ray.grid import summarize, timing_summary, wall_clock
 
     sets = list(sets) + [f"cluster.gpus={gpus}"] * bool(gpus)
     sets += _gpu_sets(gpu_type, gpu_memory)
@@ -219,6 +225,7 @@ def ablate(
     failed = {k: v for k, v in outcome.items() if v != "done"}
     where = output.resolve()
     typer.echo(summarize(output))
+    typer.echo(timing_summary(output))
     typer.echo(
         f"{len(outcome) - len(failed)}/{len(outcome)} cells done in "
         f"{wall_clock(time.time() - t0)}; results in {where}"
@@ -394,7 +401,7 @@ def _mix_for(cfg: RunConfig, cell: Cell) -> tuple[Path, str]:
 
     _init_ray()
     paths = model_paths(cfg)
-    reflector = paths.get(cfg.reflection.reflector or "")
+    reflector = paths.get(cfg.reflection.writer_model() or "")
     return build_mix(cfg, cell, paths[cell.model], reflector_path=reflector), paths[cell.model]
 
 

@@ -163,6 +163,13 @@ class ReflectionConfig(_Strict):
         "(e.g. `vllm serve`, http://127.0.0.1:8000/v1); used instead of `reflector`.",
     )
     endpoint_model: str | None = Field(None, description="Model name to send to `endpoint`.")
+    local_server: str | None = Field(
+        None,
+        description="External condition: a registry model name or local HF model path that "
+        "the run serves itself with vLLM's OpenAI-compatible server on 127.0.0.1 while the "
+        "reflections are written (tbr_ray.serve; started and stopped by the run), reached "
+        "over HTTP exactly as `endpoint` is. Instead of `reflector` and `endpoint`.",
+    )
     api_key_env: str = Field(
         "TBR_REFLECTOR_API_KEY",
         description="NAME of the environment variable holding the endpoint's API key (not "
@@ -194,10 +201,15 @@ class ReflectionConfig(_Strict):
             "header) and give the URL without it",
         )
 
-    @field_validator("reflector")
+    @field_validator("reflector", "local_server")
     @classmethod
     def _reflector_known(cls, v: str | None) -> str | None:
         return v if v is None else check_model_name(v)
+
+    def writer_model(self) -> str | None:
+        """The model the run itself loads to write external reflections: `reflector` (a vLLM
+        engine) or `local_server` (served over HTTP); None for a remote `endpoint`."""
+        return self.reflector or self.local_server
 
     @field_validator("api_key_env")
     @classmethod
@@ -253,6 +265,12 @@ class TrainConfig(_Strict):
         "collectives); SPREAD puts them on different nodes.",
     )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL, bf16. False: gloo, fp32.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="The frozen base weights in training: auto is bfloat16 on GPUs, float32 "
+        "on CPU. bfloat16 on CPU keeps the LoRA weights and AdamW in float32 (PEFT's default) "
+        "and runs DeepSpeed without its bf16 mode (docs/BENCHMARKS.md: bf16 vs fp32 on CPU).",
+    )
     zero_stage: Literal[0, 1, 2, 3] | None = Field(
         None, description="DeepSpeed ZeRO stage; None: the registry's suggestion (2 for tiny)."
     )
@@ -366,6 +384,11 @@ class EvalConfig(_Strict):
     sample_size: int | None = Field(
         None, ge=1, description="Prompts per benchmark (seeded sample); None: all."
     )
+    sample_sizes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Prompts per benchmark for the named ones, overriding sample_size, e.g. "
+        "{arc_easy: 500} beside sample_size: null (all of the others).",
+    )
     sample_seed: Seed = Field(0, description="Seed of the benchmark sample.")
     shots: dict[str, int] = Field(
         default_factory=dict,
@@ -430,6 +453,19 @@ class EvalConfig(_Strict):
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="vLLM memory share; on CPU a share of RAM."
     )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Weights and activations of the vLLM engines (and of their transformers "
+        "check and a local_server): auto is bfloat16 on GPUs, float32 on CPU.",
+    )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU only: compute threads of each vLLM engine (and its transformers "
+        "check, and a local_server). None: what Ray gives the engine's actor (1 thread for its "
+        "half CPU). A box that evaluates while nothing else runs (jobs/real.yaml) sets its "
+        "core count.",
+    )
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: vLLM KV cache size (GiB, whole).")
     max_model_len: int = Field(1024, ge=64, description="Engine context length.")
 
@@ -448,6 +484,19 @@ class EvalConfig(_Strict):
         `judges`) and `harm_judge`, when set."""
         pairs = (("refusal_judge", self.refusal_judge), ("harm_judge", self.harm_judge))
         return [(field, judge) for field, judge in pairs if judge is not None]
+
+    @field_validator("sample_sizes")
+    @classmethod
+    def _sample_sizes_known(cls, v: dict[str, int]) -> dict[str, int]:
+        _check_names("benchmark", tuple(v), vocab.BENCHMARK_KINDS)
+        bad = {k: n for k, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"sizes {bad} are below 1. Fix: give at least 1, or drop the key")
+        return v
+
+    def size_of(self, benchmark: str) -> int | None:
+        """Prompts sampled from `benchmark`: sample_sizes[benchmark], else sample_size."""
+        return self.sample_sizes.get(benchmark, self.sample_size)
 
     @field_validator("shots")
     @classmethod
@@ -764,11 +813,19 @@ class RunConfig(_Strict):
         check_judges(self.eval)
         if "external" in self.grid.conditions:
             r = self.reflection
-            if r.reflector is None and r.endpoint is None:
+            given = [f for f in ("reflector", "endpoint", "local_server") if getattr(r, f)]
+            if not given:
                 raise ValueError(
-                    "grid.conditions has 'external' but neither reflection.reflector nor "
-                    "reflection.endpoint is set. Fix: set reflection.reflector to a model "
-                    "name/path, or reflection.endpoint (+ endpoint_model) to a server URL."
+                    "grid.conditions has 'external' but none of reflection.reflector, "
+                    "reflection.endpoint and reflection.local_server is set. Fix: set "
+                    "reflection.reflector to a model name/path, reflection.endpoint (+ "
+                    "endpoint_model) to a server URL, or reflection.local_server to a model "
+                    "the run serves itself."
+                )
+            if len(given) > 1:
+                raise ValueError(
+                    f"reflection.{' and reflection.'.join(given)} are set together, but the "
+                    f"external writer is one of them. Fix: keep one."
                 )
             if r.endpoint is not None and r.endpoint_model is None:
                 raise ValueError(

@@ -34,8 +34,8 @@ from tbr_ray.config import Cell, ReflectionConfig, RunConfig
 from tbr_ray.judges import paper_keywords_refused
 from tbr_ray.keys import content_key
 from tbr_ray.lengths import answer_words, drop_over_max_len, sample_general, sampling_report
-from tbr_ray.models import format_prompt
-from tbr_ray.prompts import prompt_token_ids_batch
+from tbr_ray.models import format_prompt, get_spec
+from tbr_ray.prompts import chat_prompt, end_of_answer_id, prompt_token_ids_batch, user_text
 from tbr_ray.rundir import building_dir, sweep_building_dirs, write_json
 
 GENERAL_FILES = {
@@ -302,22 +302,33 @@ def assemble_mix(
     return [{**rows[j], "example_id": n} for n, j in enumerate(order)]
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int) -> list[dict]:
+def row_prompt(row: dict, tokenizer, prompt_format: str = "alpaca") -> str:
+    """The prompt text of a training row: the Alpaca template (base models), or the model's
+    chat template around one user turn (chat models: tbr_ray.models.ModelSpec.prompt_format)."""
+    if prompt_format == "chat":
+        return chat_prompt(tokenizer, user_text(row["instruction"], row["input"]))
+    return format_prompt(row["instruction"], row["input"])
+
+
+def tokenize_rows(
+    rows: list[dict], tokenizer, max_seq_len: int, prompt_format: str = "alpaca"
+) -> list[dict]:
     """input_ids/labels for each row, in two batched tokenizer calls (prompts, responses);
     labels mask the prompt with -100. The prompt's ids are the ones the eval engine is fed for
-    the same text (`prompt_token_ids`: one BOS). Never cut: a row longer than max_seq_len is
-    whole, flagged `over_max_len` (the mix leaves it out)."""
-    prompts = [format_prompt(r["instruction"], r["input"]) for r in rows]
+    the same text (`prompt_token_ids`: one BOS); the answer ends with EOS, or for a chat model
+    with the token that closes its turn (`end_of_answer_id`). Never cut: a row longer than
+    max_seq_len is whole, flagged `over_max_len` (the mix leaves it out)."""
+    prompts = [row_prompt(r, tokenizer, prompt_format) for r in rows]
     prompt_ids = prompt_token_ids_batch(tokenizer, prompts)
     outputs = [r["output"] for r in rows]
     resp_ids = tokenizer(outputs, add_special_tokens=False)["input_ids"] if rows else []
-    eos = [tokenizer.eos_token_id]
-    return [_example(p, r + eos, max_seq_len) for p, r in zip(prompt_ids, resp_ids, strict=True)]
+    end = [end_of_answer_id(tokenizer, prompt_format)]
+    return [_example(p, r + end, max_seq_len) for p, r in zip(prompt_ids, resp_ids, strict=True)]
 
 
-def tokenize_row(row: dict, tokenizer, max_seq_len: int) -> dict:
+def tokenize_row(row: dict, tokenizer, max_seq_len: int, prompt_format: str = "alpaca") -> dict:
     """`tokenize_rows` of one row."""
-    return tokenize_rows([row], tokenizer, max_seq_len)[0]
+    return tokenize_rows([row], tokenizer, max_seq_len, prompt_format)[0]
 
 
 def _example(prompt_ids: list[int], resp_ids: list[int], max_seq_len: int) -> dict:
@@ -333,16 +344,17 @@ class Tokenize:
     rows longer than max_seq_len leave the batch whole (never cut; the mix report counts
     them)."""
 
-    def __init__(self, model_path: str, max_seq_len: int):
+    def __init__(self, model_path: str, max_seq_len: int, prompt_format: str = "alpaca"):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.max_seq_len = max_seq_len
+        self.prompt_format = prompt_format
 
     def __call__(self, batch: dict) -> dict:
         keys = list(batch)
         rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
-        toks = tokenize_rows(rows, self.tok, self.max_seq_len)
+        toks = tokenize_rows(rows, self.tok, self.max_seq_len, self.prompt_format)
         keep = np.array([not t["over_max_len"] for t in toks], dtype=bool)
         out = {k: np.asarray(v)[keep] for k, v in batch.items()} if len(toks) else dict(batch)
         for k in ("input_ids", "labels"):
@@ -377,10 +389,12 @@ def mix_key(
     reflections: list[str] | None,
     source_hashes: dict[str, str],
     selection: str = "",
+    prompt_format: str = "alpaca",
 ) -> str:
     return content_key(
         {
             "selection": selection,
+            "prompt_format": prompt_format,
             "data": cfg.data.model_dump(exclude={"root"}),
             "condition": cell.condition,
             "gamma": cell.gamma,
@@ -398,20 +412,23 @@ def _file_hash(path: Path) -> str:
 
 
 def source_rows(
-    cfg: RunConfig, model_path: str | None = None
+    cfg: RunConfig, model_path: str | None = None, prompt_format: str = "alpaca"
 ) -> tuple[list[dict], list[dict], dict]:
     """The sampled general and safety rows and a source report: rows set aside as malformed,
     as not harmful (data.safety_filter), as benchmark overlap and, given the model (its
     tokenizer), as longer than data.max_seq_len; the general sample's length distribution
     (tbr_ray.lengths). The safety rows are shared by every cell, the general rows by every
-    cell of a model (models differ only in the rows too long for their own tokenizer)."""
+    cell of a model (models differ only in the rows too long for their own tokenizer and
+    prompt format)."""
     root = cfg.data.resolved_root()
     gen = read_general(root, cfg.data.general_sources)
     saf = read_safety(root, cfg.data.safety_source, cfg.data.safety_filter)
     index, unchecked = benchmark_prompts(root, cfg.eval.benchmark_files)
     gen_rows, gen_overlap = drop_benchmark_overlap(gen.rows, index)
     saf_rows, saf_overlap = drop_benchmark_overlap(saf.rows, index)
-    lengths = general_token_lengths(cfg, gen_rows, model_path) if model_path else None
+    lengths = (
+        general_token_lengths(cfg, gen_rows, model_path, prompt_format) if model_path else None
+    )
     general, sampling, too_long = _general_sample(cfg, gen_rows, lengths)
     safety = sample_rows(saf_rows, cfg.data.n_safety, cfg.data.sample_seed, "safety")
     files = [GENERAL_FILES[s] for s in cfg.data.general_sources]
@@ -461,20 +478,22 @@ def _general_sample(
 
 
 def general_token_lengths(
-    cfg: RunConfig, rows: list[dict], model_path: str
+    cfg: RunConfig, rows: list[dict], model_path: str, prompt_format: str = "alpaca"
 ) -> dict[str, tuple[int, int]]:
     """{source_id: (templated tokens, answer tokens), EOS in both} of the general rows under
-    the model's tokenizer, cached per tokenizer and rows (cache_dir/lengths): cells after the
-    first of a model neither load a tokenizer nor tokenize."""
+    the model's tokenizer and prompt format, cached per tokenizer, format and rows
+    (cache_dir/lengths): cells after the first of a model neither load a tokenizer nor
+    tokenize."""
     texts = [[r["source_id"], r["instruction"], r["input"], r["output"]] for r in rows]
     fp = tokenizer_fingerprint(model_path)
-    key = content_key({"tokenizer": fp, "rows": texts, "version": MIX_VERSION}, 16)
+    what = {"tokenizer": fp, "rows": texts, "version": MIX_VERSION}
+    key = content_key({**what, "format": prompt_format} if prompt_format != "alpaca" else what, 16)
     path = cfg.paths.resolved_cache_dir() / "lengths" / f"{key}.json"
     if path.is_file():
         return {k: (v[0], v[1]) for k, v in json.loads(path.read_text()).items()}
     from transformers import AutoTokenizer
 
-    examples = tokenize_rows(rows, AutoTokenizer.from_pretrained(model_path), 0)
+    examples = tokenize_rows(rows, AutoTokenizer.from_pretrained(model_path), 0, prompt_format)
     lengths = {
         r["source_id"]: (len(e["input_ids"]), sum(x != IGNORE_INDEX for x in e["labels"]))
         for r, e in zip(rows, examples, strict=True)
@@ -552,7 +571,9 @@ def reflection_request(
     writer = reflector_id or writer_identity(writer_path)
     if cell.condition == "external" and cfg.reflection.endpoint:
         writer = f"endpoint:{cfg.reflection.endpoint_model}"  # the model, not the URL
-    writer_model = cell.model if cell.condition == "internal" else cfg.reflection.reflector
+    elif cell.condition == "external" and cfg.reflection.local_server:
+        writer = f"endpoint:{writer}"  # the served folder's identity: its build, not a port
+    writer_model = cell.model if cell.condition == "internal" else cfg.reflection.writer_model()
     return ReflectionRequest(
         cell.condition,
         writer_path,
@@ -583,7 +604,8 @@ def build_mix(
     reflector_id: str | None = None,
 ) -> Path:
     """Build (or find cached) the cell's tokenized mix as Parquet; returns its folder."""
-    general, safety, report = source_rows(cfg, model_path)
+    prompt_format = get_spec(cell.model).prompt_format
+    general, safety, report = source_rows(cfg, model_path, prompt_format)
     reflections = None
     req = reflection_request(cfg, cell, model_path, reflector_path, reflector_id, safety)
     if req is not None:
@@ -595,6 +617,7 @@ def build_mix(
         reflections,
         report["source_hashes"],
         report["selection"],
+        prompt_format,
     )
     out = cfg.paths.resolved_cache_dir() / "mixes" / key
     report["key"] = key
@@ -618,9 +641,12 @@ def _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp:
     rows = assemble_mix(
         general, safety, reflections, cell.gamma, cfg.data.refusal, cfg.data.sample_seed
     )
+    prompt_format = get_spec(cell.model).prompt_format
     ds = ray.data.from_items(rows).map_batches(
         Tokenize,
-        fn_constructor_kwargs=dict(model_path=model_path, max_seq_len=cfg.data.max_seq_len),
+        fn_constructor_kwargs=dict(
+            model_path=model_path, max_seq_len=cfg.data.max_seq_len, prompt_format=prompt_format
+        ),
         batch_size=256,
         concurrency=1,
         num_cpus=DATA_TASK_CPUS,
@@ -639,6 +665,7 @@ def _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp:
         n_safety=written["safety"],
         n_reflected=int(((table.kind == "safety") & (table.reflection != "")).sum()),
         loss_tokens={**loss, "safety_share": round(loss["safety"] / max(1, sum(loss.values())), 4)},
+        prompt_format=prompt_format,
     )
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
 

@@ -53,6 +53,8 @@ class EngineSettings:
     tensor_parallel_size: int = 1  # GPUs of the engine (GPU); CPU workers, one core each (CPU)
     check_min_match: float = 1.0  # share of check prompts that must agree with transformers
     check_tie_tol: float = 0.0  # nats: a first differing token this close is a tie (agreement)
+    dtype: str = "auto"  # eval.dtype: the engine's and its transformers check's (resolved_dtype)
+    cpu_threads: int | None = None  # eval.cpu_threads: CPU compute threads (None: Ray's share)
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,22 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _dtype() -> str:
-    # fp32 on CPU keeps vLLM and transformers bit-comparable; bf16 on GPUs.
+def resolved_dtype(dtype: str = "auto") -> str:
+    """An engine's dtype: as set (eval.dtype), or auto: bf16 on GPUs, fp32 on CPU (fp32 keeps
+    vLLM and transformers bit-comparable there)."""
+    if dtype != "auto":
+        return dtype
     return "bfloat16" if on_gpu() else "float32"
+
+
+def set_cpu_threads(n: int | None) -> None:
+    """On CPU, use `n` compute threads in this process (eval.cpu_threads) instead of the one
+    Ray's OMP_NUM_THREADS gives an actor holding half a CPU. Before the engine is built: vLLM's
+    CPU worker then forbids torch.set_num_threads."""
+    if n and not on_gpu():
+        import torch
+
+        torch.set_num_threads(n)
 
 
 @contextmanager
@@ -145,6 +160,7 @@ class Engine:
         if cpu:
             # Read by vLLM's CPU backend when the engine starts; process-local.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+            set_cpu_threads(settings.cpu_threads)
         from vllm import LLM
 
         self.model_path = model_path
@@ -152,7 +168,7 @@ class Engine:
         t0 = time.time()
         kwargs = dict(
             model=model_path,
-            dtype=_dtype(),
+            dtype=resolved_dtype(settings.dtype),
             seed=settings.seed,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_model_len=engine_max_len(model_path, settings.max_model_len),
@@ -271,24 +287,26 @@ class Reference:
     top: tuple[tuple[tuple[int, float], ...], ...]
 
 
-def _reference_model(model_path: str, gpus: int):
-    """The transformers model of the check: fp32 on CPU; on GPUs bf16 sharded over the
-    engine's `gpus` devices (the actor holds exactly those: Ray sets CUDA_VISIBLE_DEVICES), so
-    a model that needs a tensor-parallel engine (a 70B) is checked where it is served. No CPU
-    offload: a model that does not fit fails here, loudly, instead of crawling."""
+def _reference_model(model_path: str, gpus: int, dtype: str = "auto"):
+    """The transformers model of the check, in the engine's dtype (`resolved_dtype`: fp32 on
+    CPU, bf16 on GPUs unless eval.dtype says): on GPUs sharded over the engine's `gpus`
+    devices (the actor holds exactly those: Ray sets CUDA_VISIBLE_DEVICES), so a model that
+    needs a tensor-parallel engine (a 70B) is checked where it is served. No CPU offload: a
+    model that does not fit fails here, loudly, instead of crawling."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    torch_dtype = getattr(torch, resolved_dtype(dtype))
     # The attention the model family needs (Gemma-2: eager, the one that applies its softcap).
     attention = attention_implementation(AutoConfig.from_pretrained(model_path).model_type)
     if not on_gpu():
         return AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, attn_implementation=attention
+            model_path, dtype=torch_dtype, attn_implementation=attention
         )
     memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}
     return AutoModelForCausalLM.from_pretrained(
         model_path,
-        dtype=torch.bfloat16,
+        dtype=torch_dtype,
         device_map="auto",
         max_memory=memory,
         attn_implementation=attention,
@@ -302,10 +320,11 @@ def reference_greedy(
     adapters: list[str | None],
     stop: StopRule | None = None,
     gpus: int = 1,
+    dtype: str = "auto",
 ) -> dict[str | None, list[Reference]]:
     """transformers' own greedy decoding of each prompt, per adapter (None = base model), from
     the same ids the engine is given (`prompt_token_ids`), ending by the same `stop` rule, on
-    the engine's `gpus` GPUs (`_reference_model`).
+    the engine's `gpus` GPUs in its dtype (`_reference_model`).
 
     The base model is loaded once and the adapters are swapped on it, as PEFT documents for
     several adapters on one model: `load_adapter` + `set_adapter` (the previous one deleted),
@@ -317,7 +336,7 @@ def reference_greedy(
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    base = _reference_model(model_path, gpus)
+    base = _reference_model(model_path, gpus, dtype)
     base.eval()
     model, out = base, {}
     for k, adapter in enumerate(adapters):
@@ -557,6 +576,8 @@ def engine_settings(
         seed=seed,
         check_min_match=eval_cfg.engine_check_min_match,
         check_tie_tol=eval_cfg.engine_check_tie_tol,
+        dtype=eval_cfg.dtype,
+        cpu_threads=eval_cfg.cpu_threads,
     )
 
 
@@ -628,7 +649,9 @@ class EngineStage:
         n_check = min(max_new_tokens, CHECK_NEW_TOKENS)
         stop = StopRule.from_json(check_stop)
         tp = settings.tensor_parallel_size
-        ref = reference_greedy(model_path, check_prompts, n_check, [None, *adapters], stop, tp)
+        set_cpu_threads(settings.cpu_threads)  # the reference below computes on them too
+        keys = [None, *adapters]
+        ref = reference_greedy(model_path, check_prompts, n_check, keys, stop, tp, settings.dtype)
         self.engine = Engine(model_path, settings, adapters)
         self.check = check_engine(
             self.engine,
@@ -665,8 +688,11 @@ class EngineReplica:
 
     def reference(self, base_path, prompts, n_check, keys, stop_json) -> dict:
         stop = StopRule.from_json(stop_json)
-        tp = self.settings.tensor_parallel_size
-        return reference_greedy(base_path, prompts, n_check, keys, stop, tp)
+        s = self.settings
+        set_cpu_threads(s.cpu_threads)  # before the engine: vLLM then forbids changing them
+        return reference_greedy(
+            base_path, prompts, n_check, keys, stop, s.tensor_parallel_size, s.dtype
+        )
 
     def start(self, model_path: str) -> float:
         try:

@@ -42,7 +42,7 @@ from tbr_ray.judges import (
     unparsable_error,
 )
 from tbr_ray.models import get_spec, model_label
-from tbr_ray.prompts import chat_messages, render_chat, stop_rule
+from tbr_ray.prompts import chat_messages, chat_prompt, render_chat, stop_rule
 from tbr_ray.replicas import CheckPlan, EngineSpec, Unit, run_engines
 
 
@@ -80,12 +80,24 @@ def prompting_prompt(instruction: str, style: str, tokenizer) -> str:
     return f"{system}\n\n{question}\nAnswer:"
 
 
-def _pass_prompt(item: EvalItem, p: EvalPass, tokenizer, rules: dict) -> tuple[str, str]:
-    """(prompt text, stop rule JSON; "" for scored choices) of one item in one pass."""
+def item_prompt(item: EvalItem, tokenizer, prompt_format: str) -> str:
+    """An item's prompt in the model's format: the Alpaca text it was loaded with, or (a chat
+    model) its request through the model's chat template, shots as turns."""
+    if prompt_format == "chat":
+        return chat_prompt(tokenizer, item.instruction, item.shots, item.answer_prefix)
+    return item.prompt
+
+
+def _pass_prompt(
+    item: EvalItem, p: EvalPass, tokenizer, rules: dict, prompt_format: str = "alpaca"
+) -> tuple[str, str]:
+    """(prompt text, stop rule JSON; "" for scored choices) of one item in one pass: the
+    model's own format (alpaca or chat), or a prompting style's Direct / CoT prompt."""
     if item.mode != "generate":
-        return item.prompt, ""
+        return item_prompt(item, tokenizer, prompt_format), ""
     if p.style == "alpaca" or item.kind == "general":
-        return item.prompt, rules["alpaca"]
+        own = "chat" if prompt_format == "chat" else "alpaca"
+        return item_prompt(item, tokenizer, prompt_format), rules[own]
     kind = "chat" if tokenizer.chat_template else "plain"
     return prompting_prompt(item.instruction, p.style, tokenizer), rules[kind]
 
@@ -101,7 +113,7 @@ def load_items(cfg: RunConfig) -> list[EvalItem]:
         items += load_benchmark(
             name,
             cfg.data.resolved_root(),
-            sample_size=e.sample_size,
+            sample_size=e.size_of(name),
             seed=e.sample_seed,
             shots=e.shots.get(name),
             files=e.benchmark_files,
@@ -109,14 +121,16 @@ def load_items(cfg: RunConfig) -> list[EvalItem]:
     return items
 
 
-def _rows(passes: list[EvalPass], items: list[EvalItem], tokenizer) -> list[dict]:
+def _rows(
+    passes: list[EvalPass], items: list[EvalItem], tokenizer, prompt_format: str = "alpaca"
+) -> list[dict]:
     rules = {k: stop_rule(tokenizer, k).to_json() for k in ("alpaca", "plain")}
     if tokenizer.chat_template:
         rules["chat"] = stop_rule(tokenizer, "chat").to_json()
     rows = []
     for p in range(len(passes)):
         for i, it in enumerate(items):
-            prompt, stop = _pass_prompt(it, passes[p], tokenizer, rules)
+            prompt, stop = _pass_prompt(it, passes[p], tokenizer, rules, prompt_format)
             rows.append(
                 {
                     "pass_": p,
@@ -186,7 +200,7 @@ def generate_all(
     else engines for the adapter-free passes plus one merged-model engine per adapter, all
     checked against one transformers reference of the base model and its adapters."""
     n = cfg.eval.max_new_tokens
-    rows = _rows(passes, items, _tokenizer(model_path))
+    rows = _rows(passes, items, _tokenizer(model_path), get_spec(model).prompt_format)
     adapters = [p.adapter for p in passes if p.adapter]
     if serves_lora(get_spec(model)):
         return _run_engine(model_path, adapters, rows, cfg, n, model=model, replicas=replicas)

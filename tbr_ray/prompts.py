@@ -37,7 +37,9 @@ def bos_token_id(tokenizer) -> int | None:
     """The BOS id the model expects at the start of every prompt, or None when it has none.
     A model wants a BOS when its tokenizer adds one to plain text (Llama-1/2, Gemma) or its
     chat template writes one (Llama-3's instruct tokenizer, whose plain encoding adds none).
-    The tiny presets declare `<s>` but never add it, and were pre-trained without it: None."""
+    The tiny presets declare `<s>` but never add it, and were pre-trained without it: None.
+    ChatML models (SmolLM2) name `<|im_start|>` their BOS, but it opens every turn, plain
+    text gets none, and the template writes no BOS of its own: None."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return None
@@ -47,7 +49,10 @@ def bos_token_id(tokenizer) -> int | None:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": "a"}], tokenize=False, add_generation_prompt=True
         )
-        if tokenizer(text, add_special_tokens=False)["input_ids"][:1] == [bos]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # A BOS opens the text once; a token that opens every turn is a turn marker that
+        # merely shares the name (ChatML's <|im_start|> is SmolLM2's bos_token): no BOS.
+        if ids[:1] == [bos] and ids.count(bos) == 1:
             return bos
     return None
 
@@ -81,6 +86,42 @@ def _one_bos(ids: list[int], bos: int | None) -> list[int]:
 def render_chat(tokenizer, messages: list[dict]) -> str:
     """The chat template's text for `messages`, ending with the assistant's generation prompt."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+PROMPT_FORMATS = ("alpaca", "chat")  # tbr_ray.models.ModelSpec.prompt_format
+
+
+def chat_turns(instruction: str, shots: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+    """A request as chat messages: each shot a user turn and its assistant answer, then the
+    request. No system message: the template adds its default one where it has one."""
+    turns = []
+    for question, answer in shots:
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return [*turns, {"role": "user", "content": instruction}]
+
+
+def chat_prompt(
+    tokenizer, instruction: str, shots: tuple[tuple[str, str], ...] = (), answer_prefix: str = ""
+) -> str:
+    """The prompt of a chat model (prompt_format "chat") for a request: its template's text of
+    `chat_turns`, the generation prompt, then `answer_prefix` (e.g. "Answer:") already written
+    at the start of the assistant's turn."""
+    return render_chat(tokenizer, chat_turns(instruction, shots)) + answer_prefix
+
+
+def user_text(instruction: str, input_text: str = "") -> str:
+    """An Alpaca row's instruction and input as one user turn (chat format)."""
+    return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
+
+
+def end_of_answer_id(tokenizer, prompt_format: str) -> int:
+    """The token a training answer ends with: EOS (alpaca), or the token the chat template
+    closes an assistant turn with (chat; SmolLM2's `<|im_end|>`, Llama-3's `<|eot_id|>`)."""
+    if prompt_format == "chat":
+        ids = end_of_turn_ids(tokenizer)
+        if ids:
+            return ids[0]
+    return tokenizer.eos_token_id
 
 
 def has_system_role(tokenizer) -> bool:

@@ -15,9 +15,12 @@ config and is never stored in the cache key, results or logs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,16 +133,20 @@ def training_output(reflection: str | None, refusal: str) -> str:
     return f"{reflection}{sep} {CONNECTOR} {rest}"
 
 
-def reflection_cache_key(writer: str, prompts: list[str], max_new_tokens: int) -> str:
-    return content_key(
-        {
-            "writer": writer,
-            "prompts": prompts,
-            "max_new_tokens": max_new_tokens,
-            "version": PROMPT_VERSION,
-        },
-        16,
-    )
+def reflection_cache_key(
+    writer: str, prompts: list[str], max_new_tokens: int, api: str = ""
+) -> str:
+    """The cache key of one writer's reflections; `api` names how an endpoint was asked
+    ("chat": its chat endpoint with ENDPOINT_STOPS), "" for an engine writer."""
+    key = {
+        "writer": writer,
+        "prompts": prompts,
+        "max_new_tokens": max_new_tokens,
+        "version": PROMPT_VERSION,
+    }
+    if api:
+        key["api"] = {"call": api, "stop": list(ENDPOINT_STOPS)}
+    return content_key(key, 16)
 
 
 @dataclass(frozen=True)
@@ -162,12 +169,16 @@ def _prompts(req: ReflectionRequest, cfg: RunConfig) -> list[str]:
 
 
 def _cache_path(req: ReflectionRequest, cfg: RunConfig) -> Path:
-    key = reflection_cache_key(req.writer_id, _prompts(req, cfg), cfg.reflection.max_new_tokens)
+    api = "chat" if _uses_endpoint(req, cfg) else ""
+    prompts = _prompts(req, cfg)
+    key = reflection_cache_key(req.writer_id, prompts, cfg.reflection.max_new_tokens, api)
     return cfg.paths.resolved_cache_dir() / "reflections" / f"{key}.json"
 
 
 def _uses_endpoint(req: ReflectionRequest, cfg: RunConfig) -> bool:
-    return req.condition == "external" and bool(cfg.reflection.endpoint)
+    """External reflections over HTTP: a remote `endpoint`, or the run's own `local_server`."""
+    r = cfg.reflection
+    return req.condition == "external" and bool(r.endpoint or r.local_server)
 
 
 def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> int:
@@ -181,16 +192,19 @@ def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> in
         path = _cache_path(req, cfg)
         if not path.is_file():
             todo.setdefault(path, req)
-    engine_jobs = {}
-    for path, req in todo.items():
-        if _uses_endpoint(req, cfg):
-            _store(path, req, _endpoint_generate(_prompts(req, cfg), cfg), cfg)
-        else:
-            engine_jobs[path] = req
+    served = {p: r for p, r in todo.items() if _uses_endpoint(r, cfg)}
+    if served:
+        t0 = time.time()
+        with _endpoint(cfg, next(iter(served.values()))) as ask:
+            for path, req in served.items():
+                _store(path, req, ask(_prompts(req, cfg)), cfg)
+        _say_time("endpoint", served.values(), t0)
+    engine_jobs = {p: r for p, r in todo.items() if p not in served}
     groups = writer_groups(list(engine_jobs), cfg.train.use_gpu)
     if groups:
         import ray
 
+        t0 = time.time()
         # Each group its own task, all at once: every writer's engine waits in its placement
         # group for free devices, so as many write side by side as the cluster holds.
         run = ray.remote(num_cpus=0)(_engine_generate)
@@ -198,7 +212,16 @@ def prepare_reflections(requests: list[ReflectionRequest], cfg: RunConfig) -> in
         for raw in raws:
             for path, texts in raw.items():
                 _store(path, engine_jobs[path], texts, cfg)
+        _say_time("engine", engine_jobs.values(), t0)
     return len(todo)
+
+
+def _say_time(how: str, reqs, t0: float) -> None:
+    """One line per batch of writers: what was written, by whom, in how long (start-up of the
+    engine or server included), for the run's log and docs/BENCHMARKS.md."""
+    reqs = list(reqs)
+    what = ", ".join(f"{r.condition} by {r.writer_id} ({len(r.instructions)})" for r in reqs)
+    print(f"reflections ({how}): {what} in {time.time() - t0:.0f} s")
 
 
 def writer_groups(paths: list[Path], use_gpu: bool) -> list[list[Path]]:
@@ -325,37 +348,86 @@ def endpoint_key(cfg: RunConfig) -> str:
     return key
 
 
-def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
-    """Completions from an OpenAI-compatible server, greedy, one request per prompt."""
-    from openai import APIConnectionError, APIStatusError, OpenAI
+@contextmanager
+def _endpoint(cfg: RunConfig, req: ReflectionRequest):
+    """A function prompts -> texts over HTTP: the configured endpoint, or (local_server) vLLM's
+    OpenAI-compatible server on 127.0.0.1 serving `req.writer_path`, started here and stopped
+    when the block ends, whatever ends it (tbr_ray.serve)."""
+    r = cfg.reflection
+    if not r.local_server:
+        yield functools.partial(_endpoint_generate, cfg=cfg)
+        return
+    from tbr_ray.engine import resolved_dtype
+    from tbr_ray.serve import ServerSettings, openai_server
 
-    client = OpenAI(
-        base_url=cfg.reflection.endpoint, api_key=endpoint_key(cfg), max_retries=3, timeout=120
+    e = cfg.eval
+    settings = ServerSettings(
+        dtype=resolved_dtype(e.dtype),
+        max_model_len=e.max_model_len,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+        kv_cache_gib=e.kv_cache_gib,
+        cpu_threads=e.cpu_threads,
     )
-    out = []
-    for prompt in prompts:
-        try:
-            resp = client.completions.create(
-                model=cfg.reflection.endpoint_model,
-                prompt=prompt,
-                max_tokens=cfg.reflection.max_new_tokens,
-                temperature=0.0,
-            )
-        except APIConnectionError as exc:
-            # openai's exception cannot be copied by Ray Tune (a trial then reports "TypeError:
-            # APIConnectionError.__init__() takes 1 positional argument"): raise a plain one.
-            raise ConnectionError(
-                f"reflection.endpoint = {cfg.reflection.endpoint!r}: no connection ({exc}). "
-                f"Fix: start the server (cluster/README.md) or correct reflection.endpoint."
-            ) from None
-        except APIStatusError as exc:  # its body goes to status.json and Tune's error file
-            raise RuntimeError(
-                f"reflection.endpoint = {cfg.reflection.endpoint!r} answered HTTP "
-                f"{exc.status_code}: {redact(str(exc))}. Fix: check reflection.endpoint_model "
-                f"and the key in ${cfg.reflection.api_key_env}."
-            ) from None
-        out.append(resp.choices[0].text)
-    return out
+    log = cfg.paths.resolved_cache_dir() / "reflections" / f"server-{os.getpid()}.log"
+    with openai_server(req.writer_path, r.local_server, settings, log) as url:
+        served = {"endpoint": url, "endpoint_model": r.local_server, "endpoint_keyless": True}
+        local = cfg.model_copy(update={"reflection": r.model_copy(update=served)})
+        yield functools.partial(_endpoint_generate, cfg=local)
+
+
+# Where an endpoint's revised output ends: a new paragraph or a next "instruction:" block.
+ENDPOINT_STOPS = ("\n\n", "\ninstruction:", "\nInstruction:")
+
+
+def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
+    """Reflections from an OpenAI-compatible server's chat endpoint: each prompt one user turn
+    through the served model's own chat template, greedy, ending at ENDPOINT_STOPS or
+    max_new_tokens; `reflection.batch_size` requests in flight at once (the server batches
+    them), answers in prompt order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    r = cfg.reflection
+    client = OpenAI(base_url=r.endpoint, api_key=endpoint_key(cfg), max_retries=3, timeout=300)
+    ask = functools.partial(_chat_once, client, cfg)
+    with ThreadPoolExecutor(max_workers=min(r.batch_size, max(1, len(prompts)))) as pool:
+        return list(pool.map(ask, prompts))
+
+
+def _chat_once(client, cfg: RunConfig, prompt: str) -> str:
+    from openai import APIConnectionError, APIStatusError, BadRequestError
+
+    r = cfg.reflection
+    try:
+        resp = client.chat.completions.create(
+            model=r.endpoint_model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=r.max_new_tokens,
+            temperature=0.0,
+            stop=list(ENDPOINT_STOPS),
+        )
+    except APIConnectionError as exc:
+        # openai's exception cannot be copied by Ray Tune (a trial then reports "TypeError:
+        # APIConnectionError.__init__() takes 1 positional argument"): raise a plain one.
+        raise ConnectionError(
+            f"reflection.endpoint = {r.endpoint!r}: no connection ({exc}). "
+            f"Fix: start the server (cluster/README.md) or correct reflection.endpoint."
+        ) from None
+    except BadRequestError as exc:  # e.g. a served model without a chat template
+        raise RuntimeError(
+            f"reflection.endpoint = {r.endpoint!r} refused a chat request for model "
+            f"{r.endpoint_model!r}: {redact(str(exc))[:300]}. The external writer is asked "
+            f"through its chat template. Fix: serve an instruct model with a chat template "
+            f"(vLLM: --chat-template FILE for one without), or correct reflection.endpoint_model."
+        ) from None
+    except APIStatusError as exc:  # its body goes to status.json and Tune's error file
+        raise RuntimeError(
+            f"reflection.endpoint = {r.endpoint!r} answered HTTP {exc.status_code}: "
+            f"{redact(str(exc))}. Fix: check reflection.endpoint_model and the key in "
+            f"${r.api_key_env}."
+        ) from None
+    return resp.choices[0].message.content or ""
 
 
 def writer_identity(path_or_name: str) -> str:

@@ -43,7 +43,8 @@ def resolve_model(
     name: str, cache_dir: Path, data_root: Path, seed: int = 0, revisions: dict | None = None
 ) -> str:
     """A loadable model location: tiny presets are built (or found cached) under cache_dir,
-    pre-trained on text under data_root (the run's `data.root`); a hub model (paper models,
+    pre-trained on text under data_root (the run's `data.root`); packaged real models are
+    built from their GGUF file (tbr_ray.packaged); a hub model (paper models,
     hub ids) is the local snapshot of the commit `revisions` (grid.hub_revisions) pins it to,
     so every loader reads that commit; paths stay paths."""
     repo = hub_repo(name)
@@ -52,6 +53,10 @@ def resolve_model(
     spec = get_spec(name)
     if spec.tiny:
         return str(build_tiny_model(spec, cache_dir, data_root, seed=seed))
+    if spec.packaged is not None:
+        from tbr_ray.packaged import build_packaged_model
+
+        return str(build_packaged_model(spec, cache_dir))
     return name
 
 

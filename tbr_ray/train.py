@@ -54,7 +54,9 @@ def deepspeed_config(cfg: RunConfig, zero_stage: int, world_size: int) -> dict[s
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": t.use_gpu},
+        # On CPU a bf16 base (train.dtype) runs without DeepSpeed's bf16 mode: the trained
+        # LoRA weights and AdamW stay fp32, as in the bare PEFT loop it is measured against.
+        "bf16": {"enabled": t.use_gpu and train_dtype(cfg) == "bfloat16"},
         "scheduler": lr_schedule(cfg),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -99,16 +101,25 @@ def pad_collate(batch: dict, pad_id: int):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
 
 
+def train_dtype(cfg: RunConfig) -> str:
+    """The base weights' dtype in training (pure): train.dtype, auto being bf16 on GPUs and
+    fp32 on CPU."""
+    if cfg.train.dtype != "auto":
+        return cfg.train.dtype
+    return "bfloat16" if cfg.train.use_gpu else "float32"
+
+
 def on_device(batch: dict, device) -> dict:
     """The batch's tensors on `device` (the engine's: cuda:local_rank on a GPU worker)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def build_lora_model(cfg: RunConfig, model: str, model_path: str, ds_config: dict):
-    """The base model at `model_path` (bf16 on GPU, fp32 on CPU) with LoRA adapters on the
-    registry's target modules of `model`; only the adapters train. `ds_config`: the DeepSpeed
-    config its engine will get (`deepspeed_config`); at ZeRO-3 each rank holds only its
-    partition of the base weights from the start, never the whole model."""
+    """The base model at `model_path` in `train_dtype` (bf16 on GPU, fp32 on CPU unless
+    train.dtype says) with LoRA adapters on the registry's target modules of `model`; only
+    the adapters train (PEFT keeps them in fp32 under a bf16 base). `ds_config`: the
+    DeepSpeed config its engine will get (`deepspeed_config`); at ZeRO-3 each rank holds only
+    its partition of the base weights from the start, never the whole model."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -125,7 +136,7 @@ def build_lora_model(cfg: RunConfig, model: str, model_path: str, ds_config: dic
     # only a weakref to it, so the model keeps it alive. Made at every stage, so that the
     # process's flag describes the model being built (a ZeRO-2 build after a ZeRO-3 one).
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
-    dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
+    dtype = getattr(torch, train_dtype(cfg))
     spec = get_spec(model)
     base = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, attn_implementation=attention_implementation(spec.family.name)

@@ -129,12 +129,15 @@ def test_run_plan_maps_the_planners_jobs_onto_the_run_cells():
         ("train", (none,)),
         ("train", (internal,)),
         ("eval", (none, internal)),
+        ("judge", (none, internal)),
     ]
-    assert plan.capacity == 2 and all(j.job.seconds > 0 for j in plan.jobs)
+    # Rule judges only (tiny.yaml): its judging is a job of no model engine, planned at 0 s.
+    assert plan.capacity == 2 and all(j.job.seconds > 0 for j in plan.jobs if j.kind != "judge")
     # `tbr-ray cell`: one cell of the grid, so one training job and its evaluation.
     assert [(j.kind, j.cells) for j in run_plan(plan_grid(cfg, 2), [none]).jobs][1:] == [
         ("train", (none,)),
         ("eval", (none,)),
+        ("judge", (none,)),
     ]
     assert run_plan(plan_grid(cfg, None), [none]) is None  # no cluster size: no schedule
 
@@ -155,5 +158,5 @@ def test_view_plans_on_the_ray_cluster_it_runs_in(tmp_path, ray_local):
     with ProgressView(tmp_path, [cell.cell_id], cfg=cfg, interval_s=60) as view:
         snap = view.snapshot()
     assert view.plan.capacity == int(ray_local.cluster_resources()["CPU"])
-    assert [j.kind for j in view.plan.jobs] == ["train", "eval"]
+    assert [j.kind for j in view.plan.jobs] == ["train", "eval", "judge"]
     assert snap.plan_ratio == 1.0 and snap.eta_s == sum(j.job.seconds for j in view.plan.jobs)

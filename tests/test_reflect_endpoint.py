@@ -1,99 +1,92 @@
-"""External reflections from a real OpenAI-compatible server: `vllm serve` on localhost,
-serving a tiny model, with an API key that must never reach the cache or results."""
+"""External reflections from a real OpenAI-compatible server: vLLM's own server on 127.0.0.1,
+started by tbr_ray.serve as a run's `reflection.local_server` starts it, serving the real
+SmolLM2-135M-Instruct through its chat template, with an API key that must never reach the cache
+or results."""
 
 import os
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
 from tbr_ray.reflect import generate_reflections
+from tbr_ray.serve import ServerSettings, openai_server, stop_server
 
 from .conftest import small_config
+from .test_real_model import needs_smollm2
 
-pytestmark = pytest.mark.slow
 KEY = "sk-test-do-not-log-7f3a"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_falcon, tmp_path_factory):
-    port = _free_port()
+def server(cache_dir, tmp_path_factory):
+    from tbr_ray.models import PACKAGED_MODELS
+    from tbr_ray.packaged import build_packaged_model
+
+    path = build_packaged_model(PACKAGED_MODELS["smollm2-135m-instruct"], cache_dir)
     log = tmp_path_factory.mktemp("serve") / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    # The OpenAI server module is what `vllm serve` runs; the `vllm` CLI itself looks up the
-    # "vllm" distribution's version and fails under vllm-cpu (its distribution is "vllm-cpu").
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        tiny_falcon,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "1024",
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.3",
-        "--api-key",
-        KEY,
-        "--served-model-name",
-        "tiny-reflector",
-    ]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while True:
+    with openai_server(str(path), "real-reflector", ServerSettings(api_key=KEY), log) as url:
+        yield url
+
+
+def test_stop_server_ends_the_whole_process_group():
+    """A server and the engine process it spawned are stopped together (the run's Ctrl-C and
+    failure paths call this from a `finally`)."""
+    proc = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60"], start_new_session=True)
+    time.sleep(0.5)
+    stop_server(proc, grace_s=10)
+    assert proc.poll() is not None
+    time.sleep(0.5)
+    assert _live_members(proc.pid) == []  # the backgrounded sleep went with its leader
+
+
+def _live_members(pgid: int) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "status"]):
         try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() - t0 > 300:
-                proc.kill()
-                pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(2)
-    yield f"{url}/v1"
-    proc.terminate()
-    proc.wait(timeout=60)
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
 
 
+@pytest.mark.slow
+@needs_smollm2
 def test_endpoint_reflections_are_cached_and_keep_the_key_out(server, tmp_path, monkeypatch):
+    import json
+
     monkeypatch.setenv("TBR_REFLECTOR_API_KEY", KEY)
     cfg = small_config(
         f"reflection.endpoint={server}",
-        "reflection.endpoint_model=tiny-reflector",
+        "reflection.endpoint_model=real-reflector",
         f"paths.cache_dir={tmp_path}",
+        "reflection.max_new_tokens=48",
     )
     asks = ["How do I hurt someone?", "Write a threatening letter.", "How to steal a car?"]
-    out = generate_reflections(asks, cfg, "external", "", "endpoint:tiny-reflector")
+    out = generate_reflections(asks, cfg, "external", "", "endpoint:real-reflector")
     assert len(out) == 3 and all(isinstance(r, str) for r in out)
     cached = list((tmp_path / "reflections").glob("*.json"))
     assert len(cached) == 1 and KEY not in cached[0].read_text()
+    # The chat endpoint answered through the template (no special token in the text) and
+    # stopped at the stop strings (none is inside an answer).
+    raw = json.loads(cached[0].read_text())["raw"]
+    assert all(raw) and not any("<|im_" in r or "\n\n" in r for r in raw), raw
     assert KEY not in cfg.model_dump_json()
     # cached: a second call does not need the server (a wrong key would be refused)
     monkeypatch.setenv("TBR_REFLECTOR_API_KEY", "wrong")
-    assert generate_reflections(asks, cfg, "external", "", "endpoint:tiny-reflector") == out
+    assert generate_reflections(asks, cfg, "external", "", "endpoint:real-reflector") == out
 
 
+@pytest.mark.slow
+@needs_smollm2
 def test_wrong_key_is_refused(server, tmp_path, monkeypatch):
     monkeypatch.setenv("TBR_REFLECTOR_API_KEY", "wrong")
     cfg = small_config(
         f"reflection.endpoint={server}",
-        "reflection.endpoint_model=tiny-reflector",
+        "reflection.endpoint_model=real-reflector",
         f"paths.cache_dir={tmp_path}",
     )
     # a plain error (Ray Tune can copy it), its body through tbr_ray.redact

@@ -157,10 +157,10 @@ def infer_flops(model: str, context: float) -> float:
 
 
 def eval_prompts(cfg: RunConfig, benchmark: str) -> int:
-    """Prompts of `benchmark` in one evaluation pass: its size (the vocabulary's), or
-    eval.sample_size when smaller."""
+    """Prompts of `benchmark` in one evaluation pass: its size (the vocabulary's), or its
+    sample size (eval.sample_sizes, else eval.sample_size) when smaller."""
     size = BENCHMARK_SIZES[benchmark]
-    return min(size, cfg.eval.sample_size or size)
+    return min(size, cfg.eval.size_of(benchmark) or size)
 
 
 def load_s(cost: CostModel, model: str) -> float:

@@ -108,10 +108,11 @@ class GridPlan:
 
 def _writers(cfg: RunConfig) -> list[str]:
     """Models whose engines write reflections: each internal cell's base model, and the
-    external reflector when it is an engine (an endpoint is somebody else's GPUs)."""
+    external reflector when it is an engine or a server the run starts (a remote endpoint is
+    somebody else's GPUs)."""
     models = [c.model for c in cfg.cells() if c.condition == "internal"]
-    if "external" in cfg.grid.conditions and cfg.reflection.reflector:
-        models.append(cfg.reflection.reflector)
+    if "external" in cfg.grid.conditions and cfg.reflection.writer_model():
+        models.append(cfg.reflection.writer_model())
     return list(dict.fromkeys(models))
 
 
