@@ -527,6 +527,34 @@ def adapter_dir(output: Path, cell: Cell) -> Path:
     return RunDir(output).adapter(cell.cell_id)
 
 
+def placement_strategy(cfg: RunConfig) -> str:
+    """The placement group strategy of a cell's workers (pure): train.placement_strategy, or
+    STRICT_PACK on GPUs (all of a cell's workers on one node: ZeRO-3 moves the whole bf16
+    model through every GPU twice a micro-step, ~240 GB for 70B, which NVLink carries and a
+    network without EFA does not; cluster/README.md) and PACK on CPU."""
+    if cfg.train.placement_strategy is not None:
+        return cfg.train.placement_strategy
+    return "STRICT_PACK" if cfg.train.use_gpu else "PACK"
+
+
+def train_scaling_config(cfg: RunConfig, workers: int):
+    """Ray Train's ScalingConfig of a cell (pure): `workers` workers of one GPU and
+    train.cpus_per_worker CPUs each (CPU runs: the CPUs alone), placed by
+    `placement_strategy`, on GPUs of cluster.accelerator_type when it is set (Ray Train's
+    ScalingConfig.accelerator_type: each worker then asks for a sliver of the node's
+    `accelerator_type:<type>` resource)."""
+    from ray.train import ScalingConfig
+
+    t = cfg.train
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        placement_strategy=placement_strategy(cfg),
+        accelerator_type=cfg.cluster.accelerator_type if t.use_gpu else None,
+    )
+
+
 def run_training(
     cfg: RunConfig,
     cell: Cell,
@@ -537,7 +565,7 @@ def run_training(
 ) -> Path:
     """Fine-tune one cell; returns the adapter folder. Finished cells return at once."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -566,12 +594,7 @@ def run_training(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker=None if cfg.train.use_gpu else {"CPU": cfg.train.cpus_per_worker},
-            placement_strategy=cfg.train.placement_strategy,
-        ),
+        scaling_config=train_scaling_config(cfg, workers),
         run_config=RayRunConfig(
             name=f"train-{cell.cell_id}",
             storage_path=str(RunDir(Path(output).resolve()).ray_train),

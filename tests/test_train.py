@@ -39,6 +39,7 @@ from tbr_ray.train import (
     pad_collate,
     run_training,
     train_micro_step,
+    train_scaling_config,
 )
 
 from .conftest import REPO, small_config
@@ -83,6 +84,29 @@ def test_a_global_batch_that_does_not_divide_is_a_config_error():
     assert accumulation_steps(cfg, world_size=2) == 2
     with pytest.raises(ValueError, match="micro_batch_size x workers = 4 x 8 = 32"):
         accumulation_steps(cfg, world_size=8)
+
+
+def test_a_training_cell_stays_on_one_node_of_one_gpu_type():
+    """ZeRO-3 cells must not straddle nodes or GPU types (issue 20, point 11): a GPU cell's
+    workers are strictly packed on one node, each with a GPU and train.cpus_per_worker CPUs,
+    on cluster.accelerator_type's GPUs when it is set; CPU cells keep PACK; an explicit
+    train.placement_strategy is what it says."""
+    paper = REPO / "jobs" / "paper.yaml"
+    cfg = load_config(paper, ["cluster.accelerator_type=H100"])
+    gpu = train_scaling_config(cfg, resolved_train_settings(cfg, "llama-2-70b")[0])
+    assert (gpu.num_workers, gpu.placement_strategy, gpu.accelerator_type) == (
+        4,
+        "STRICT_PACK",
+        "H100",
+    )
+    assert gpu.total_resources == {"CPU": 32, "GPU": 4, "accelerator_type:H100": 0.004}
+    assert train_scaling_config(load_config(paper), 1).accelerator_type is None  # any GPU node
+    cpu = train_scaling_config(small_config(), 2)
+    assert (cpu.placement_strategy, cpu.use_gpu, cpu.total_resources) == ("PACK", False, {"CPU": 1})
+    assert (
+        train_scaling_config(small_config("train.placement_strategy=SPREAD"), 2).placement_strategy
+        == "SPREAD"
+    )
 
 
 def test_pad_collate_masks_padding():
