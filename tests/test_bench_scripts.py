@@ -1,7 +1,7 @@
 """bench/ scripts that must stay runnable here: the GPU check's CPU dry run, ZeRO-3 loading."""
 
 import json
-import os
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,25 +11,36 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_lora_mfu_tiny_dry_run_counts_flops_from_the_model():
-    """`--tiny` runs the GPU script's exact step (DeepSpeed + PEFT LoRA) on CPU. The FLOPs it
-    divides by come from the model it built: its frozen linear weights and LoRA weights must
-    equal the counts of the shape, worked out by hand here."""
-    args = ["--tiny", "--steps", "2", "--warmup", "1", "--micro", "2", "--seq", "32"]
+def test_gpu_check_cpu_dry_run_runs_the_trainers_path(tmp_path):
+    """`bench/gpu_check.py --cpu-dry-run`: the GPU check's code on the tiny presets on CPU, in a
+    process of its own. Its three phases ran the trainer's functions as jobs/paper.yaml
+    trains (activation checkpointing, padded micro-batches, ZeRO-2, Gemma-2 with eager
+    attention, ZeRO-3), counted FLOPs as the planner does, saved each adapter, and imported
+    neither Ray nor vLLM (a bare GPU machine has neither)."""
+    from tbr_ray.plan import train_flops_per_token
+
     out = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_lora_mfu.py"), *args],
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-dry-run"]
+        + ["--workdir", str(tmp_path / "work")],
         capture_output=True,
         text=True,
-        timeout=600,
-        env={**os.environ, "MASTER_PORT": "29541"},  # not a port another test's torch uses
+        timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    layers, h, ffn, vocab, r = 2, 256, 688, 1024, 16
-    assert res["n_base"] == layers * (4 * h * h + 3 * h * ffn) + h * vocab  # + lm_head
-    assert res["n_lora"] == layers * r * (4 * (h + h) + 3 * (h + ffn))
-    assert res["flops_per_token"] == 4 * res["n_base"] + 6 * res["n_lora"] + 12 * layers * h * 32
-    assert res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1 and res["dtype"] == "float32"
+    phases = [(p["phase"], p["model"], p["zero_stage"], p["attention"]) for p in res["phases"]]
+    assert phases == [
+        ("zero2", "tiny-llama", 2, "sdpa"),
+        ("gemma2", "tiny-gemma2", 2, "eager"),
+        ("zero3", "tiny-llama", 3, "sdpa"),
+    ]
+    for p in res["phases"]:
+        assert p["checkpointing"] and p["optimizer_steps"] >= 1 and p["padding_factor"] > 1
+        assert p["real_tokens_per_s"] > 0 and 0 < p["mfu"] < 1 and p["planned_gib"] > 0
+        assert all(math.isfinite(loss) for loss in p["loss_first_last"])
+        width = p["mean_padded_width"]
+        assert p["flops_per_padded_token"] == train_flops_per_token(p["model"], 16, width, True)
+    assert res["imported"] == {"ray": False, "vllm": False}
 
 
 def test_zero3_load_partitions_the_weights_as_they_load():

@@ -16,7 +16,7 @@ BF16 = 2  # bytes per weight, activation and KV entry on GPUs
 # LoRA slots. Assumed, not measured here (no GPU): a generous figure for 7-70B models.
 ENGINE_OVERHEAD_GIB = 4.0
 # Training beyond weights, LoRA state and activations, per GPU: CUDA context, NCCL buffers,
-# allocator fragmentation. Assumed; bench/gpu_lora_mfu.py prints the peak to check it against.
+# allocator fragmentation. Assumed; bench/gpu_check.py prints the peak to check it against.
 TRAIN_OVERHEAD_GIB = 3.0
 # Bytes per trainable (LoRA) parameter: bf16 weight and gradient, fp32 master copy, Adam m and v.
 LORA_STATE_BYTES = 16
