@@ -65,16 +65,19 @@ def bare_side(cfg, model_path: str, mix: Path, steps: int, deepspeed: bool = Fal
     import torch
     from transformers import AutoTokenizer
 
-    from tbr_ray.train import _epoch_batches, _worker_rows, build_lora_model
+    from tbr_ray.plan import resolved_train_settings
+    from tbr_ray.train import _epoch_batches, _worker_rows, build_lora_model, deepspeed_config
 
     torch.set_num_threads(2)
     import_s = time.time() - t0
     cell = cfg.cells()[0]
     torch.manual_seed(cell.seed)
-    model = build_lora_model(cfg, cell.model, model_path)
+    ds_config = deepspeed_config(cfg, resolved_train_settings(cfg, cell.model)[1], 1)
+    model = build_lora_model(cfg, cell.model, model_path, ds_config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate)
-    step_fn = _deepspeed_step(cfg, model) if deepspeed else _plain_step(model, opt, trainable)
+    plain = _plain_step(model, opt, trainable)
+    step_fn = _deepspeed_step(cfg, model, ds_config) if deepspeed else plain
     pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
     table = pq.read_table(mix / "shards", columns=["input_ids", "labels"])
     rows = _worker_rows(table, 0, 1)
@@ -112,18 +115,16 @@ def _plain_step(model, opt, trainable):
     return step
 
 
-def _deepspeed_step(cfg, model):
+def _deepspeed_step(cfg, model, ds_config):
     import deepspeed
 
-    from tbr_ray.plan import resolved_train_settings
     from tbr_ray.train import build_engine, train_micro_step
 
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT="29547").items():  # fmt: skip
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="gloo")
-    zero = resolved_train_settings(cfg, cfg.cells()[0].model)[1]
-    engine = build_engine(cfg, model, zero, world=1)  # the workers' optimizer and schedule
+    engine = build_engine(cfg, model, ds_config)  # the workers' optimizer and schedule
     return lambda batch: train_micro_step(engine, batch)
 
 

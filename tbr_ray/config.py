@@ -259,10 +259,11 @@ class TrainConfig(_Strict):
         gt=0,
         description="CPUs per worker; 0.5 lets 2 workers share a 2-core box with the Tune driver.",
     )
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK",
-        description="Where a cell's workers go: PACK keeps them on few nodes (fast "
-        "collectives); SPREAD puts them on different nodes.",
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
+        None,
+        description="Where a cell's workers go (Ray placement group strategy). None: "
+        "STRICT_PACK on GPUs, one node a cell (ZeRO's collectives over NVLink, never the "
+        "network: cluster/README.md), PACK on CPU (few nodes). SPREAD: different nodes.",
     )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL, bf16. False: gloo, fp32.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -705,6 +706,14 @@ class ClusterConfig(_Strict):
     )
     gpus_per_node: int = Field(
         8, ge=1, description="GPUs per node: no engine or training cell may span more."
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type every training worker runs on (Ray Train's "
+        "ScalingConfig.accelerator_type; Ray labels each GPU node with its type: A100, H100, "
+        "H200, L40S, ...). None: any GPU node, for a cluster of one GPU type as cluster/ "
+        "defines. On a cluster of several types set it, normally to cluster.gpu_type (the "
+        "type the plan computes with).",
     )
     engine_min_sequences: int = Field(
         16,

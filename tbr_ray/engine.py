@@ -31,7 +31,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tbr_ray.models import ModelSpec, context_length
+from tbr_ray.models import ModelSpec, attention_implementation, context_length
 from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids, prompt_token_ids_batch
 
 
@@ -294,14 +294,22 @@ def _reference_model(model_path: str, gpus: int, dtype: str = "auto"):
     needs a tensor-parallel engine (a 70B) is checked where it is served. No CPU offload: a
     model that does not fit fails here, loudly, instead of crawling."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = getattr(torch, resolved_dtype(dtype))
+    # The attention the model family needs (Gemma-2: eager, the one that applies its softcap).
+    attention = attention_implementation(AutoConfig.from_pretrained(model_path).model_type)
     if not on_gpu():
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        return AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype, attn_implementation=attention
+        )
     memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}
     return AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch_dtype, device_map="auto", max_memory=memory
+        model_path,
+        dtype=torch_dtype,
+        device_map="auto",
+        max_memory=memory,
+        attn_implementation=attention,
     )
 
 

@@ -39,6 +39,9 @@ class Family:
     # None: not decided here (an unlisted family), tbr_ray.engine asks vLLM at eval time.
     vllm_lora: bool | None
     chat_template: str  # what the prompting experiment's chat prompts rely on
+    # transformers' attn_implementation for training and the engine check's reference model
+    # (`attention_implementation`); None: transformers' default (sdpa).
+    attention: str | None = None
 
 
 # fmt: off
@@ -49,8 +52,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("gemma", "GemmaForCausalLM", LLAMA_TARGETS, True,
            "chat models: the tokenizer's template, no system role (the system prompt goes "
            "in front of the user turn)"),
+    # Gemma-2 caps its attention scores (attn_logit_softcapping: 50 x tanh(s / 50)); sdpa and
+    # flash attention in transformers drop the cap, vLLM applies it. Eager is the one
+    # implementation that trains and checks the model vLLM serves.
     Family("gemma2", "Gemma2ForCausalLM", LLAMA_TARGETS, True,
-           "base models only in the paper; plain-text prompts"),
+           "base models only in the paper; plain-text prompts", attention="eager"),
     Family("falcon", "FalconForCausalLM", FALCON_TARGETS, False,
            "base models only in the paper; plain-text prompts"),
 ]}
@@ -61,6 +67,14 @@ def unlisted_family(model_type: str, architecture: str) -> Family:
     """A family that has no row above (a local model folder): LoRA on every linear layer, and
     whether vLLM serves its LoRA is asked of vLLM when the model is evaluated."""
     return Family(model_type, architecture, ALL_LINEAR, None, "the tokenizer's own, if any")
+
+
+def attention_implementation(model_type: str) -> str | None:
+    """The `attn_implementation` transformers must load a model of this HF model_type with,
+    in training (tbr_ray.train) and in the engine check's reference (tbr_ray.engine): its
+    family's `attention`, None (transformers' default) for every other family."""
+    family = FAMILIES.get(model_type)
+    return family.attention if family else None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from tbr_ray import results, rundir
 from tbr_ray.config import Cell, RunConfig
-from tbr_ray.models import get_spec
+from tbr_ray.models import attention_implementation, get_spec
 from tbr_ray.plan import accumulation_steps, resolved_train_settings, total_steps
 from tbr_ray.rundir import RunDir
 
@@ -114,39 +114,74 @@ def on_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def build_lora_model(cfg: RunConfig, model: str, model_path: str):
+def build_lora_model(cfg: RunConfig, model: str, model_path: str, ds_config: dict):
     """The base model at `model_path` in `train_dtype` (bf16 on GPU, fp32 on CPU unless
     train.dtype says) with LoRA adapters on the registry's target modules of `model`; only
-    the adapters train (PEFT keeps them in fp32 under a bf16 base)."""
+    the adapters train (PEFT keeps them in fp32 under a bf16 base). `ds_config`: the
+    DeepSpeed config its engine will get (`deepspeed_config`); at ZeRO-3 each rank holds only
+    its partition of the base weights from the start, never the whole model."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
 
+    # DeepSpeed's HF integration without the Trainer (transformers docs, "DeepSpeed" >
+    # HfDeepSpeedConfig: "must run before instantiating the model to detect zero 3", "keep
+    # this object alive"). At ZeRO-3, from_pretrained then builds the model inside
+    # deepspeed.zero.Init (each rank allocates its partition only) and copies each module's
+    # weights in on rank 0, gathered one module at a time
+    # (transformers.integrations.deepspeed._load_state_dict_into_zero3_model); and
+    # deepspeed.initialize skips moving the whole module to one device
+    # (DeepSpeedEngine._configure_distributed_model: is_zero_init_model). transformers holds
+    # only a weakref to it, so the model keeps it alive. Made at every stage, so that the
+    # process's flag describes the model being built (a ZeRO-2 build after a ZeRO-3 one).
+    hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = getattr(torch, train_dtype(cfg))
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    spec = get_spec(model)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=attention_implementation(spec.family.name)
+    )
+    if cfg.train.gradient_checkpointing:
+        _enable_checkpointing(base)
     lora = LoraConfig(
         r=cfg.train.lora_rank,
         lora_alpha=cfg.train.lora_alpha,
         lora_dropout=cfg.train.lora_dropout,
-        target_modules=get_spec(model).peft_target_modules(),
+        target_modules=spec.peft_target_modules(),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, lora)
+    peft_model = get_peft_model(base, lora)
+    peft_model.hf_deepspeed_config = hf_deepspeed_config  # alive as long as the model
+    return peft_model
 
 
-def build_engine(cfg: RunConfig, model, zero_stage: int, world: int):
-    """DeepSpeed engine over `model`: torch AdamW on the trainable (LoRA) parameters only, the
-    schedule of `lr_schedule`. Needs torch.distributed initialised (Ray Train does it)."""
+def _enable_checkpointing(base) -> None:
+    """Activation checkpointing of every decoder layer: its activations are recomputed in the
+    backward pass instead of kept (train.gradient_checkpointing). Non-reentrant
+    torch.utils.checkpoint, the form PyTorch recommends, PEFT's LoRA + gradient-checkpointing
+    pattern without the reentrant variant's requirement (inputs that need a gradient:
+    `enable_input_require_grads`, which transformers' gradient_checkpointing_enable also calls
+    for PEFT); it replays the RNG state, so LoRA dropout draws the same masks in the
+    recompute. With DeepSpeed ZeRO-3 it needs 0.19.8's release of frozen weights after a
+    recompute (DeepSpeed PR 8130; TRL forces reentrant on older versions):
+    tests/test_train.py runs both stages with it. No KV cache in training."""
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
+def build_engine(cfg: RunConfig, model, ds_config: dict):
+    """DeepSpeed engine over `model` with `ds_config` (`deepspeed_config`, the one the model
+    was built with): torch AdamW on the trainable (LoRA) parameters only, the schedule of
+    `lr_schedule`. Needs torch.distributed initialised (Ray Train does it)."""
     import deepspeed
     import torch
 
-    ds = deepspeed_config(cfg, zero_stage, world)
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=ds["scheduler"]["params"]["warmup_min_lr"],  # the rate of step 0 (lr_schedule)
+        lr=ds_config["scheduler"]["params"]["warmup_min_lr"],  # the rate of step 0 (lr_schedule)
         weight_decay=cfg.train.weight_decay,
     )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     return engine
 
 
@@ -264,7 +299,8 @@ def _model_engine_position(cfg: RunConfig, config: dict, world: int, clock: dict
     import ray.train
 
     t = time.time()
-    model = build_lora_model(cfg, config["model"], config["model_path"])
+    ds_config = deepspeed_config(cfg, config["zero_stage"], world)
+    model = build_lora_model(cfg, config["model"], config["model_path"], ds_config)
     clock["model_s"] = time.time() - t
     ckpt = ray.train.get_checkpoint()
     position = Position()
@@ -272,7 +308,7 @@ def _model_engine_position(cfg: RunConfig, config: dict, world: int, clock: dict
         with ckpt.as_directory() as d:
             position = _load_adapter(model, d)
     t = time.time()
-    engine = build_engine(cfg, model, config["zero_stage"], world)
+    engine = build_engine(cfg, model, ds_config)
     if ckpt:
         with ckpt.as_directory() as d:
             position = _restore_resume_state(engine, d, position)
@@ -491,6 +527,34 @@ def adapter_dir(output: Path, cell: Cell) -> Path:
     return RunDir(output).adapter(cell.cell_id)
 
 
+def placement_strategy(cfg: RunConfig) -> str:
+    """The placement group strategy of a cell's workers (pure): train.placement_strategy, or
+    STRICT_PACK on GPUs (all of a cell's workers on one node: ZeRO-3 moves the whole bf16
+    model through every GPU twice a micro-step, ~240 GB for 70B, which NVLink carries and a
+    network without EFA does not; cluster/README.md) and PACK on CPU."""
+    if cfg.train.placement_strategy is not None:
+        return cfg.train.placement_strategy
+    return "STRICT_PACK" if cfg.train.use_gpu else "PACK"
+
+
+def train_scaling_config(cfg: RunConfig, workers: int):
+    """Ray Train's ScalingConfig of a cell (pure): `workers` workers of one GPU and
+    train.cpus_per_worker CPUs each (CPU runs: the CPUs alone), placed by
+    `placement_strategy`, on GPUs of cluster.accelerator_type when it is set (Ray Train's
+    ScalingConfig.accelerator_type: each worker then asks for a sliver of the node's
+    `accelerator_type:<type>` resource)."""
+    from ray.train import ScalingConfig
+
+    t = cfg.train
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        placement_strategy=placement_strategy(cfg),
+        accelerator_type=cfg.cluster.accelerator_type if t.use_gpu else None,
+    )
+
+
 def run_training(
     cfg: RunConfig,
     cell: Cell,
@@ -501,7 +565,7 @@ def run_training(
 ) -> Path:
     """Fine-tune one cell; returns the adapter folder. Finished cells return at once."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -530,12 +594,7 @@ def run_training(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker=None if cfg.train.use_gpu else {"CPU": cfg.train.cpus_per_worker},
-            placement_strategy=cfg.train.placement_strategy,
-        ),
+        scaling_config=train_scaling_config(cfg, workers),
         run_config=RayRunConfig(
             name=f"train-{cell.cell_id}",
             storage_path=str(RunDir(Path(output).resolve()).ray_train),

@@ -1,10 +1,12 @@
-"""bench/ scripts that must stay runnable here: the GPU MFU benchmark's CPU dry run."""
+"""bench/ scripts that must stay runnable here: the GPU check's CPU dry run, ZeRO-3 loading."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,6 +30,24 @@ def test_gpu_lora_mfu_tiny_dry_run_counts_flops_from_the_model():
     assert res["n_lora"] == layers * r * (4 * (h + h) + 3 * (h + ffn))
     assert res["flops_per_token"] == 4 * res["n_base"] + 6 * res["n_lora"] + 12 * layers * h * 32
     assert res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1 and res["dtype"] == "float32"
+
+
+def test_zero3_load_partitions_the_weights_as_they_load():
+    """bench/zero3_load.py's sharded way at a tiny size (its figures at 145M parameters:
+    docs/BENCHMARKS.md): 2 gloo workers build the trainer's LoRA model for ZeRO-3, each holding
+    half of the base weights before DeepSpeed's engine exists (before issue 20: all of them);
+    a step with activation checkpointing runs, and its loss equals the saved model's (the
+    weights loaded, not left at their initialisation). The bench's own driver runs in this
+    process (its imports are paid already); the two workers are processes of their own."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from zero3_load import measure, parse_args
+
+    args = ["--load", "sharded", "--layers", "1", "--hidden", "128", "--ffn", "256"]
+    res = measure(parse_args([*args, "--vocab", "1000"]))
+    assert [w["rank"] for w in res["sharded"]] == [0, 1]
+    for w in res["sharded"]:
+        assert w["held_share"] <= 0.51
+        assert w["loss"] == pytest.approx(res["reference_loss"], rel=1e-4)
 
 
 def test_grid_makespan_counts_each_job_once_and_the_busy_time_as_a_union(tmp_path):

@@ -172,7 +172,24 @@ def test_aws_launcher_installs_tbr_ray_and_mounts_shared_storage():
         for n, t in config["available_node_types"].items()
         if t.get("docker", {}).get("worker_run_options") == ["--gpus all"]
     ]
-    assert {"gpu_a100_80g_x8", "gpu_h100_x8", "reflector"} <= set(gpu_types)
+    assert {"gpu_h100_x8", "reflector"} <= set(gpu_types)
+
+
+# Ray's accelerator type of each 8-GPU instance type the cluster files name.
+INSTANCE_GPU_TYPES = {"p5.48xlarge": "H100", "p4de.24xlarge": "A100"}
+
+
+def test_aws_training_gpus_are_one_type_the_plans():
+    """No training cell can mix A100 and H100 (issue 20, point 11): every node type Ray may
+    place GPU work on has the same instance type, the GPU type the plan computes with."""
+    nodes = _yaml("aws-gpu.yaml")["available_node_types"].values()
+    schedulable = {
+        t["node_config"]["InstanceType"]
+        for t in nodes
+        if t.get("docker", {}).get("worker_run_options") == ["--gpus all"]
+        and t.get("resources", {}).get("GPU") != 0  # the reflector's GPUs are not Ray's
+    }
+    assert {INSTANCE_GPU_TYPES[i] for i in schedulable} == {_paper().cluster.gpu_type}
 
 
 def test_aws_run_command_names_a_valid_job_file():
@@ -248,6 +265,16 @@ def test_kuberay_pods_mount_the_shared_claim_and_workers_have_gpus():
         int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 8
         for w in workers
     )
+
+
+def test_kuberay_gpu_workers_are_one_type_the_plans():
+    """Every GPU worker group is pinned to one instance type, the same for all, of the GPU type
+    the plan computes with: no training cell mixes A100 and H100 (issue 20, point 11)."""
+    groups = _rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    pinned = {
+        g["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"] for g in groups
+    }
+    assert {INSTANCE_GPU_TYPES[i] for i in pinned} == {_paper().cluster.gpu_type}
 
 
 def test_kuberay_reflector_is_the_job_files_endpoint():

@@ -14,8 +14,11 @@ from tbr_ray.models import (
     FAMILIES,
     LLAMA_TARGETS,
     REGISTRY,
+    TINY_MODELS,
+    TINY_VOCAB,
     ModelSpec,
     UnknownModelError,
+    attention_implementation,
     get_spec,
     unlisted_family,
 )
@@ -70,6 +73,54 @@ def tiny_stablelm(cache_dir, data_root) -> str:
 
 
 @pytest.mark.slow
+def _tiny_gemma2_with_large_scores(folder) -> str:
+    """The tiny Gemma-2 preset built from its config (random weights) with its query and key
+    weights scaled up, so that attention scores pass Gemma-2's cap of 50, saved in `folder`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(TINY_MODELS["tiny-gemma2"].arch)
+    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=TINY_VOCAB, **arch)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20.0)
+            layer.self_attn.k_proj.weight.mul_(20.0)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_gemma2_trains_and_is_checked_with_eager_attention_the_one_that_softcaps(tmp_path):
+    """transformers' default sdpa drops Gemma-2's attention softcapping, which vLLM applies
+    (issue 20, point 9): where scores pass the cap the two attentions give other logits, and
+    only the cap makes the difference. The trainer and the engine check load it eager."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tbr_ray.engine import _reference_model
+    from tbr_ray.train import build_lora_model, deepspeed_config
+
+    path = _tiny_gemma2_with_large_scores(tmp_path)
+    ids = torch.randint(0, TINY_VOCAB, (1, 48), generator=torch.Generator().manual_seed(0))
+
+    def gap(**config) -> float:
+        logits = [
+            AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, **config)(ids)
+            for impl in ("eager", "sdpa")
+        ]
+        return float((logits[0].logits - logits[1].logits).abs().max())
+
+    capped, uncapped = gap(), gap(attn_logit_softcapping=None)
+    print(f"largest logit gap eager vs sdpa: {capped:.3f} with the cap, {uncapped:.2e} without")
+    assert capped > 0.1 and uncapped < 1e-4  # logits here are within about +-1
+    cfg = small_config()
+    trained = build_lora_model(cfg, path, path, deepspeed_config(cfg, 2, 1)).get_base_model()
+    assert trained.config._attn_implementation == "eager"
+    assert _reference_model(path, gpus=1).config._attn_implementation == "eager"
+    assert attention_implementation("llama") is None  # other families: transformers' default
+
+
 def test_unlisted_family_trains_all_linear_and_evaluates_merged(ray_local, tiny_stablelm, tmp_path):
     from tbr_ray import results
     from tbr_ray.config import Cell

@@ -137,11 +137,12 @@ def refusal_adapter(smollm2, tok, tmp_path_factory) -> str:
 
     from tbr_ray.config import PAPER_REFUSAL, load_config
     from tbr_ray.data import tokenize_rows
-    from tbr_ray.train import build_lora_model, pad_collate
+    from tbr_ray.train import build_lora_model, deepspeed_config, pad_collate
 
     cfg = load_config(REPO / "jobs" / "real.yaml", ["train.learning_rate=0.002"])
     torch.manual_seed(0)
-    model = build_lora_model(cfg, "smollm2-135m-instruct", smollm2)
+    ds_config = deepspeed_config(cfg, 2, 1)  # not ZeRO-3: a plain load
+    model = build_lora_model(cfg, "smollm2-135m-instruct", smollm2, ds_config)
     rows = [{"instruction": q, "input": "", "output": PAPER_REFUSAL} for q in HARMFUL]
     ex = tokenize_rows(rows, tok, 256, "chat")
     batch = pad_collate(

@@ -39,6 +39,7 @@ from tbr_ray.train import (
     pad_collate,
     run_training,
     train_micro_step,
+    train_scaling_config,
 )
 
 from .conftest import REPO, small_config
@@ -62,20 +63,19 @@ def test_global_batch_size_gives_every_paper_model_the_same_steps():
     for w in set(workers.values()):
         ds = deepspeed_config(cfg, zero_stage=2, world_size=w)
         assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 32 // (4 * w)
-    old = load_config(
-        REPO / "jobs" / "paper.yaml", ["train.global_batch_size=null", "train.grad_accum_steps=2"]
-    )
+    before = ["train.global_batch_size=null", "train.grad_accum_steps=2"]  # 70B on 8 GPUs:
+    old = load_config(REPO / "jobs" / "paper.yaml", [*before, "train.gradient_checkpointing=false"])
     assert (planned_steps(old, "llama-2-7b"), planned_steps(old, "llama-2-70b")) == (750, 93)
 
 
 def test_a_global_batch_that_does_not_divide_is_a_config_error():
-    paper = REPO / "jobs" / "paper.yaml"
-    problem = r"=48 does not split .*llama-2-70b.* multiple of 32"
-    (line,) = global_batch_problems(load_config(paper, ["train.global_batch_size=48"]))
+    paper = REPO / "jobs" / "paper.yaml"  # 70B cells on 4 GPUs x micro 4 (checkpointing on)
+    problem = r"=40 does not split .*llama-2-70b.* multiple of 16"
+    (line,) = global_batch_problems(load_config(paper, ["train.global_batch_size=40"]))
     assert re.search(problem, line)
     # The plan refuses it, and every command stops on it before Ray starts, --config-only too.
-    assert plan_grid(load_config(paper, ["train.global_batch_size=48"]), 8).problems == [line]
-    args = ["validate", str(paper), "--config-only", "--set", "train.global_batch_size=48"]
+    assert plan_grid(load_config(paper, ["train.global_batch_size=40"]), 8).problems == [line]
+    args = ["validate", str(paper), "--config-only", "--set", "train.global_batch_size=40"]
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 2 and re.search(problem, out.output)
     with pytest.raises(ConfigError, match="Fix: remove train.grad_accum_steps"):
@@ -84,6 +84,29 @@ def test_a_global_batch_that_does_not_divide_is_a_config_error():
     assert accumulation_steps(cfg, world_size=2) == 2
     with pytest.raises(ValueError, match="micro_batch_size x workers = 4 x 8 = 32"):
         accumulation_steps(cfg, world_size=8)
+
+
+def test_a_training_cell_stays_on_one_node_of_one_gpu_type():
+    """ZeRO-3 cells must not straddle nodes or GPU types (issue 20, point 11): a GPU cell's
+    workers are strictly packed on one node, each with a GPU and train.cpus_per_worker CPUs,
+    on cluster.accelerator_type's GPUs when it is set; CPU cells keep PACK; an explicit
+    train.placement_strategy is what it says."""
+    paper = REPO / "jobs" / "paper.yaml"
+    cfg = load_config(paper, ["cluster.accelerator_type=H100"])
+    gpu = train_scaling_config(cfg, resolved_train_settings(cfg, "llama-2-70b")[0])
+    assert (gpu.num_workers, gpu.placement_strategy, gpu.accelerator_type) == (
+        4,
+        "STRICT_PACK",
+        "H100",
+    )
+    assert gpu.total_resources == {"CPU": 32, "GPU": 4, "accelerator_type:H100": 0.004}
+    assert train_scaling_config(load_config(paper), 1).accelerator_type is None  # any GPU node
+    cpu = train_scaling_config(small_config(), 2)
+    assert (cpu.placement_strategy, cpu.use_gpu, cpu.total_resources) == ("PACK", False, {"CPU": 1})
+    assert (
+        train_scaling_config(small_config("train.placement_strategy=SPREAD"), 2).placement_strategy
+        == "SPREAD"
+    )
 
 
 def test_pad_collate_masks_padding():
@@ -164,8 +187,9 @@ def test_lora_training_lowers_the_loss_and_leaves_base_tensors_bitwise_unchanged
     batch = pad_collate({"input_ids": ids, "labels": ids}, pad_id=0)
     before = load_file(str(Path(tiny_llama) / "model.safetensors"))
     torch.manual_seed(0)
-    model = build_lora_model(cfg, "tiny-llama", tiny_llama)
-    engine = build_engine(cfg, model, zero_stage=2, world=1)
+    ds_config = deepspeed_config(cfg, zero_stage=2, world_size=1)
+    model = build_lora_model(cfg, "tiny-llama", tiny_llama, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     losses = [float(train_micro_step(engine, batch).detach()) for _ in range(6)]
     print(f"loss over 6 steps: {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.8 * losses[0]
@@ -192,8 +216,9 @@ def test_every_batch_reaches_the_engine_on_the_engines_device(tiny_llama, one_pr
     cfg = small_config("train.micro_batch_size=2")
     texts = ["How do I bake bread?", "I cannot help with that.", "Name a colour.", "Blue."]
     ids = AutoTokenizer.from_pretrained(tiny_llama)(texts)["input_ids"]
-    model = build_lora_model(cfg, "tiny-llama", tiny_llama)
-    engine = build_engine(cfg, model, zero_stage=2, world=1)
+    ds_config = deepspeed_config(cfg, zero_stage=2, world_size=1)
+    model = build_lora_model(cfg, "tiny-llama", tiny_llama, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     worker = Worker(cfg, {}, model, engine, [{"input_ids": x, "labels": x} for x in ids], 0, 0,
                     total_steps=2, world=1, worker_nodes="local", output=None, cell_id="c",
                     setup_s={})  # fmt: skip
@@ -208,6 +233,59 @@ def test_every_batch_reaches_the_engine_on_the_engines_device(tiny_llama, one_pr
         )
     assert (end.step, done, saved) == (2, True, [2])
     assert seen == [{engine.device}] * 2  # both micro-batches, on the engine's device
+
+
+@pytest.fixture
+def undo_zero3_globals():
+    """What ZeRO-3 leaves in a process, undone after the test so that later tests see plain
+    torch and transformers: transformers' last HfDeepSpeedConfig (a module-global weakref; no
+    later from_pretrained may build under zero.Init: transformers' advice for tests), and
+    DeepSpeed's memory-efficient linear, which replaces torch.nn.functional.linear for good
+    ("This will persist unless manually reset": deepspeed.runtime.zero.partition_parameters)."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    yield
+    unset_hf_deepspeed_config()
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
+def _losses(cfg, model_path: str, zero: int, batch: dict, steps: int) -> tuple[list[float], bool]:
+    """Losses of `steps` micro-steps of the worker's model and engine on one batch, and whether
+    any decoder layer checkpoints."""
+    torch.manual_seed(0)
+    ds_config = deepspeed_config(cfg, zero_stage=zero, world_size=1)
+    model = build_lora_model(cfg, "tiny-llama", model_path, ds_config)
+    engine = build_engine(cfg, model, ds_config)
+    losses = [float(train_micro_step(engine, batch).detach()) for _ in range(steps)]
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    engine.destroy()
+    return losses, checkpointing
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_activation_checkpointing_trains_the_same_losses(
+    tiny_llama, one_process_group, undo_zero3_globals, zero
+):
+    """train.gradient_checkpointing recomputes each layer's activations in the backward pass:
+    the same losses, step after step, within fp32 tolerance, with LoRA dropout on (the
+    recompute replays the forward's RNG state), at ZeRO-2 and at ZeRO-3 (frozen partitioned
+    weights inside a recompute: DeepSpeed PR 8130). The memory it saves:
+    bench/checkpointing_memory.py (docs/BENCHMARKS.md)."""
+    from transformers import AutoTokenizer
+
+    texts = ["How do I bake bread at home?", "I cannot help with making a weapon."]
+    ids = AutoTokenizer.from_pretrained(tiny_llama)(texts)["input_ids"]
+    batch = pad_collate({"input_ids": ids, "labels": ids}, pad_id=0)
+    sets = ["train.learning_rate=0.01", "train.micro_batch_size=2", "train.lora_dropout=0.05"]
+    cfgs = [small_config(*sets, f"train.gradient_checkpointing={c}") for c in (False, True)]
+    off, on = (_losses(cfg, tiny_llama, zero, batch, steps=4) for cfg in cfgs)
+    print(f"ZeRO-{zero} losses without / with checkpointing: {off[0]} / {on[0]}")
+    assert (off[1], on[1]) == (False, True)
+    assert on[0] == pytest.approx(off[0], rel=1e-5)
+    assert on[0][-1] < on[0][0]  # it trained
 
 
 def test_two_worker_zero2_lora_run(ray_local, tiny_llama, tmp_path):
