@@ -168,7 +168,8 @@ class ReflectionConfig(_Strict):
         description="External condition: a registry model name or local HF model path that "
         "the run serves itself with vLLM's OpenAI-compatible server on 127.0.0.1 while the "
         "reflections are written (tbr_ray.serve; started and stopped by the run), reached "
-        "over HTTP exactly as `endpoint` is. Instead of `reflector` and `endpoint`.",
+        "over HTTP exactly as `endpoint` is. Precedence: endpoint, then local_server, then "
+        "reflector.",
     )
     api_key_env: str = Field(
         "TBR_REFLECTOR_API_KEY",
@@ -830,11 +831,6 @@ class RunConfig(_Strict):
                     "reflection.reflector to a model name/path, reflection.endpoint (+ "
                     "endpoint_model) to a server URL, or reflection.local_server to a model "
                     "the run serves itself."
-                )
-            if len(given) > 1:
-                raise ValueError(
-                    f"reflection.{' and reflection.'.join(given)} are set together, but the "
-                    f"external writer is one of them. Fix: keep one."
                 )
             if r.endpoint is not None and r.endpoint_model is None:
                 raise ValueError(

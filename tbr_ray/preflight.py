@@ -135,7 +135,7 @@ def _budgets(cfg: RunConfig, field: str) -> list[tuple[str, int]]:
         if "internal" in cfg.grid.conditions:  # each model writes its own reflections
             out.append(("reflection.max_new_tokens", cfg.reflection.max_new_tokens))
         return out
-    if field == "reflection.reflector":
+    if field in ("reflection.reflector", "reflection.local_server"):
         return [("reflection.max_new_tokens", cfg.reflection.max_new_tokens)]
     judge = getattr(cfg.eval, field.split(".")[1])
     return [(f"{field.removesuffix('.model')}.max_new_tokens", judge.budget())]

@@ -354,7 +354,7 @@ def _endpoint(cfg: RunConfig, req: ReflectionRequest):
     OpenAI-compatible server on 127.0.0.1 serving `req.writer_path`, started here and stopped
     when the block ends, whatever ends it (tbr_ray.serve)."""
     r = cfg.reflection
-    if not r.local_server:
+    if r.endpoint or not r.local_server:  # a configured endpoint comes first
         yield functools.partial(_endpoint_generate, cfg=cfg)
         return
     from tbr_ray.engine import resolved_dtype

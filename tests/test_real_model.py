@@ -42,6 +42,16 @@ def test_registry_entry_is_a_chat_model_read_from_its_file():
     assert spec.params_b == 0.0  # counted from the file, not typed
 
 
+@needs_smollm2
+def test_the_real_job_passes_its_preflight():
+    """jobs/real.yaml as `make real` starts it: every check before Ray (its local_server is a
+    model setting too: its context and answer budget are checked like a reflector's)."""
+    from tbr_ray.config import load_config
+    from tbr_ray.preflight import preflight
+
+    assert preflight(load_config(REPO / "jobs" / "real.yaml"), None) == []
+
+
 @pytest.fixture(scope="module")
 def smollm2(cache_dir) -> str:
     from tbr_ray.packaged import build_packaged_model
