@@ -739,6 +739,13 @@ class ClusterConfig(_Strict):
         description="Most engine replicas one base model's evaluation runs at once, never more "
         "than its passes (tbr_ray.engine.engine_replicas_for). 1: one engine per base model.",
     )
+    placement_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds an engine's placement group may wait for a node to hold it "
+        "(tbr_ray.engine.engine_placements): on an autoscaling cluster the GPU nodes start "
+        "only when asked for, and engines wait for training cells' GPUs; then an error.",
+    )
 
 
 @dataclass(frozen=True, order=True)

@@ -694,21 +694,24 @@ class EngineReplica:
             base_path, prompts, n_check, keys, stop, s.tensor_parallel_size, s.dtype
         )
 
-    def start(self, model_path: str) -> float:
+    def start(self, model_path: str | list) -> float:
+        """The vLLM engine on `model_path`, or on [the ObjectRef of its merge] (`_resolved`)."""
         try:
-            self.engine = Engine(model_path, self.settings, self.adapters)
+            self.engine = Engine(_resolved(model_path), self.settings, self.adapters)
         except Exception as exc:
             self.error = exc
             raise
         return self.engine.start_seconds
 
     def check(self, reference: dict, keys: dict, prompts, n_check: int, stop_json: str) -> dict:
-        """check_engine against `reference`; `keys` maps each adapter this engine serves
-        (None: none) to the reference's key (a merged engine's None -> its adapter)."""
+        """check_engine against `reference` (or [its ObjectRef], `_resolved`); `keys` maps each
+        adapter this engine serves (None: none) to the reference's key (a merged engine's
+        None -> its adapter)."""
         if self.error is not None:
             raise self.error
         try:
             s = self.settings
+            reference = _resolved(reference)
             ref = {mine: reference[theirs] for mine, theirs in keys.items()}
             stop = StopRule.from_json(stop_json)
             shares = check_engine(
@@ -726,6 +729,19 @@ class EngineReplica:
         out = run_rows(self.engine, rows, adapter, max_new_tokens)
         meta = engine_columns(self.engine, self.shares, self.replica)
         return [{**r, **o, **meta} for r, o in zip(rows, out, strict=True)]
+
+
+def _resolved(value):
+    """`value`, or what the ObjectRef in the one-item list `value` holds. Ray resolves a bare
+    ObjectRef argument before an actor method runs and skips the method when the task behind
+    it failed (a merge out of memory): `start` would then never record that error and `check`
+    would fail on a missing engine. In a list, the method runs, and the task's error is raised
+    here, inside its try, as the replica's own."""
+    if isinstance(value, list):
+        import ray
+
+        (value,) = ray.get(value)
+    return value
 
 
 class ModelsStage:
@@ -822,9 +838,19 @@ def fits_a_node(bundle: dict[str, float]) -> bool:
     return any(all(res.get(k, 0) >= v for k, v in bundle.items()) for res in nodes)
 
 
-def _check_fits_a_node(bundle: dict[str, float], what: str) -> None:
+def _check_fits_a_node(cfg, bundle: dict[str, float], what: str) -> None:
+    """Refuse an engine no node can hold. GPU runs: by configuration (the planner's rule,
+    tbr_ray.plan.sizing.engine_node_problem), never by the nodes alive now: both cluster files
+    start with no GPU worker, which the autoscaler adds when the placement group asks. CPU
+    runs: the box is the cluster, so by its nodes."""
     import ray
 
+    from tbr_ray.plan.sizing import engine_node_problem
+
+    if cfg.train.use_gpu:
+        if problem := engine_node_problem(cfg, what, int(bundle["GPU"])):
+            raise ValueError(problem)
+        return
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     if not fits_a_node(bundle):
         biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
@@ -832,6 +858,21 @@ def _check_fits_a_node(bundle: dict[str, float], what: str) -> None:
             f"the engine for {what} needs {bundle} on one node, but the largest node has "
             f"GPU={biggest.get('GPU', 0)}, CPU={biggest.get('CPU', 0)}. Fix: set "
             f"cluster.engine_gpus[{what!r}] to what a node holds, or add larger nodes."
+        )
+
+
+def _wait_placed(cfg, pgs: list, bundle: dict[str, float], what: str) -> None:
+    """Wait until every placement group is placed, at most cluster.placement_timeout_s."""
+    import ray
+
+    timeout = cfg.cluster.placement_timeout_s
+    _, waiting = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=timeout)
+    if waiting:
+        raise TimeoutError(
+            f"{len(waiting)} of {len(pgs)} engine placement group(s) for {what} ({bundle} on "
+            f"one node each) were not placed within cluster.placement_timeout_s={timeout:g} s. "
+            f"Fix: let the cluster start such a node (its GPU worker type, max workers, quota; "
+            f"`ray status` lists the pending demand), or raise cluster.placement_timeout_s."
         )
 
 
@@ -844,16 +885,16 @@ def engine_placements(cfg, model: str, tensor_parallel: int, replicas: int = 1):
     in its bundle 0; unlike there, one bundle holds all the engine's devices and vLLM spawns
     its tensor-parallel workers on them itself (its multiprocessing executor: `Engine`; its
     Ray executor is refused on CPU, STACK.md), so the transformers check runs on the same
-    devices. An engine larger than every node is refused at once instead of waiting forever."""
-    import ray
+    devices. An engine larger than a node is refused at once (`_check_fits_a_node`); one that
+    fits waits for its node (an autoscaling cluster adds it) up to cluster.placement_timeout_s."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     bundle = engine_bundle(cfg, tensor_parallel)
-    _check_fits_a_node(bundle, model)
+    _check_fits_a_node(cfg, bundle, model)
     pgs = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(replicas)]
     try:
-        ray.get([pg.ready() for pg in pgs])
+        _wait_placed(cfg, pgs, bundle, model)
         yield [
             {
                 "num_cpus": bundle["CPU"],

@@ -30,7 +30,7 @@ import pandas as pd
 from tbr_ray import results
 from tbr_ray.benchmarks import EvalItem, load_benchmark, score_item
 from tbr_ray.config import Cell, ModelJudgeConfig, RunConfig
-from tbr_ray.engine import CHECK_NEW_TOKENS, engine_replicas_for, serves_lora
+from tbr_ray.engine import CHECK_NEW_TOKENS, engine_max_len, engine_replicas_for, serves_lora
 from tbr_ray.judges import (
     HARM_JUDGE,
     REFUSAL_MODEL_JUDGE,
@@ -281,15 +281,21 @@ def _model_judge(
         cfg.data.resolved_root(),
         revisions=cfg.grid.hub_revisions,
     )
-    # The judge reads the whole instruction and completion up to its engine's context, less
-    # the tokens it may answer with (vLLM refuses a longer prompt).
-    max_tokens = cfg.eval.max_model_len - judge.budget()
+    max_tokens = judge_input_tokens(cfg, judge, path)
     rows = judge_rows(judge, _tokenizer(path), judged, items, max_tokens)
     out = _run_engine(path, [], rows, cfg, judge.budget(), model=judge.model)
     return [
         judgement(name, task, judge.format, r.pass_, r.item, r.completion, r.input_cut_chars)
         for r in out.itertuples()
     ]
+
+
+def judge_input_tokens(cfg: RunConfig, judge: ModelJudgeConfig, path: str) -> int:
+    """Tokens a judge reads (the whole instruction and completion up to this): the context
+    its engine runs at (eval.max_model_len capped at the judge model's own,
+    tbr_ray.engine.engine_max_len) less the tokens it may answer with; vLLM refuses a longer
+    prompt."""
+    return engine_max_len(path, cfg.eval.max_model_len) - judge.budget()
 
 
 def judge_rows(

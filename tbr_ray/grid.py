@@ -321,13 +321,27 @@ def judge_need(cfg: RunConfig) -> float:
     return engine_bundle(cfg, tp).get(_resource(cfg), 0.0)
 
 
-def job_bundle(cfg: RunConfig, job: Job) -> dict[str, float]:
-    """The resources one job holds, as one bundle for the autoscaler (a cell's or engine's
-    devices sit on one node): GPUs and the CPUs beside them on a GPU run, CPUs on a CPU run."""
+def job_bundles(cfg: RunConfig, job: Job) -> list[dict[str, float]]:
+    """The resources one job holds, as the bundles the autoscaler must fit, each on one node:
+    a training cell's devices (and, with cluster.accelerator_type, Ray Train's
+    `accelerator_type:<type>` resource, as its ScalingConfig asks for it per worker); an
+    evaluation's engine replicas, one `engine_bundle` each, as `engine_placements` reserves
+    them; a judge's one engine. GPUs and the CPUs beside them on a GPU run, CPUs on a CPU run."""
+    from tbr_ray.engine import engine_bundle, engine_gpus_for
+
+    if job.kind == "eval":
+        one = engine_bundle(cfg, engine_gpus_for(cfg, job.key))
+        return [one] * max(1, round(job.devices / one[_resource(cfg)]))
     if not cfg.train.use_gpu:
-        return {"CPU": job.devices}
-    cpus = job.devices * cfg.train.cpus_per_worker if job.kind == "train" else 1.0
-    return {"GPU": job.devices, "CPU": cpus}
+        return [{"CPU": job.devices}]
+    if job.kind == "judge":
+        return [{"GPU": job.devices, "CPU": 1.0}]
+    bundle = {"GPU": job.devices, "CPU": job.devices * cfg.train.cpus_per_worker}
+    if cfg.cluster.accelerator_type:
+        # Ray's own spelling (ray._common.utils.RESOURCE_CONSTRAINT_PREFIX; ScalingConfig
+        # asks 0.001 of it per worker, every node of that type holds 1).
+        bundle[f"accelerator_type:{cfg.cluster.accelerator_type}"] = 0.001
+    return [bundle]
 
 
 CAPACITY_POLL_S = 5.0  # how often the scheduler re-reads the cluster's size
@@ -355,7 +369,7 @@ class Capacity:
 
     def request(self, jobs: list[Job]) -> None:
         """Ask the autoscaler for `jobs`' bundles (when they changed since the last ask)."""
-        bundles = [job_bundle(self.cfg, j) for j in jobs]
+        bundles = [b for j in jobs for b in job_bundles(self.cfg, j)]
         if bundles != self.asked:
             self.ask(bundles)
             self.asked = bundles

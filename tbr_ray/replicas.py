@@ -145,13 +145,15 @@ class _Feeder:
             self.reference = actor.reference.remote(
                 c.base_path, list(c.prompts), c.n_tokens, list(c.keys), c.stop
             )
+        # ObjectRefs in lists: a failed merge or reference is then the replica's recorded
+        # error, not a method Ray skipped (tbr_ray.engine._resolved).
         actor.start.remote(self._model_path(k))
-        actor.check.remote(self.reference, spec.check_keys, list(c.prompts), c.n_tokens, c.stop)
+        actor.check.remote([self.reference], spec.check_keys, list(c.prompts), c.n_tokens, c.stop)
         self.live[slot] = (k, actor)
         return actor
 
     def _model_path(self, k: int):
-        """Spec `k`'s folder, or the ObjectRef of its merge; starts the merges of the next
+        """Spec `k`'s folder, or [the ObjectRef of its merge]; starts the merges of the next
         merged specs too, one slot's worth ahead, so they run while engines work."""
         if not self.specs[k].merge:
             return self.specs[k].model_path
@@ -159,7 +161,7 @@ class _Feeder:
         for j in ahead[: len(self.slots) + 1]:
             if j not in self.merges:
                 self.merges[j] = launch_merge(self.cfg, self.model, self.specs[j])
-        return self.merges[k]
+        return [self.merges[k]]
 
     def close(self) -> None:
         import ray
@@ -173,18 +175,20 @@ class _Feeder:
 
 def launch_merge(cfg, model: str, spec: EngineSpec):
     """`merge_adapter` as a Ray task holding the host memory it needs (`merge_options`), so
-    Ray runs it on a node that has that memory, never on a smaller head. Refused at once when
-    no node has it."""
+    Ray runs it on a node that has that memory, never on a smaller head. On a GPU run it waits
+    for such a node (both cluster files start with no GPU worker; the autoscaler adds one for
+    the queued task); a CPU run, whose box is the cluster, is refused at once when no node
+    has it."""
     import ray
 
     options = merge_options(cfg, model)
-    if not fits_a_node({"memory": options["memory"], "CPU": options["num_cpus"]}):
+    need = {"memory": options["memory"], "CPU": options["num_cpus"]}
+    if not cfg.train.use_gpu and not fits_a_node(need):
         raise ValueError(
             f"merging an adapter into {model} needs {options['memory'] / 2**30:.1f} GiB of host "
             f"memory on one node ({merge_dtype(cfg)} weights x margin, tbr_ray.engine."
-            f"merge_options), more than any node's Ray `memory` resource. Fix: add a node with "
-            f"that much memory (a GPU worker node; not the head), or drop {model} from "
-            f"grid.models."
+            f"merge_options), more than any node's Ray `memory` resource. Fix: a machine with "
+            f"that much memory, or drop {model} from grid.models."
         )
     base, adapter = spec.merge
     task = ray.remote(merge_adapter).options(**options, name=f"merge:{Path(adapter).name}")

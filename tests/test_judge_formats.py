@@ -135,6 +135,25 @@ def test_judges_read_the_whole_instruction_and_completion_within_their_context()
     _assert_one_bos(tokenizer, row["prompt"])
 
 
+def test_a_judge_reads_up_to_its_own_engines_context(tmp_path):
+    """A judge whose model has a shorter context than eval.max_model_len runs its engine at
+    that context (tbr_ray.engine.engine_max_len): its prompts are fitted to it, less its
+    answer budget, not to eval.max_model_len (vLLM would refuse them)."""
+    from transformers import LlamaConfig
+
+    from tbr_ray.config import load_config
+    from tbr_ray.evaluate import judge_input_tokens
+
+    from .conftest import REPO
+
+    LlamaConfig(max_position_embeddings=512).save_pretrained(tmp_path)
+    judge = ModelJudgeConfig(model=str(tmp_path), format="three-class", max_new_tokens=16)
+    cfg = load_config(REPO / "jobs" / "tiny.yaml", ["eval.max_model_len=1024"])
+    assert judge_input_tokens(cfg, judge, str(tmp_path)) == 512 - 16
+    short = load_config(REPO / "jobs" / "tiny.yaml", ["eval.max_model_len=256"])
+    assert judge_input_tokens(short, judge, str(tmp_path)) == 256 - 16
+
+
 @needs_tokenizers
 def test_a_judge_prompt_past_the_context_loses_its_end_and_is_counted():
     tokenizer = shared_tokenizer("mistral")

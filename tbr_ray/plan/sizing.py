@@ -140,7 +140,8 @@ def engine_layout(cfg: RunConfig, model: str) -> EngineLayout:
     budget = cfg.eval.gpu_memory_utilization * c.gpu_memory_gib
     override = c.engine_gpus.get(model)
     if known_shape(model) is None:  # no shape to size by: one GPU unless the config says
-        return EngineLayout(model, override or 1, float("nan"), budget)
+        tp = override or 1
+        return EngineLayout(model, tp, float("nan"), budget, engine_node_problem(cfg, model, tp))
     if override is not None:
         need = engine_gib_per_gpu(cfg, model, override)
         bad = _engine_override_problem(cfg, model, override, need, budget)
@@ -170,11 +171,8 @@ def engine_layout(cfg: RunConfig, model: str) -> EngineLayout:
 def _engine_override_problem(cfg, model, tp, need, budget) -> str | None:
     shape = model_shape(model)
     where = f"{model}: cluster.engine_gpus[{model}]={tp}"
-    if tp > cfg.cluster.gpus_per_node:
-        return (
-            f"{where}: an engine larger than a node (cluster.gpus_per_node="
-            f"{cfg.cluster.gpus_per_node}). Fix: at most {cfg.cluster.gpus_per_node}."
-        )
+    if too_big := engine_node_problem(cfg, model, tp):
+        return too_big
     if not tp_divides(shape, tp):
         ok = [s for s in SIZES if tp_divides(shape, s)]
         return (
@@ -184,6 +182,19 @@ def _engine_override_problem(cfg, model, tp, need, budget) -> str | None:
     if need > budget:
         return f"{where}: {need:.1f} GiB per GPU, over {budget:.1f} GiB. Fix: more GPUs."
     return None
+
+
+def engine_node_problem(cfg: RunConfig, model: str, tp: int) -> str | None:
+    """Why an engine of `tp` GPUs for `model` fits no node of the configured cluster (pure;
+    by configuration, not by the nodes alive now: an autoscaling cluster starts with no GPU
+    node), or None."""
+    n = cfg.cluster.gpus_per_node
+    if tp <= n:
+        return None
+    return (
+        f"{model}: cluster.engine_gpus[{model}]={tp}: an engine larger than a node "
+        f"(cluster.gpus_per_node={n}). Fix: at most {n}."
+    )
 
 
 def engine_gpus(cfg: RunConfig, model: str) -> int:
