@@ -10,6 +10,7 @@
 The layout (tbr_ray.results says what each file holds):
 
     run.json                          the manifest: resolved config, run id, provenance
+    phases.json                       wall time of each phase of each driver invocation
     .tbr-ray.lock                     the run lock; holds the driver's host, pid, Ray job, command
     .tbr-ray.update.lock              held for each read-modify-write of a shared file
     cells/<cell_id>/status.json       running / done / failed / interrupted (+ error.txt)
@@ -78,6 +79,10 @@ class RunDir:
     @property
     def manifest(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def phases(self) -> Path:
+        return self.root / "phases.json"
 
     @property
     def lock(self) -> Path:
@@ -217,13 +222,17 @@ def _fsync(path: Path) -> None:
 # ------------------------------------------------------------------ reads
 
 
+_JSON_NAMES = {dict: "object", list: "list"}
+
+
 class DamagedFile(ValueError):
     """A run-folder file that is empty or not what was written (a power loss before the
     write reached the disk, a full disk, a hand edit). The message names it and the fix."""
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON object file: None when absent, DamagedFile when empty or not a JSON object."""
+def read_json(path: Path, of: type = dict) -> Any:
+    """A JSON object file (`of=list`: a JSON list file): None when absent, DamagedFile when
+    empty or not of that type."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -233,8 +242,8 @@ def read_json(path: Path) -> dict | None:
         payload = json.loads(text)
     except ValueError:
         payload = None
-    if not isinstance(payload, dict):
-        what = "is empty" if not text.strip() else "is not a JSON object"
+    if not isinstance(payload, of):
+        what = "is empty" if not text.strip() else f"is not a JSON {_JSON_NAMES[of]}"
         raise DamagedFile(f"{path} {what}")
     return payload
 

@@ -131,6 +131,20 @@ def test_a_garbled_run_manifest_is_one_line_with_the_fix(tmp_path):
         check_run_dir(load_config(REPO / "jobs/smoke.yaml"), tmp_path)
 
 
+def test_an_emptied_phases_file_is_no_phases_not_a_stopped_run(tmp_path, capsys):
+    """phases.json emptied by a power loss: the next phase still records itself and the
+    timing summary still prints (it was a bare json.loads that raised in both)."""
+    from tbr_ray.grid import PhaseClock, timing_summary
+
+    path = RunDir(tmp_path).phases
+    path.write_text("")
+    assert timing_summary(tmp_path) == ""
+    with PhaseClock(tmp_path)("models"):
+        pass
+    assert "phase models" in timing_summary(tmp_path)
+    assert f"{path} is empty" in capsys.readouterr().out
+
+
 STATUS_WRITER = """
 import sys
 from tbr_ray import results
