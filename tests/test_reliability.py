@@ -64,6 +64,14 @@ def _labelled(run: Path) -> set[str]:
     return set(results.read_reviews(run).query("reviewer == 'ada'")["prompt_id"])
 
 
+def test_labels_are_written_only_through_the_locked_merge(tmp_path):
+    """results offers `update_review` (read, merge, write under the update lock) and no public
+    whole-file replace a caller could race a review page with."""
+    assert not hasattr(results, "write_review")
+    results.update_review(tmp_path, "ada", [])
+    assert results.read_reviews(tmp_path).empty
+
+
 def test_two_pages_of_one_reviewer_keep_each_others_labels(review_dir):
     """The issue's reproduction: two `tbr-ray review RUN --reviewer ada` pages; s-5 labelled on
     the second, then s-1 on the first, which once rewrote the file from its memory."""
@@ -252,7 +260,7 @@ def test_run_folder_files_take_their_mode_from_the_umask(tmp_path, umask, mode):
     try:
         results.write_status(tmp_path, "c1", "done", traceback="Traceback ...")
         results.write_run_manifest(tmp_path, {"run_id": "r"})
-        results.write_review(tmp_path, "ada", [])
+        results.update_review(tmp_path, "ada", [])
     finally:
         os.umask(old)
     run = RunDir(tmp_path)
