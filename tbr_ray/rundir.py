@@ -197,18 +197,29 @@ def make_dirs(folder: Path) -> None:
         _fsync(new.parent)
 
 
-def publish_dir(tmp: Path, final: Path) -> Path:
+def publish_dir(tmp: Path, final: Path, keep: str | None = None) -> Path:
     """Put a finished folder in place of `final` (replacing it): its files fsynced, renamed,
     the parent fsynced. Between the removal of an old `final` and the rename, `final` is
-    absent, never partial."""
-    for path in sorted(Path(tmp).rglob("*")):
+    absent, never partial. With `keep` (the file a complete folder is written with last, e.g.
+    a mix's report.json), a complete `final` is kept and `tmp` dropped: a folder named by its
+    content key, which another builder published first; an incomplete one is replaced."""
+    tmp, final = Path(tmp), Path(final)
+    if keep is not None and (final / keep).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    for path in sorted(tmp.rglob("*")):
         if path.is_file():
             _fsync(path)
     _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    _fsync(Path(final).parent)
-    return Path(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # `final` exists again: a builder of the same key published meanwhile
+        if keep is None or not (final / keep).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync(final.parent)
+    return final
 
 
 def _fsync(path: Path) -> None:

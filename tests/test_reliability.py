@@ -488,3 +488,31 @@ def test_a_failed_mix_build_leaves_no_build_folder(tmp_path, monkeypatch, cache_
     with pytest.raises(OSError, match="No space"):
         build_mix(cfg, Cell("tiny-llama", "none", 0.0, 0), tiny_llama)
     assert list((cache / "mixes").iterdir()) == []
+
+
+def test_a_failed_packaged_model_build_leaves_no_build_folder(tmp_path, monkeypatch):
+    """A packaged model's build (a ~538 MB folder) that fails writing its weights, as a full
+    disk would, removes its folder, and the next build removes what a killed one left."""
+    from tbr_ray import packaged
+    from tbr_ray.models import PACKAGED_MODELS
+
+    spec = PACKAGED_MODELS["smollm2-135m-instruct"]
+    models = tmp_path / "models"
+    killed = models / f".{packaged.packaged_dir(spec, tmp_path).name}.tmp-0a1b2c3d"
+    (killed / "weights").mkdir(parents=True)
+
+    class FullDisk:
+        """The plain model whose safetensors write runs out of space half way."""
+
+        def save_pretrained(self, path: Path, **kwargs):
+            Path(path).mkdir(parents=True)
+            (Path(path) / "model.safetensors").write_bytes(b"part")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packaged, "gguf_path", lambda spec: tmp_path / "model.gguf")
+    monkeypatch.setattr(packaged, "file_sha256", lambda path: spec.packaged.sha256)
+    monkeypatch.setattr(packaged, "_load_gguf", lambda gguf: (None, None))
+    monkeypatch.setattr(packaged, "_plain_copy", lambda model: FullDisk())
+    with pytest.raises(OSError, match="No space"):
+        packaged.build_packaged_model(spec, tmp_path)
+    assert list(models.iterdir()) == []
