@@ -269,16 +269,16 @@ def _gpu_sets(gpu_type: str | None, gpu_memory: float | None) -> list[str]:
 
 def _measured_answers(cfg: RunConfig, folder: Path | None) -> dict | None:
     """Answer lengths the run of `cfg` in `folder` measured (its finished cells'
-    generations), for the plan of its rest; None without one (or with another config's)."""
-    import json
-
+    generations), for the plan of its rest; None without one (or with another config's, or
+    with a damaged run.json: which config it holds is unknown)."""
     from tbr_ray.plan.evalcost import measured_answer_tokens
-    from tbr_ray.results import read_results
+    from tbr_ray.results import read_results, read_run_manifest
 
-    manifest = folder / "run.json" if folder is not None else None
-    if manifest is None or not manifest.is_file():
+    try:
+        manifest = read_run_manifest(folder) if folder is not None else None
+    except DamagedFile:
         return None
-    if json.loads(manifest.read_text()).get("config_hash") != cfg.config_hash():
+    if manifest is None or manifest.get("config_hash") != cfg.config_hash():
         return None
     return measured_answer_tokens(read_results(folder).generations) or None
 

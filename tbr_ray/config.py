@@ -208,9 +208,10 @@ class ReflectionConfig(_Strict):
         return v if v is None else check_model_name(v)
 
     def writer_model(self) -> str | None:
-        """The model the run itself loads to write external reflections: `reflector` (a vLLM
-        engine) or `local_server` (served over HTTP); None for a remote `endpoint`."""
-        return self.reflector or self.local_server
+        """The model the run itself loads to write external reflections, in the documented
+        precedence: None for a remote `endpoint`, else `local_server` (served over HTTP), else
+        `reflector` (a vLLM engine)."""
+        return None if self.endpoint else (self.local_server or self.reflector)
 
     @field_validator("api_key_env")
     @classmethod
@@ -849,12 +850,14 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _revisions_name_this_configs_models(self) -> RunConfig:
         judges = [j.model for _, j in self.eval.model_judges()]
-        named = {*self.grid.models, self.reflection.reflector, *judges}
+        r = self.reflection
+        named = {*self.grid.models, r.reflector, r.local_server, *judges}
         unknown = sorted(set(self.grid.hub_revisions) - named)
         if unknown:
             raise ValueError(
                 f"grid.hub_revisions names {unknown}, which this config does not use. Fix: key "
-                "it by the names in grid.models, reflection.reflector or the judges' model"
+                "it by the names in grid.models, reflection.reflector, reflection.local_server "
+                "or the judges' model"
             )
         return self
 

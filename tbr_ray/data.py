@@ -19,9 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import random
-import shutil
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from tbr_ray.keys import content_key
 from tbr_ray.lengths import answer_words, drop_over_max_len, sample_general, sampling_report
 from tbr_ray.models import format_prompt, get_spec
 from tbr_ray.prompts import chat_prompt, end_of_answer_id, prompt_token_ids_batch, user_text
-from tbr_ray.rundir import building_dir, sweep_building_dirs, write_json
+from tbr_ray.rundir import building_dir, publish_dir, sweep_building_dirs, write_json
 
 GENERAL_FILES = {
     "alpaca-bloom-lora": "alpaca-subsets/bloom-lora/alpaca_data_1k.json",
@@ -630,7 +628,7 @@ def build_mix(
     sweep_building_dirs(out.parent)
     with building_dir(out) as tmp:
         _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp)
-        publish_dir(tmp, out)
+        publish_dir(tmp, out, keep="report.json")
     return out
 
 
@@ -667,22 +665,9 @@ def _write_mix(cfg, cell, model_path, general, safety, reflections, report, tmp:
         loss_tokens={**loss, "safety_share": round(loss["safety"] / max(1, sum(loss.values())), 4)},
         prompt_format=prompt_format,
     )
-    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(tmp / "report.json", report, indent=2)
 
 
 def _loss_tokens(labels) -> int:
     """Tokens the loss covers (labels other than IGNORE_INDEX) over a column of label lists."""
     return int(sum((np.asarray(x) != IGNORE_INDEX).sum() for x in labels))
-
-
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Rename a finished folder into place; if another writer published `out` first, keep
-    theirs (same key, same content) and drop ours. Readers see all of a folder or none."""
-    if out.exists() and not (out / "report.json").is_file():
-        shutil.rmtree(out)  # a partial folder left by a writer from before atomic publishing
-    try:
-        os.rename(tmp, out)  # atomic; fails if `out` exists and is not empty
-    except OSError:
-        if not (out / "report.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -51,7 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tbr_ray import results
+from tbr_ray import results, rundir
 from tbr_ray.config import PROMPTING, Cell, ConfigError, RunConfig
 from tbr_ray.interrupt import RunInterrupt, mark_interrupted
 from tbr_ray.plan.sizing import CPU_RESERVE, TRIAL_DRIVER_CPU  # what the planner counts too
@@ -946,16 +946,13 @@ def _run_phases(cfg, cells, output, metrics, stop: RunInterrupt, view, verbose: 
     view.phase = "finished"
 
 
-PHASES_FILE = "phases.json"
-
-
 class PhaseClock:
     """Wall time of each phase of this invocation, written to <output>/phases.json as each one
-    ends (a rerun appends its own entries), so `timing_summary` and docs/BENCHMARKS.md read
-    what the run itself measured."""
+    ends (a rerun appends its own entries; the driver holds the run lock), so `timing_summary`
+    and docs/BENCHMARKS.md read what the run itself measured."""
 
     def __init__(self, output: Path):
-        self.path = Path(output) / PHASES_FILE
+        self.path = RunDir(output).phases
 
     @contextmanager
     def __call__(self, phase: str):
@@ -963,17 +960,26 @@ class PhaseClock:
         try:
             yield
         finally:
-            done = json.loads(self.path.read_text()) if self.path.is_file() else []
+            done = read_phases(self.path)
             done.append({"phase": phase, "start": t0, "seconds": round(time.time() - t0, 1)})
-            self.path.write_text(json.dumps(done, indent=1))
+            rundir.write_json(self.path, done, indent=1)
+
+
+def read_phases(path: Path) -> list[dict]:
+    """phases.json's entries; none when it is absent or damaged (a power loss may leave it
+    empty: it is a record of timings, not a reason to stop a run)."""
+    try:
+        return rundir.read_json(path, of=list) or []
+    except DamagedFile as err:
+        print(f"{err}: its phase timings are dropped", flush=True)
+        return []
 
 
 def timing_summary(output: Path) -> str:
     """Where the time went, from the run folder: each phase (phases.json), each cell's data +
     training (its adapter's train_result.json) and each evaluation (engine start, passes)."""
     lines = []
-    path = Path(output) / PHASES_FILE
-    for p in json.loads(path.read_text()) if path.is_file() else []:
+    for p in read_phases(RunDir(output).phases):
         lines.append(f"  phase {p['phase']:<26} {wall_clock(p['seconds'])}")
     status = results.read_status(output)
     for row in status.to_dict("records") if len(status) else []:

@@ -16,15 +16,13 @@ tokenizer's ids, special tokens and chat template equal) before the folder is pu
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from tbr_ray.keys import content_key
 from tbr_ray.models import ModelSpec, gguf_path
+from tbr_ray.rundir import building_dir, publish_dir, sweep_building_dirs, write_json
 
 DTYPE = "float32"  # the dequantized Q4_1 values are exact in fp32; runs choose their own dtype
 BUILD_VERSION = 1
@@ -52,7 +50,9 @@ def packaged_dir(spec: ModelSpec, cache_dir: Path) -> Path:
 
 def build_packaged_model(spec: ModelSpec, cache_dir: Path) -> Path:
     """Build (or find cached) the HF folder of a packaged model, verified against the GGUF
-    load; returns it. Concurrent builders each write their own temporary folder."""
+    load; returns it. Concurrent builders each write their own folder (rundir.building_dir:
+    removed if the build fails, swept by the next build if its builder was killed) and the
+    first to finish is kept."""
     out = packaged_dir(spec, cache_dir)
     if (out / "build_info.json").is_file():
         return out
@@ -65,8 +65,15 @@ def build_packaged_model(spec: ModelSpec, cache_dir: Path) -> Path:
             f"Fix: reinstall {spec.packaged.distribution}=={spec.packaged.version}."
         )
     model, tok = _load_gguf(gguf)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    sweep_building_dirs(out.parent)
+    with building_dir(out) as tmp:
+        _save_verified(spec, gguf, sha, model, tok, tmp, t0)
+        publish_dir(tmp, out, keep="build_info.json")
+    return out
+
+
+def _save_verified(spec: ModelSpec, gguf: Path, sha: str, model, tok, tmp: Path, t0: float):
+    """The plain HF folder into `tmp`, verified against the GGUF load, build_info.json last."""
     _plain_copy(model).save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     checks = verify_build(tmp, model, tok)
@@ -80,12 +87,7 @@ def build_packaged_model(spec: ModelSpec, cache_dir: Path) -> Path:
         "verified": checks,
         "build_seconds": round(time.time() - t0, 1),
     }
-    (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
-    try:
-        tmp.rename(out)
-    except OSError:  # a concurrent builder finished first; keep its result
-        shutil.rmtree(tmp)
-    return out
+    write_json(tmp / "build_info.json", info, indent=2)
 
 
 def _load_gguf(gguf: Path):

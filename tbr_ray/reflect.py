@@ -34,7 +34,14 @@ PROMPT_VERSION = "2"
 # The paper's connector between rationale and refusal (Fig. 9's worked example: "... safely
 # and legally. Therefore, I'm sorry, but I cannot ..."); used for internal reflections too.
 CONNECTOR = "Therefore,"
-_STOPS = ("\n\n", "\nInstruction:", "\ninstruction:")
+# Where a writer's text ends: a new paragraph or a next "instruction:" block (`_assess` cuts
+# there, after stripping leading whitespace).
+STOPS = ("\n\n", "\ninstruction:", "\nInstruction:")
+# The stops an endpoint applies itself. A server matches them in the raw answer (vLLM:
+# v1/engine/detokenizer.py, check_stop_strings), so "\n\n" would end an answer that opens
+# with a blank line at "", where an engine writer's same text keeps its first paragraph; that
+# cut is left to `_assess`, which treats both alike. Part of an endpoint's cache key.
+ENDPOINT_STOPS = tuple(s for s in STOPS if s.strip())
 _SENTENCE_END = (".", "!", "?", '."', '!"', '?"', ".'", ".)")
 
 # Fig. 8 gives the shape (5 benign Alpaca-style pairs, "Instruction:" then "Explain: This query
@@ -102,7 +109,7 @@ def _assess(raw: str, refusal: str) -> tuple[str, str | None]:
     from tbr_ray.judges import xstest_prefix_refused
 
     text = raw.strip()
-    cuts = [text.index(s) for s in (*_STOPS, refusal[:30], CONNECTOR) if s and s in text]
+    cuts = [text.index(s) for s in (*STOPS, refusal[:30], CONNECTOR) if s and s in text]
     text = " ".join(text[: min(cuts)].split()) if cuts else " ".join(text.split())
     if not text or xstest_prefix_refused(text):
         return "", "empty"
@@ -375,15 +382,12 @@ def _endpoint(cfg: RunConfig, req: ReflectionRequest):
         yield functools.partial(_endpoint_generate, cfg=local)
 
 
-# Where an endpoint's revised output ends: a new paragraph or a next "instruction:" block.
-ENDPOINT_STOPS = ("\n\n", "\ninstruction:", "\nInstruction:")
-
-
 def _endpoint_generate(prompts: list[str], cfg: RunConfig) -> list[str]:
     """Reflections from an OpenAI-compatible server's chat endpoint: each prompt one user turn
-    through the served model's own chat template, greedy, ending at ENDPOINT_STOPS or
-    max_new_tokens; `reflection.batch_size` requests in flight at once (the server batches
-    them), answers in prompt order."""
+    through the served model's own chat template, greedy, ending at ENDPOINT_STOPS (on the
+    server) or max_new_tokens (then cut at a blank line by `_assess`);
+    `reflection.batch_size` requests in flight at once (the server batches them), answers in
+    prompt order."""
     from concurrent.futures import ThreadPoolExecutor
 
     from openai import OpenAI

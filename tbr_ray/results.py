@@ -20,7 +20,7 @@ without an adapter are stored as cells with condition "base" (cell id `<model>__
     tables = read_results("runs/tiny")            # only finished cells, as pandas frames
     tables.metrics.query("benchmark == 'xstest_safe'")
     status = read_status("runs/tiny")             # every cell, finished or not
-    write_review("runs/tiny", "ada", rows)        # a reviewer's labels (tbr_ray.review)
+    update_review("runs/tiny", "ada", rows)       # add a reviewer's labels (tbr_ray.review)
 
 Human labels are stored apart from the cells (a run is reviewed after it finished, by one or
 more people); `read_results` folds them into `judgements` as the judges `human` and
@@ -400,8 +400,9 @@ def review_path(results_dir: str | Path, reviewer: str) -> Path:
     return RunDir(results_dir).review_file(reviewer)
 
 
-def write_review(results_dir: str | Path, reviewer: str, rows: list[dict[str, Any]]) -> Path:
-    """Replace a reviewer's labels with `rows` (REVIEWS columns), atomically."""
+def _write_review(results_dir: str | Path, reviewer: str, rows: list[dict[str, Any]]) -> Path:
+    """Replace a reviewer's labels with `rows` (REVIEWS columns), atomically; only under the
+    update lock (`update_review`)."""
     path = review_path(results_dir, reviewer)
     table = to_table(rows, REVIEWS) if rows else REVIEWS.empty_table()
     return rundir.write_atomic(path, lambda p: pq.write_table(table, p))
@@ -417,7 +418,7 @@ def update_review(
     with RunDir(results_dir).updating():
         stored = pq.read_table(path, schema=REVIEWS).to_pylist() if path.is_file() else []
         merged = {tuple(r[k] for k in REVIEW_KEYS): r for r in [*stored, *rows]}
-        write_review(results_dir, reviewer, list(merged.values()))
+        _write_review(results_dir, reviewer, list(merged.values()))
     return to_table(list(merged.values()), REVIEWS).to_pandas() if merged else _no_reviews()
 
 

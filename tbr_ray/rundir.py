@@ -10,6 +10,7 @@
 The layout (tbr_ray.results says what each file holds):
 
     run.json                          the manifest: resolved config, run id, provenance
+    phases.json                       wall time of each phase of each driver invocation
     .tbr-ray.lock                     the run lock; holds the driver's host, pid, Ray job, command
     .tbr-ray.update.lock              held for each read-modify-write of a shared file
     cells/<cell_id>/status.json       running / done / failed / interrupted (+ error.txt)
@@ -78,6 +79,10 @@ class RunDir:
     @property
     def manifest(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def phases(self) -> Path:
+        return self.root / "phases.json"
 
     @property
     def lock(self) -> Path:
@@ -192,18 +197,29 @@ def make_dirs(folder: Path) -> None:
         _fsync(new.parent)
 
 
-def publish_dir(tmp: Path, final: Path) -> Path:
+def publish_dir(tmp: Path, final: Path, keep: str | None = None) -> Path:
     """Put a finished folder in place of `final` (replacing it): its files fsynced, renamed,
     the parent fsynced. Between the removal of an old `final` and the rename, `final` is
-    absent, never partial."""
-    for path in sorted(Path(tmp).rglob("*")):
+    absent, never partial. With `keep` (the file a complete folder is written with last, e.g.
+    a mix's report.json), a complete `final` is kept and `tmp` dropped: a folder named by its
+    content key, which another builder published first; an incomplete one is replaced."""
+    tmp, final = Path(tmp), Path(final)
+    if keep is not None and (final / keep).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    for path in sorted(tmp.rglob("*")):
         if path.is_file():
             _fsync(path)
     _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    _fsync(Path(final).parent)
-    return Path(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # `final` exists again: a builder of the same key published meanwhile
+        if keep is None or not (final / keep).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync(final.parent)
+    return final
 
 
 def _fsync(path: Path) -> None:
@@ -217,13 +233,17 @@ def _fsync(path: Path) -> None:
 # ------------------------------------------------------------------ reads
 
 
+_JSON_NAMES = {dict: "object", list: "list"}
+
+
 class DamagedFile(ValueError):
     """A run-folder file that is empty or not what was written (a power loss before the
     write reached the disk, a full disk, a hand edit). The message names it and the fix."""
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON object file: None when absent, DamagedFile when empty or not a JSON object."""
+def read_json(path: Path, of: type = dict) -> Any:
+    """A JSON object file (`of=list`: a JSON list file): None when absent, DamagedFile when
+    empty or not of that type."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -233,8 +253,8 @@ def read_json(path: Path) -> dict | None:
         payload = json.loads(text)
     except ValueError:
         payload = None
-    if not isinstance(payload, dict):
-        what = "is empty" if not text.strip() else "is not a JSON object"
+    if not isinstance(payload, of):
+        what = "is empty" if not text.strip() else f"is not a JSON {_JSON_NAMES[of]}"
         raise DamagedFile(f"{path} {what}")
     return payload
 

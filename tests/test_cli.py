@@ -69,6 +69,16 @@ def test_dry_run_on_one_gpu_refuses_the_large_models_by_name():
     assert f"models that cannot run here: {named}\n" in out.output
 
 
+def test_dry_run_over_a_damaged_run_json_plans_without_measurements(tmp_path):
+    """`--output` of a run whose run.json a power loss emptied: the plan is made from the
+    budgets (which config the folder holds is unknown), not a traceback."""
+    (tmp_path / "run.json").write_text("")
+    tiny = ["ablate", "--config", str(REPO / "jobs/tiny.yaml"), "--dry-run", "--config-only"]
+    out = runner.invoke(app, [*tiny, "--output", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert out.output == runner.invoke(app, tiny).output
+
+
 def test_unknown_model_is_named_with_the_fix():
     out = runner.invoke(
         app,

@@ -110,3 +110,14 @@ def test_a_misspelt_name_gets_the_closest_known_names():
         load_config(REPO / "jobs" / "tiny.yaml", ["eval.judges=[paper-keyword]"])
     with pytest.raises(ValueError, match=r"did you mean 'xstest_safe'"):
         load_benchmark("xstest-safe", REPO)
+
+
+def test_writer_model_follows_the_documented_precedence():
+    """endpoint, then local_server, then reflector: with jobs/tiny.yaml's reflector and a
+    local_server, the run serves (and so must load) the local_server's model."""
+    tiny = REPO / "jobs" / "tiny.yaml"
+    assert load_config(tiny).reflection.writer_model() == "tiny-falcon"
+    served = load_config(tiny, ["reflection.local_server=smollm2-135m-instruct"])
+    assert served.reflection.writer_model() == "smollm2-135m-instruct"
+    remote = ["reflection.endpoint=http://127.0.0.1:8000/v1", "reflection.endpoint_model=m"]
+    assert load_config(tiny, remote).reflection.writer_model() is None

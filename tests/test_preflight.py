@@ -563,3 +563,15 @@ def test_a_pinned_hub_model_loads_its_commits_snapshot(tmp_path, monkeypatch):
 def test_hub_revisions_must_name_this_configs_models():
     with pytest.raises(ValueError, match=r"names \['llama-2-7b'\], which this config does not"):
         small_config(f"grid.hub_revisions={{llama-2-7b: {PIN}}}")
+
+
+def test_a_hub_local_server_can_be_pinned():
+    """preflight demands a pin for a hub reflection.local_server: grid.hub_revisions takes it."""
+    from tbr_ray.preflight import check_hub_pins
+
+    served = small_config("reflection.local_server=org/writer")
+    assert any(p.startswith("reflection.local_server = ") for p in check_hub_pins(served))
+    pinned = small_config(
+        "reflection.local_server=org/writer", f"grid.hub_revisions={{org/writer: {PIN}}}"
+    )
+    assert check_hub_pins(pinned) == []

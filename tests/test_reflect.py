@@ -110,6 +110,28 @@ def test_reflection_flaws(raw, text, flaw):
     assert reflection_flaw(raw, PAPER_REFUSAL) == flaw
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "\n\nThis asks for X.\n\nMore.",  # a chat answer opening with a blank line
+        "This asks for X.\ninstruction: next",
+        "This asks for X. Therefore, I'm sorry, but no",
+    ],
+)
+def test_an_endpoint_writer_gets_the_engine_writers_rationale(raw):
+    """The server cuts the raw answer at ENDPOINT_STOPS (vLLM's own stop-string check, as its
+    OpenAI server applies it), `_assess` the rest: the same rationale as an engine writer's
+    uncut text, also for an answer that opens with a blank line (a server-side "\n\n" stop
+    once made that "")."""
+    from vllm.v1.engine.detokenizer import check_stop_strings
+
+    from tbr_ray.reflect import ENDPOINT_STOPS
+
+    stopped = check_stop_strings(raw, len(raw), list(ENDPOINT_STOPS), include_in_output=False)
+    served = raw[: stopped[1]] if stopped else raw
+    assert clean_reflection(served, PAPER_REFUSAL) == clean_reflection(raw, PAPER_REFUSAL) != ""
+
+
 def test_reflection_share_counts_and_fails_with_the_setting_to_change():
     texts = ["A."] * 7 + ["", "", "B."]
     flaws = [None] * 7 + ["empty", "truncated", "truncated"]

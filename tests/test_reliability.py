@@ -64,6 +64,14 @@ def _labelled(run: Path) -> set[str]:
     return set(results.read_reviews(run).query("reviewer == 'ada'")["prompt_id"])
 
 
+def test_labels_are_written_only_through_the_locked_merge(tmp_path):
+    """results offers `update_review` (read, merge, write under the update lock) and no public
+    whole-file replace a caller could race a review page with."""
+    assert not hasattr(results, "write_review")
+    results.update_review(tmp_path, "ada", [])
+    assert results.read_reviews(tmp_path).empty
+
+
 def test_two_pages_of_one_reviewer_keep_each_others_labels(review_dir):
     """The issue's reproduction: two `tbr-ray review RUN --reviewer ada` pages; s-5 labelled on
     the second, then s-1 on the first, which once rewrote the file from its memory."""
@@ -129,6 +137,20 @@ def test_a_garbled_run_manifest_is_one_line_with_the_fix(tmp_path):
     RunDir(tmp_path).manifest.write_text('{"run_id": "r-')
     with pytest.raises(ConfigError, match="is not a JSON object.*Fix: if it holds this"):
         check_run_dir(load_config(REPO / "jobs/smoke.yaml"), tmp_path)
+
+
+def test_an_emptied_phases_file_is_no_phases_not_a_stopped_run(tmp_path, capsys):
+    """phases.json emptied by a power loss: the next phase still records itself and the
+    timing summary still prints (it was a bare json.loads that raised in both)."""
+    from tbr_ray.grid import PhaseClock, timing_summary
+
+    path = RunDir(tmp_path).phases
+    path.write_text("")
+    assert timing_summary(tmp_path) == ""
+    with PhaseClock(tmp_path)("models"):
+        pass
+    assert "phase models" in timing_summary(tmp_path)
+    assert f"{path} is empty" in capsys.readouterr().out
 
 
 STATUS_WRITER = """
@@ -238,7 +260,7 @@ def test_run_folder_files_take_their_mode_from_the_umask(tmp_path, umask, mode):
     try:
         results.write_status(tmp_path, "c1", "done", traceback="Traceback ...")
         results.write_run_manifest(tmp_path, {"run_id": "r"})
-        results.write_review(tmp_path, "ada", [])
+        results.update_review(tmp_path, "ada", [])
     finally:
         os.umask(old)
     run = RunDir(tmp_path)
@@ -466,3 +488,31 @@ def test_a_failed_mix_build_leaves_no_build_folder(tmp_path, monkeypatch, cache_
     with pytest.raises(OSError, match="No space"):
         build_mix(cfg, Cell("tiny-llama", "none", 0.0, 0), tiny_llama)
     assert list((cache / "mixes").iterdir()) == []
+
+
+def test_a_failed_packaged_model_build_leaves_no_build_folder(tmp_path, monkeypatch):
+    """A packaged model's build (a ~538 MB folder) that fails writing its weights, as a full
+    disk would, removes its folder, and the next build removes what a killed one left."""
+    from tbr_ray import packaged
+    from tbr_ray.models import PACKAGED_MODELS
+
+    spec = PACKAGED_MODELS["smollm2-135m-instruct"]
+    models = tmp_path / "models"
+    killed = models / f".{packaged.packaged_dir(spec, tmp_path).name}.tmp-0a1b2c3d"
+    (killed / "weights").mkdir(parents=True)
+
+    class FullDisk:
+        """The plain model whose safetensors write runs out of space half way."""
+
+        def save_pretrained(self, path: Path, **kwargs):
+            Path(path).mkdir(parents=True)
+            (Path(path) / "model.safetensors").write_bytes(b"part")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packaged, "gguf_path", lambda spec: tmp_path / "model.gguf")
+    monkeypatch.setattr(packaged, "file_sha256", lambda path: spec.packaged.sha256)
+    monkeypatch.setattr(packaged, "_load_gguf", lambda gguf: (None, None))
+    monkeypatch.setattr(packaged, "_plain_copy", lambda model: FullDisk())
+    with pytest.raises(OSError, match="No space"):
+        packaged.build_packaged_model(spec, tmp_path)
+    assert list(models.iterdir()) == []

@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 from tbr_ray import results
 from tbr_ray.cli import app
 from tbr_ray.config import Cell, ConfigError, DataConfig
-from tbr_ray.data import publish_dir
-from tbr_ray.rundir import LOCK_NAME, read_holder, run_lock
+from tbr_ray.rundir import LOCK_NAME, publish_dir, read_holder, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -106,8 +105,8 @@ def test_publish_keeps_the_first_complete_mix(tmp_path):
     for d, tag in ((first, "first"), (second, "second")):
         d.mkdir(parents=True)
         (d / "report.json").write_text(tag)
-    publish_dir(first, out)
-    publish_dir(second, out)  # a concurrent builder of the same key finished later
+    publish_dir(first, out, keep="report.json")
+    publish_dir(second, out, keep="report.json")  # a builder of the same key finished later
     assert (out / "report.json").read_text() == "first" and not second.exists()
 
 
@@ -116,7 +115,7 @@ def test_publish_replaces_a_partial_folder(tmp_path):
     (out / "shards").mkdir(parents=True)  # a killed writer's leftover: no report.json
     tmp.mkdir()
     (tmp / "report.json").write_text("{}")
-    publish_dir(tmp, out)
+    publish_dir(tmp, out, keep="report.json")
     assert (out / "report.json").is_file() and not (out / "shards").exists()
 
 
