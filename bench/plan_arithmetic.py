@@ -80,7 +80,7 @@ def eval_rows(cfg, cost) -> list[dict]:
                 "tuned pass s": f"{tuned:.0f}",
                 "base pass s": f"{base:.0f}",
                 "seqs at once": f"{seqs:.0f}",
-                "merge s/pass": f"{merged_pass_s(cost, model):.0f}",
+                "merge s/pass": f"{merged_pass_s(cfg, cost, model):.0f}",
                 "generations min": f"{job / 60:.1f}",
                 "judging min": f"{judging / 60:.1f}",
             }

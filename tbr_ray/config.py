@@ -471,6 +471,14 @@ class EvalConfig(_Strict):
     )
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: vLLM KV cache size (GiB, whole).")
     max_model_len: int = Field(1024, ge=64, description="Engine context length.")
+    adapter_engines: Literal["auto", "serve", "merge"] = Field(
+        "auto",
+        description="How an adapter's pass is served. serve: one engine serves every adapter "
+        "as LoRA; merge: each adapter merged into a copy of the base model, on an engine of its "
+        "own without LoRA; auto: serve where vLLM has LoRA for the architecture (merge for "
+        "Falcon). vLLM's CPU LoRA kernels decode ~6x slower than its base model on "
+        "SmolLM2-135M (docs/BENCHMARKS.md), so the CPU real run merges.",
+    )
 
     @field_validator("benchmarks")
     @classmethod

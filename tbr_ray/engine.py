@@ -517,6 +517,23 @@ def serves_lora(spec: ModelSpec) -> bool:
     return vllm_serves_lora(spec.family.architecture)
 
 
+def merges_adapters(cfg, spec: ModelSpec) -> bool:
+    """Whether each adapter of `spec` is merged into a copy of the base model and served by an
+    engine of its own (eval.adapter_engines: merge; auto where vLLM cannot serve the family's
+    LoRA), rather than served as LoRA by one engine. `serve` on an architecture vLLM has no
+    LoRA for is an error naming the fix."""
+    mode = cfg.eval.adapter_engines
+    if mode == "merge":
+        return True
+    lora = serves_lora(spec)
+    if mode == "serve" and not lora:
+        raise ValueError(
+            f"eval.adapter_engines is serve, but vLLM serves no LoRA for {spec.name} "
+            f"({spec.family.architecture}). Fix: set eval.adapter_engines to auto or merge."
+        )
+    return not lora
+
+
 def merge_adapter(base_path: str, adapter_path: str, out_dir: Path, dtype: str = "float32") -> str:
     """Merge a PEFT adapter into a copy of its base model, in `dtype` ("bfloat16" on GPU runs:
     the served weights), for archs vLLM has no LoRA for (`serves_lora` is False). Runs as a Ray

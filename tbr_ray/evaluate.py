@@ -9,7 +9,8 @@ model, each in its own placement group (tbr_ray.replicas): one engine start per 
 per cell; each pass is one vLLM call with all its prompts, never a mix of base and adapter
 requests. Every replica is checked against one transformers reference of the base model and
 its adapters (loaded once, adapters swapped). Archs whose LoRA vLLM cannot serve (Falcon; for
-a family the registry does not list, vLLM's own registry decides: engine.serves_lora) get one
+a family the registry does not list, vLLM's own registry decides: engine.serves_lora), and every
+arch under eval.adapter_engines merge (vLLM's slow CPU LoRA: jobs/real.yaml), get one
 merged-model engine per adapter, merged by a Ray task that reserves the host memory it needs.
 Generations are then judged (`judge_base_model`; the grid runs it as a job of its own, on the
 judges' devices: rule judges here, each model judge, the refusal judge and the harm judge, on
@@ -30,7 +31,7 @@ import pandas as pd
 from tbr_ray import results
 from tbr_ray.benchmarks import EvalItem, load_benchmark, score_item
 from tbr_ray.config import Cell, ModelJudgeConfig, RunConfig
-from tbr_ray.engine import CHECK_NEW_TOKENS, engine_max_len, engine_replicas_for, serves_lora
+from tbr_ray.engine import CHECK_NEW_TOKENS, engine_max_len, engine_replicas_for, merges_adapters
 from tbr_ray.judges import (
     HARM_JUDGE,
     REFUSAL_MODEL_JUDGE,
@@ -196,13 +197,14 @@ def generate_all(
     scratch: Path,
     replicas: int | None = None,
 ) -> pd.DataFrame:
-    """Generations for every pass: engines that serve every adapter for LoRA-capable archs,
-    else engines for the adapter-free passes plus one merged-model engine per adapter, all
+    """Generations for every pass: engines that serve every adapter as LoRA, or (Falcon, or
+    eval.adapter_engines merge: `merges_adapters`) engines for the adapter-free passes plus
+    one merged-model engine per adapter, all
     checked against one transformers reference of the base model and its adapters."""
     n = cfg.eval.max_new_tokens
     rows = _rows(passes, items, _tokenizer(model_path), get_spec(model).prompt_format)
     adapters = [p.adapter for p in passes if p.adapter]
-    if serves_lora(get_spec(model)):
+    if not merges_adapters(cfg, get_spec(model)):
         return _run_engine(model_path, adapters, rows, cfg, n, model=model, replicas=replicas)
     units = _units(rows)
     cells = {p.adapter: p.cell.cell_id for p in passes if p.adapter}

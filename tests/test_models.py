@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tbr_ray.engine import serves_lora, vllm_serves_lora
+from tbr_ray.engine import merges_adapters, serves_lora, vllm_serves_lora
 from tbr_ray.models import (
     _TINY_COMMON,
     ALL_LINEAR,
@@ -50,6 +50,19 @@ def test_local_folder_of_an_unlisted_family_gets_all_linear_and_asks_vllm(tmp_pa
     assert serves_lora(qwen) is True  # vLLM's Qwen2 takes LoRA: one engine for every adapter
     gptj = unlisted_family("gptj", "GPTJForCausalLM")
     assert serves_lora(ModelSpec("x", gptj, 0.0, "x")) is False  # merged engine per adapter
+
+
+def test_adapter_engines_setting_decides_merge_or_lora():
+    """eval.adapter_engines: auto follows the family (Falcon merges), merge merges a LoRA-capable
+    family too (the CPU real run), serve on Falcon is an error naming the fix."""
+    llama, falcon = get_spec("tiny-llama"), get_spec("tiny-falcon")
+    auto, merge, serve = (
+        small_config(f"eval.adapter_engines={mode}") for mode in ("auto", "merge", "serve")
+    )
+    assert (merges_adapters(auto, llama), merges_adapters(auto, falcon)) == (False, True)
+    assert merges_adapters(merge, llama) and not merges_adapters(serve, llama)
+    with pytest.raises(ValueError, match="serves no LoRA for tiny-falcon.*auto or merge"):
+        merges_adapters(serve, falcon)
 
 
 def test_unusable_local_folders_are_named_with_the_fix(tmp_path):

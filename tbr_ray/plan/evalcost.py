@@ -177,7 +177,7 @@ def eval_job_s(
     side), then its units spread over the replicas, largest first (a unit never splits: each
     adapter's pass, one merged engine each where vLLM cannot serve the family's LoRA; the
     base model's and the prompting passes together), the busiest replica's time."""
-    tuned = engine_pass_s(cfg, cost, model, tp, True, measured) + merged_pass_s(cost, model)
+    tuned = engine_pass_s(cfg, cost, model, tp, True, measured) + merged_pass_s(cfg, cost, model)
     units = [tuned] * passes.get(True, 0)
     if passes.get(False, 0):
         units.append(passes[False] * engine_pass_s(cfg, cost, model, tp, False, measured))
@@ -193,12 +193,14 @@ def judge_job_s(cfg: RunConfig, cost: CostModel, tp: int, passes: dict[bool, int
     return judge_s(cfg, cost, tp, passes, measured) if cfg.eval.model_judges() else 0.0
 
 
-def merged_pass_s(cost: CostModel, model: str) -> float:
-    """Extra seconds of an adapter's pass on a family vLLM cannot serve LoRA for (Falcon:
-    tbr_ray.models.Family.vllm_lora False): the adapter is merged into a saved copy of the
-    base model (base weights read, merged weights written) and served by an engine of its
-    own (a start, its weights read), each at load_bytes_per_s."""
-    if get_spec(model).family.vllm_lora is not False:
+def merged_pass_s(cfg: RunConfig, cost: CostModel, model: str) -> float:
+    """Extra seconds of an adapter's pass where it is merged (eval.adapter_engines merge, or a
+    family vLLM cannot serve LoRA for, Falcon: tbr_ray.models.Family.vllm_lora False): the
+    adapter is merged into a saved copy of the base model (base weights read, merged weights
+    written) and served by an engine of its own (a start, its weights read), each at
+    load_bytes_per_s."""
+    mode = cfg.eval.adapter_engines
+    if mode == "serve" or (mode == "auto" and get_spec(model).family.vllm_lora is not False):
         return 0.0
     return cost.engine_start_s + 3 * load_s(cost, model)
 
