@@ -1,12 +1,27 @@
-"""The grid end to end on the real stack, killed part-way and resumed.
+"""The grid end to end on the real stack: one run folder of `tbr-ray ablate` (a subprocess,
+as a user runs it) meets issue 15's run faults in turn (malformed data rows, a second
+driver, a killed driver, Ctrl-C), so the suite pays for one tiny grid, not three
+(`scenario`, built once for this module):
 
-One run of `tbr-ray ablate` (a subprocess, as a user runs it) is killed once the first cell's
-adapter is published (a second driver started meanwhile on the same output is refused); the
-rerun takes the dead driver's lock over and finishes only the missing work: the finished
-adapter is not retrained, and no result row is duplicated."""
+1. The first driver reads a data root whose HH-RLHF file opens with malformed rows; a second
+   driver started meanwhile on the same output is refused, naming the first; the first is
+   killed (SIGKILL to its process group) once the first cell's adapter is published.
+2. The rerun takes the dead driver's lock over and trains the second cell; Ctrl-C (SIGINT to
+   the process group) once that cell has checkpointed: exit 130, no evaluation started.
+3. The resume command it printed finishes the run, training resumed from the checkpoint: the
+   finished adapter is not retrained, no result row is duplicated, the malformed rows are
+   listed in the mixes' reports. A last run, with everything finished, does nothing.
 
+Other faults of issue 15 live beside the code they test: SIGINT outside Tune
+(tests/test_interrupt.py), a killed writer (tests/test_results.py, tests/test_rundir.py).
+
+    .venv/bin/pytest tests/test_grid.py -k "killed or sigint or malformed"   # ~5 min, 2 cores
+"""
+
+import gzip
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,16 +32,23 @@ from pathlib import Path
 import pytest
 
 from tbr_ray import results
-from tbr_ray.config import load_config
+from tbr_ray.config import DataConfig, load_config
 
 from .conftest import short_temp_dir, stop_ray_under
+from .test_data import BROKEN_HH_LINES, write_hh
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = DataConfig().resolved_root()
+CELL1 = "tiny-llama__none__g0.00__s0"  # trained by the first driver, which is then killed
+CELL2 = "tiny-llama__internal__g1.00__s0"  # trained by the rerun, which Ctrl-C stops
+BASE = "tiny-llama__base__g0.00__s0"
 SETS = [
     "data.n_general=24",
     "data.n_safety=8",
-    "train.epochs=1",
-    "train.max_steps=3",
+    "data.safety_source=hh-rlhf-harmless",  # the source whose file gets malformed rows
+    "train.epochs=2",
+    "train.max_steps=8",
+    "train.checkpoint_every_steps=2",  # 4 steps an epoch: a checkpoint mid-epoch
     "train.micro_batch_size=4",
     "eval.sample_size=3",
     "eval.max_new_tokens=8",
@@ -64,9 +86,9 @@ def _popen(args: list[str], ray_tmp: str) -> subprocess.Popen:
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_tmp():
-    """A Ray temp root of this test's own: the drivers it runs start their local Ray there,
+    """A Ray temp root of this module's own: the drivers it runs start their local Ray there,
     and at the end exactly the processes of that Ray are stopped, never the session's or a
     user's (conftest.stop_ray_under)."""
     root = short_temp_dir("tbr-ray-")
@@ -75,14 +97,117 @@ def ray_tmp():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+def _wait_for(done, proc: subprocess.Popen, what: str, timeout_s: float, poll_s=0.2) -> None:
+    """Poll `done()` until true; fail if `proc` exits first or `timeout_s` passes."""
     t0 = time.time()
-    while not path.is_file():
+    while not done():
         if proc.poll() is not None:
-            pytest.fail(f"ablate exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+            pytest.fail(f"ablate exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
         if time.time() - t0 > timeout_s:
-            pytest.fail(f"{path} did not appear within {timeout_s}s")
-        time.sleep(2)
+            pytest.fail(f"no {what} within {timeout_s}s")
+        time.sleep(poll_s)
+
+
+def _data_root_with_broken_rows(tmp_path: Path, data_root: Path) -> Path:
+    """The shared data root, but HH-RLHF's file opens with one malformed line of each kind
+    (`BROKEN_HH_LINES`: bad JSON, missing field, wrong type, empty text, ...); the rest are
+    links to the shared files (the Alpaca files unchanged, so the cached tiny model serves)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for entry in data_root.iterdir():
+        if entry.name != "hh-rlhf":
+            (root / entry.name).symlink_to(entry)
+    with gzip.open(data_root / "hh-rlhf" / "harmless-base" / "test.jsonl.gz", "rt") as fh:
+        shipped = fh.read().splitlines()
+    write_hh(root, [line for line, _ in BROKEN_HH_LINES] + shipped)
+    return root
+
+
+def _fresh_cache(tmp_path: Path, cache_dir: Path) -> Path:
+    """A cache of its own, so the run's mixes are the only ones in it; the built models shared."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(cache_dir / "models")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory, ray_tmp, data_root, cache_dir, tiny_llama) -> dict:
+    """The module docstring's three stages on one run folder; returns what each stage saw at
+    the time (exit codes, logs, states), for the tests below to check."""
+    if not DATA.is_dir():
+        pytest.skip(f"needs the shared data at {DATA}")
+    tmp = tmp_path_factory.mktemp("grid")
+    cache = _fresh_cache(tmp, cache_dir)
+    sets = [f"data.root={_data_root_with_broken_rows(tmp, data_root)}", f"paths.cache_dir={cache}"]
+    seen = {"out": tmp / "run", "cache": cache}
+    seen |= _killed_driver(seen["out"], ray_tmp, sets)
+    seen |= _interrupted_rerun(seen["out"], ray_tmp, sets)
+    seen |= _resumed_runs(seen["out"], ray_tmp, seen["resume"])
+    return seen
+
+
+def _killed_driver(out: Path, ray_tmp: str, sets: list[str]) -> dict:
+    """Stage 1: while the first driver holds the run lock a second is refused; the first is
+    SIGKILLed (with everything it started) as soon as CELL1's adapter is published."""
+    proc = _ablate(out, ray_tmp, *sets)
+    _wait_for((out / "run.json").is_file, proc, "run.json (the run lock held)", 300)
+    second = _ablate(out, ray_tmp, *sets)  # e.g. a resubmitted job
+    refused, _ = second.communicate(timeout=300)
+    first = out / "adapters" / CELL1 / "train_result.json"
+    _wait_for(first.is_file, proc, f"{first}", 600)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stop_ray_under(Path(ray_tmp))  # what outlived its process group (Ray's own daemons)
+    return {
+        "first_pid": proc.pid,
+        "refused": (second.returncode, refused),
+        "first_mtime": first.stat().st_mtime,
+        "cell2_done_when_killed": results.is_done(out, CELL2),
+    }
+
+
+def _interrupted_rerun(out: Path, ray_tmp: str, sets: list[str]) -> dict:
+    """Stage 2: the rerun trains CELL2; SIGINT to its process group (as a terminal's Ctrl-C)
+    once Ray Train has registered a checkpoint of CELL2 (its checkpoint folder and the
+    manager's snapshot, which lists it, exist; the first driver died before CELL2's workers
+    started, so it is this run's: at step 2 of 8, mid-epoch)."""
+    proc = _ablate(out, ray_tmp, *sets)
+    folder = out / "ray_train" / f"train-{CELL2}"
+    _wait_for(lambda: _registered(folder), proc, f"registered checkpoint in {folder}", 600)
+    os.killpg(proc.pid, signal.SIGINT)
+    log, _ = proc.communicate(timeout=120)
+    print(f"interrupted run printed:\n{log}")
+    stop_ray_under(Path(ray_tmp))
+    row = results.read_status(out).set_index("cell_id").loc[CELL2]
+    return {
+        "interrupted": (proc.returncode, log),
+        "cell2_when_interrupted": (row["status"], row["stage"]),
+        "base_cell_when_interrupted": (out / "cells" / BASE).exists(),
+        "generations_when_interrupted": list(out.glob("cells/*/generations.parquet")),
+        "resume": [line for line in log.splitlines() if line.startswith("resume with: ")],
+    }
+
+
+def _registered(folder: Path) -> bool:
+    """Ray Train has registered a checkpoint in `folder` (a cell's ray_train/train-<cell>)."""
+    snapshot = folder / "checkpoint_manager_snapshot.json"
+    return snapshot.is_file() and any(p.is_dir() for p in folder.glob("checkpoint_*"))
+
+
+def _resumed_runs(out: Path, ray_tmp: str, resume: list[str]) -> dict:
+    """Stage 3: the printed resume command, run as printed, twice: it finishes the run, then
+    finds nothing left to do."""
+    if len(resume) != 1:
+        pytest.fail(f"the interrupted run printed {len(resume)} `resume with:` lines")
+    args = shlex.split(resume[0].removeprefix("resume with: "))
+    seen = {"resume_args": args}
+    for name in ("finished", "rerun_when_finished"):
+        proc = _popen([sys.executable, "-m", "tbr_ray.cli", *args[1:]], ray_tmp)
+        log, _ = proc.communicate(timeout=900)
+        print(f"{name} run printed {len(log.splitlines())} lines:\n{log}")
+        seen[name] = (proc.returncode, log)
+    return seen
 
 
 def test_dry_run_prints_the_paper_grid():
@@ -133,85 +258,73 @@ def test_judging_is_a_job_of_its_own_after_the_generations(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_grid_resumes_without_redoing_or_duplicating(tmp_path, ray_tmp):
-    out = tmp_path / "run"
-    first = out / "adapters" / "tiny-llama__none__g0.00__s0" / "train_result.json"
-    proc = _ablate(out, ray_tmp)
-    _wait_for(first, proc, timeout_s=600)
-    # A second driver on the same output (e.g. a resubmitted job) is refused, naming the first.
-    second = _ablate(out, ray_tmp)
-    log, _ = second.communicate(timeout=300)
-    assert second.returncode == 2 and f"is in use by pid {proc.pid}" in log, log[-2000:]
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
-    stop_ray_under(Path(ray_tmp))  # what outlived its process group (Ray's own daemons)
-    mtime = first.stat().st_mtime
-    assert not results.is_done(out, "tiny-llama__internal__g1.00__s0")
-
-    proc = _ablate(out, ray_tmp)
-    log, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, log[-4000:]
-    assert first.stat().st_mtime == mtime, "a finished adapter was trained again"
+def test_killed_grid_resumes_without_redoing_or_duplicating(scenario):
+    """A second driver on the same output is refused, naming the first; the reruns after the
+    first was killed take its lock over and finish only the missing work: the finished
+    adapter is not trained again, no result row is duplicated, and a run with everything
+    finished does nothing and says so."""
+    out = scenario["out"]
+    code, log = scenario["refused"]
+    assert code == 2 and f"is in use by pid {scenario['first_pid']}" in log, log[-2000:]
+    assert not scenario["cell2_done_when_killed"]
+    code, log = scenario["finished"]
+    assert code == 0, log[-4000:]
+    first = out / "adapters" / CELL1 / "train_result.json"
+    assert first.stat().st_mtime == scenario["first_mtime"], "a finished adapter was trained again"
     status = results.read_status(out).set_index("cell_id")["status"].to_dict()
-    assert status == {
-        "tiny-llama__base__g0.00__s0": "done",
-        "tiny-llama__none__g0.00__s0": "done",
-        "tiny-llama__internal__g1.00__s0": "done",
-    }
+    assert status == {BASE: "done", CELL1: "done", CELL2: "done"}
     res = results.read_results(out)
     keys = ["cell_id", "benchmark", "prompt_id"]
     assert not res.generations.duplicated(keys).any()
     assert not res.judgements.duplicated(keys + ["judge"]).any()
     assert len(res.generations) == 3 * 2 * 3  # cells x benchmarks x prompts
     assert res.generations["git_sha"].notna().all()
-    # A third run with everything finished does nothing and says so.
-    proc = _ablate(out, ray_tmp)
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and "2/2 cells done" in log
+    code, log = scenario["rerun_when_finished"]
+    assert code == 0 and "2/2 cells done" in log, log[-4000:]
 
 
 @pytest.mark.slow
-def test_sigint_during_training_skips_evaluation_and_the_rerun_resumes(tmp_path, ray_tmp):
+def test_sigint_during_training_skips_evaluation_and_the_rerun_resumes(scenario):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) once the cell has
     checkpointed: exit 130, the cell marked interrupted, no evaluation started, the resume
     command printed; that command finishes the run, resuming training from the checkpoint."""
-    import shlex
-
-    out = tmp_path / "run"
-    extra = ["grid.conditions=[none]", "train.epochs=5", "train.max_steps=20"]
-    extra.append("train.checkpoint_every_steps=1")
-    proc = _ablate(out, ray_tmp, *extra)
-    t0 = time.time()
-    while len(list(out.glob("ray_train/train-*/checkpoint_*"))) < 2:
-        if proc.poll() is not None or time.time() - t0 > 600:
-            pytest.fail(f"no checkpoint before the end ({proc.poll()}):\n{proc.stdout.read()}")
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    log, _ = proc.communicate(timeout=120)
-    print(f"interrupted run printed:\n{log}")
-    stop_ray_under(Path(ray_tmp))
-    cell, base = "tiny-llama__none__g0.00__s0", "tiny-llama__base__g0.00__s0"
-    assert proc.returncode == 130, log[-4000:]
-    row = results.read_status(out).set_index("cell_id").loc[cell]
-    assert (row["status"], row["stage"]) == ("interrupted", "train")
-    assert not (out / "cells" / base).exists(), "evaluation started after Ctrl-C"
-    assert not list(out.glob("cells/*/generations.parquet"))
-    (resume,) = [line for line in log.splitlines() if line.startswith("resume with: ")]
-    args = shlex.split(resume.removeprefix("resume with: "))
+    out = scenario["out"]
+    code, log = scenario["interrupted"]
+    assert code == 130, log[-4000:]
+    assert scenario["cell2_when_interrupted"] == ("interrupted", "train")
+    assert not scenario["base_cell_when_interrupted"], "evaluation started after Ctrl-C"
+    assert not scenario["generations_when_interrupted"]
+    args = scenario["resume_args"]
     assert args[:2] == ["tbr-ray", "ablate"] and str(out) in args
 
-    proc = _popen([sys.executable, "-m", "tbr_ray.cli", *args[1:]], ray_tmp)
-    log, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, log[-4000:]
+    code, log = scenario["finished"]
+    assert code == 0, log[-4000:]
     status = results.read_status(out).set_index("cell_id")["status"].to_dict()
-    assert status == {cell: "done", base: "done"}
-    info = json.loads((out / "adapters" / cell / "train_result.json").read_text())
+    assert status[CELL2] == "done" and status[BASE] == "done"
+    info = json.loads((out / "adapters" / CELL2 / "train_result.json").read_text())
     assert f"next: tbr-ray report {out}" in log
     (resumed,) = info["resumes"]
     # the last checkpoint Ray Train had registered (a later one may still have been uploading)
-    assert resumed["from_step"] >= 1 and info["step"] == 20
-    assert f"next: tbr-ray report {out}" in log
-    print(f"rerun printed {len(log.splitlines())} lines:\n{log}")
+    assert resumed["from_step"] >= 1 and info["step"] == 8
+
+
+@pytest.mark.slow
+def test_malformed_data_rows_are_quarantined_with_reasons_and_the_run_completes(scenario):
+    """Issue 15: the run read an HH-RLHF file opening with malformed rows and still finished;
+    each mix (one per trained cell) lists every set-aside row with its file row and reason,
+    and is whole (good rows took the broken ones' place)."""
+    code, log = scenario["finished"]
+    assert code == 0, log[-4000:]
+    status = results.read_status(scenario["out"]).set_index("cell_id")["status"]
+    assert status[CELL1] == status[CELL2] == "done"
+    reports = [json.loads(p.read_text()) for p in scenario["cache"].glob("mixes/*/report.json")]
+    assert len(reports) == 2, reports
+    for report in reports:
+        assert report["n_skipped"] == len(BROKEN_HH_LINES)
+        assert [(s["source_id"], s["reason"]) for s in report["skipped"]] == [
+            (f"hh-rlhf-harmless:{i}", reason) for i, (_, reason) in enumerate(BROKEN_HH_LINES)
+        ]
+        assert report["n_safety"] == 8
 
 
 def test_the_policy_counts_devices_and_puts_big_jobs_first():
