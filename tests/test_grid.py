@@ -58,43 +58,50 @@ SETS = [
 ]
 
 
-def _ablate(output: Path, ray_tmp: str, *extra: str) -> subprocess.Popen:
-    args = [
-        sys.executable,
-        "-m",
-        "tbr_ray.cli",
-        "ablate",
-        "--config",
-        "jobs/tiny.yaml",
-        "--output",
-        str(output),
-    ]
-    for s in [*SETS, *extra]:
-        args += ["--set", s]
-    return _popen(args, ray_tmp)
+class Drivers:
+    """Starts `tbr-ray ablate` drivers (subprocesses, each its own process group) whose local
+    Ray lives under one temp root of this module's own; `stop_ray` ends exactly that Ray's
+    processes, never the session's or a user's (conftest.stop_ray_under), and `close` also
+    ends any driver still running (a failed wait leaves none behind)."""
 
+    def __init__(self):
+        self.root = short_temp_dir("tbr-ray-")
+        self.procs: list[subprocess.Popen] = []
 
-def _popen(args: list[str], ray_tmp: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        args,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "RAY_TMPDIR": ray_tmp},
-    )
+    def ablate(self, output: Path, *extra: str) -> subprocess.Popen:
+        args = ["ablate", "--config", "jobs/tiny.yaml", "--output", str(output)]
+        return self.start([*args, *(a for s in [*SETS, *extra] for a in ("--set", s))])
+
+    def start(self, cli_args: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tbr_ray.cli", *cli_args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "RAY_TMPDIR": str(self.root)},
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop_ray(self) -> None:
+        stop_ray_under(self.root)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.stop_ray()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def ray_tmp():
-    """A Ray temp root of this module's own: the drivers it runs start their local Ray there,
-    and at the end exactly the processes of that Ray are stopped, never the session's or a
-    user's (conftest.stop_ray_under)."""
-    root = short_temp_dir("tbr-ray-")
-    yield str(root)
-    stop_ray_under(root)
-    shutil.rmtree(root, ignore_errors=True)
+def drivers():
+    started = Drivers()
+    yield started
+    started.close()
 
 
 def _wait_for(done, proc: subprocess.Popen, what: str, timeout_s: float, poll_s=0.2) -> None:
@@ -132,7 +139,7 @@ def _fresh_cache(tmp_path: Path, cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory, ray_tmp, data_root, cache_dir, tiny_llama) -> dict:
+def scenario(tmp_path_factory, drivers, data_root, cache_dir, tiny_llama) -> dict:
     """The module docstring's three stages on one run folder; returns what each stage saw at
     the time (exit codes, logs, states), for the tests below to check."""
     if not DATA.is_dir():
@@ -141,24 +148,24 @@ def scenario(tmp_path_factory, ray_tmp, data_root, cache_dir, tiny_llama) -> dic
     cache = _fresh_cache(tmp, cache_dir)
     sets = [f"data.root={_data_root_with_broken_rows(tmp, data_root)}", f"paths.cache_dir={cache}"]
     seen = {"out": tmp / "run", "cache": cache}
-    seen |= _killed_driver(seen["out"], ray_tmp, sets)
-    seen |= _interrupted_rerun(seen["out"], ray_tmp, sets)
-    seen |= _resumed_runs(seen["out"], ray_tmp, seen["resume"])
+    seen |= _killed_driver(drivers, seen["out"], sets)
+    seen |= _interrupted_rerun(drivers, seen["out"], sets)
+    seen |= _resumed_runs(drivers, seen["resume"])
     return seen
 
 
-def _killed_driver(out: Path, ray_tmp: str, sets: list[str]) -> dict:
+def _killed_driver(drivers: Drivers, out: Path, sets: list[str]) -> dict:
     """Stage 1: while the first driver holds the run lock a second is refused; the first is
     SIGKILLed (with everything it started) as soon as CELL1's adapter is published."""
-    proc = _ablate(out, ray_tmp, *sets)
+    proc = drivers.ablate(out, *sets)
     _wait_for((out / "run.json").is_file, proc, "run.json (the run lock held)", 300)
-    second = _ablate(out, ray_tmp, *sets)  # e.g. a resubmitted job
+    second = drivers.ablate(out, *sets)  # e.g. a resubmitted job
     refused, _ = second.communicate(timeout=300)
     first = out / "adapters" / CELL1 / "train_result.json"
     _wait_for(first.is_file, proc, f"{first}", 600)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    stop_ray_under(Path(ray_tmp))  # what outlived its process group (Ray's own daemons)
+    drivers.stop_ray()  # what outlived its process group (Ray's own daemons)
     return {
         "first_pid": proc.pid,
         "refused": (second.returncode, refused),
@@ -167,18 +174,18 @@ def _killed_driver(out: Path, ray_tmp: str, sets: list[str]) -> dict:
     }
 
 
-def _interrupted_rerun(out: Path, ray_tmp: str, sets: list[str]) -> dict:
+def _interrupted_rerun(drivers: Drivers, out: Path, sets: list[str]) -> dict:
     """Stage 2: the rerun trains CELL2; SIGINT to its process group (as a terminal's Ctrl-C)
     once Ray Train has registered a checkpoint of CELL2 (its checkpoint folder and the
     manager's snapshot, which lists it, exist; the first driver died before CELL2's workers
     started, so it is this run's: at step 2 of 8, mid-epoch)."""
-    proc = _ablate(out, ray_tmp, *sets)
+    proc = drivers.ablate(out, *sets)
     folder = out / "ray_train" / f"train-{CELL2}"
     _wait_for(lambda: _registered(folder), proc, f"registered checkpoint in {folder}", 600)
     os.killpg(proc.pid, signal.SIGINT)
     log, _ = proc.communicate(timeout=120)
     print(f"interrupted run printed:\n{log}")
-    stop_ray_under(Path(ray_tmp))
+    drivers.stop_ray()
     row = results.read_status(out).set_index("cell_id").loc[CELL2]
     return {
         "interrupted": (proc.returncode, log),
@@ -195,7 +202,7 @@ def _registered(folder: Path) -> bool:
     return snapshot.is_file() and any(p.is_dir() for p in folder.glob("checkpoint_*"))
 
 
-def _resumed_runs(out: Path, ray_tmp: str, resume: list[str]) -> dict:
+def _resumed_runs(drivers: Drivers, resume: list[str]) -> dict:
     """Stage 3: the printed resume command, run as printed, twice: it finishes the run, then
     finds nothing left to do."""
     if len(resume) != 1:
@@ -203,7 +210,7 @@ def _resumed_runs(out: Path, ray_tmp: str, resume: list[str]) -> dict:
     args = shlex.split(resume[0].removeprefix("resume with: "))
     seen = {"resume_args": args}
     for name in ("finished", "rerun_when_finished"):
-        proc = _popen([sys.executable, "-m", "tbr_ray.cli", *args[1:]], ray_tmp)
+        proc = drivers.start(args[1:])
         log, _ = proc.communicate(timeout=900)
         print(f"{name} run printed {len(log.splitlines())} lines:\n{log}")
         seen[name] = (proc.returncode, log)
