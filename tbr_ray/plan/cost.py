@@ -136,6 +136,11 @@ CPU_COST = CostModel(
     bf16_speedup=3.0,
     server_start_s=52.0,
     measured_prompts=True,
+    # vLLM's CPU platform keeps prefix caching on (it turns it off for MLA models only:
+    # vllm/platforms/cpu.py; the real run's engine logs say enable_prefix_caching=True): the
+    # few-shot prefix all ARC prompts share is prefilled once. Without it the plan put
+    # jobs/real.yaml's evaluation at 21.5 min against the 11.3 measured (docs/BENCHMARKS.md).
+    prefix_caching=True,
 )
 REFLECT_PROMPT_TOKENS = 300  # the internal 5-shot / external one-shot writer prompt (assumed)
 
