@@ -55,6 +55,11 @@ TABLE3_LAYOUT = (
     ("Malicious harmful", "malicious_instruct", "harmful_rate"),
     ("Malicious unsafe or complying", "malicious_instruct", UNSAFE_OR_COMPLYING),
     ("Malicious compliance", "malicious_instruct", "compliance_rate"),
+    # Safety-tuned-llamas' MaliciousInstructions (shipped; 100 prompts in MaliciousInstruct's
+    # style, not its text): labelled as itself, never filling the paper's Malicious column.
+    ("STL-Malicious harmful", "stl_malicious", "harmful_rate"),
+    ("STL-Malicious unsafe or complying", "stl_malicious", UNSAFE_OR_COMPLYING),
+    ("STL-Malicious compliance", "stl_malicious", "compliance_rate"),
     ("XSTest-S", "xstest_safe", "compliance_rate"),
     ("OR-Bench", "orbench_hard", "compliance_rate"),
     ("MMLU", "mmlu", "accuracy"),

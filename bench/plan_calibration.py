@@ -9,7 +9,8 @@ The CPU cost model (tbr_ray.plan.CPU_COST) was calibrated on the per-phase timin
 Prints predicted phases and makespan, the measured makespan and their ratio (target: within 25%).
 `--run RUN_DIR` adds a second prediction with the cost model's throughput scaled to the box's
 speed that day: the mean training tokens/s the run's own cells measured (train_result.json)
-over the 16k it was fitted at (`CPU_FITTED_TRAIN_TOKENS_PER_S`), applied to every FLOP rate.
+over the 16k it was fitted at (`CPU_FITTED_TRAIN_TOKENS_PER_S`), applied to every FLOP rate
+and to the engines' time a new token (decode_token_s).
 This box's speed drifts by 1.3-2.4x from day to day (docs/BENCHMARKS.md), which no constant
 model can follow.
 """
@@ -49,7 +50,11 @@ def box_speed(run: Path) -> float:
 
 
 def phases(sets: list[str], cores: int, speed: float = 1.0) -> dict[str, float]:
-    cost = dataclasses.replace(CPU_COST, peak_flops=CPU_COST.peak_flops * speed)
+    cost = dataclasses.replace(
+        CPU_COST,
+        peak_flops=CPU_COST.peak_flops * speed,
+        decode_token_s=CPU_COST.decode_token_s / speed,
+    )
     plan = plan_grid(load_config(REPO / "jobs" / "tiny.yaml", sets), cores, cost)
     out = {"makespan": plan.makespan_s}
     for kind in ("write", "train", "eval"):

@@ -54,11 +54,14 @@ def vllm_worker(spec: dict) -> dict:
     from tbr_ray.engine import Engine, EngineSettings
     from tbr_ray.prompts import StopRule
 
-    settings = EngineSettings(dtype=spec["dtype"], max_model_len=2048, gpu_memory_utilization=0.2)
-    engine = Engine(spec["model"], settings)
+    adapter = spec.get("adapter")  # a LoRA adapter the engine serves (bench/real_adapters.py)
+    settings = EngineSettings(
+        dtype=spec["dtype"], max_model_len=2048, gpu_memory_utilization=0.2, max_lora_rank=64
+    )
+    engine = Engine(spec["model"], settings, adapters=[adapter] if adapter else [])
     started = time.time()
     gens = engine.generate(
-        spec["prompts"], spec["new_tokens"], stop=StopRule.from_json(spec["stop"])
+        spec["prompts"], spec["new_tokens"], adapter, stop=StopRule.from_json(spec["stop"])
     )
     done = time.time()
     return {
@@ -72,7 +75,7 @@ def vllm_worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict, tmp: str) -> dict:
-    path = f"{tmp}/spec-{spec['dtype']}.json"
+    path = f"{tmp}/spec-{spec['dtype']}-{spec.get('name', 'base')}.json"
     Path(path).write_text(json.dumps(spec))
     out = subprocess.run(
         [sys.executable, __file__, "--worker", path], capture_output=True, text=True
@@ -120,7 +123,7 @@ def transformers_side(model: str, prompts: list[str], new_tokens: int, dtype: st
 def engine_agreement(model: str, prompts: list[str], dtype: str, stop: str) -> dict:
     """vLLM's greedy tokens against transformers' on `prompts` (16 tokens, the check's length),
     as `tbr_ray.engine.check_engine` counts them (ties within eval.engine_check_tie_tol)."""
-    from tbr_ray.engine import CHECK_NEW_TOKENS, agreement, reference_greedy
+    from tbr_ray.engine import CHECK_NEW_TOKENS, reference_greedy
     from tbr_ray.prompts import StopRule
 
     rule = StopRule.from_json(stop)
@@ -129,12 +132,21 @@ def engine_agreement(model: str, prompts: list[str], dtype: str, stop: str) -> d
         spec = {"model": model, "prompts": prompts, "new_tokens": CHECK_NEW_TOKENS}
         got = run_worker({**spec, "dtype": dtype, "stop": stop}, tmp)["tokens"]
     stops = set(rule.token_ids)
-    found = [agreement(tuple(g), r, stops, 0.01) for g, r in zip(got, ref, strict=True)]
+    return agreement_counts(got, ref, stops)
+
+
+def agreement_counts(got: list, ref: list, stops: set[int], tie_tol: float = 0.01) -> dict:
+    """same / tie / differ counts of `tbr_ray.engine.agreement`, and the gap (nats) at the
+    first differing token of each prompt that is not the same (inf: not measurable)."""
+    from tbr_ray.engine import agreement
+
+    found = [agreement(tuple(g), r, stops, tie_tol) for g, r in zip(got, ref, strict=True)]
     return {
         "prompts": len(found),
         "same": sum(v == "same" for v, _ in found),
         "tie": sum(v == "tie" for v, _ in found),
         "differ": sum(v == "differ" for v, _ in found),
+        "gaps": sorted(round(gap, 3) for v, gap in found if v != "same"),
     }
 
 

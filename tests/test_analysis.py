@@ -332,6 +332,22 @@ def test_table3_gamma_judge_and_safety_choice(rates):
     assert (prefix[harm] == tables.table3(rates)[harm]).all().all()
 
 
+def test_shipped_malicious_stand_in_gets_its_own_labelled_column(rates):
+    """safety-tuned-llamas' MaliciousInstructions (jobs/real.yaml's safety set) shows as its own
+    STL-Malicious column, never in the paper's Malicious column (MaliciousInstruct's file)."""
+    stl = rates[rates["benchmark"] == "xstest_unsafe"].assign(benchmark="stl_malicious")
+    both = pd.concat([rates, stl], ignore_index=True)
+    table = tables.table3(both)
+    shown = set(table.columns.get_level_values("column"))
+    assert "STL-Malicious compliance" in shown and "Malicious compliance" not in shown
+    pd.testing.assert_frame_equal(
+        table["STL-Malicious compliance"], table["XSTest-H compliance"], check_names=False
+    )
+    sources = tables.table3_column_sources(both).set_index("column")["source"]
+    assert sources["Malicious compliance"].startswith("not run (`malicious_instruct`")
+    assert sources["STL-Malicious compliance"] == "compliance_rate by judge `paper-keywords`"
+
+
 def test_table3_column_sources_name_the_judge_or_why_empty(rates):
     sources = tables.table3_column_sources(rates).set_index("column")["source"]
     assert sources["XSTest-H harmful"] == "harmful_rate by judge `harm`"

@@ -182,9 +182,52 @@ def stage(smollm2, tok, refusal_adapter):
 @pytest.mark.slow
 @needs_smollm2
 def test_engine_agrees_with_transformers_on_real_weights(stage, refusal_adapter):
-    """EngineStage's own check (transformers' greedy tokens, base and adapter) at
-    jobs/real.yaml's engine_check_min_match: every check prompt agreed."""
+    """EngineStage's own check (transformers' greedy tokens, base and the adapter served as
+    LoRA) in jobs/real.yaml's bf16, at its tie tolerance (0.25 nats: two bf16 rounding steps
+    of these logits, docs/BENCHMARKS.md): every check prompt agreed."""
     assert stage.check == {"base": 1.0, refusal_adapter: 1.0}
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_a_merged_real_adapter_agrees_with_transformers_and_peft(
+    smollm2, tok, refusal_adapter, tmp_path
+):
+    """What `make real` runs (eval.adapter_engines: merge): the adapter merged into an fp32
+    copy, served in bf16 without LoRA, checked against transformers + PEFT on the unmerged pair
+    at jobs/real.yaml's tolerance; and it refuses what the adapter was trained to refuse."""
+    from tbr_ray.config import load_config
+    from tbr_ray.engine import (
+        CHECK_NEW_TOKENS,
+        Engine,
+        check_engine,
+        engine_settings,
+        merge_adapter,
+        reference_greedy,
+    )
+    from tbr_ray.judges import paper_keywords_refused
+
+    cfg = load_config(REPO / "jobs" / "real.yaml")
+    settings = engine_settings(cfg.eval, cfg.train.lora_rank)
+    rule = stop_rule(tok, "chat")
+    prompts = [chat_prompt(tok, q) for q in XSTEST_SAFE + XSTEST_UNSAFE]
+    ref = reference_greedy(
+        smollm2, prompts, CHECK_NEW_TOKENS, [refusal_adapter], rule, dtype=settings.dtype
+    )
+    merged = merge_adapter(smollm2, refusal_adapter, tmp_path / "merged")
+    engine = Engine(merged, settings)
+    shares = check_engine(
+        engine,
+        prompts,
+        {None: ref[refusal_adapter]},
+        CHECK_NEW_TOKENS,
+        settings.check_min_match,
+        settings.check_tie_tol,
+        rule,
+    )
+    assert shares == {"base": 1.0}
+    answers = engine.generate(prompts[len(XSTEST_SAFE) :], 48, stop=rule)
+    assert all(paper_keywords_refused(g.text) for g in answers), [g.text for g in answers]
 
 
 @pytest.mark.slow

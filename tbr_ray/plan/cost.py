@@ -45,6 +45,10 @@ class CostModel:
     link_bytes_per_s: float | None = None  # GPU-to-GPU, one direction (ZeRO-3's gathers)
     decode_mbu: float = 0.0  # share of hbm_bytes_per_s that decoding reaches
     max_num_seqs: int = 256  # vLLM's concurrent sequences (its default on the device)
+    decode_token_s: float = 0.0  # CPU: wall seconds an engine spends on each new token
+    # besides its FLOPs (scheduling, sampling, detokenizing: not divided by cores)
+    bf16_speedup: float = 1.0  # CPU: an engine's FLOP rate in bf16 over fp32 (eval.dtype)
+    server_start_s: float | None = None  # a local OpenAI server, ready (None: an engine's)
     measured_prompts: bool = False  # prompt and answer tokens from bench/plan_inputs.py
     prefix_caching: bool = False  # vLLM reuses the KV of prompts' shared prefixes
 
@@ -85,12 +89,35 @@ GPU_COST = CostModel(
     measured_prompts=True,
     prefix_caching=True,
 )
-# CPU: the project's 2-core AVX2 box (96 GFLOP/s fp32 a core nominal), calibrated on the tiny
-# grid's per-phase timings of 2026-11-29 (docs/BENCHMARKS.md "the tiny grid in 7 min 41 s"):
-# 16k training tokens/s on 2 cores, ~1,500 new tokens/s decoding, 17 s fixed per cell, 3.2 s per
-# in-process engine, 154 tokens an example with the tiny presets' 2,048-token vocabulary.
-# Fitted to real tokens/s, so padding is inside its rates (padding_factor 1), and to the
-# prompt and answer budgets the formulas used then (measured_prompts off).
+# CPU: the project's 2-core box (x86_64, AVX-512 with avx512_bf16 and AMX; 96 GFLOP/s fp32 a
+# core nominal), calibrated on the tiny grid's per-phase timings of 2026-11-29
+# (docs/BENCHMARKS.md "the tiny grid in 7 min 41 s"): 16k training tokens/s on 2 cores,
+# ~1,500 new tokens/s decoding, 17 s fixed per cell, 3.2 s per in-process engine, 154 tokens
+# an example with the tiny presets' 2,048-token vocabulary. Fitted to real tokens/s, so
+# padding is inside its rates (padding_factor 1). Prompts: the measured ones of
+# bench/plan_inputs.py, as on GPUs (XSTest's 45 tokens; the refit's bench prompts were ~50);
+# until the refit, budgets of 80 tokens a prompt and 150 a shot (evalcost.CPU_PROMPT_TOKENS),
+# which made a 3-shot ARC prompt 600 tokens against a measured 420. No prefix caching
+# assumed on CPU (not measured there).
+# The engines (refit 2026-12-03, docs/BENCHMARKS.md "The CPU cost model refit"): a new token
+# costs decode_token_s of wall time plus its FLOPs at decode_mfu, and bf16 runs the FLOPs
+# bf16_speedup times faster. Three measurements on this box fix the three: the tiny presets'
+# ~1,500 new tokens/s (fp32, 2026-11-29), and bench/real_model.py on SmolLM2-135M-Instruct
+# (idle, 2026-12-03, vLLM in-process, 2 threads, enforce_eager, 96 chat prompts of ~50 tokens
+# x 64 new tokens in one call, prefill included): 169 new tokens/s fp32, 412 bf16. Solved:
+# 0.65 ms a token, 0.48 of the nominal peak, bf16 2.96x (rounded to 3.0). The old
+# decode_mfu 0.012 was the tiny models' overhead read as FLOPs: 4 tokens/s a core at 135M.
+# Prefill (assumed, not measured apart): the same 0.48 as decoding. Its matmuls are at least
+# as large as batched decoding's, and the old 0.05 cannot hold: the bench call's 4,800 prompt
+# tokens alone would take 137 s of its measured 36 s.
+# Engine start: 3.2 s (tiny presets) + the weights' bf16 bytes at load_bytes_per_s, fitted so
+# SmolLM2's in-process engine starts in ~7 s (bench/real_model.py engine_start_s): 3.8 s for
+# its 269 MB, a rate of loading (fp32 safetensors read, cast, placed), not of the disk. A
+# local OpenAI server (reflection.local_server) started in 52 s (2026-12-03 make real,
+# idle box: process, vLLM import, engine). Training is left as fitted on the tiny grid: a
+# 74-step cell of jobs/real.yaml is planned at 14.7 min, measured ~12 min in fp32 on 2
+# workers (docs/BENCHMARKS.md); train.dtype bf16 (1.1x there, bench/train_throughput.py) is
+# not modelled.
 # The training throughput CPU_COST was fitted at (tiny presets, 2 cores, 2026-11-29), to scale
 # it to a day's measured throughput (bench/plan_calibration.py --run).
 CPU_FITTED_TRAIN_TOKENS_PER_S = 16_000.0
@@ -98,13 +125,22 @@ CPU_COST = CostModel(
     device="CPU core",
     peak_flops=96e9,
     train_mfu=0.33,
-    prefill_mfu=0.05,
-    decode_mfu=0.012,
+    prefill_mfu=0.48,
+    decode_mfu=0.48,
     example_tokens=154,
     cell_fixed_s=17.0,
     engine_start_s=3.2,
-    load_bytes_per_s=1e9,
+    load_bytes_per_s=7e7,
     phase_fixed_s=20.0,
+    decode_token_s=6.5e-4,
+    bf16_speedup=3.0,
+    server_start_s=52.0,
+    measured_prompts=True,
+    # vLLM's CPU platform keeps prefix caching on (it turns it off for MLA models only:
+    # vllm/platforms/cpu.py; the real run's engine logs say enable_prefix_caching=True): the
+    # few-shot prefix all ARC prompts share is prefilled once. Without it the plan put
+    # jobs/real.yaml's evaluation at 21.5 min against the 11.3 measured (docs/BENCHMARKS.md).
+    prefix_caching=True,
 )
 REFLECT_PROMPT_TOKENS = 300  # the internal 5-shot / external one-shot writer prompt (assumed)
 
@@ -167,30 +203,65 @@ def load_s(cost: CostModel, model: str) -> float:
     return params(model) * BF16 / cost.load_bytes_per_s
 
 
-def decode_s(cost: CostModel, model: str, tokens: float, seqs: float, context: float, tp: int):
+def engine_dtype(cfg: RunConfig) -> str:
+    """The engines' dtype as tbr_ray.engine.resolved_dtype resolves eval.dtype (auto: bf16 on
+    GPUs, fp32 on CPU), the plan's device standing for the runtime's (train.use_gpu)."""
+    if cfg.eval.dtype != "auto":
+        return cfg.eval.dtype
+    return "bfloat16" if cfg.train.use_gpu else "float32"
+
+
+def engine_speed(cfg: RunConfig, cost: CostModel) -> float:
+    """How much faster the engines' FLOPs run in `cfg`'s dtype than the cost model's rates
+    say: bf16_speedup in bf16 (1 on GPUs, whose rates are bf16 already), else 1."""
+    return cost.bf16_speedup if engine_dtype(cfg) == "bfloat16" else 1.0
+
+
+def prefill_s(cost: CostModel, flops: float, tp: int, speed: float = 1.0) -> float:
+    """Seconds of an engine's prompt processing (`flops` of it) on `tp` devices."""
+    return flops / (tp * cost.peak_flops * cost.prefill_mfu * speed)
+
+
+def decode_s(
+    cost: CostModel,
+    model: str,
+    tokens: float,
+    seqs: float,
+    context: float,
+    tp: int,
+    speed: float = 1.0,
+):
     """Seconds to decode `tokens` new tokens, `seqs` sequences at a time over `context` tokens
-    each, on `tp` devices. CPU: decode_mfu of the peak. GPU, a roofline per step (one token
-    for each of `seqs` sequences): each GPU reads its weights' shard and the sequences' KV
-    cache at decode_mbu of its memory bandwidth, or computes the step's FLOPs at
+    each, on `tp` devices, FLOPs `speed` times the cost model's rate (`engine_speed`). CPU:
+    decode_token_s a token plus its FLOPs at decode_mfu of the peak. GPU, a roofline per step
+    (one token for each of `seqs` sequences): each GPU reads its weights' shard and the
+    sequences' KV cache at decode_mbu of its memory bandwidth, or computes the step's FLOPs at
     prefill_mfu, whichever is slower."""
     flops = tokens * infer_flops(model, context)
     if cost.hbm_bytes_per_s is None:
-        return flops / (tp * cost.peak_flops * cost.decode_mfu)
+        rate = tp * cost.peak_flops * cost.decode_mfu * speed
+        return tokens * cost.decode_token_s + flops / rate
     steps = tokens / max(seqs, 1.0)
     s = known_shape(model)
     kv = kv_bytes_per_token(s, tp) if s else 0.0
     per_gpu_step = params(model) * BF16 / tp + max(seqs, 1.0) * context * kv
     memory = steps * per_gpu_step / (cost.hbm_bytes_per_s * cost.decode_mbu)
-    return max(memory, flops / (tp * cost.peak_flops * cost.prefill_mfu))
+    return max(memory, prefill_s(cost, flops, tp, speed))
 
 
-def writer_s(cfg: RunConfig, cost: CostModel, writer: str, devices: int) -> float:
-    """One reflection set: an engine start, n_safety writer prompts, max_new_tokens each."""
+def writer_s(
+    cfg: RunConfig, cost: CostModel, writer: str, devices: int, server: bool = False
+) -> float:
+    """One reflection set: an engine start (`server`: a local OpenAI server's start), n_safety
+    writer prompts, max_new_tokens each, in eval.dtype."""
     n, new = cfg.data.n_safety, cfg.reflection.max_new_tokens
+    speed = engine_speed(cfg, cost)
     prefill = n * REFLECT_PROMPT_TOKENS * infer_flops(writer, REFLECT_PROMPT_TOKENS)
-    work = prefill / (devices * cost.peak_flops * cost.prefill_mfu)
+    work = prefill_s(cost, prefill, devices, speed)
     seqs = min(n, cost.max_num_seqs)
-    work += decode_s(cost, writer, n * new, seqs, REFLECT_PROMPT_TOKENS + new, devices)
+    work += decode_s(cost, writer, n * new, seqs, REFLECT_PROMPT_TOKENS + new, devices, speed)
+    if server and cost.server_start_s is not None:
+        return cost.server_start_s + work  # its start includes reading the weights
     return cost.engine_start_s + load_s(cost, writer) + work
 
 

@@ -9,7 +9,8 @@ and pass kind, from a run folder's generations); else, on GPUs, a measured proxy
 model's answer: the training mix's response lengths; GSM8K: its reference solutions, which a
 few-shot answer imitates until the next "Question" stops it); the base model and prompting
 passes decode their whole eval.max_new_tokens (an upper bound: a base model has not learnt
-where an Alpaca answer ends). The CPU cost model keeps the budgets it was fitted with.
+where an Alpaca answer ends). A cost model without measured_prompts uses budgets instead
+(CPU_PROMPT_TOKENS, CPU_SHOT_TOKENS: CPU_COST's before its 2026-12-03 refit).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from dataclasses import dataclass
 
 from tbr_ray.config import RunConfig
 from tbr_ray.models import get_spec
-from tbr_ray.plan.cost import CostModel, decode_s, eval_prompts, infer_flops, load_s
+from tbr_ray.plan.cost import (
+    CostModel,
+    decode_s,
+    engine_speed,
+    eval_prompts,
+    infer_flops,
+    load_s,
+    prefill_s,
+)
 from tbr_ray.plan.sizing import kv_capacity_tokens
 from tbr_ray.vocab import BENCHMARK_KINDS, CHOICE_BENCHMARKS, DEFAULT_SHOTS
 
@@ -62,7 +71,8 @@ GSM8K_ANSWER_TOKENS = 128.8
 # A judge's prompt around the request and the answer: WildGuard's measured (118 tokens); Llama
 # Guard 3's template (its 14 categories) ships with its tokenizer, not here: assumed 3x that.
 JUDGE_TEMPLATE_TOKENS = {"wildguard": 118, "three-class": 118, "llama-guard-3": 354}
-# The CPU cost model's fitted budgets: a generation prompt, one shot (assumed when fitted).
+# The budgets of a cost model without measured_prompts: a generation prompt, one shot (assumed
+# when CPU_COST was first fitted; it reads the measured prompts since its refit).
 CPU_PROMPT_TOKENS, CPU_SHOT_TOKENS = 80, 150
 
 
@@ -99,7 +109,7 @@ def engine_pass_s(
     """One evaluation pass (one adapter, or the base model) over every benchmark: prompts
     prefilled (a shared prefix once per group where vLLM caches it), choice benchmarks scored
     by prefill alone, generation benchmarks decoded together (`decode_s`, as many at once as
-    vLLM runs)."""
+    vLLM runs), in eval.dtype (`engine_speed`)."""
     prefill = decoded = weighted_context = prompts = 0.0
     for bench in cfg.eval.benchmarks:
         n = eval_prompts(cfg, bench)
@@ -110,11 +120,12 @@ def engine_pass_s(
             new = answer_tokens(cfg, cost, bench, tuned, measured)
             decoded, prompts = decoded + n * new, prompts + n
             weighted_context += n * new * (tokens + new // 2)
-    seconds = prefill / (tp * cost.peak_flops * cost.prefill_mfu)
+    speed = engine_speed(cfg, cost)
+    seconds = prefill_s(cost, prefill, tp, speed)
     if decoded:
         context = weighted_context / decoded
         seqs = decode_concurrency(cfg, cost, model, tp, prompts, context)
-        seconds += decode_s(cost, model, decoded, seqs, context, tp)
+        seconds += decode_s(cost, model, decoded, seqs, context, tp, speed)
     return seconds
 
 
@@ -140,8 +151,9 @@ def judge_s(
 ) -> float:
     """Each model judge reads its generations once (its instructions, the prompt and the
     answer: prefill; GPU: its short verdict decoded too), with its own engine start and
-    weights, on `tp` devices. `passes`: {tuned: passes} of the base model's evaluation."""
-    seconds = 0.0
+    weights, on `tp` devices, in eval.dtype. `passes`: {tuned: passes} of the base model's
+    evaluation."""
+    seconds, speed = 0.0, engine_speed(cfg, cost)
     for field, judge in cfg.eval.model_judges():
         work = decoded = 0.0
         for bench in judged(cfg, field):
@@ -151,9 +163,9 @@ def judge_s(
                 work += count * n * context * infer_flops(judge.model, context)
                 decoded += count * n * judge.budget()
         seconds += cost.engine_start_s + load_s(cost, judge.model)
-        seconds += work / (tp * cost.peak_flops * cost.prefill_mfu)
+        seconds += prefill_s(cost, work, tp, speed)
         if cost.measured_prompts and decoded:
-            seconds += decode_s(cost, judge.model, decoded, cost.max_num_seqs, 512.0, tp)
+            seconds += decode_s(cost, judge.model, decoded, cost.max_num_seqs, 512.0, tp, speed)
     return seconds
 
 
@@ -225,7 +237,7 @@ def answers_note(cfg: RunConfig, cost: CostModel, measured: dict | None) -> str:
     if measured:
         return f"measured by a run ({len(measured)} benchmarks), else as below; budget {budget}"
     if not cost.measured_prompts:
-        return f"every answer at its budget ({budget} tokens; the CPU cost model's fit)"
+        return f"every answer at its budget ({budget} tokens; the cost model's fit)"
     return (
         f"no run measured them: a tuned cell's {min(budget, TUNED_ANSWER_TOKENS):.0f} tokens "
         f"(the training mix's answers), GSM8K's {min(budget, GSM8K_ANSWER_TOKENS):.0f} (its "

@@ -116,6 +116,25 @@ def _writers(cfg: RunConfig) -> list[str]:
     return list(dict.fromkeys(models))
 
 
+def _writer_jobs(cfg: RunConfig, cost: CostModel, devices) -> list[Job]:
+    """A job per engine that writes reflections (`_writers`, on `devices(model)`): a local
+    OpenAI server the run starts for the external ones (reflection.local_server, where no
+    endpoint comes first) is a process of its own, with its own start, even where its model
+    also writes the internal reflections in the engines' actor."""
+    served = cfg.reflection.writer_model() if "external" in cfg.grid.conditions else None
+    served = served if served and served == cfg.reflection.local_server else None
+    internal = {c.model for c in cfg.cells() if c.condition == "internal"}
+    jobs = [
+        Job(f"write {w}", "write", devices(w), writer_s(cfg, cost, w, devices(w)))
+        for w in _writers(cfg)
+        if w != served or w in internal
+    ]
+    if served:
+        seconds = writer_s(cfg, cost, served, devices(served), server=True)
+        jobs.append(Job(f"write {served} (server)", "write", devices(served), seconds))
+    return jobs
+
+
 def _cell_plans(cfg: RunConfig, cost: CostModel, capacity: int | None) -> list[CellPlan]:
     out = []
     for cell in cfg.cells():
@@ -157,10 +176,7 @@ def _jobs(cfg, cost: CostModel, cells: list[CellPlan], capacity: int, measured) 
     def devices(model: str) -> int:  # an engine: its GPUs, or every core of a CPU box
         return engine_gpus(cfg, model) if gpu else capacity
 
-    writers = [
-        Job(f"write {w}", "write", devices(w), writer_s(cfg, cost, w, devices(w)))
-        for w in _writers(cfg)
-    ]
+    writers = _writer_jobs(cfg, cost, devices)
     after_writers = tuple(j.name for j in writers)
     jobs = list(writers)
     for p in cells:
