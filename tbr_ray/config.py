@@ -476,7 +476,7 @@ class EvalConfig(_Strict):
         description="How an adapter's pass is served. serve: one engine serves every adapter "
         "as LoRA; merge: each adapter merged into a copy of the base model, on an engine of its "
         "own without LoRA; auto: serve where vLLM has LoRA for the architecture (merge for "
-        "Falcon). vLLM's CPU LoRA kernels decode ~6x slower than its base model on "
+        "Falcon). vLLM's CPU LoRA kernels decode 6-29x slower than a merged copy on "
         "SmolLM2-135M (docs/BENCHMARKS.md), so the CPU real run merges.",
     )
 

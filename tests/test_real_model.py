@@ -190,12 +190,48 @@ def test_engine_agrees_with_transformers_on_real_weights(stage, refusal_adapter)
 
 @pytest.mark.slow
 @needs_smollm2
+def test_real_generations_stop_at_im_end_and_the_judges_read_them(stage, tok, refusal_adapter):
+    from tbr_ray.judges import paper_keywords_refused, xstest_prefix_refused
+
+    rule = stop_rule(tok, "chat")
+    prompts = [chat_prompt(tok, q) for q in XSTEST_SAFE + XSTEST_UNSAFE]
+    base = stage.engine.generate(prompts, 96, None, rule)
+    tuned = stage.engine.generate(prompts, 96, refusal_adapter, rule)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ended = [g for g in base + tuned if g.token_ids[-1] == im_end]
+    assert ended and all("<|im_end|>" not in g.text for g in base + tuned)
+    assert all(len(g.token_ids) < 96 for g in ended)
+    for g in base[: len(XSTEST_SAFE)]:  # the instruct model answers safe prompts
+        assert not paper_keywords_refused(g.text) and not xstest_prefix_refused(g.text), g.text
+    for g in tuned[len(XSTEST_SAFE) :]:  # the refusal adapter refuses unsafe ones
+        assert paper_keywords_refused(g.text) and xstest_prefix_refused(g.text), g.text
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_a_real_internal_reflection_takes_the_papers_form(stage):
+    from tbr_ray.config import PAPER_REFUSAL
+    from tbr_ray.reflect import clean_reflection, internal_prompt, training_output
+
+    raws = stage.engine.generate([internal_prompt(q) for q in HARMFUL], 64)
+    rationales = [clean_reflection(g.text, PAPER_REFUSAL) for g in raws]
+    usable = [r for r in rationales if r]
+    assert usable, [g.text for g in raws]
+    out = training_output(usable[0], PAPER_REFUSAL)
+    assert re.fullmatch(r".+[.!?] Therefore, I'm sorry, but I cannot .+", out), out
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_a_merged_real_adapter_agrees_with_transformers_and_peft(
     smollm2, tok, refusal_adapter, tmp_path
 ):
     """What `make real` runs (eval.adapter_engines: merge): the adapter merged into an fp32
     copy, served in bf16 without LoRA, checked against transformers + PEFT on the unmerged pair
-    at jobs/real.yaml's tolerance; and it refuses what the adapter was trained to refuse."""
+    at jobs/real.yaml's tolerance; and it refuses what the adapter was trained to refuse.
+    Last in this module on purpose: two in-process vLLM engines share vLLM's process-global
+    parallel state, and this second one leaves `stage`'s engine unusable ("pipeline model
+    parallel group is not initialized"), so it runs after every test that uses `stage`."""
     from tbr_ray.config import load_config
     from tbr_ray.engine import (
         CHECK_NEW_TOKENS,
@@ -228,36 +264,3 @@ def test_a_merged_real_adapter_agrees_with_transformers_and_peft(
     assert shares == {"base": 1.0}
     answers = engine.generate(prompts[len(XSTEST_SAFE) :], 48, stop=rule)
     assert all(paper_keywords_refused(g.text) for g in answers), [g.text for g in answers]
-
-
-@pytest.mark.slow
-@needs_smollm2
-def test_real_generations_stop_at_im_end_and_the_judges_read_them(stage, tok, refusal_adapter):
-    from tbr_ray.judges import paper_keywords_refused, xstest_prefix_refused
-
-    rule = stop_rule(tok, "chat")
-    prompts = [chat_prompt(tok, q) for q in XSTEST_SAFE + XSTEST_UNSAFE]
-    base = stage.engine.generate(prompts, 96, None, rule)
-    tuned = stage.engine.generate(prompts, 96, refusal_adapter, rule)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    ended = [g for g in base + tuned if g.token_ids[-1] == im_end]
-    assert ended and all("<|im_end|>" not in g.text for g in base + tuned)
-    assert all(len(g.token_ids) < 96 for g in ended)
-    for g in base[: len(XSTEST_SAFE)]:  # the instruct model answers safe prompts
-        assert not paper_keywords_refused(g.text) and not xstest_prefix_refused(g.text), g.text
-    for g in tuned[len(XSTEST_SAFE) :]:  # the refusal adapter refuses unsafe ones
-        assert paper_keywords_refused(g.text) and xstest_prefix_refused(g.text), g.text
-
-
-@pytest.mark.slow
-@needs_smollm2
-def test_a_real_internal_reflection_takes_the_papers_form(stage):
-    from tbr_ray.config import PAPER_REFUSAL
-    from tbr_ray.reflect import clean_reflection, internal_prompt, training_output
-
-    raws = stage.engine.generate([internal_prompt(q) for q in HARMFUL], 64)
-    rationales = [clean_reflection(g.text, PAPER_REFUSAL) for g in raws]
-    usable = [r for r in rationales if r]
-    assert usable, [g.text for g in raws]
-    out = training_output(usable[0], PAPER_REFUSAL)
-    assert re.fullmatch(r".+[.!?] Therefore, I'm sorry, but I cannot .+", out), out
