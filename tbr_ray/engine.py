@@ -31,7 +31,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tbr_ray.models import ModelSpec, attention_implementation, context_length
+from tbr_ray.models import (
+    ModelSpec,
+    attention_implementation,
+    context_length,
+    merges_adapters_for,
+)
 from tbr_ray.prompts import StopRule, choice_token_ids, prompt_token_ids, prompt_token_ids_batch
 
 
@@ -520,18 +525,9 @@ def serves_lora(spec: ModelSpec) -> bool:
 def merges_adapters(cfg, spec: ModelSpec) -> bool:
     """Whether each adapter of `spec` is merged into a copy of the base model and served by an
     engine of its own (eval.adapter_engines: merge; auto where vLLM cannot serve the family's
-    LoRA), rather than served as LoRA by one engine. `serve` on an architecture vLLM has no
-    LoRA for is an error naming the fix."""
+    LoRA, `serves_lora`), rather than served as LoRA by one engine (models.merges_adapters_for)."""
     mode = cfg.eval.adapter_engines
-    if mode == "merge":
-        return True
-    lora = serves_lora(spec)
-    if mode == "serve" and not lora:
-        raise ValueError(
-            f"eval.adapter_engines is serve, but vLLM serves no LoRA for {spec.name} "
-            f"({spec.family.architecture}). Fix: set eval.adapter_engines to auto or merge."
-        )
-    return not lora
+    return merges_adapters_for(mode, spec, mode != "merge" and serves_lora(spec))
 
 
 def merge_adapter(base_path: str, adapter_path: str, out_dir: Path, dtype: str = "float32") -> str:

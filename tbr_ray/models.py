@@ -69,6 +69,22 @@ def unlisted_family(model_type: str, architecture: str) -> Family:
     return Family(model_type, architecture, ALL_LINEAR, None, "the tokenizer's own, if any")
 
 
+def merges_adapters_for(mode: str, spec: ModelSpec, serves_lora: bool) -> bool:
+    """Pure: whether `spec`'s adapters are merged into copies of the base model (engines of
+    their own) rather than served as LoRA, under eval.adapter_engines `mode` (auto | serve |
+    merge), given whether vLLM serves LoRA for its architecture. `serve` where vLLM cannot is
+    an error naming the fix. The runtime (tbr_ray.engine.merges_adapters) asks vLLM for an
+    unlisted family; the planner (tbr_ray.plan.evalcost) takes the registry's row."""
+    if mode == "merge":
+        return True
+    if mode == "serve" and not serves_lora:
+        raise ValueError(
+            f"eval.adapter_engines is serve, but vLLM serves no LoRA for {spec.name} "
+            f"({spec.family.architecture}). Fix: set eval.adapter_engines to auto or merge."
+        )
+    return not serves_lora
+
+
 def attention_implementation(model_type: str) -> str | None:
     """The `attn_implementation` transformers must load a model of this HF model_type with,
     in training (tbr_ray.train) and in the engine check's reference (tbr_ray.engine): its

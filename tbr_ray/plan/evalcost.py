@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tbr_ray.config import RunConfig
-from tbr_ray.models import get_spec
+from tbr_ray.models import get_spec, merges_adapters_for
 from tbr_ray.plan.cost import (
     CostModel,
     decode_s,
@@ -211,8 +211,8 @@ def merged_pass_s(cfg: RunConfig, cost: CostModel, model: str) -> float:
     adapter is merged into a saved copy of the base model (base weights read, merged weights
     written) and served by an engine of its own (a start, its weights read), each at
     load_bytes_per_s."""
-    mode = cfg.eval.adapter_engines
-    if mode == "serve" or (mode == "auto" and get_spec(model).family.vllm_lora is not False):
+    spec = get_spec(model)
+    if not merges_adapters_for(cfg.eval.adapter_engines, spec, spec.vllm_lora is not False):
         return 0.0
     return cost.engine_start_s + 3 * load_s(cost, model)
 
